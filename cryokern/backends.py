@@ -1,0 +1,54 @@
+"""Choosing where a training step runs: the GPU kernels or the NumPy reference.
+
+A backend offers the kernel functions (same names and signatures in both) plus the few array
+operations the model layer needs to keep its buffers where the kernels want them.
+"""
+import numpy as np
+
+
+class Backend:
+    """The kernel functions of one implementation, and how to move float32 arrays to it."""
+
+    def __init__(self, name, ops, to_device, to_host, empty, synchronize=lambda: None):
+        self.name = name
+        self.ops = ops
+        self.to_device = to_device
+        self.to_host = to_host
+        self.empty = empty
+        self.synchronize = synchronize
+
+    def __getattr__(self, name):
+        return getattr(self.ops, name)
+
+    def zeros(self, shape):
+        return self.to_device(np.zeros(shape, np.float32))
+
+
+def reference_backend():
+    from . import reference
+    return Backend("reference", reference,
+                   to_device=lambda a: np.array(a, np.float32, order="C"),
+                   to_host=lambda a: np.array(a, np.float32),
+                   empty=lambda shape: np.empty(shape, np.float32))
+
+
+def gpu_available():
+    try:
+        from numba import cuda
+        return cuda.is_available()
+    except ImportError:
+        return False
+
+
+def get_backend(name="auto"):
+    """'gpu', 'reference', or 'auto' (the GPU when numba.cuda.is_available(), else the reference)."""
+    if name == "auto":
+        name = "gpu" if gpu_available() else "reference"
+    if name == "reference":
+        return reference_backend()
+    if name == "gpu":
+        if not gpu_available():
+            raise RuntimeError("the GPU backend was asked for, but numba.cuda finds no usable GPU")
+        from .kernels import gpu_backend
+        return gpu_backend()
+    raise ValueError(f"unknown backend {name!r}: use 'auto', 'gpu' or 'reference'")

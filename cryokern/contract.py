@@ -1,0 +1,47 @@
+"""The numerics contract's constants and scalar derivations, shared by both backends.
+
+Everything here is imported by `cryokern.reference` and `cryokern.kernels` alike, so the two
+cannot drift apart: tile shapes of every reduction, and the float32 scalars that host code
+derives from user hyper-parameters. docs/numerics.md explains each item.
+"""
+import math
+
+import numpy as np
+
+# Reductions over pixels (weight/bias gradients, loss SSE) run as one float32 chain per tile of
+# TILE_H x TILE_W pixels of one image plane, in row-major order over the tile's in-image pixels.
+TILE_H = 16
+TILE_W = 64
+
+f32 = np.float32
+
+
+def tile_grid(height, width):
+    """Number of reduction tiles along H and W for an image of `height` x `width` pixels."""
+    return -(-height // TILE_H), -(-width // TILE_W)
+
+
+def mse_grad_scale(count):
+    """float32(2 / count): the factor turning (pred - target) into d(SSE/count)/d(pred)."""
+    if count <= 0:
+        raise ValueError(f"pixel count must be positive, got {count}")
+    return f32(2.0 / count)
+
+
+def sgd_scalars(lr, momentum, weight_decay):
+    """(-lr, momentum, weight_decay) as float32; each rounded once from the user's value."""
+    return f32(-f32(lr)), f32(momentum), f32(weight_decay)
+
+
+def adam_scalars(step, lr, beta1, beta2, eps):
+    """Float32 scalars of one Adam step, derived in float64 on the host and rounded once.
+
+    Returns (beta1, 1-beta1, beta2, 1-beta2, sqrt(1-beta2**step), eps, -lr/(1-beta1**step)).
+    """
+    if step < 1:
+        raise ValueError(f"Adam step counts from 1, got {step}")
+    b1, b2 = float(beta1), float(beta2)
+    bias1 = 1.0 - b1 ** step
+    bias2 = 1.0 - b2 ** step
+    return (f32(b1), f32(1.0 - b1), f32(b2), f32(1.0 - b2), f32(math.sqrt(bias2)),
+            f32(eps), f32(-float(lr) / bias1))

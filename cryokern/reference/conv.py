@@ -1,0 +1,111 @@
+"""3x3 'same' convolutions and the ReLU mask, as fixed float32 fma chains (docs/numerics.md)."""
+import numpy as np
+
+from ..contract import TILE_H, TILE_W, tile_grid
+from .fma import fma32
+from .reduce import combine_partials, in_image_mask, tile_chain, tile_view
+
+
+def _f32(name, a, ndim):
+    a = np.asarray(a)
+    if a.dtype != np.float32 or a.ndim != ndim:
+        raise TypeError(f"{name} must be a float32 array with {ndim} dimensions, "
+                        f"got {a.dtype} with shape {a.shape}")
+    return a
+
+
+def _check_weights(w, cin):
+    if w.shape[1:] != (cin, 3, 3):
+        raise ValueError(f"weights of shape {w.shape} do not fit {cin} input channels (OIHW, 3x3)")
+
+
+def _finish(result, out):
+    if out is None:
+        return result
+    out[...] = result
+    return out
+
+
+def apply_relu(a):
+    """v if v > 0 else +0 (NaN propagates, -0 becomes +0)."""
+    return np.where(a <= 0, np.float32(0), a)
+
+
+def conv2d_forward(x, w, b, relu=False, out=None):
+    """y[n,o] = chain from b[o] of fma over ci, ky, kx (ascending) of x[n,ci,h+ky-1,w+kx-1]*w[o,ci,ky,kx]."""
+    x = _f32("x", x, 4)
+    w = _f32("w", w, 4)
+    b = _f32("b", b, 1)
+    n, cin, h, wd = x.shape
+    _check_weights(w, cin)
+    if b.shape != (w.shape[0],):
+        raise ValueError(f"bias of shape {b.shape} does not fit {w.shape[0]} output channels")
+    xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    acc = b[None, :, None, None]
+    for ci in range(cin):
+        for ky in range(3):
+            for kx in range(3):
+                acc = fma32(xp[:, ci:ci + 1, ky:ky + h, kx:kx + wd],
+                            w[None, :, ci, ky, kx, None, None], acc)
+    acc = np.broadcast_to(acc, (n, w.shape[0], h, wd))
+    return _finish(apply_relu(acc) if relu else np.array(acc), out)
+
+
+def relu_backward(gy, y, out=None):
+    """gy where the forward output y > 0, else +0."""
+    gy = _f32("gy", gy, 4)
+    y = _f32("y", y, 4)
+    return _finish(np.where(y > 0, gy, np.float32(0)), out)
+
+
+def conv2d_backward_data(gy, w, relu_output=None, out=None):
+    """dL/dx: the forward chain applied to gy with the flipped, transposed kernel, from +0.
+
+    For input channel ci the chain runs over o ascending, then ky and kx descending, of
+    gy[n,o,h+1-ky,w+1-kx] * w[o,ci,ky,kx]. With relu_output, the result is masked by
+    relu_output > 0 (relu_backward folded in).
+    """
+    w = _f32("w", w, 4)
+    flipped = np.ascontiguousarray(w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
+    gx = conv2d_forward(gy, flipped, np.zeros(flipped.shape[0], np.float32))
+    if relu_output is not None:
+        gx = relu_backward(gx, relu_output)
+    return _finish(gx, out)
+
+
+def conv2d_backward_weights(gy, x, out=None):
+    """(dL/dw, dL/db), each a tiled float32 chain per image, combined in float64 (contract §4)."""
+    gy = _f32("gy", gy, 4)
+    x = _f32("x", x, 4)
+    n, cout, h, wd = gy.shape
+    if x.shape[0] != n or x.shape[2:] != (h, wd):
+        raise ValueError(f"gy {gy.shape} and x {x.shape} differ in batch or image size")
+    cin = x.shape[1]
+    th, tw = tile_grid(h, wd)
+    gy_t = tile_view(gy).transpose(0, 2, 4, 3, 5, 1)         # (N, th, tw, TH, TW, Co)
+    xp = np.zeros((n, cin, th * TILE_H + 2, tw * TILE_W + 2), np.float32)
+    xp[:, :, 1:h + 1, 1:wd + 1] = x
+    taps = [xp[:, :, ky:ky + th * TILE_H, kx:kx + tw * TILE_W]
+            .reshape(n, cin, th, TILE_H, tw, TILE_W) for ky in range(3) for kx in range(3)]
+    valid = in_image_mask(h, wd)
+
+    def weight_step(r, c, acc):
+        window = np.stack([t[:, :, :, r, :, c] for t in taps], axis=-1)   # (N, Ci, th, tw, 9)
+        window = window.transpose(0, 2, 3, 1, 4)[:, :, :, None]          # (N, th, tw, 1, Ci, 9)
+        return fma32(gy_t[:, :, :, r, c, :, None, None], window, acc)
+
+    def bias_step(r, c, acc):
+        return acc + gy_t[:, :, :, r, c, :]
+
+    gw_tiles = tile_chain(valid, weight_step,
+                          np.zeros((n, th, tw, cout, cin, 9), np.float32))
+    gb_tiles = tile_chain(valid, bias_step, np.zeros((n, th, tw, cout), np.float32))
+    gw = combine_partials(gw_tiles.reshape(n, th * tw, cout, cin, 9))
+    gb = combine_partials(gb_tiles.reshape(n, th * tw, cout))
+    gw = gw.astype(np.float32).reshape(cout, cin, 3, 3)
+    gb = gb.astype(np.float32)
+    if out is None:
+        return gw, gb
+    out[0][...] = gw
+    out[1][...] = gb
+    return out

@@ -1,0 +1,112 @@
+"""One training step (forward, loss, backward, update), written once against a backend."""
+from dataclasses import dataclass
+
+import numpy as np
+
+from .model import Network
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """SGD (momentum, weight decay, Nesterov) or Adam, with torch.optim's semantics."""
+    kind: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    nesterov: bool = False
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+
+    def __post_init__(self):
+        if self.kind not in ("sgd", "adam"):
+            raise ValueError(f"unknown optimizer {self.kind!r}: use 'sgd' or 'adam'")
+        if self.nesterov and (self.kind != "sgd" or self.momentum <= 0):
+            raise ValueError("Nesterov needs SGD with momentum > 0")
+
+    def state_names(self, param):
+        """Names of the optimizer's per-parameter buffers (as in torch's state_dict)."""
+        if self.kind == "adam":
+            return [f"exp_avg.{param}", f"exp_avg_sq.{param}"]
+        return [f"momentum_buffer.{param}"] if self.momentum != 0 else []
+
+
+class TrainStep:
+    """Holds parameters, optimizer state and work buffers on a backend; call it with a batch.
+
+    Buffers are allocated the first time a batch shape is seen and reused after that, so steady
+    training allocates nothing per step; the only value returned to the host is the loss SSE.
+    """
+
+    def __init__(self, backend, network: Network, params, optimizer: OptimizerConfig,
+                 state=None, step=0):
+        self.backend = backend
+        self.network = network
+        self.optimizer = optimizer
+        self.step = step
+        shapes = network.param_shapes()
+        if set(params) != set(shapes):
+            raise ValueError(f"parameters {sorted(params)} do not match network {sorted(shapes)}")
+        for name, shape in shapes.items():
+            if tuple(np.shape(params[name])) != shape:
+                raise ValueError(f"{name} has shape {np.shape(params[name])}, network needs {shape}")
+        self.params = {k: backend.to_device(params[k]) for k in shapes}
+        self.grads = {k: backend.empty(shape) for k, shape in shapes.items()}
+        state = state or {}
+        self.state = {s: backend.to_device(state[s]) if s in state else backend.zeros(shape)
+                      for k, shape in shapes.items() for s in optimizer.state_names(k)}
+        self._workspaces = {}
+
+    def _workspace(self, shape):
+        if shape not in self._workspaces:
+            n, _, h, w = shape
+            ch = self.network.channels
+            empty = self.backend.empty
+            self._workspaces[shape] = {
+                "acts": [empty((n, c, h, w)) for c in ch[1:]],
+                "grad": [empty((n, c, h, w)) for c in ch[1:]],
+            }
+        return self._workspaces[shape]
+
+    def __call__(self, x, target):
+        """One step on a batch; returns (sse, count) of the loss before the update."""
+        be, net = self.backend, self.network
+        if x.shape[1] != net.channels[0] or target.shape != x.shape[:1] + (net.channels[-1],) + x.shape[2:]:
+            raise ValueError(f"batch {x.shape} -> {target.shape} does not fit channels {net.channels}")
+        ws = self._workspace(tuple(x.shape))
+        acts = [x] + ws["acts"]
+        for i in range(net.depth):
+            be.conv2d_forward(acts[i], self.params[f"layers.{i}.weight"],
+                              self.params[f"layers.{i}.bias"], relu=net.relu_after(i),
+                              out=acts[i + 1])
+        count = int(np.prod(target.shape))
+        grad = ws["grad"]
+        sse, _ = be.mse_loss_and_grad(acts[-1], target, count, out=grad[-1])
+        for i in reversed(range(net.depth)):
+            be.conv2d_backward_weights(grad[i], acts[i], out=(self.grads[f"layers.{i}.weight"],
+                                                              self.grads[f"layers.{i}.bias"]))
+            if i > 0:
+                be.conv2d_backward_data(grad[i], self.params[f"layers.{i}.weight"],
+                                        relu_output=acts[i], out=grad[i - 1])
+        self.step += 1
+        self._update()
+        return sse, count
+
+    def _update(self):
+        opt, be = self.optimizer, self.backend
+        for name, w in self.params.items():
+            g = self.grads[name]
+            if opt.kind == "sgd":
+                v = self.state.get(f"momentum_buffer.{name}", g)
+                be.sgd_update(w, g, v, opt.lr, momentum=opt.momentum,
+                              weight_decay=opt.weight_decay, nesterov=opt.nesterov)
+            else:
+                m, v = (self.state[s] for s in opt.state_names(name))
+                be.adam_update(w, g, m, v, self.step, opt.lr, beta1=opt.beta1, beta2=opt.beta2,
+                               eps=opt.eps, weight_decay=opt.weight_decay)
+
+    def host_params(self):
+        return {k: self.backend.to_host(v) for k, v in self.params.items()}
+
+    def host_state(self):
+        return {k: self.backend.to_host(v) for k, v in self.state.items()}

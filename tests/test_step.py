@@ -1,0 +1,78 @@
+"""The model layer: parameters, initialization, and whole training steps on the reference."""
+import numpy as np
+import pytest
+
+from conftest import bits
+from cryokern.backends import get_backend
+from cryokern.model import Network, forward, init_params
+from cryokern.step import OptimizerConfig, TrainStep
+
+
+def test_default_network_has_2625_parameters():
+    net = Network()
+    assert net.param_count() == 2625
+    assert list(net.param_shapes()) == ["layers.0.weight", "layers.0.bias", "layers.1.weight",
+                                        "layers.1.bias", "layers.2.weight", "layers.2.bias"]
+    assert Network((1, 32, 32, 32, 1)).depth == 4
+
+
+def test_pytorch_init_bounds_and_seed():
+    net = Network()
+    p = init_params(net, seed=7)
+    for name, a in p.items():
+        fan_in = net.param_shapes()[name.replace("bias", "weight")][1] * 9
+        assert a.dtype == np.float32 and np.abs(a).max() <= 1 / np.sqrt(fan_in)
+    assert all(np.array_equal(p[k], init_params(net, seed=7)[k]) for k in p)
+    assert not np.array_equal(p["layers.1.weight"], init_params(net, seed=8)["layers.1.weight"])
+    he = init_params(net, seed=7, scheme="he-normal")
+    assert abs(he["layers.1.weight"].std() - np.sqrt(2 / 144)) < 0.02
+    assert not he["layers.0.bias"].any()
+
+
+def synthetic_batch(rng, n=2, size=(12, 20)):
+    clean = np.zeros((n, 1) + size, np.float32)
+    yy, xx = np.mgrid[:size[0], :size[1]]
+    for i in range(n):
+        cy, cx = rng.uniform(2, size[0] - 2), rng.uniform(2, size[1] - 2)
+        clean[i, 0] = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 6.0)
+    noisy = (clean + 0.3 * rng.standard_normal(clean.shape)).astype(np.float32)
+    return noisy, clean
+
+
+def run_steps(optimizer, steps=4, seed=0):
+    be = get_backend("reference")
+    net = Network((1, 4, 4, 1))
+    noisy, clean = synthetic_batch(np.random.default_rng(seed))
+    trainer = TrainStep(be, net, init_params(net, seed), optimizer)
+    losses = [trainer(noisy, clean)[0] for _ in range(steps)]
+    return losses, trainer
+
+
+@pytest.mark.parametrize("opt", [OptimizerConfig("sgd", lr=0.05, momentum=0.9),
+                                 OptimizerConfig("sgd", lr=0.05, momentum=0.9, nesterov=True,
+                                                 weight_decay=1e-3),
+                                 OptimizerConfig("adam", lr=0.01)])
+def test_training_reduces_loss_reproducibly(opt):
+    losses, trainer = run_steps(opt)
+    assert losses[-1] < 0.9 * losses[0], losses
+    again, trainer2 = run_steps(opt)
+    assert losses == again
+    for k, v in trainer.host_params().items():
+        assert np.array_equal(bits(v), bits(trainer2.host_params()[k]))
+
+
+def test_step_loss_equals_forward_loss():
+    be = get_backend("reference")
+    net = Network((1, 3, 1))
+    noisy, clean = synthetic_batch(np.random.default_rng(1))
+    params = init_params(net, 1)
+    sse, count = TrainStep(be, net, params, OptimizerConfig(lr=0.0))(noisy, clean)
+    pred = forward(be, net, params, noisy)
+    assert count == clean.size and sse == be.mse_loss(pred, clean)[0]
+
+
+def test_mismatched_parameters_rejected():
+    with pytest.raises(ValueError, match="layers.0.weight has shape"):
+        p = init_params(Network(), 0)
+        p["layers.0.weight"] = np.zeros((16, 2, 3, 3), np.float32)
+        TrainStep(get_backend("reference"), Network(), p, OptimizerConfig())
