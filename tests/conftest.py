@@ -1,11 +1,64 @@
+"""Test set-up: numba's CUDA simulator where there is no GPU driver, with an exact fma.
+
+Without a driver, NUMBA_ENABLE_CUDASIM=1 is set before numba is imported, so the kernels run
+in the simulator at small sizes. The simulator's cuda.fma rounds twice (a*b + c); it is
+replaced by the exact float32 fma so that the simulator models the hardware's fma.rn.f32.
+Tests marked `gpu` run only on a real GPU.
+"""
+import ctypes
+import os
+import struct
 import zlib
 
 import numpy as np
 import pytest
 
 
+def _driver_present():
+    try:
+        ctypes.CDLL("libcuda.so.1")
+        return True
+    except OSError:
+        return False
+
+
+if "NUMBA_ENABLE_CUDASIM" not in os.environ and not _driver_present():
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+
+from numba import config, cuda  # noqa: E402  (after choosing the simulator)
+
+from cryokern.reference import fma32  # noqa: E402
+
+SIMULATOR = bool(config.ENABLE_CUDASIM)
+REAL_GPU = not SIMULATOR and cuda.is_available()
+
+
+def _exact_scalar_fma(a, b, c):
+    """fma32 for scalars: Python's float64 a*b is exact, so one rounding; defer the rare
+    float32-midpoint or float32-subnormal sums to fma32, which handles them exactly."""
+    s = float(a) * float(b) + float(c)
+    bits = struct.unpack("<q", struct.pack("<d", s))[0]
+    if (bits & 0x1FFFFFFF) == 0x10000000 or (bits & 0x7FF0000000000000) < 0x3810000000000000:
+        return fma32(a, b, c)
+    return np.float32(s)
+
+
+if SIMULATOR:
+    from numba.cuda.simulator.kernelapi import FakeCUDAModule
+    FakeCUDAModule.fma = lambda self, a, b, c: _exact_scalar_fma(a, b, c)
+
+
 def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped where numba.cuda finds none)")
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped where there is none)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if REAL_GPU:
+        return
+    skip = pytest.mark.skip(reason="needs a real CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture

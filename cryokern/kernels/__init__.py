@@ -1,0 +1,35 @@
+"""numba.cuda kernels of the training step, bit-identical to `cryokern.reference`.
+
+Same function names and signatures as the reference (fma32 aside: that is `cuda.fma` here).
+Each takes NumPy or device arrays (anything with __cuda_array_interface__) and returns the
+kind it was given; in-place functions update NumPy arguments in place too.
+"""
+import numpy as np
+from numba import cuda
+
+from .arrays import as_device_array, is_device_array
+from .conv import (conv2d_backward_data, conv2d_backward_weights, conv2d_forward,
+                   relu_backward)
+from .loss import mse_grad, mse_loss, mse_loss_and_grad
+from .optim import adam_update, sgd_update
+
+__all__ = ["conv2d_forward", "conv2d_backward_data", "conv2d_backward_weights", "relu_backward",
+           "mse_loss", "mse_grad", "mse_loss_and_grad", "sgd_update", "adam_update",
+           "gpu_backend"]
+
+
+def _to_device(a):
+    if is_device_array(a):
+        return as_device_array(a)
+    return cuda.to_device(np.ascontiguousarray(a, np.float32))
+
+
+def gpu_backend():
+    """The Backend whose arrays live on the current CUDA device."""
+    import sys
+
+    from ..backends import Backend
+    return Backend("gpu", sys.modules[__name__], to_device=_to_device,
+                   to_host=lambda a: a.copy_to_host(),
+                   empty=lambda shape: cuda.device_array(shape, np.float32),
+                   synchronize=cuda.synchronize)

@@ -1,0 +1,56 @@
+"""Whole training steps on the GPU backend: equal to the reference, and to PyTorch in float64."""
+import numpy as np
+import pytest
+
+from conftest import bits
+from cryokern.backends import get_backend
+from cryokern.model import Network, init_params
+from cryokern.step import OptimizerConfig, TrainStep
+
+pytestmark = pytest.mark.gpu
+
+
+def batch(seed, shape=(3, 1, 67, 131)):
+    rng = np.random.default_rng(seed)
+    clean = rng.random(shape).astype(np.float32)
+    return (clean + 0.3 * rng.standard_normal(shape)).astype(np.float32), clean
+
+
+@pytest.mark.parametrize("opt", [OptimizerConfig("sgd", lr=0.05, momentum=0.9, weight_decay=1e-4),
+                                 OptimizerConfig("adam", lr=1e-3)])
+def test_three_steps_equal_reference(opt):
+    net = Network()
+    params = init_params(net, seed=3)
+    gpu = TrainStep(get_backend("gpu"), net, params, opt)
+    ref = TrainStep(get_backend("reference"), net, params, opt)
+    for step in range(3):
+        noisy, clean = batch(step)
+        assert gpu(noisy, clean) == ref(noisy, clean)
+    for name, value in ref.host_params().items():
+        assert np.array_equal(bits(gpu.host_params()[name]), bits(value)), name
+    for name, value in ref.host_state().items():
+        assert np.array_equal(bits(gpu.host_state()[name]), bits(value)), name
+
+
+def test_one_step_matches_pytorch_float64():
+    torch = pytest.importorskip("torch")
+    net = Network()
+    params = init_params(net, seed=5)
+    noisy, clean = batch(7)
+    trainer = TrainStep(get_backend("gpu"), net, params, OptimizerConfig("sgd", lr=0.1))
+    sse, count = trainer(noisy, clean)
+    t = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in params.items()}
+    y = torch.tensor(noisy, dtype=torch.float64)
+    for i in range(net.depth):
+        y = torch.nn.functional.conv2d(y, t[f"layers.{i}.weight"], t[f"layers.{i}.bias"], padding=1)
+        if net.relu_after(i):
+            y = torch.relu(y)
+    loss = ((y - torch.tensor(clean, dtype=torch.float64)) ** 2).mean()
+    loss.backward()
+    assert abs(sse / count - loss.item()) / loss.item() < 1e-5
+    for name, value in trainer.host_params().items():
+        want = (t[name] - 0.1 * t[name].grad).detach().numpy()
+        grad_got = (params[name].astype(np.float64) - value) / 0.1
+        grad_want = t[name].grad.numpy()
+        assert np.linalg.norm(grad_got - grad_want) / np.linalg.norm(grad_want) < 1e-5, name
+        assert np.linalg.norm(value - want) / np.linalg.norm(want) < 1e-5, name

@@ -1,0 +1,139 @@
+"""GPU kernels against the reference, bit for bit (simulator at small sizes, GPU at all sizes).
+
+Outputs are poisoned with NaN before each launch, so an element the kernel never wrote fails.
+"""
+import numpy as np
+import pytest
+from numba import cuda
+
+from conftest import bits
+from cryokern import kernels as K
+from cryokern import reference as R
+from cryokern.kernels.arrays import is_device_array
+
+# (N, Cin, Cout, H, W): single pixels, odd shapes, several blocks with edge blocks; for weight
+# gradients also several reduction tiles (16 x 64) and the default 16 -> 16 layer
+SMALL = [(2, 3, 5, 13, 17), (1, 1, 2, 1, 1), (1, 2, 1, 2, 3), (1, 1, 2, 18, 66)]
+SMALL_WEIGHTS = SMALL + [(1, 2, 3, 18, 66), (2, 16, 16, 13, 17)]
+LARGE = [(4, 16, 16, 1024, 1024), (3, 16, 16, 997, 1013), (2, 1, 16, 256, 256),
+         (2, 16, 1, 256, 256)]
+
+def randn(rng, *shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def poisoned(shape):
+    return cuda.to_device(np.full(shape, np.nan, np.float32))
+
+
+def same_bits(got, want):
+    got = got.copy_to_host() if is_device_array(got) else np.asarray(got)
+    return np.array_equal(bits(got), bits(want))
+
+
+def cases(gpu_only, small=SMALL):
+    return [pytest.param(s, id="x".join(map(str, s))) for s in small] + \
+           [pytest.param(s, id="x".join(map(str, s)), marks=pytest.mark.gpu) for s in gpu_only]
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("shape", cases(LARGE))
+def test_forward(rng, shape, relu):
+    n, cin, cout, h, w = shape
+    x, wt, b = randn(rng, n, cin, h, w), randn(rng, cout, cin, 3, 3), randn(rng, cout)
+    out = poisoned((n, cout, h, w))
+    K.conv2d_forward(cuda.to_device(x), cuda.to_device(wt), cuda.to_device(b), relu=relu, out=out)
+    assert same_bits(out, R.conv2d_forward(x, wt, b, relu=relu))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("shape", cases(LARGE))
+def test_backward_data(rng, shape, masked):
+    n, cin, cout, h, w = shape
+    gy, wt, y = randn(rng, n, cout, h, w), randn(rng, cout, cin, 3, 3), randn(rng, n, cin, h, w)
+    mask = y if masked else None
+    out = poisoned((n, cin, h, w))
+    K.conv2d_backward_data(cuda.to_device(gy), cuda.to_device(wt),
+                           relu_output=None if mask is None else cuda.to_device(mask), out=out)
+    assert same_bits(out, R.conv2d_backward_data(gy, wt, relu_output=mask))
+
+
+@pytest.mark.parametrize("shape", cases(LARGE, SMALL_WEIGHTS))
+def test_backward_weights(rng, shape):
+    n, cin, cout, h, w = shape
+    gy, x = randn(rng, n, cout, h, w), randn(rng, n, cin, h, w)
+    gw, gb = poisoned((cout, cin, 3, 3)), poisoned((cout,))
+    K.conv2d_backward_weights(cuda.to_device(gy), cuda.to_device(x), out=(gw, gb))
+    want_gw, want_gb = R.conv2d_backward_weights(gy, x)
+    assert same_bits(gw, want_gw) and same_bits(gb, want_gb)
+
+
+@pytest.mark.parametrize("shape", cases([(4, 1, 1, 1024, 1024), (3, 1, 1, 997, 1013)]))
+def test_loss_and_grad(rng, shape):
+    n, c, _, h, w = shape
+    pred, target = randn(rng, n, c, h, w), randn(rng, n, c, h, w)
+    out = poisoned(pred.shape)
+    sse, g = K.mse_loss_and_grad(cuda.to_device(pred), cuda.to_device(target), pred.size, out=out)
+    want_sse, count = R.mse_loss(pred, target)
+    assert sse == want_sse and count == pred.size
+    assert same_bits(out, R.mse_grad(pred, target, count))
+    assert K.mse_loss(pred, target) == (want_sse, count)
+    assert same_bits(K.mse_grad(pred, target, count), R.mse_grad(pred, target, count))
+
+
+def test_relu_backward(rng):
+    gy, y = randn(rng, 2, 3, 5, 7), randn(rng, 2, 3, 5, 7)
+    y[0, 0, 0, :3] = [0.0, -0.0, np.nan]
+    assert same_bits(K.relu_backward(gy, y), R.relu_backward(gy, y))
+
+
+@pytest.mark.parametrize("momentum,wd,nesterov", [(0.0, 0.0, False), (0.9, 1e-2, False),
+                                                  (0.9, 1e-2, True)])
+def test_sgd(rng, momentum, wd, nesterov):
+    w, v = randn(rng, 300), randn(rng, 300)
+    gw, gv = w.copy(), v.copy()
+    for _ in range(2):
+        g = randn(rng, 300)
+        R.sgd_update(w, g, v, 0.05, momentum=momentum, weight_decay=wd, nesterov=nesterov)
+        K.sgd_update(gw, g, gv, 0.05, momentum=momentum, weight_decay=wd, nesterov=nesterov)
+        assert same_bits(gw, w) and same_bits(gv, v)
+
+
+@pytest.mark.parametrize("wd", [0.0, 1e-2])
+def test_adam(rng, wd):
+    w = randn(rng, 300)
+    m, v = np.zeros(300, np.float32), np.zeros(300, np.float32)
+    dw, dm, dv = (cuda.to_device(a) for a in (w, m, v))
+    for step in range(1, 4):
+        g = randn(rng, 300)
+        R.adam_update(w, g, m, v, step, 1e-3, weight_decay=wd)
+        K.adam_update(dw, cuda.to_device(g), dm, dv, step, 1e-3, weight_decay=wd)
+        assert same_bits(dw, w) and same_bits(dm, m) and same_bits(dv, v)
+
+
+def test_returns_the_kind_it_was_given(rng):
+    x, wt, b = randn(rng, 1, 2, 4, 5), randn(rng, 3, 2, 3, 3), randn(rng, 3)
+    assert isinstance(K.conv2d_forward(x, wt, b), np.ndarray)
+    assert is_device_array(K.conv2d_forward(cuda.to_device(x), wt, b))
+
+
+def test_rejects_wrong_dtype():
+    with pytest.raises(TypeError, match="x must be a float32"):
+        K.conv2d_forward(np.zeros((1, 1, 2, 2)), np.zeros((1, 1, 3, 3), np.float32),
+                         np.zeros(1, np.float32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["forward", "backward_data", "backward_weights", "loss"])
+def test_deterministic(rng, kernel):
+    """The same inputs twice give the same bits: no race, no order that depends on timing."""
+    gy, x = (cuda.to_device(randn(rng, 4, 16, 1024, 1024)) for _ in range(2))
+    wt, b = cuda.to_device(randn(rng, 16, 16, 3, 3)), cuda.to_device(randn(rng, 16))
+    run = {"forward": lambda: K.conv2d_forward(x, wt, b, relu=True).copy_to_host(),
+           "backward_data": lambda: K.conv2d_backward_data(gy, wt, relu_output=x).copy_to_host(),
+           "backward_weights": lambda: np.concatenate(
+               [a.copy_to_host().ravel() for a in K.conv2d_backward_weights(gy, x)]),
+           "loss": lambda: np.float64(K.mse_loss(gy, x)[0]).view(np.uint64)}[kernel]
+    first = run()
+    assert all(np.array_equal(np.asarray(first).view(np.uint8), np.asarray(run()).view(np.uint8))
+               for _ in range(3))
