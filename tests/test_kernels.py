@@ -31,13 +31,19 @@ def same_bits(got, want):
     return np.array_equal(bits(got), bits(want))
 
 
-def cases(gpu_only, small=SMALL):
-    return [pytest.param(s, id="x".join(map(str, s))) for s in small] + \
-           [pytest.param(s, id="x".join(map(str, s)), marks=pytest.mark.gpu) for s in gpu_only]
+def cases(gpu_only, small=SMALL, flags=None):
+    """Small shapes (simulator and GPU) and large ones (GPU only); with `flags`, every small
+    shape runs with each flag and the large ones with the last flag only (the reference is slow)."""
+    ident = lambda s: "x".join(map(str, s))
+    if flags is None:
+        return [pytest.param(s, id=ident(s)) for s in small] + \
+               [pytest.param(s, id=ident(s), marks=pytest.mark.gpu) for s in gpu_only]
+    return [pytest.param(s, f, id=f"{ident(s)}-{f}") for s in small for f in flags] + \
+           [pytest.param(s, flags[-1], id=f"{ident(s)}-{flags[-1]}", marks=pytest.mark.gpu)
+            for s in gpu_only]
 
 
-@pytest.mark.parametrize("relu", [False, True])
-@pytest.mark.parametrize("shape", cases(LARGE))
+@pytest.mark.parametrize("shape,relu", cases(LARGE, flags=[False, True]))
 def test_forward(rng, shape, relu):
     n, cin, cout, h, w = shape
     x, wt, b = randn(rng, n, cin, h, w), randn(rng, cout, cin, 3, 3), randn(rng, cout)
@@ -46,8 +52,7 @@ def test_forward(rng, shape, relu):
     assert same_bits(out, R.conv2d_forward(x, wt, b, relu=relu))
 
 
-@pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("shape", cases(LARGE))
+@pytest.mark.parametrize("shape,masked", cases(LARGE, flags=[False, True]))
 def test_backward_data(rng, shape, masked):
     n, cin, cout, h, w = shape
     gy, wt, y = randn(rng, n, cout, h, w), randn(rng, cout, cin, 3, 3), randn(rng, n, cin, h, w)

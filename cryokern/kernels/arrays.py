@@ -66,6 +66,11 @@ def result(out_op, dev, like):
 _scratch = {}
 
 
+def placeholder(ndim):
+    """A one-element device array standing in for an optional array argument a kernel ignores."""
+    return scratch(f"placeholder{ndim}", (1,) * ndim, np.float32)
+
+
 def scratch(name, shape, dtype):
     """A device buffer reused across calls (launches run in stream order), grown as needed."""
     size = int(np.prod(shape))

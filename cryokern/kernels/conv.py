@@ -9,7 +9,7 @@ import numpy as np
 from numba import cuda, float32
 
 from ..contract import TILE_H, TILE_W, tile_grid
-from .arrays import Operand, output, result, scratch
+from .arrays import Operand, output, placeholder, result, scratch
 from .reduce import fold_partials
 
 # Forward: a block computes BH x BW output pixels for `group` (at most MAX_GROUP) output
@@ -25,6 +25,8 @@ def _forward_kernel(cin, group, relu, masked, transposed):
     """Section 1 (transposed=False) or section 2 (transposed=True: w read as w'[ci,o,2-a,2-b])."""
     GROUP = group
     nw = GROUP * cin * 9
+    n_acc = GROUP * ROWS
+    xs_shape = (BH + 2, BW + 2)
 
     @cuda.jit(cache=True)
     def kernel(x, w, b, mask, y):
@@ -38,7 +40,7 @@ def _forward_kernel(cin, group, relu, masked, transposed):
         tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
         tid = ty * BW + tx
         ws = cuda.shared.array(nw, float32)
-        xs = cuda.shared.array((BH + 2, BW + 2), float32)
+        xs = cuda.shared.array(xs_shape, float32)
         for i in range(tid, nw, BW * TY):
             o = o0 + i // (cin * 9)
             ci = (i // 9) % cin
@@ -51,7 +53,7 @@ def _forward_kernel(cin, group, relu, masked, transposed):
                 ws[i] = w[o, ci, k // 3, k % 3]
         col = c0 + tx
         active = col < w_img and h0 + ty * ROWS < h_img
-        acc = cuda.local.array(GROUP * ROWS, float32)
+        acc = cuda.local.array(n_acc, float32)
         for g in range(GROUP):
             start = b[o0 + g] if o0 + g < cout else float32(0)
             for p in range(ROWS):
@@ -98,23 +100,13 @@ def _forward_kernel(cin, group, relu, masked, transposed):
     return kernel
 
 
-_NO_MASK = None
-
-
-def _no_mask():
-    global _NO_MASK
-    if _NO_MASK is None:
-        _NO_MASK = cuda.device_array((1, 1, 1, 1), np.float32)
-    return _NO_MASK
-
-
 def _launch_forward(x, w, b, y, relu, mask, transposed):
     n, cin, h, wd = x.shape
     cout = y.shape[1]
     group = min(MAX_GROUP, cout)
     grid = (-(-wd // BW), -(-h // BH), n * -(-cout // group))
     kernel = _forward_kernel(cin, group, relu, mask is not None, transposed)
-    kernel[grid, (BW, TY)](x, w, b, _no_mask() if mask is None else mask, y)
+    kernel[grid, (BW, TY)](x, w, b, placeholder(4) if mask is None else mask, y)
 
 
 def _check_conv(x, w, cin_axis):
@@ -188,6 +180,9 @@ OGW = 4
 def _weights_kernel(cin, cout):
     n_og = -(-cout // OGW)
     threads = cin * n_og
+    xs_shape = (cin, 3, TILE_W + 2)
+    gs_shape = (cout, TILE_W)
+    n_acc = OGW * 9
 
     @cuda.jit(cache=True)
     def kernel(gy, x, gw_part, gb_part, tiles_w):
@@ -203,9 +198,9 @@ def _weights_kernel(cin, cout):
         tid = cuda.threadIdx.x
         ci = tid % cin
         og = tid // cin
-        xs = cuda.shared.array((cin, 3, TILE_W + 2), float32)
-        gs = cuda.shared.array((cout, TILE_W), float32)
-        acc = cuda.local.array(OGW * 9, float32)
+        xs = cuda.shared.array(xs_shape, float32)
+        gs = cuda.shared.array(gs_shape, float32)
+        acc = cuda.local.array(n_acc, float32)
         bacc = cuda.local.array(OGW, float32)
         for i in range(OGW * 9):
             acc[i] = float32(0)

@@ -1,0 +1,137 @@
+"""Training-step benchmark: cryokern's GPU step beside PyTorch's eager fp32 step, same process.
+
+Median of CUDA-event-timed steps after warm-up, default network, SGD with momentum. Both steps
+bring the loss to the host every step (cryokern must; PyTorch via loss.item()). Also times each
+kernel of the 16 -> 16 layer alone, with its achieved TFLOP/s (2 FLOP per multiply-add).
+Usage: python bench/step.py [--batch 4] [--size 1024] [--steps 40]
+"""
+import argparse
+import datetime
+import statistics
+
+import numpy as np
+from numba import cuda
+
+from cryokern.backends import get_backend
+from cryokern import kernels as K
+from cryokern.model import Network, init_params
+from cryokern.step import OptimizerConfig, TrainStep
+
+
+def _device_name():
+    name = cuda.get_current_device().name
+    return name.decode() if isinstance(name, bytes) else name
+
+
+def resource_report():
+    """Registers and local memory (spills) per thread of the 16 -> 16 kernels just compiled."""
+    from cryokern.kernels import conv
+    kernels = {"forward 16->16 relu": conv._forward_kernel(16, 8, True, False, False),
+               "backward-data 16->16 masked": conv._forward_kernel(16, 8, False, True, True),
+               "weight grads 16->16": conv._weights_kernel(16, 16)[0]}
+    for name, k in kernels.items():
+        for sig in k.overloads:
+            print(f"  {name:30s} registers {k.get_regs_per_thread(sig):4d}  "
+                  f"local bytes {k.get_local_mem_per_thread(sig):5d}")
+
+
+def event_times(fn, steps, warmup=3):
+    for _ in range(warmup):
+        fn()
+    cuda.synchronize()
+    times = []
+    for _ in range(steps):
+        start, stop = cuda.event(timing=True), cuda.event(timing=True)
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(cuda.event_elapsed_time(start, stop))
+    return statistics.median(times), min(times), max(times)
+
+
+def torch_step_times(noisy, clean, params, steps):
+    import torch
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(16, 1, 3, padding=1)).cuda()
+    with torch.no_grad():
+        for i, layer in enumerate([net[0], net[2], net[4]]):
+            layer.weight.copy_(torch.from_numpy(params[f"layers.{i}.weight"]))
+            layer.bias.copy_(torch.from_numpy(params[f"layers.{i}.bias"]))
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    x, y = torch.from_numpy(noisy).cuda(), torch.from_numpy(clean).cuda()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.mse_loss(net(x), y)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        step()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times), min(times), max(times), torch.cuda.max_memory_allocated()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=40)
+    args = ap.parse_args()
+    n, s = args.batch, args.size
+    rng = np.random.default_rng(0)
+    clean = rng.random((n, 1, s, s)).astype(np.float32)
+    noisy = (clean + 0.3 * rng.standard_normal(clean.shape)).astype(np.float32)
+    net = Network()
+    params = init_params(net, 0)
+    trainer = TrainStep(get_backend("gpu"), net, params, OptimizerConfig("sgd", 0.01, momentum=0.9))
+    x, y = cuda.to_device(noisy), cuda.to_device(clean)
+    rows = [("cryokern step",) + event_times(lambda: trainer(x, y), args.steps)]
+    try:
+        *t, peak = torch_step_times(noisy, clean, params, args.steps)
+        rows.append(("pytorch eager fp32 step (tf32 off)",) + tuple(t))
+    except ImportError:
+        peak = None
+    a16 = cuda.to_device(rng.standard_normal((n, 16, s, s)).astype(np.float32))
+    g16 = cuda.to_device(rng.standard_normal((n, 16, s, s)).astype(np.float32))
+    w16 = cuda.to_device(params["layers.1.weight"])
+    b16 = cuda.to_device(params["layers.1.bias"])
+    out = cuda.device_array((n, 16, s, s), np.float32)
+    gw, gb = cuda.device_array((16, 16, 3, 3), np.float32), cuda.device_array(16, np.float32)
+    kernel_rows = [
+        ("conv 16->16 forward+relu", lambda: K.conv2d_forward(a16, w16, b16, relu=True, out=out)),
+        ("conv 16->16 backward-data+mask",
+         lambda: K.conv2d_backward_data(g16, w16, relu_output=a16, out=out)),
+        ("conv 16->16 weight grads", lambda: K.conv2d_backward_weights(g16, a16, out=(gw, gb))),
+    ]
+    flops = 2 * n * s * s * 16 * 16 * 9
+    print(f"\n{datetime.date.today()}  {_device_name()}  "
+          f"batch {n}x1x{s}x{s}, default network, SGD momentum, {args.steps} steps")
+    print(f"{'what':38s} {'median ms':>10s} {'min':>8s} {'max':>8s} {'images/s':>9s}")
+    for name, med, lo, hi in rows:
+        print(f"{name:38s} {med:10.3f} {lo:8.3f} {hi:8.3f} {n / med * 1e3:9.0f}")
+    if len(rows) == 2:
+        print(f"ratio pytorch/cryokern: {rows[1][1] / rows[0][1]:.2f}x;  pytorch peak memory "
+              f"{peak / 2**20:.0f} MiB")
+    for name, fn in kernel_rows:
+        med, lo, hi = event_times(fn, 20)
+        print(f"{name:38s} {med:10.3f} {lo:8.3f} {hi:8.3f} {flops / med / 1e9:7.1f} TFLOP/s")
+    resource_report()
+
+
+if __name__ == "__main__":
+    main()
