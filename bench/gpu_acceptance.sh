@@ -5,7 +5,7 @@
 set -u
 out=${OUT:-/tmp/gpu_acceptance}; mkdir -p "$out"
 nvidia-smi -L
-python3 -c "import numba, torch; print(torch.__version__);, numpy; print('numba', numba.__version__, 'numpy', numpy.__version__)"
+python3 -c "import numba, numpy, torch; print('numba', numba.__version__, 'numpy', numpy.__version__, 'torch', torch.__version__)"
 python3 bench/sanitize_case.py > /dev/null   # compile once, so that the parallel runs share the disk cache
 groups=("test_kernels.py and 4x16x16x1024 and forward"
         "test_kernels.py and 4x16x16x1024 and backward_data"
