@@ -30,9 +30,9 @@ def resource_report():
                "backward-data 16->16 masked": conv._forward_kernel(16, 8, False, True, True),
                "weight grads 16->16": conv._weights_kernel(16, 16)[0]}
     for name, k in kernels.items():
-        for sig in k.overloads:
-            print(f"  {name:30s} registers {k.get_regs_per_thread(sig):4d}  "
-                  f"local bytes {k.get_local_mem_per_thread(sig):5d}")
+        for overload in k.overloads.values():
+            print(f"  {name:30s} registers {overload.regs_per_thread:4d}  "
+                  f"local bytes {overload.local_mem_per_thread:5d}")
 
 
 def event_times(fn, steps, warmup=3):
