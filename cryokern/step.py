@@ -68,8 +68,7 @@ class TrainStep:
             }
         return self._workspaces[shape]
 
-    def __call__(self, x, target):
-        """One step on a batch; returns (sse, count) of the loss before the update."""
+    def _forward(self, x, target):
         be, net = self.backend, self.network
         if x.shape[1] != net.channels[0] or target.shape != x.shape[:1] + (net.channels[-1],) + x.shape[2:]:
             raise ValueError(f"batch {x.shape} -> {target.shape} does not fit channels {net.channels}")
@@ -79,8 +78,18 @@ class TrainStep:
             be.conv2d_forward(acts[i], self.params[f"layers.{i}.weight"],
                               self.params[f"layers.{i}.bias"], relu=net.relu_after(i),
                               out=acts[i + 1])
+        return acts, ws["grad"]
+
+    def loss(self, x, target):
+        """(sse, count) of the network's output on a batch, without a step (validation)."""
+        acts, _ = self._forward(x, target)
+        return self.backend.mse_loss(acts[-1], target)
+
+    def __call__(self, x, target):
+        """One step on a batch; returns (sse, count) of the loss before the update."""
+        be, net = self.backend, self.network
+        acts, grad = self._forward(x, target)
         count = int(np.prod(target.shape))
-        grad = ws["grad"]
         sse, _ = be.mse_loss_and_grad(acts[-1], target, count, out=grad[-1])
         for i in reversed(range(net.depth)):
             be.conv2d_backward_weights(grad[i], acts[i], out=(self.grads[f"layers.{i}.weight"],

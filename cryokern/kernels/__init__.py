@@ -32,4 +32,6 @@ def gpu_backend():
     return Backend("gpu", sys.modules[__name__], to_device=_to_device,
                    to_host=lambda a: a.copy_to_host(),
                    empty=lambda shape: cuda.device_array(shape, np.float32),
-                   synchronize=cuda.synchronize)
+                   synchronize=cuda.synchronize,
+                   host_empty=lambda shape: cuda.pinned_array(shape, np.float32),
+                   copy_in=lambda dst, src: dst.copy_to_device(src))

@@ -1,0 +1,196 @@
+"""Training data: noisy/clean MRC pairs, the epoch's order and crops, and a batch loader thread.
+
+Everything a batch holds is a function of (seed, epoch, batch index) alone, so a run resumed
+mid-epoch sees exactly the batches the uninterrupted run saw. See README "Data" for the options.
+"""
+import queue
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from .mrcstack import DataError, MrcStack
+
+NORMALIZATIONS = ("per-image", "none")
+# stream ids for np.random.default_rng([seed, STREAM, ...]): independent, documented draws
+_ORDER, _CROP, _SPLIT = 1, 2, 3
+
+
+class PairedImages:
+    """Images of one or more noisy/clean file pairs, addressed by one index in file order."""
+
+    def __init__(self, pairs):
+        self.pairs = []
+        for noisy_path, clean_path in pairs:
+            noisy, clean = MrcStack(noisy_path), MrcStack(clean_path)
+            if len(noisy) != len(clean):
+                raise DataError(f"{clean.path}: {len(clean)} images, but {noisy.path} has "
+                                f"{len(noisy)}")
+            if noisy.shape != clean.shape:
+                raise DataError(f"{clean.path}: images are {clean.shape[0]}x{clean.shape[1]}, "
+                                f"but {noisy.path} has {noisy.shape[0]}x{noisy.shape[1]}")
+            self.pairs.append((noisy, clean))
+        if not self.pairs:
+            raise DataError("no training files given")
+        self.starts = np.cumsum([0] + [len(n) for n, _ in self.pairs])
+
+    def __len__(self):
+        return int(self.starts[-1])
+
+    def locate(self, index):
+        pair = int(np.searchsorted(self.starts, index, side="right")) - 1
+        return self.pairs[pair], index - int(self.starts[pair])
+
+    def shape(self, index):
+        return self.locate(index)[0][0].shape
+
+    def describe(self):
+        return [{"noisy": n.path, "clean": c.path, "images": len(n), "shape": list(n.shape)}
+                for n, c in self.pairs]
+
+
+@dataclass(frozen=True)
+class Subset:
+    """Some images of a PairedImages (a training or validation split), all of one shape
+    once cropped."""
+    images: PairedImages
+    indices: np.ndarray
+    crop: int = 0
+
+    def __post_init__(self):
+        shapes = {self.images.shape(int(i)) for i in self.indices}
+        if self.crop:
+            small = [s for s in shapes if min(s) < self.crop]
+            if small:
+                raise DataError(f"crop {self.crop} is larger than the {small[0][0]}x{small[0][1]} "
+                                f"images of {self._file_of(small[0])}")
+        elif len(shapes) > 1:
+            a, b = sorted(shapes)[:2]
+            raise DataError(f"{self._file_of(b)}: images are {b[0]}x{b[1]}, but "
+                            f"{self._file_of(a)} has {a[0]}x{a[1]}; give --crop to train on both")
+
+    def _file_of(self, shape):
+        return next(n.path for n, _ in self.images.pairs if n.shape == shape)
+
+    def __len__(self):
+        return len(self.indices)
+
+    @property
+    def image_shape(self):
+        if self.crop:
+            return (self.crop, self.crop)
+        return self.images.shape(int(self.indices[0]))
+
+
+def split(images, val_fraction, seed):
+    """(train indices, validation indices): a seeded random val_fraction of the images."""
+    n = len(images)
+    n_val = int(round(val_fraction * n))
+    if val_fraction > 0 and n_val == 0 and n > 1:
+        n_val = 1
+    n_val = min(n_val, n - 1)
+    order = np.random.default_rng([seed, _SPLIT]).permutation(n)
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """Which images form a batch, and where each is cropped (top-left corner)."""
+    indices: np.ndarray
+    corners: np.ndarray
+
+
+def epoch_batches(subset, batch_size, seed, epoch, shuffle=True):
+    """The batches of one epoch: a seeded permutation (or file order), random crops when
+    training, centred crops otherwise; the last batch may be smaller."""
+    n = len(subset)
+    order = np.random.default_rng([seed, _ORDER, epoch]).permutation(n) if shuffle \
+        else np.arange(n)
+    indices = subset.indices[order]
+    corners = np.zeros((n, 2), np.int64)
+    if subset.crop:
+        shapes = np.array([subset.images.shape(int(i)) for i in indices]).reshape(n, 2)
+        room = shapes - subset.crop + 1
+        if shuffle:
+            draw = np.random.default_rng([seed, _CROP, epoch]).random((n, 2))
+            corners = np.minimum((draw * room).astype(np.int64), room - 1)
+        else:
+            corners = (room - 1) // 2
+    return [BatchSpec(indices[s:s + batch_size], corners[s:s + batch_size])
+            for s in range(0, n, batch_size)]
+
+
+def normalize_pair(noisy, clean, mode):
+    """per-image: the affine map that standardizes the noisy image (its mean and std, in
+    float64), applied to both images; a constant image is only shifted."""
+    if mode == "none":
+        return noisy, clean
+    mean = noisy.mean(dtype=np.float64)
+    std = noisy.std(dtype=np.float64)
+    scale = 1.0 / std if std > 0 else 1.0
+    return (((noisy - mean) * scale).astype(np.float32),
+            ((clean - mean) * scale).astype(np.float32))
+
+
+def fill_batch(subset, spec, normalize, noisy_out, clean_out):
+    """Read, normalize and crop the batch's images into noisy_out/clean_out (N, 1, h, w);
+    returns the range (min, max) of the clean crops, for PSNR."""
+    h, w = subset.image_shape
+    lo, hi = np.inf, -np.inf
+    for k, (index, (top, left)) in enumerate(zip(spec.indices, spec.corners)):
+        (noisy, clean), local = subset.images.locate(int(index))
+        a = noisy.read(local, np.empty(noisy.shape, np.float32))
+        b = clean.read(local, np.empty(clean.shape, np.float32))
+        a, b = normalize_pair(a, b, normalize)
+        noisy_out[k, 0] = a[top:top + h, left:left + w]
+        clean_out[k, 0] = b[top:top + h, left:left + w]
+        lo, hi = min(lo, float(clean_out[k, 0].min())), max(hi, float(clean_out[k, 0].max()))
+    return lo, hi
+
+
+class BatchLoader:
+    """Fills batches on a background thread, ahead of their use, into a fixed pool of host
+    buffer pairs (page-locked when the backend provides them): host memory is the pool,
+    whatever the dataset's size, and reading overlaps the GPU's work. Iterating gives
+    (noisy, clean, lo, hi) per batch; a batch's buffers are refilled once the next batch is
+    asked for, so use a batch before asking for the next."""
+
+    def __init__(self, subset, specs, normalize, buffers):
+        self._free = queue.Queue()
+        for pair in buffers:
+            self._free.put(pair)
+        self._ready = queue.Queue()
+        self._stop = threading.Event()
+        self._specs = specs
+        self._thread = threading.Thread(target=self._fill, args=(subset, normalize), daemon=True)
+        self._thread.start()
+
+    def _fill(self, subset, normalize):
+        try:
+            for spec in self._specs:
+                buffers = self._free.get()
+                if buffers is None or self._stop.is_set():
+                    return
+                noisy, clean = buffers
+                lo, hi = fill_batch(subset, spec, normalize, noisy, clean)
+                self._ready.put((noisy, clean, len(spec.indices), lo, hi))
+        except BaseException as e:  # handed to the consumer, which raises it
+            self._ready.put(e)
+
+    def __iter__(self):
+        previous = None
+        for _ in self._specs:
+            if previous is not None:
+                self._free.put(previous)
+            item = self._ready.get()
+            if isinstance(item, BaseException):
+                raise item
+            noisy, clean, n, lo, hi = item
+            previous = (noisy, clean)
+            yield noisy[:n], clean[:n], lo, hi
+
+    def close(self):
+        """Stop the thread (it finishes the batch it is filling) before the pool is reused."""
+        self._stop.set()
+        self._free.put(None)
+        self._thread.join()
