@@ -24,11 +24,11 @@ class PairedImages:
         for noisy_path, clean_path in pairs:
             noisy, clean = MrcStack(noisy_path), MrcStack(clean_path)
             if len(noisy) != len(clean):
-                raise DataError(f"{clean.path}: {len(clean)} images, but {noisy.path} has "
-                                f"{len(noisy)}")
+                raise DataError(f"{noisy.path}: {len(noisy)} images, but its clean partner "
+                                f"{clean.path} has {len(clean)}")
             if noisy.shape != clean.shape:
-                raise DataError(f"{clean.path}: images are {clean.shape[0]}x{clean.shape[1]}, "
-                                f"but {noisy.path} has {noisy.shape[0]}x{noisy.shape[1]}")
+                raise DataError(f"{noisy.path}: images are {noisy.shape[0]}x{noisy.shape[1]}, but "
+                                f"its clean partner {clean.path} has {clean.shape[0]}x{clean.shape[1]}")
             self.pairs.append((noisy, clean))
         if not self.pairs:
             raise DataError("no training files given")

@@ -244,7 +244,10 @@ class Run:
                 "partial": self.meter.to_json(), "best_mse": self.best, "seed": self.opts.seed,
                 "normalize": self.opts.normalize, "crop": self.opts.crop,
                 "options": vars(self.opts), "data": self.description}
-        checkpoint.save(self.out / name, self.step.host_params(), self.step.host_state(), meta)
+        params = self.step.host_params()
+        if not all(np.isfinite(a).all() for a in params.values()):
+            raise Diverged(f"the weights became NaN or Inf at step {self.step.step}")
+        checkpoint.save(self.out / name, params, self.step.host_state(), meta)
 
     def batches(self, subset, epoch, first, shuffle, depth=3):
         """A loader over the epoch's batches from batch `first` on, `depth` batches ahead."""

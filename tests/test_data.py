@@ -1,0 +1,69 @@
+"""Epoch order, crops, the validation split and normalization: functions of the seed alone."""
+import mrcfile
+import numpy as np
+
+from cryokern.data import (BatchLoader, PairedImages, Subset, epoch_batches, fill_batch,
+                           normalize_pair, split)
+
+
+def stack_pair(tmp_path, n=7, shape=(10, 14)):
+    data = np.random.default_rng(0).standard_normal((n,) + shape).astype(np.float32) * 3 + 5
+    paths = []
+    for name, d in (("noisy", data), ("clean", data * 0.5)):
+        p = str(tmp_path / f"{name}.mrcs")
+        with mrcfile.new(p) as mrc:
+            mrc.set_data(d)
+        paths.append(p)
+    return PairedImages([tuple(paths)]), data
+
+
+def test_epoch_order_and_crops_depend_on_seed_and_epoch_only(tmp_path):
+    images, _ = stack_pair(tmp_path)
+    sub = Subset(images, np.arange(7), crop=6)
+    a = epoch_batches(sub, 3, seed=1, epoch=2)
+    b = epoch_batches(sub, 3, seed=1, epoch=2)
+    c = epoch_batches(sub, 3, seed=1, epoch=3)
+    assert [len(s.indices) for s in a] == [3, 3, 1]
+    assert all(np.array_equal(x.indices, y.indices) and np.array_equal(x.corners, y.corners)
+               for x, y in zip(a, b))
+    assert not all(np.array_equal(x.indices, y.indices) for x, y in zip(a, c))
+    corners = np.concatenate([s.corners for s in a])
+    assert corners.min() >= 0 and (corners <= np.array([10 - 6, 14 - 6])).all()
+    assert sorted(np.concatenate([s.indices for s in a])) == list(range(7))
+
+
+def test_validation_split_is_seeded_and_disjoint():
+    class Seven:
+        def __len__(self):
+            return 7
+    train, val = split(Seven(), 0.3, seed=4)
+    assert len(val) == 2 and set(train).isdisjoint(val) and len(train) + len(val) == 7
+    assert np.array_equal(split(Seven(), 0.3, seed=4)[1], val)
+
+
+def test_per_image_normalization_standardizes_noisy_and_maps_clean_alike():
+    rng = np.random.default_rng(0)
+    noisy = (rng.standard_normal((8, 9)) * 4 + 10).astype(np.float32)
+    clean = (noisy * 0.5 + 1).astype(np.float32)
+    a, b = normalize_pair(noisy, clean, "per-image")
+    assert abs(a.mean()) < 1e-6 and abs(a.std() - 1) < 1e-6
+    m, s = noisy.mean(dtype=np.float64), noisy.std(dtype=np.float64)
+    assert np.allclose(b, (clean - m) / s, atol=1e-6)
+    assert normalize_pair(noisy, clean, "none")[0] is noisy
+
+
+def test_loader_yields_the_batches_fill_batch_makes(tmp_path):
+    images, data = stack_pair(tmp_path)
+    sub = Subset(images, np.arange(7))
+    specs = epoch_batches(sub, 3, seed=0, epoch=0)
+    buffers = [(np.empty((3, 1, 10, 14), np.float32), np.empty((3, 1, 10, 14), np.float32))
+               for _ in range(2)]
+    loader = BatchLoader(sub, specs, "none", buffers)
+    for spec, (noisy, clean, lo, hi) in zip(specs, loader):
+        assert np.array_equal(noisy[:, 0], data[spec.indices])
+        assert np.array_equal(clean[:, 0], data[spec.indices] * 0.5)
+        assert (lo, hi) == (clean.min(), clean.max())
+    loader.close()
+    want = np.empty((3, 1, 10, 14), np.float32), np.empty((3, 1, 10, 14), np.float32)
+    fill_batch(sub, specs[0], "per-image", *want)
+    assert abs(want[0][0].mean()) < 1e-5
