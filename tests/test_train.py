@@ -279,3 +279,17 @@ def test_out_holding_an_earlier_run_is_not_written_over(tmp_path, capsys):
     assert (out / "config.json").read_text() == "earlier"
     assert T.main(data_args(make_pair(tmp_path)) + TINY + ["--out", str(out), "--force",
                                                           "--epochs", "1"]) == 0
+
+
+@pytest.mark.gpu
+def test_gpu_run_equals_cpu_run(tmp_path):
+    """The same run on the GPU kernels and on the reference: identical checkpoints."""
+    pair = make_pair(tmp_path, shape=(37, 70))
+    args = data_args(pair) + ["--epochs", "2", "--batch-size", "3", "--optimizer", "adam"]
+    for device in ("gpu", "cpu"):
+        assert T.main(args + ["--device", device, "--out", str(tmp_path / device)]) == 0
+    gpu, cpu = npz(tmp_path / "gpu" / "last.npz"), npz(tmp_path / "cpu" / "last.npz")
+    for k in gpu:
+        if k != "meta":
+            assert np.array_equal(gpu[k].view(np.uint32), cpu[k].view(np.uint32)), k
+    assert metrics(tmp_path / "gpu")[1]["val_mse"] == metrics(tmp_path / "cpu")[1]["val_mse"]
