@@ -3,8 +3,10 @@
 Everything a batch holds is a function of (seed, epoch, batch index) alone, so a run resumed
 mid-epoch sees exactly the batches the uninterrupted run saw. See README "Data" for the options.
 """
+import os
 import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -132,20 +134,27 @@ def normalize_pair(noisy, clean, mode):
             ((clean - mean) * scale).astype(np.float32))
 
 
-def fill_batch(subset, spec, normalize, noisy_out, clean_out):
-    """Read, normalize and crop the batch's images into noisy_out/clean_out (N, 1, h, w);
-    returns the range (min, max) of the clean crops, for PSNR."""
+def fill_image(subset, index, corner, normalize, noisy_out, clean_out):
+    """Read, normalize and crop one image pair into noisy_out/clean_out (h, w); returns the
+    clean crop's (min, max), for PSNR."""
     h, w = subset.image_shape
-    lo, hi = np.inf, -np.inf
-    for k, (index, (top, left)) in enumerate(zip(spec.indices, spec.corners)):
-        (noisy, clean), local = subset.images.locate(int(index))
-        a = noisy.read(local, np.empty(noisy.shape, np.float32))
-        b = clean.read(local, np.empty(clean.shape, np.float32))
-        a, b = normalize_pair(a, b, normalize)
-        noisy_out[k, 0] = a[top:top + h, left:left + w]
-        clean_out[k, 0] = b[top:top + h, left:left + w]
-        lo, hi = min(lo, float(clean_out[k, 0].min())), max(hi, float(clean_out[k, 0].max()))
-    return lo, hi
+    top, left = corner
+    (noisy, clean), local = subset.images.locate(int(index))
+    a = noisy.read(local, np.empty(noisy.shape, np.float32))
+    b = clean.read(local, np.empty(clean.shape, np.float32))
+    a, b = normalize_pair(a, b, normalize)
+    noisy_out[...] = a[top:top + h, left:left + w]
+    clean_out[...] = b[top:top + h, left:left + w]
+    return float(clean_out.min()), float(clean_out.max())
+
+
+def fill_batch(subset, spec, normalize, noisy_out, clean_out, pool=None):
+    """Fill a batch (N, 1, h, w), its images in parallel on `pool` (an Executor) if given;
+    each image has its own slot, so the result does not depend on the pool."""
+    jobs = [(subset, i, c, normalize, noisy_out[k, 0], clean_out[k, 0])
+            for k, (i, c) in enumerate(zip(spec.indices, spec.corners))]
+    ranges = list(pool.map(fill_image, *zip(*jobs))) if pool else [fill_image(*j) for j in jobs]
+    return min(lo for lo, _ in ranges), max(hi for _, hi in ranges)
 
 
 class BatchLoader:
@@ -155,7 +164,10 @@ class BatchLoader:
     (noisy, clean, lo, hi) per batch; a batch's buffers are refilled once the next batch is
     asked for, so use a batch before asking for the next."""
 
-    def __init__(self, subset, specs, normalize, buffers):
+    def __init__(self, subset, specs, normalize, buffers, workers=None):
+        # reading and converting is CPU-bound (several passes over each image): one thread per
+        # image of a batch, up to `workers` (default: up to 8, one per core)
+        self._pool = ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1))
         self._free = queue.Queue()
         for pair in buffers:
             self._free.put(pair)
@@ -172,7 +184,7 @@ class BatchLoader:
                 if buffers is None or self._stop.is_set():
                     return
                 noisy, clean = buffers
-                lo, hi = fill_batch(subset, spec, normalize, noisy, clean)
+                lo, hi = fill_batch(subset, spec, normalize, noisy, clean, self._pool)
                 self._ready.put((noisy, clean, len(spec.indices), lo, hi))
         except BaseException as e:  # handed to the consumer, which raises it
             self._ready.put(e)
@@ -194,3 +206,4 @@ class BatchLoader:
         self._stop.set()
         self._free.put(None)
         self._thread.join()
+        self._pool.shutdown()

@@ -303,7 +303,7 @@ class Run:
             record.update(self.validate().summary("val"))
         if not math.isfinite(record.get("val_mse", 0.0)):
             raise Diverged(f"the validation loss became {record['val_mse']} after epoch {epoch + 1}")
-        record["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        record["peak_rss_mib"] = peak_rss_mib()
         score = record["val_mse"] if self.val is not None else record["train_mse"]
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -327,6 +327,19 @@ class Run:
             print(f"epoch {epoch + 1}/{self.opts.epochs}  train mse {record['train_mse']:.6g} "
                   f"({record['train_psnr']:.2f} dB){val}  {record['images_per_s']:.1f} images/s",
                   flush=True)
+
+
+def peak_rss_mib():
+    """This process's peak resident memory. Linux's VmHWM, not getrusage's ru_maxrss: after
+    fork and exec, ru_maxrss starts from the parent's peak, which says nothing about us."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def plot_losses(out):
@@ -438,7 +451,7 @@ def main(argv=None):
               file=sys.stderr)
         return EXIT_INTERRUPTED
     print(f"done: checkpoints in {opts.out} (best.npz, last.npz); peak resident memory "
-          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+          f"{peak_rss_mib():.0f} MiB")
     return 0
 
 
