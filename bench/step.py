@@ -26,8 +26,8 @@ def _device_name():
 def resource_report():
     """Registers and local memory (spills) per thread of the 16 -> 16 kernels just compiled."""
     from cryokern.kernels import conv
-    kernels = {"forward 16->16 relu": conv._forward_kernel(16, 8, True, False, False),
-               "backward-data 16->16 masked": conv._forward_kernel(16, 8, False, True, True),
+    kernels = {"forward 16->16 relu": conv._forward_kernel(16, 16, True, False, False)[0],
+               "backward-data 16->16 masked": conv._forward_kernel(16, 16, False, True, True)[0],
                "weight grads 16->16": conv._weights_kernel(16, 16)[0]}
     for name, k in kernels.items():
         for overload in k.overloads.values():
@@ -48,6 +48,45 @@ def event_times(fn, steps, warmup=3):
         stop.synchronize()
         times.append(cuda.event_elapsed_time(start, stop))
     return statistics.median(times), min(times), max(times)
+
+
+class _TimedOps:
+    """The GPU kernel functions, each call bracketed by CUDA events (for the step breakdown)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        fn = getattr(K, name)
+
+        def timed(*args, **kwargs):
+            start, stop = cuda.event(timing=True), cuda.event(timing=True)
+            start.record()
+            out = fn(*args, **kwargs)
+            stop.record()
+            shape = "x".join(map(str, args[0].shape))
+            self.calls.append((f"{name} {shape}", start, stop))
+            return out
+        return timed
+
+
+def step_breakdown(net, params, x, y, steps=10):
+    """Median time of each kernel call in a step, in call order (includes launch overhead)."""
+    from cryokern.backends import Backend
+    ops = _TimedOps()
+    gpu = get_backend("gpu")
+    timed = Backend("gpu-timed", ops, gpu.to_device, gpu.to_host, gpu.empty, gpu.synchronize)
+    trainer = TrainStep(timed, net, params, OptimizerConfig("sgd", 0.01, momentum=0.9))
+    trainer(x, y)
+    per_call = None
+    for _ in range(steps):
+        ops.calls.clear()
+        trainer(x, y)
+        cuda.synchronize()
+        times = [cuda.event_elapsed_time(a, b) for _, a, b in ops.calls]
+        per_call = [[t] for t in times] if per_call is None else \
+            [acc + [t] for acc, t in zip(per_call, times)]
+    return [(name, statistics.median(t)) for (name, _, _), t in zip(ops.calls, per_call)]
 
 
 def torch_step_times(noisy, clean, params, steps):
@@ -130,6 +169,9 @@ def main():
     for name, fn in kernel_rows:
         med, lo, hi = event_times(fn, 20)
         print(f"{name:38s} {med:10.3f} {lo:8.3f} {hi:8.3f} {flops / med / 1e9:7.1f} TFLOP/s")
+    print("step breakdown (median ms per call, launch overhead included):")
+    for name, ms in step_breakdown(net, params, x, y):
+        print(f"  {name:60s} {ms:8.3f}")
     resource_report()
 
 

@@ -7,10 +7,11 @@ directory ($CRYOKERN_CACHE, else $XDG_CACHE_HOME/cryokern, else ~/.cache/cryoker
 """
 import os
 import tempfile
-from pathlib import Path
 
 import mrcfile
 import numpy as np
+
+from .cachedir import cache_root
 
 VERSION = "synthetic-v1"
 SIZE = 64                 # pixels per side: small enough to train in about a minute on a CPU
@@ -21,9 +22,7 @@ SEED = 20261124
 
 
 def cache_dir():
-    root = os.environ.get("CRYOKERN_CACHE") or \
-        os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "cryokern")
-    return Path(root) / VERSION
+    return cache_root() / VERSION
 
 
 def particles(rng, n, size):

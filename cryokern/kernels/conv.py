@@ -10,103 +10,129 @@ from numba import cuda, float32
 
 from ..contract import TILE_H, TILE_W, tile_grid
 from .arrays import Operand, output, placeholder, result, scratch
+from .codegen import Source, load_module
 from .reduce import fold_partials
 
-# Forward: a block computes BH x BW output pixels for `group` (at most MAX_GROUP) output
-# channels; each thread one column of ROWS consecutive rows. The input tile (with halo) is staged
-# in shared memory one input channel at a time.
-BW, ROWS, TY = 32, 4, 4
-BH = ROWS * TY
-MAX_GROUP = 8
+# Forward (also backward-data): a block computes BH x BW output pixels of OB = G * GB output
+# channels. Thread (tx, ty, tz) owns column tx, rows ty*R .. ty*R+R-1 and channels
+# tz*G .. tz*G+G-1: R*G accumulators in registers. Input channel by input channel, the block
+# stages its (BH+2) x (BW+2) input window in shared memory (the next channel's values are loaded
+# into registers while the current one is computed), each thread copies its (R+2) x 3 window
+# into registers, and every weight read from shared memory serves R fmas.
+BW, TY, R = 32, 4, 8
+BH = TY * R
+XW, XH = BW + 2, BH + 2
+
+
+def _forward_geometry(cout):
+    """(G, GB): output channels per thread and thread groups per block."""
+    if cout >= 16:
+        return 8, 2
+    return min(cout, 8), 1
 
 
 @lru_cache(maxsize=None)
-def _forward_kernel(cin, group, relu, masked, transposed):
-    """Section 1 (transposed=False) or section 2 (transposed=True: w read as w'[ci,o,2-a,2-b])."""
-    GROUP = group
-    nw = GROUP * cin * 9
-    n_acc = GROUP * ROWS
-    xs_shape = (BH + 2, BW + 2)
-
-    @cuda.jit(cache=True)
-    def kernel(x, w, b, mask, y):
-        n_groups = (y.shape[1] + GROUP - 1) // GROUP
-        n = cuda.blockIdx.z // n_groups
-        o0 = (cuda.blockIdx.z % n_groups) * GROUP
-        cout = y.shape[1]
-        h_img, w_img = x.shape[2], x.shape[3]
-        h0 = cuda.blockIdx.y * BH
-        c0 = cuda.blockIdx.x * BW
-        tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
-        tid = ty * BW + tx
-        ws = cuda.shared.array(nw, float32)
-        xs = cuda.shared.array(xs_shape, float32)
-        for i in range(tid, nw, BW * TY):
-            o = o0 + i // (cin * 9)
-            ci = (i // 9) % cin
-            k = i % 9
-            if o >= cout:
-                ws[i] = float32(0)
-            elif transposed:
-                ws[i] = w[ci, o, 2 - k // 3, 2 - k % 3]
-            else:
-                ws[i] = w[o, ci, k // 3, k % 3]
-        col = c0 + tx
-        active = col < w_img and h0 + ty * ROWS < h_img
-        acc = cuda.local.array(n_acc, float32)
-        for g in range(GROUP):
-            start = b[o0 + g] if o0 + g < cout else float32(0)
-            for p in range(ROWS):
-                acc[g * ROWS + p] = start
-        for ci in range(cin):
-            cuda.syncthreads()
-            for i in range(tid, (BH + 2) * (BW + 2), BW * TY):
-                r = i // (BW + 2)
-                c = i % (BW + 2)
-                hh = h0 + r - 1
-                cc = c0 + c - 1
-                if 0 <= hh < h_img and 0 <= cc < w_img:
-                    xs[r, c] = x[n, ci, hh, cc]
-                else:
-                    xs[r, c] = float32(0)
-            cuda.syncthreads()
-            if not active:
-                continue
-            # rows r of the thread's window, kx inner: for each output row p, ky = r - p rises
-            # with r, so every output sees its taps in (ky, kx) order.
-            for r in range(ROWS + 2):
-                for kx in range(3):
-                    v = xs[ty * ROWS + r, tx + kx]
-                    for p in range(ROWS):
-                        ky = r - p
-                        if ky >= 0 and ky < 3:
-                            for g in range(GROUP):
-                                acc[g * ROWS + p] = cuda.fma(
-                                    v, ws[(g * cin + ci) * 9 + ky * 3 + kx], acc[g * ROWS + p])
-        if active:
-            for p in range(ROWS):
-                row = h0 + ty * ROWS + p
-                if row < h_img:
-                    for g in range(GROUP):
-                        o = o0 + g
-                        if o < cout:
-                            v = acc[g * ROWS + p]
-                            if relu and v <= float32(0):
-                                v = float32(0)
-                            if masked and not mask[n, o, row, col] > float32(0):
-                                v = float32(0)
-                            y[n, o, row, col] = v
-
-    return kernel
+def _forward_kernel(cin, cout, relu, masked, transposed):
+    """Numerics section 1 (transposed=False) or 2 (w read as w'[ci,o,2-a,2-b]), generated."""
+    g_out, groups = _forward_geometry(cout)
+    ob_size = g_out * groups
+    threads = BW * TY * groups
+    nx = XW * XH
+    slots = -(-nx // threads)
+    src = Source()
+    src("from numba import cuda, float32")
+    src()
+    src("@cuda.jit(cache=True)")
+    src("def kernel(x, w, b, mask, y, height, width, n_oblocks):").indent()
+    src(f"tid = (cuda.threadIdx.z * {TY} + cuda.threadIdx.y) * {BW} + cuda.threadIdx.x")
+    src("n = cuda.blockIdx.z // n_oblocks")
+    src("ob = cuda.blockIdx.z % n_oblocks")
+    src(f"h0 = cuda.blockIdx.y * {BH}")
+    src(f"c0 = cuda.blockIdx.x * {BW}")
+    src("plane = height * width")
+    src(f"ws = cuda.shared.array({cin * 9 * ob_size}, float32)")
+    src(f"xs = cuda.shared.array({nx}, float32)")
+    # weights of the block's channels, laid out [ci][ky*3+kx][channel]
+    src(f"for i in range(tid, {cin * 9 * ob_size}, {threads}):").indent()
+    src(f"o = ob * {ob_size} + i % {ob_size}")
+    src(f"k = (i // {ob_size}) % 9")
+    src(f"ci = i // {ob_size * 9}")
+    src("v = float32(0)")
+    src(f"if o < {cout}:").indent()
+    src("v = w[ci, o, 2 - k // 3, 2 - k % 3]" if transposed else "v = w[o, ci, k // 3, k % 3]")
+    src.dedent()
+    src("ws[i] = v").dedent()
+    # staging slots: element e of the window, its image offset, and whether it is in the image
+    for s_ in range(slots):
+        src(f"e{s_} = tid + {s_ * threads}")
+        src(f"r = e{s_} // {XW}")
+        src(f"c = e{s_} % {XW}")
+        src("hh = h0 + r - 1")
+        src("cc = c0 + c - 1")
+        src(f"ok{s_} = e{s_} < {nx} and hh >= 0 and hh < height and cc >= 0 and cc < width")
+        src(f"off{s_} = hh * width + cc")
+    src(f"base = n * {cin} * plane")
+    for s_ in range(slots):
+        src(f"p{s_} = x[base + off{s_}] if ok{s_} else float32(0)")
+    src(f"o0 = (ob * {groups} + cuda.threadIdx.z) * {g_out}")
+    for g in range(g_out):
+        src(f"b{g} = b[o0 + {g}] if o0 + {g} < {cout} else float32(0)")
+        for p in range(R):
+            src(f"a{p}_{g} = b{g}")
+    src(f"wb = cuda.threadIdx.z * {g_out}")
+    src(f"xb = cuda.threadIdx.y * {R * XW} + cuda.threadIdx.x")
+    src(f"for ci in range({cin}):").indent()
+    src("cuda.syncthreads()")
+    for s_ in range(slots):
+        if (s_ + 1) * threads > nx:
+            src(f"if e{s_} < {nx}:").indent()(f"xs[e{s_}] = p{s_}").dedent()
+        else:
+            src(f"xs[e{s_}] = p{s_}")
+    src("cuda.syncthreads()")
+    src(f"if ci + 1 < {cin}:").indent()
+    src("base += plane")
+    for s_ in range(slots):
+        src(f"p{s_} = x[base + off{s_}] if ok{s_} else float32(0)")
+    src.dedent()
+    for r in range(R + 2):
+        for k in range(3):
+            src(f"v{r}_{k} = xs[xb + {r * XW + k}]")
+    src(f"wc = wb + ci * {9 * ob_size}")
+    for ky in range(3):
+        for kx in range(3):
+            for g in range(g_out):
+                src(f"t = ws[wc + {(ky * 3 + kx) * ob_size + g}]")
+                for p in range(R):
+                    src(f"a{p}_{g} = cuda.fma(v{p + ky}_{kx}, t, a{p}_{g})")
+    src.dedent()
+    src("col = c0 + cuda.threadIdx.x")
+    src("if col < width:").indent()
+    for p in range(R):
+        src(f"row = h0 + cuda.threadIdx.y * {R} + {p}")
+        src("if row < height:").indent()
+        for g in range(g_out):
+            src(f"if o0 + {g} < {cout}:").indent()
+            src(f"i = (n * {cout} + o0 + {g}) * plane + row * width + col")
+            src(f"v = a{p}_{g}")
+            if relu:
+                src("if v <= float32(0):").indent()("v = float32(0)").dedent()
+            if masked:
+                src("if not mask[i] > float32(0):").indent()("v = float32(0)").dedent()
+            src("y[i] = v").dedent()
+        src.dedent()
+    module = load_module(f"conv_forward_{cin}_{cout}_{int(relu)}{int(masked)}{int(transposed)}",
+                         src.text())
+    return module.kernel, (BW, TY, groups), ob_size
 
 
 def _launch_forward(x, w, b, y, relu, mask, transposed):
     n, cin, h, wd = x.shape
     cout = y.shape[1]
-    group = min(MAX_GROUP, cout)
-    grid = (-(-wd // BW), -(-h // BH), n * -(-cout // group))
-    kernel = _forward_kernel(cin, group, relu, mask is not None, transposed)
-    kernel[grid, (BW, TY)](x, w, b, placeholder(4) if mask is None else mask, y)
+    kernel, block, ob_size = _forward_kernel(cin, cout, relu, mask is not None, transposed)
+    n_oblocks = -(-cout // ob_size)
+    grid = (-(-wd // BW), -(-h // BH), n * n_oblocks)
+    flat_mask = placeholder(1) if mask is None else mask.reshape(mask.size)
+    kernel[grid, block](x.reshape(x.size), w, b, flat_mask, y.reshape(y.size), h, wd, n_oblocks)
 
 
 def _check_conv(x, w, cin_axis):
@@ -170,79 +196,107 @@ def _relu_mask(gy, y, gx):
         gx[i] = gy[i] if y[i] > float32(0) else float32(0)
 
 
-# Weight gradients (numerics §4a): one block per (image, tile); thread (ci, o-group) holds
-# OGW x 9 weight chains in registers, plus OGW bias chains when ci == 0, and walks the tile's
-# in-image pixels row-major with a sliding 3x3 window. Rows are staged in shared memory.
-OGW = 4
+# Weight gradients (numerics section 4a): one block per (image, tile). Thread (o-group, ci)
+# holds GO x 9 weight chains (and GO bias chains when ci == 0) in registers and walks the tile's
+# in-image pixels row-major, with the 3 x 3 input window sliding along the row in registers.
+# Per tile row the block stages that row of gy (all output channels) and one new row of x (all
+# input channels) in shared memory; x rows live in a ring of three.
+GS = TILE_W + 1              # gy row stride: the warp's output groups fall in different banks
+XROW = TILE_W + 2
+
+
+def _ring_stride(cin):
+    """Floats per input channel in the x ring (3 rows), = 2 mod 16 so channels spread banks."""
+    stride = 3 * XROW
+    return stride + (2 - stride) % 16
 
 
 @lru_cache(maxsize=None)
 def _weights_kernel(cin, cout):
-    n_og = -(-cout // OGW)
-    threads = cin * n_og
-    xs_shape = (cin, 3, TILE_W + 2)
-    gs_shape = (cout, TILE_W)
-    n_acc = OGW * 9
-
-    @cuda.jit(cache=True)
-    def kernel(gy, x, gw_part, gb_part, tiles_w):
-        n = cuda.blockIdx.y
-        t = cuda.blockIdx.x
-        ti = t // tiles_w
-        tj = t % tiles_w
-        h_img, w_img = x.shape[2], x.shape[3]
-        r0 = ti * TILE_H
-        c0 = tj * TILE_W
-        rows = min(TILE_H, h_img - r0)
-        cols = min(TILE_W, w_img - c0)
-        tid = cuda.threadIdx.x
-        ci = tid % cin
-        og = tid // cin
-        xs = cuda.shared.array(xs_shape, float32)
-        gs = cuda.shared.array(gs_shape, float32)
-        acc = cuda.local.array(n_acc, float32)
-        bacc = cuda.local.array(OGW, float32)
-        for i in range(OGW * 9):
-            acc[i] = float32(0)
-        for g in range(OGW):
-            bacc[g] = float32(0)
-        for r in range(rows):
-            cuda.syncthreads()
-            for i in range(tid, cin * 3 * (TILE_W + 2), threads):
-                c = i % (TILE_W + 2)
-                k = (i // (TILE_W + 2)) % 3
-                cc = i // (3 * (TILE_W + 2))
-                hh = r0 + r + k - 1
-                col = c0 + c - 1
-                if 0 <= hh < h_img and 0 <= col < w_img:
-                    xs[cc, k, c] = x[n, cc, hh, col]
-                else:
-                    xs[cc, k, c] = float32(0)
-            for i in range(tid, cout * TILE_W, threads):
-                c = i % TILE_W
-                o = i // TILE_W
-                gs[o, c] = gy[n, o, r0 + r, c0 + c] if c < cols else float32(0)
-            cuda.syncthreads()
-            for c in range(cols):
-                for g in range(OGW):
-                    o = og * OGW + g
-                    if o < cout:
-                        gv = gs[o, c]
-                        for ky in range(3):
-                            for kx in range(3):
-                                acc[g * 9 + ky * 3 + kx] = cuda.fma(
-                                    gv, xs[ci, ky, c + kx], acc[g * 9 + ky * 3 + kx])
-                        if ci == 0:
-                            bacc[g] = bacc[g] + gv
-        for g in range(OGW):
-            o = og * OGW + g
-            if o < cout:
-                for k in range(9):
-                    gw_part[n, t, (o * cin + ci) * 9 + k] = acc[g * 9 + k]
-                if ci == 0:
-                    gb_part[n, t, o] = bacc[g]
-
-    return kernel, threads
+    """Numerics section 4a, generated: (kernel, threads per block)."""
+    go = 4 if cout % 4 == 0 and cin * cout >= 64 else 1
+    n_og = cout // go
+    threads = n_og * cin
+    xs_stride = _ring_stride(cin)
+    src = Source()
+    src("from numba import cuda, float32")
+    src()
+    src("@cuda.jit(cache=True)")
+    src("def kernel(gy, x, gw_part, gb_part, height, width, tiles_w):").indent()
+    src("n = cuda.blockIdx.y")
+    src("t = cuda.blockIdx.x")
+    src(f"r0 = (t // tiles_w) * {TILE_H}")
+    src(f"c0 = (t % tiles_w) * {TILE_W}")
+    src(f"rows = min({TILE_H}, height - r0)")
+    src(f"cols = min({TILE_W}, width - c0)")
+    src("plane = height * width")
+    src("tid = cuda.threadIdx.x")
+    src(f"og = tid // {cin}")
+    src(f"ci = tid % {cin}")
+    src(f"gs = cuda.shared.array({cout * GS}, float32)")
+    src(f"xs = cuda.shared.array({cin * xs_stride}, float32)")
+    for j in range(go):
+        src(f"b{j} = float32(0)")
+        for k in range(9):
+            src(f"a{j}_{k} = float32(0)")
+    src(f"xbase = n * {cin} * plane")
+    src(f"gbase = n * {cout} * plane")
+    # step s stages image row q = r0 + s in ring slot (q + 1) % 3 (rows outside the image are 0)
+    # and gy's tile row s - 1, then computes tile row s - 1
+    src("for s in range(-1, rows + 1):").indent()
+    src("if s >= 1:").indent()
+    src("cuda.syncthreads()")
+    src(f"for i in range(tid, {cout * TILE_W}, {threads}):").indent()
+    src(f"o = i // {TILE_W}")
+    src(f"c = i % {TILE_W}")
+    src("if c < cols:").indent()
+    src(f"gs[o * {GS} + c] = gy[gbase + o * plane + (r0 + s - 1) * width + c0 + c]")
+    src.dedent().dedent().dedent()
+    src("q = r0 + s")
+    src("slot = (q + 1) % 3")
+    src(f"for i in range(tid, {cin * XROW}, {threads}):").indent()
+    src(f"cc = i // {XROW}")
+    src(f"c = i % {XROW}")
+    src("col = c0 + c - 1")
+    src("v = float32(0)")
+    src("if q >= 0 and q < height and col >= 0 and col < width:").indent()
+    src("v = x[xbase + cc * plane + q * width + col]").dedent()
+    src(f"xs[cc * {xs_stride} + slot * {XROW} + c] = v")
+    src.dedent()
+    src("if s < 1:").indent()("continue").dedent()
+    src("cuda.syncthreads()")
+    # compute tile row r = s - 1: image rows r0+r-1, r0+r, r0+r+1 sit in slots (r0+r+k) % 3
+    src("r = s - 1")
+    for k in range(3):
+        src(f"x{k} = ci * {xs_stride} + ((r0 + r + {k}) % 3) * {XROW}")
+    for k in range(3):
+        src(f"w{k}_0 = xs[x{k}]")
+        src(f"w{k}_1 = xs[x{k} + 1]")
+    src(f"gb = og * {go * GS}")
+    src("for c in range(cols):").indent()
+    for k in range(3):
+        src(f"w{k}_2 = xs[x{k} + c + 2]")
+    for j in range(go):
+        src(f"g{j} = gs[gb + {j * GS} + c]")
+    for j in range(go):
+        for ky in range(3):
+            for kx in range(3):
+                src(f"a{j}_{ky * 3 + kx} = cuda.fma(g{j}, w{ky}_{kx}, a{j}_{ky * 3 + kx})")
+    src("if ci == 0:").indent()
+    for j in range(go):
+        src(f"b{j} = b{j} + g{j}")
+    src.dedent()
+    for k in range(3):
+        src(f"w{k}_0 = w{k}_1")
+        src(f"w{k}_1 = w{k}_2")
+    src.dedent().dedent()
+    for j in range(go):
+        src(f"o = og * {go} + {j}")
+        for k in range(9):
+            src(f"gw_part[n, t, (o * {cin} + ci) * 9 + {k}] = a{j}_{k}")
+        src("if ci == 0:").indent()(f"gb_part[n, t, o] = b{j}").dedent()
+    module = load_module(f"conv_weights_{cin}_{cout}", src.text())
+    return module.kernel, threads
 
 
 def conv2d_backward_weights(gy, x, out=None):
@@ -256,7 +310,8 @@ def conv2d_backward_weights(gy, x, out=None):
     gw_part = scratch("gw_part", (n, th * tw, cout * cin * 9), np.float32)
     gb_part = scratch("gb_part", (n, th * tw, cout), np.float32)
     kernel, threads = _weights_kernel(cin, cout)
-    kernel[(th * tw, n), threads](gy.device, x.device, gw_part, gb_part, tw)
+    kernel[(th * tw, n), threads](gy.device.reshape(gy.device.size), x.device.reshape(x.device.size),
+                                  gw_part, gb_part, h, wd, tw)
     if out is None:
         gw_op, gw = output("gw", None, (cout, cin, 3, 3), gy)
         gb_op, gb = output("gb", None, (cout,), gy)

@@ -2,18 +2,52 @@
 import numpy as np
 from numba import cuda, float32, float64
 
+from .arrays import scratch
+
 
 @cuda.jit(cache=True)
-def _fold_kernel(partials, out32, out64):
+def _fold_tiles(partials, per_image):
+    """Step 3, one thread per (image, k): eight loads in flight, added in tile order."""
     j = cuda.grid(1)
+    n = cuda.blockIdx.y
+    tiles = partials.shape[1]
     if j >= partials.shape[2]:
         return
-    total = float64(0)
-    for n in range(partials.shape[0]):
-        per_image = float64(partials[n, 0, j])
-        for t in range(1, partials.shape[1]):
-            per_image = per_image + float64(partials[n, t, j])
-        total = per_image if n == 0 else total + per_image
+    acc = float64(partials[n, 0, j])
+    t = 1
+    while t + 8 <= tiles:
+        v0 = partials[n, t, j]
+        v1 = partials[n, t + 1, j]
+        v2 = partials[n, t + 2, j]
+        v3 = partials[n, t + 3, j]
+        v4 = partials[n, t + 4, j]
+        v5 = partials[n, t + 5, j]
+        v6 = partials[n, t + 6, j]
+        v7 = partials[n, t + 7, j]
+        acc = acc + float64(v0)
+        acc = acc + float64(v1)
+        acc = acc + float64(v2)
+        acc = acc + float64(v3)
+        acc = acc + float64(v4)
+        acc = acc + float64(v5)
+        acc = acc + float64(v6)
+        acc = acc + float64(v7)
+        t += 8
+    while t < tiles:
+        acc = acc + float64(partials[n, t, j])
+        t += 1
+    per_image[n, j] = acc
+
+
+@cuda.jit(cache=True)
+def _fold_images(per_image, out32, out64):
+    """Steps 4-5: images in order, then one rounding to float32 where asked."""
+    j = cuda.grid(1)
+    if j >= per_image.shape[1]:
+        return
+    total = per_image[0, j]
+    for n in range(1, per_image.shape[0]):
+        total = total + per_image[n, j]
     if out32.size > 0:
         out32[j] = float32(total)
     if out64.size > 0:
@@ -31,7 +65,9 @@ def _empty(dtype):
 
 def fold_partials(partials, out32=None, out64=None):
     """Write the folded totals as float32 into out32 and/or float64 into out64 (length K)."""
-    k = partials.shape[2]
-    _fold_kernel[-(-k // 128), 128](partials,
+    n, _, k = partials.shape
+    per_image = scratch("fold_per_image", (n, k), np.float64)
+    _fold_tiles[(-(-k // 128), n), 128](partials, per_image)
+    _fold_images[-(-k // 128), 128](per_image,
                                     _empty(np.float32) if out32 is None else out32,
                                     _empty(np.float64) if out64 is None else out64)

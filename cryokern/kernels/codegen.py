@@ -1,0 +1,55 @@
+"""Kernels whose hot loops are written out in full by a generator, then loaded from a file.
+
+Why: numba has no `#pragma unroll`, and LLVM left the convolutions' tap loops rolled (shared
+memory indexed at run time, ten integer instructions per fma). The generators in conv.py write
+each specialization (channel counts, flags) as straight-line Python with named register
+variables. The source is saved under the cache root (named by its hash, written once,
+atomically) and imported from there, so numba's on-disk cache (`cache=True`) has a file to key
+on and a second start compiles nothing.
+"""
+import hashlib
+import importlib.util
+import os
+import tempfile
+
+from ..cachedir import cache_root
+
+
+def load_module(name, source):
+    """Import `source` as a module (saved as <cache>/kernels/<name>_<hash>.py)."""
+    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+    directory = cache_root() / "kernels"
+    path = directory / f"{name}_{digest}.py"
+    if not path.exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".py", dir=directory)
+        with os.fdopen(fd, "w") as f:
+            f.write(source)
+        os.replace(tmp, path)
+    spec = importlib.util.spec_from_file_location(f"cryokern_generated_{name}_{digest}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class Source:
+    """Lines of Python with indentation, for the generators."""
+
+    def __init__(self):
+        self.lines = []
+        self.depth = 0
+
+    def __call__(self, line=""):
+        self.lines.append("    " * self.depth + line if line else "")
+        return self
+
+    def indent(self):
+        self.depth += 1
+        return self
+
+    def dedent(self):
+        self.depth -= 1
+        return self
+
+    def text(self):
+        return "\n".join(self.lines) + "\n"
