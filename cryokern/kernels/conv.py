@@ -19,22 +19,24 @@ from .reduce import fold_partials
 # stages its (BH+2) x (BW+2) input window in shared memory (the next channel's values are loaded
 # into registers while the current one is computed), each thread copies its (R+2) x 3 window
 # into registers, and every weight read from shared memory serves R fmas.
-BW, TY, R = 32, 4, 8
-BH = TY * R
-XW, XH = BW + 2, BH + 2
+BW, TY = 32, 4
 
 
-def _forward_geometry(cout):
-    """(G, GB): output channels per thread and thread groups per block."""
-    if cout >= 16:
-        return 8, 2
-    return min(cout, 8), 1
+def forward_geometry(cout):
+    """(R, G, GB): rows and output channels per thread, thread groups per block (the fastest
+    of bench/tune_conv.py's variants for 16 -> 16: 128 registers, 512 threads)."""
+    g_out = min(cout, 4)
+    return 8, g_out, min(4, -(-cout // g_out))
 
 
 @lru_cache(maxsize=None)
-def _forward_kernel(cin, cout, relu, masked, transposed):
-    """Numerics section 1 (transposed=False) or 2 (w read as w'[ci,o,2-a,2-b]), generated."""
-    g_out, groups = _forward_geometry(cout)
+def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_registers=None):
+    """Numerics section 1 (transposed=False) or 2 (w read as w'[ci,o,2-a,2-b]), generated.
+
+    Returns (kernel, block, output channels per block, rows per block)."""
+    R, g_out, groups = geometry or forward_geometry(cout)
+    BH = TY * R
+    XW, XH = BW + 2, BH + 2
     ob_size = g_out * groups
     threads = BW * TY * groups
     nx = XW * XH
@@ -42,7 +44,8 @@ def _forward_kernel(cin, cout, relu, masked, transposed):
     src = Source()
     src("from numba import cuda, float32")
     src()
-    src("@cuda.jit(cache=True)")
+    src("@cuda.jit(cache=True)" if max_registers is None else
+        f"@cuda.jit(cache=True, max_registers={max_registers})")
     src("def kernel(x, w, b, mask, y, height, width, n_oblocks):").indent()
     src(f"tid = (cuda.threadIdx.z * {TY} + cuda.threadIdx.y) * {BW} + cuda.threadIdx.x")
     src("n = cuda.blockIdx.z // n_oblocks")
@@ -122,13 +125,15 @@ def _forward_kernel(cin, cout, relu, masked, transposed):
         src.dedent()
     module = load_module(f"conv_forward_{cin}_{cout}_{int(relu)}{int(masked)}{int(transposed)}",
                          src.text())
-    return module.kernel, (BW, TY, groups), ob_size
+    return module.kernel, (BW, TY, groups), ob_size, BH
 
 
-def _launch_forward(x, w, b, y, relu, mask, transposed):
+def _launch_forward(x, w, b, y, relu, mask, transposed, **variant):
+    """`variant` (geometry, max_registers) is for bench/tune_conv.py."""
     n, cin, h, wd = x.shape
     cout = y.shape[1]
-    kernel, block, ob_size = _forward_kernel(cin, cout, relu, mask is not None, transposed)
+    kernel, block, ob_size, BH = _forward_kernel(cin, cout, relu, mask is not None, transposed,
+                                                 **variant)
     n_oblocks = -(-cout // ob_size)
     grid = (-(-wd // BW), -(-h // BH), n * n_oblocks)
     flat_mask = placeholder(1) if mask is None else mask.reshape(mask.size)
@@ -200,7 +205,11 @@ def _relu_mask(gy, y, gx):
 # holds GO x 9 weight chains (and GO bias chains when ci == 0) in registers and walks the tile's
 # in-image pixels row-major, with the 3 x 3 input window sliding along the row in registers.
 # Per tile row the block stages that row of gy (all output channels) and one new row of x (all
-# input channels) in shared memory; x rows live in a ring of three.
+# input channels) in shared memory, x rows in a ring of three. Blocks have at least
+# STAGING_THREADS threads so that staging needs few registers per thread; threads beyond the
+# chain holders only stage. (Prefetching the next row across the compute kept ~33 registers
+# live and spilled the 16 -> 16 kernel.)
+STAGING_THREADS = 128
 GS = TILE_W + 1              # gy row stride: the warp's output groups fall in different banks
 XROW = TILE_W + 2
 
@@ -215,9 +224,10 @@ def _ring_stride(cin):
 def _weights_kernel(cin, cout):
     """Numerics section 4a, generated: (kernel, threads per block)."""
     go = 4 if cout % 4 == 0 and cin * cout >= 64 else 1
-    n_og = cout // go
-    threads = n_og * cin
+    workers = cout // go * cin          # threads that hold chains; the rest only help staging
+    threads = max(STAGING_THREADS, -(-workers // 32) * 32)
     xs_stride = _ring_stride(cin)
+    g_total, x_total = cout * TILE_W, cin * XROW
     src = Source()
     src("from numba import cuda, float32")
     src()
@@ -241,31 +251,46 @@ def _weights_kernel(cin, cout):
             src(f"a{j}_{k} = float32(0)")
     src(f"xbase = n * {cin} * plane")
     src(f"gbase = n * {cout} * plane")
-    # step s stages image row q = r0 + s in ring slot (q + 1) % 3 (rows outside the image are 0)
-    # and gy's tile row s - 1, then computes tile row s - 1
+
+    def stage(total, load, store):
+        """Copy `total` elements global -> shared: every thread issues all its loads, then
+        stores them (a loop of load-store pairs would wait for each load in turn)."""
+        slots = -(-total // threads)
+        for i in range(slots):
+            src(f"e = tid + {i * threads}")
+            guard = f" and e < {total}" if (i + 1) * threads > total else ""
+            load(i, guard)
+        for i in range(slots):
+            src(f"e = tid + {i * threads}")
+            if (i + 1) * threads > total:
+                src(f"if e < {total}:").indent()(store(i)).dedent()
+            else:
+                src(store(i))
+
+    def load_x(i, guard):
+        src(f"col = c0 + e % {XROW} - 1")
+        src(f"p{i} = x[xbase + (e // {XROW}) * plane + q * width + col] "
+            f"if qin and col >= 0 and col < width{guard} else float32(0)")
+
+    def load_gy(i, guard):
+        src(f"c = e % {TILE_W}")
+        src(f"p{i} = gy[gbase + (e // {TILE_W}) * plane + (q - 1) * width + c0 + c] "
+            f"if c < cols{guard} else float32(0)")
+
+    # step s stages image row q = r0 + s of x in ring slot (q + 1) % 3 (rows outside the image
+    # are 0) and, from s = 1, gy's tile row s - 1; then it computes tile row s - 1
     src("for s in range(-1, rows + 1):").indent()
-    src("if s >= 1:").indent()
-    src("cuda.syncthreads()")
-    src(f"for i in range(tid, {cout * TILE_W}, {threads}):").indent()
-    src(f"o = i // {TILE_W}")
-    src(f"c = i % {TILE_W}")
-    src("if c < cols:").indent()
-    src(f"gs[o * {GS} + c] = gy[gbase + o * plane + (r0 + s - 1) * width + c0 + c]")
-    src.dedent().dedent().dedent()
     src("q = r0 + s")
-    src("slot = (q + 1) % 3")
-    src(f"for i in range(tid, {cin * XROW}, {threads}):").indent()
-    src(f"cc = i // {XROW}")
-    src(f"c = i % {XROW}")
-    src("col = c0 + c - 1")
-    src("v = float32(0)")
-    src("if q >= 0 and q < height and col >= 0 and col < width:").indent()
-    src("v = x[xbase + cc * plane + q * width + col]").dedent()
-    src(f"xs[cc * {xs_stride} + slot * {XROW} + c] = v")
-    src.dedent()
-    src("if s < 1:").indent()("continue").dedent()
+    src("qin = q >= 0 and q < height")
+    src(f"xo = ((q + 1) % 3) * {XROW}")
     src("cuda.syncthreads()")
-    # compute tile row r = s - 1: image rows r0+r-1, r0+r, r0+r+1 sit in slots (r0+r+k) % 3
+    stage(x_total, load_x, lambda i: f"xs[(e // {XROW}) * {xs_stride} + xo + e % {XROW}] = p{i}")
+    src("if s >= 1:").indent()
+    stage(g_total, load_gy, lambda i: f"gs[(e // {TILE_W}) * {GS} + e % {TILE_W}] = p{i}")
+    src.dedent()
+    src("cuda.syncthreads()")
+    src(f"if s < 1 or tid >= {workers}:").indent()("continue").dedent()
+    # tile row r = s - 1 reads image rows r0+r-1+k, k = 0..2, in slots (r0 + r + k) % 3
     src("r = s - 1")
     for k in range(3):
         src(f"x{k} = ci * {xs_stride} + ((r0 + r + {k}) % 3) * {XROW}")
@@ -290,6 +315,7 @@ def _weights_kernel(cin, cout):
         src(f"w{k}_0 = w{k}_1")
         src(f"w{k}_1 = w{k}_2")
     src.dedent().dedent()
+    src(f"if tid >= {workers}:").indent()("return").dedent()
     for j in range(go):
         src(f"o = og * {go} + {j}")
         for k in range(9):

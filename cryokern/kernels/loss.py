@@ -7,27 +7,57 @@ from .arrays import Operand, output, placeholder, result, scratch
 from .reduce import fold_partials
 
 
+LOSS_THREADS = 256
+TILE_SIZE = TILE_H * TILE_W          # a plain int here: numba needs a constant shared shape
+PER_THREAD = TILE_SIZE // LOSS_THREADS
+
+
 @cuda.jit(cache=True)
 def _loss_kernel(pred, target, scale, grad, partials, tiles_w, write_grad):
-    """One thread per (image, plane, tile): the tile's chain of fma(d, d, acc), row-major."""
-    i = cuda.grid(1)
-    if i >= pred.shape[0] * partials.shape[1]:
-        return
-    n = i // partials.shape[1]
-    j = i % partials.shape[1]                      # plane-major, then tile
-    tiles = partials.shape[1] // pred.shape[1]
-    c = j // tiles
-    t = j % tiles
+    """One block per (image, plane, tile). Its threads compute the differences (and gradient)
+    in parallel into shared memory, packed row-major over the tile's in-image pixels; then one
+    thread runs the tile's chain of fma(d, d, acc) over them, eight loads ahead."""
+    t = cuda.blockIdx.x
+    nc = cuda.blockIdx.y
+    n = nc // pred.shape[1]
+    c = nc % pred.shape[1]
     r0 = (t // tiles_w) * TILE_H
     c0 = (t % tiles_w) * TILE_W
-    acc = float32(0)
-    for r in range(r0, min(r0 + TILE_H, pred.shape[2])):
-        for col in range(c0, min(c0 + TILE_W, pred.shape[3])):
-            d = pred[n, c, r, col] - target[n, c, r, col]
-            acc = cuda.fma(d, d, acc)
+    rows = min(TILE_H, pred.shape[2] - r0)
+    cols = min(TILE_W, pred.shape[3] - c0)
+    ds = cuda.shared.array(TILE_SIZE, float32)
+    tid = cuda.threadIdx.x
+    for k in range(PER_THREAD):
+        i = tid + k * LOSS_THREADS
+        r = i // TILE_W
+        col = i % TILE_W
+        if r < rows and col < cols:
+            d = pred[n, c, r0 + r, c0 + col] - target[n, c, r0 + r, c0 + col]
+            ds[r * cols + col] = d
             if write_grad:
-                grad[n, c, r, col] = d * scale
-    partials[n, j, 0] = acc
+                grad[n, c, r0 + r, c0 + col] = d * scale
+    cuda.syncthreads()
+    if tid != 0:
+        return
+    total = rows * cols
+    acc = float32(0)
+    i = 0
+    while i + 8 <= total:
+        d0, d1, d2, d3 = ds[i], ds[i + 1], ds[i + 2], ds[i + 3]
+        d4, d5, d6, d7 = ds[i + 4], ds[i + 5], ds[i + 6], ds[i + 7]
+        acc = cuda.fma(d0, d0, acc)
+        acc = cuda.fma(d1, d1, acc)
+        acc = cuda.fma(d2, d2, acc)
+        acc = cuda.fma(d3, d3, acc)
+        acc = cuda.fma(d4, d4, acc)
+        acc = cuda.fma(d5, d5, acc)
+        acc = cuda.fma(d6, d6, acc)
+        acc = cuda.fma(d7, d7, acc)
+        i += 8
+    while i < total:
+        acc = cuda.fma(ds[i], ds[i], acc)
+        i += 1
+    partials[n, c * (partials.shape[1] // pred.shape[1]) + t, 0] = acc
 
 
 def _operands(pred, target):
@@ -45,9 +75,8 @@ def _sse_and_grad(pred, target, count, out):
     write_grad = count is not None
     out_op, grad = output("out", out, pred.shape, pred) if write_grad else (None, placeholder(4))
     scale = mse_grad_scale(count) if write_grad else np.float32(0)
-    threads = n * ch * th * tw
-    _loss_kernel[-(-threads // 64), 64](pred.device, target.device, scale, grad, partials, tw,
-                                        write_grad)
+    _loss_kernel[(th * tw, n * ch), LOSS_THREADS](pred.device, target.device, scale, grad,
+                                                  partials, tw, write_grad)
     fold_partials(partials, out64=total)
     sse = float(total.copy_to_host()[0])
     return sse, (result(out_op, grad, pred) if write_grad else None)

@@ -1,0 +1,58 @@
+"""Geometry variants of the generated forward convolution (bias + ReLU) for the default network's
+three layer shapes, timed side by side, each checked bit for bit against the default geometry.
+Usage: python bench/tune_conv.py [--batch 4] [--size 1024]
+"""
+import argparse
+
+import numpy as np
+from numba import cuda
+from numba.cuda.cudadrv.driver import CudaAPIError
+
+from cryokern.kernels import conv
+from step import event_times
+
+# (rows per thread, channels per thread, thread groups per block), max registers
+VARIANTS = [((8, 8, 2), None), ((8, 8, 2), 128), ((4, 8, 2), None), ((8, 4, 4), None),
+            ((4, 4, 4), None), ((8, 4, 2), 128), ((4, 4, 2), None), ((8, 1, 1), None),
+            ((16, 1, 1), None)]
+SHAPES = [(16, 16), (1, 16), (16, 1)]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--size", type=int, default=1024)
+    args = ap.parse_args()
+    n, s = args.batch, args.size
+    rng = np.random.default_rng(0)
+    print(f"{'cin->cout':9s} {'rows,ch,groups':16s} {'maxreg':>6s} {'regs':>5s} {'median ms':>10s} "
+          f"{'TFLOP/s':>8s} bits")
+    for cin, cout in SHAPES:
+        x = cuda.to_device(rng.standard_normal((n, cin, s, s)).astype(np.float32))
+        w = cuda.to_device(rng.standard_normal((cout, cin, 3, 3)).astype(np.float32))
+        b = cuda.to_device(rng.standard_normal(cout).astype(np.float32))
+        y = cuda.device_array((n, cout, s, s), np.float32)
+        conv._launch_forward(x, w, b, y, True, None, False)
+        want = y.copy_to_host()
+        flops = 2 * n * s * s * cin * cout * 9
+        for geometry, max_registers in [(conv.forward_geometry(cout), None)] + VARIANTS:
+            if geometry[1] * geometry[2] > 2 * cout:
+                continue
+            variant = dict(geometry=geometry, max_registers=max_registers)
+            cuda.to_device(np.full(want.shape, np.nan, np.float32), to=y)
+            fn = lambda: conv._launch_forward(x, w, b, y, True, None, False, **variant)
+            try:
+                med, _, _ = event_times(fn, 20)
+            except CudaAPIError as e:
+                print(f"{cin:2d}->{cout:<5d} {str(geometry):16s} {str(max_registers):>6s} "
+                      f"does not launch ({e})")
+                continue
+            same = np.array_equal(y.copy_to_host().view(np.uint32), want.view(np.uint32))
+            kernel = conv._forward_kernel(cin, cout, True, False, False, **variant)[0]
+            regs = next(iter(kernel.overloads.values())).regs_per_thread
+            print(f"{cin:2d}->{cout:<5d} {str(geometry):16s} {str(max_registers):>6s} {regs:5d} "
+                  f"{med:10.3f} {flops / med / 1e9:8.1f} {'same' if same else 'DIFFERENT'}")
+
+
+if __name__ == "__main__":
+    main()
