@@ -6,7 +6,6 @@ import argparse
 
 import numpy as np
 from numba import cuda
-from numba.cuda.cudadrv.driver import CudaAPIError
 
 from cryokern.kernels import conv
 from step import event_times
@@ -43,9 +42,9 @@ def main():
             fn = lambda: conv._launch_forward(x, w, b, y, True, None, False, **variant)
             try:
                 med, _, _ = event_times(fn, 20)
-            except CudaAPIError as e:
+            except Exception as e:  # noqa: BLE001  (a launch error type differs by binding)
                 print(f"{cin:2d}->{cout:<5d} {str(geometry):16s} {str(max_registers):>6s} "
-                      f"does not launch ({e})")
+                      f"does not launch ({type(e).__name__})")
                 continue
             same = np.array_equal(y.copy_to_host().view(np.uint32), want.view(np.uint32))
             kernel = conv._forward_kernel(cin, cout, True, False, False, **variant)[0]
