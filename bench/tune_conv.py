@@ -34,7 +34,7 @@ def main():
         conv._launch_forward(x, w, b, y, True, None, False)
         want = y.copy_to_host()
         flops = 2 * n * s * s * cin * cout * 9
-        for geometry, max_registers in [(conv.forward_geometry(cout), None)] + VARIANTS:
+        for geometry, max_registers in [(conv.forward_geometry(cout), None)] + VARIANTS[:4]:
             if geometry[1] * geometry[2] > 2 * cout:
                 continue
             variant = dict(geometry=geometry, max_registers=max_registers)
@@ -53,5 +53,28 @@ def main():
                   f"{med:10.3f} {flops / med / 1e9:8.1f} {'same' if same else 'DIFFERENT'}")
 
 
+def weights(n, s, rng):
+    """The 16 -> 16 weight-gradient kernel under register caps (partials compared bit for bit)."""
+    from cryokern.contract import tile_grid
+    gy = cuda.to_device(rng.standard_normal((n, 16, s, s)).astype(np.float32))
+    x = cuda.to_device(rng.standard_normal((n, 16, s, s)).astype(np.float32))
+    th, tw = tile_grid(s, s)
+    gw = cuda.device_array((n, th * tw, 16 * 16 * 9), np.float32)
+    gb = cuda.device_array((n, th * tw, 16), np.float32)
+    flops = 2 * n * s * s * 16 * 16 * 9
+    want = None
+    for max_registers in (None, 168, 128, 96):
+        kernel, threads = conv._weights_kernel(16, 16, max_registers)
+        fn = lambda: kernel[(th * tw, n), threads](gy.reshape(gy.size), x.reshape(x.size), gw, gb,
+                                                  s, s, tw)
+        med, _, _ = event_times(fn, 10)
+        got = gw.copy_to_host()
+        want = got if want is None else want
+        regs = next(iter(kernel.overloads.values())).regs_per_thread
+        print(f"weights 16->16 maxreg {str(max_registers):>5s} regs {regs:4d} {med:8.3f} ms "
+              f"{flops / med / 1e9:6.1f} TFLOP/s {'same' if np.array_equal(got, want) else 'DIFFERENT'}")
+
+
 if __name__ == "__main__":
     main()
+    weights(4, 1024, np.random.default_rng(1))

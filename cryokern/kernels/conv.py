@@ -221,7 +221,7 @@ def _ring_stride(cin):
 
 
 @lru_cache(maxsize=None)
-def _weights_kernel(cin, cout):
+def _weights_kernel(cin, cout, max_registers=None):
     """Numerics section 4a, generated: (kernel, threads per block)."""
     go = 4 if cout % 4 == 0 and cin * cout >= 64 else 1
     workers = cout // go * cin          # threads that hold chains; the rest only help staging
@@ -231,7 +231,8 @@ def _weights_kernel(cin, cout):
     src = Source()
     src("from numba import cuda, float32")
     src()
-    src("@cuda.jit(cache=True)")
+    src("@cuda.jit(cache=True)" if max_registers is None else
+        f"@cuda.jit(cache=True, max_registers={max_registers})")
     src("def kernel(gy, x, gw_part, gb_part, height, width, tiles_w):").indent()
     src("n = cuda.blockIdx.y")
     src("t = cuda.blockIdx.x")

@@ -1,0 +1,116 @@
+"""Kernel microbenchmarks: every kernel of the step at the default sizes (4x1024x1024) and at a
+small-image batch (64x256x256), beside the device's fp32 FMA rate and copy bandwidth measured
+here in the same run. Compute-bound kernels report TFLOP/s (2 FLOP per multiply-add) and their
+fraction of the FMA rate; memory-bound ones report GB/s (bytes they must move) and their
+fraction of the copy bandwidth. Usage: python bench/kernels.py
+"""
+import numpy as np
+from numba import cuda, float32
+
+from cryokern import kernels as K
+from step import event_times
+
+FMA_ITERS = 4096
+
+
+@cuda.jit(cache=True)
+def _fma_peak(a, out):
+    """Eight independent fma chains per thread: the issue rate of FFMA, nothing else."""
+    i = cuda.grid(1)
+    x = a[i % a.size]
+    y = x * float32(0.5)
+    c0 = c1 = c2 = c3 = c4 = c5 = c6 = c7 = x
+    for _ in range(FMA_ITERS):
+        c0 = cuda.fma(c0, y, x)
+        c1 = cuda.fma(c1, y, x)
+        c2 = cuda.fma(c2, y, x)
+        c3 = cuda.fma(c3, y, x)
+        c4 = cuda.fma(c4, y, x)
+        c5 = cuda.fma(c5, y, x)
+        c6 = cuda.fma(c6, y, x)
+        c7 = cuda.fma(c7, y, x)
+    out[i] = c0 + c1 + c2 + c3 + c4 + c5 + c6 + c7
+
+
+@cuda.jit(cache=True)
+def _copy(src, dst):
+    i = cuda.grid(1)
+    if i < src.size:
+        dst[i] = src[i]
+
+
+def fma_rate():
+    """FLOP/s of FFMA on this device (2 FLOP each)."""
+    threads = 132 * 2048 * 4
+    a = cuda.to_device(np.random.default_rng(0).random(1024).astype(np.float32))
+    out = cuda.device_array(threads, np.float32)
+    med, _, _ = event_times(lambda: _fma_peak[threads // 256, 256](a, out), 10)
+    return 2 * 8 * FMA_ITERS * threads / (med * 1e-3)
+
+
+def copy_bandwidth():
+    """Bytes/s read plus written by a plain copy kernel of 1 GiB."""
+    n = 2**28
+    src, dst = cuda.device_array(n, np.float32), cuda.device_array(n, np.float32)
+    med, _, _ = event_times(lambda: _copy[n // 256, 256](src, dst), 10)
+    return 2 * 4 * n / (med * 1e-3)
+
+
+def cases(n, s, rng):
+    """(name, fn, flop, bytes): the step's kernels on a batch of n images of s x s."""
+    dev = lambda *shape: cuda.to_device(rng.standard_normal(shape).astype(np.float32))
+    x1, a16, g16, g1 = dev(n, 1, s, s), dev(n, 16, s, s), dev(n, 16, s, s), dev(n, 1, s, s)
+    w1, w16, w3 = dev(16, 1, 3, 3), dev(16, 16, 3, 3), dev(1, 16, 3, 3)
+    b16, b1 = dev(16), dev(1)
+    o16, o1 = cuda.device_array((n, 16, s, s), np.float32), cuda.device_array((n, 1, s, s),
+                                                                               np.float32)
+    gw16, gb16 = cuda.device_array((16, 16, 3, 3), np.float32), cuda.device_array(16, np.float32)
+    p = s * s * n
+    mac = lambda cin, cout: 2 * p * cin * cout * 9
+    plane = 4 * p
+    wp, wg, wv = dev(16, 16, 3, 3), dev(16, 16, 3, 3), dev(16, 16, 3, 3)
+    return [
+        ("conv 1->16 forward+relu", lambda: K.conv2d_forward(x1, w1, b16, relu=True, out=o16),
+         mac(1, 16), 17 * plane),
+        ("conv 16->16 forward+relu", lambda: K.conv2d_forward(a16, w16, b16, relu=True, out=o16),
+         mac(16, 16), 32 * plane),
+        ("conv 16->1 forward", lambda: K.conv2d_forward(a16, w3, b1, out=o1), mac(16, 1), 17 * plane),
+        ("conv 16->16 backward-data+mask",
+         lambda: K.conv2d_backward_data(g16, w16, relu_output=a16, out=o16), mac(16, 16), 48 * plane),
+        ("conv 1->16 backward-data+mask",
+         lambda: K.conv2d_backward_data(g1, w3, relu_output=a16, out=o16), mac(1, 16), 33 * plane),
+        ("conv 16->16 weight grads", lambda: K.conv2d_backward_weights(g16, a16, out=(gw16, gb16)),
+         mac(16, 16), 32 * plane),
+        ("conv 1->16 weight grads", lambda: K.conv2d_backward_weights(g16, x1), mac(1, 16), 17 * plane),
+        ("conv 16->1 weight grads", lambda: K.conv2d_backward_weights(g1, a16), mac(16, 1), 17 * plane),
+        ("mse loss + grad", lambda: K.mse_loss_and_grad(o1, g1, p, out=x1), None, 3 * plane),
+        ("relu backward 16 ch", lambda: K.relu_backward(g16, a16, out=o16), None, 48 * plane),
+        ("sgd momentum 16x16x3x3", lambda: K.sgd_update(wp, wg, wv, 0.01, momentum=0.9), None,
+         5 * 4 * 2304),
+    ]
+
+
+def main():
+    name = cuda.get_current_device().name
+    name = name.decode() if isinstance(name, bytes) else name
+    peak, bandwidth = fma_rate(), copy_bandwidth()
+    print(f"{name}: measured fp32 FMA rate {peak / 1e12:.1f} TFLOP/s, "
+          f"copy bandwidth {bandwidth / 1e9:.0f} GB/s")
+    rng = np.random.default_rng(0)
+    print(f"{'kernel':34s} {'batch':>11s} {'median ms':>10s} {'TFLOP/s':>8s} {'GB/s':>7s} "
+          f"{'of peak':>8s}")
+    for n, s in ((4, 1024), (64, 256)):
+        for label, fn, flop, nbytes in cases(n, s, rng):
+            med, _, _ = event_times(fn, 20)
+            secs = med * 1e-3
+            if flop is not None:
+                frac = flop / secs / peak
+                rate = f"{flop / secs / 1e12:8.1f} {nbytes / secs / 1e9:7.0f}"
+            else:
+                frac = nbytes / secs / bandwidth
+                rate = f"{'':8s} {nbytes / secs / 1e9:7.0f}"
+            print(f"{label:34s} {f'{n}x{s}x{s}':>11s} {med:10.3f} {rate} {frac:8.1%}")
+
+
+if __name__ == "__main__":
+    main()
