@@ -137,9 +137,13 @@ def main():
     noisy = (clean + 0.3 * rng.standard_normal(clean.shape)).astype(np.float32)
     net = Network()
     params = init_params(net, 0)
+    free_before = cuda.current_context().get_memory_info()[0]
     trainer = TrainStep(get_backend("gpu"), net, params, OptimizerConfig("sgd", 0.01, momentum=0.9))
     x, y = cuda.to_device(noisy), cuda.to_device(clean)
     rows = [("cryokern step",) + event_times(lambda: trainer(x, y), args.steps)]
+    # device memory the step holds: batch, activations, gradients, parameters, scratch (as the
+    # driver counts it, in its allocation granularity)
+    held = free_before - cuda.current_context().get_memory_info()[0]
     try:
         *t, peak = torch_step_times(noisy, clean, params, args.steps)
         rows.append(("pytorch eager fp32 step (tf32 off)",) + tuple(t))
@@ -166,6 +170,7 @@ def main():
     if len(rows) == 2:
         print(f"ratio pytorch/cryokern: {rows[1][1] / rows[0][1]:.2f}x;  pytorch peak memory "
               f"{peak / 2**20:.0f} MiB")
+    print(f"device memory held by the cryokern step: {held / 2**20:.0f} MiB")
     for name, fn in kernel_rows:
         med, lo, hi = event_times(fn, 20)
         print(f"{name:38s} {med:10.3f} {lo:8.3f} {hi:8.3f} {flops / med / 1e9:7.1f} TFLOP/s")
