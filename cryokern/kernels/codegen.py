@@ -12,6 +12,8 @@ import importlib.util
 import os
 import tempfile
 
+from numba import config
+
 from ..cachedir import cache_root
 
 
@@ -41,6 +43,16 @@ class Source:
 
     def __call__(self, line=""):
         self.lines.append("    " * self.depth + line if line else "")
+        return self
+
+    def kernel(self, params, max_registers=None):
+        """Start a module holding one `kernel(params)`, register-capped on a real GPU."""
+        self("from numba import cuda, float32")
+        self()
+        cap = "" if max_registers is None or config.ENABLE_CUDASIM else \
+            f", max_registers={max_registers}"     # the simulator's jit takes no cap
+        self(f"@cuda.jit(cache=True{cap})")
+        self(f"def kernel({params}):").indent()
         return self
 
     def indent(self):

@@ -6,7 +6,7 @@ on channel counts at compile time (closures over ints, which numba caches on dis
 from functools import lru_cache
 
 import numpy as np
-from numba import config, cuda, float32
+from numba import cuda, float32
 
 from ..contract import TILE_H, TILE_W, tile_grid
 from .arrays import Operand, output, placeholder, result, scratch
@@ -41,12 +41,7 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
     threads = BW * TY * groups
     nx = XW * XH
     slots = -(-nx // threads)
-    src = Source()
-    src("from numba import cuda, float32")
-    src()
-    src("@cuda.jit(cache=True)" if max_registers is None else
-        f"@cuda.jit(cache=True, max_registers={max_registers})")
-    src("def kernel(x, w, b, mask, y, height, width, n_oblocks):").indent()
+    src = Source().kernel("x, w, b, mask, y, height, width, n_oblocks", max_registers)
     src(f"tid = (cuda.threadIdx.z * {TY} + cuda.threadIdx.y) * {BW} + cuda.threadIdx.x")
     src("n = cuda.blockIdx.z // n_oblocks")
     src("ob = cuda.blockIdx.z % n_oblocks")
@@ -226,19 +221,12 @@ def _ring_stride(cin):
 @lru_cache(maxsize=None)
 def _weights_kernel(cin, cout, max_registers=WEIGHTS_MAX_REGISTERS):
     """Numerics section 4a, generated: (kernel, threads per block)."""
-    if config.ENABLE_CUDASIM:
-        max_registers = None            # the simulator's jit takes no register cap
     go = 4 if cout % 4 == 0 and cin * cout >= 64 else 1
     workers = cout // go * cin          # threads that hold chains; the rest only help staging
     threads = max(STAGING_THREADS, -(-workers // 32) * 32)
     xs_stride = _ring_stride(cin)
     g_total, x_total = cout * TILE_W, cin * XROW
-    src = Source()
-    src("from numba import cuda, float32")
-    src()
-    src("@cuda.jit(cache=True)" if max_registers is None else
-        f"@cuda.jit(cache=True, max_registers={max_registers})")
-    src("def kernel(gy, x, gw_part, gb_part, height, width, tiles_w):").indent()
+    src = Source().kernel("gy, x, gw_part, gb_part, height, width, tiles_w", max_registers)
     src("n = cuda.blockIdx.y")
     src("t = cuda.blockIdx.x")
     src(f"r0 = (t // tiles_w) * {TILE_H}")
