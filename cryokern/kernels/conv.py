@@ -206,16 +206,14 @@ def _relu_mask(gy, y, gx):
 # live and spilled the 16 -> 16 kernel.)
 STAGING_THREADS = 128
 # Left alone, the compiler gives the 16 -> 16 kernel 222 registers (2 blocks per SM); capped at
-# 128 it runs 1.6x faster without spilling (bench/tune_conv.py, H100).
+# 128 it spills 248 bytes per thread and still runs 1.6x faster (bench/tune_conv.py, H100).
 WEIGHTS_MAX_REGISTERS = 128
 GS = TILE_W + 1              # gy row stride: the warp's output groups fall in different banks
 XROW = TILE_W + 2
+XS_STRIDE = 3 * XROW + (2 - 3 * XROW) % 16   # floats per input channel in the x ring, = 2 mod 16
+                                             # so the warp's input channels spread over banks
 
 
-def _ring_stride(cin):
-    """Floats per input channel in the x ring (3 rows), = 2 mod 16 so channels spread banks."""
-    stride = 3 * XROW
-    return stride + (2 - stride) % 16
 
 
 @lru_cache(maxsize=None)
@@ -224,7 +222,6 @@ def _weights_kernel(cin, cout, max_registers=WEIGHTS_MAX_REGISTERS):
     go = 4 if cout % 4 == 0 and cin * cout >= 64 else 1
     workers = cout // go * cin          # threads that hold chains; the rest only help staging
     threads = max(STAGING_THREADS, -(-workers // 32) * 32)
-    xs_stride = _ring_stride(cin)
     g_total, x_total = cout * TILE_W, cin * XROW
     src = Source().kernel("gy, x, gw_part, gb_part, height, width, tiles_w", max_registers)
     src("n = cuda.blockIdx.y")
@@ -238,7 +235,7 @@ def _weights_kernel(cin, cout, max_registers=WEIGHTS_MAX_REGISTERS):
     src(f"og = tid // {cin}")
     src(f"ci = tid % {cin}")
     src(f"gs = cuda.shared.array({cout * GS}, float32)")
-    src(f"xs = cuda.shared.array({cin * xs_stride}, float32)")
+    src(f"xs = cuda.shared.array({cin * XS_STRIDE}, float32)")
     for j in range(go):
         src(f"b{j} = float32(0)")
         for k in range(9):
@@ -278,7 +275,7 @@ def _weights_kernel(cin, cout, max_registers=WEIGHTS_MAX_REGISTERS):
     src("qin = q >= 0 and q < height")
     src(f"xo = ((q + 1) % 3) * {XROW}")
     src("cuda.syncthreads()")
-    stage(x_total, load_x, lambda i: f"xs[(e // {XROW}) * {xs_stride} + xo + e % {XROW}] = p{i}")
+    stage(x_total, load_x, lambda i: f"xs[(e // {XROW}) * {XS_STRIDE} + xo + e % {XROW}] = p{i}")
     src("if s >= 1:").indent()
     stage(g_total, load_gy, lambda i: f"gs[(e // {TILE_W}) * {GS} + e % {TILE_W}] = p{i}")
     src.dedent()
@@ -287,7 +284,7 @@ def _weights_kernel(cin, cout, max_registers=WEIGHTS_MAX_REGISTERS):
     # tile row r = s - 1 reads image rows r0+r-1+k, k = 0..2, in slots (r0 + r + k) % 3
     src("r = s - 1")
     for k in range(3):
-        src(f"x{k} = ci * {xs_stride} + ((r0 + r + {k}) % 3) * {XROW}")
+        src(f"x{k} = ci * {XS_STRIDE} + ((r0 + r + {k}) % 3) * {XROW}")
     for k in range(3):
         src(f"w{k}_0 = xs[x{k}]")
         src(f"w{k}_1 = xs[x{k} + 1]")
