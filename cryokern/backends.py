@@ -10,7 +10,7 @@ class Backend:
     """The kernel functions of one implementation, and how to move float32 arrays to it."""
 
     def __init__(self, name, ops, to_device, to_host, empty, synchronize=lambda: None,
-                 host_empty=None, copy_in=None):
+                 host_empty=None, copy_in=None, copy_out=None):
         self.name = name
         self.ops = ops
         self.to_device = to_device
@@ -18,9 +18,10 @@ class Backend:
         self.empty = empty
         self.synchronize = synchronize
         # host buffers that copy fastest to the backend (page-locked for the GPU), and the
-        # copy of such a buffer into one of the backend's arrays
+        # copies between such a buffer and one of the backend's arrays
         self.host_empty = host_empty or (lambda shape: np.empty(shape, np.float32))
         self.copy_in = copy_in or (lambda dst, src: np.copyto(dst, src))
+        self.copy_out = copy_out or (lambda dst, src: np.copyto(dst, src))
 
     def __getattr__(self, name):
         return getattr(self.ops, name)

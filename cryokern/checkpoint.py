@@ -9,6 +9,7 @@ directory fsynced: a crash or a full disk mid-write leaves the previous checkpoi
 import json
 import os
 import tempfile
+import zipfile
 
 import numpy as np
 
@@ -41,13 +42,16 @@ def save(path, params, optimizer_state, meta):
 
 
 def load(path):
-    """(params, optimizer_state, meta) from a checkpoint; ValueError if it is not one."""
+    """(params, optimizer_state, meta) from a checkpoint; ValueError if it is not one (the
+    caller names the file)."""
+    if not zipfile.is_zipfile(path):
+        raise ValueError("not a .npz checkpoint")
     with np.load(path) as z:
         if "meta" not in z.files:
-            raise ValueError(f"{path}: not a cryokern checkpoint (no 'meta' entry)")
+            raise ValueError("not a cryokern checkpoint (no 'meta' entry)")
         meta = json.loads(str(z["meta"]))
         if meta.get("format") != FORMAT:
-            raise ValueError(f"{path}: not a cryokern checkpoint")
+            raise ValueError("not a cryokern checkpoint")
         params = {k: z[k] for k in z.files if k.startswith("layers.")}
         state = {k[len("optimizer."):]: z[k] for k in z.files if k.startswith("optimizer.")}
     return params, state, meta

@@ -122,16 +122,37 @@ def epoch_batches(subset, batch_size, seed, epoch, shuffle=True):
             for s in range(0, n, batch_size)]
 
 
-def normalize_pair(noisy, clean, mode):
-    """per-image: the affine map that standardizes the noisy image (its mean and std, in
-    float64), applied to both images; a constant image is only shifted."""
+def normalization(noisy, mode):
+    """(mean, scale) of the affine map x -> (x - mean) * scale that `mode` applies to an image
+    pair: per-image standardizes the noisy image (its mean and std, in float64); a constant
+    image is only shifted. None for mode 'none'."""
     if mode == "none":
-        return noisy, clean
+        return None
     mean = noisy.mean(dtype=np.float64)
     std = noisy.std(dtype=np.float64)
-    scale = 1.0 / std if std > 0 else 1.0
-    return (((noisy - mean) * scale).astype(np.float32),
-            ((clean - mean) * scale).astype(np.float32))
+    return mean, (1.0 / std if std > 0 else 1.0)
+
+
+def normalize(image, affine):
+    """The image under the map from `normalization` (float64 arithmetic, float32 result)."""
+    if affine is None:
+        return image
+    mean, scale = affine
+    return ((image - mean) * scale).astype(np.float32)
+
+
+def denormalize(image, affine):
+    """The inverse map, for the network's output: back in the input's units (float32)."""
+    if affine is None:
+        return image
+    mean, scale = affine
+    return (image / scale + mean).astype(np.float32)
+
+
+def normalize_pair(noisy, clean, mode):
+    """A training pair under the noisy image's normalization."""
+    affine = normalization(noisy, mode)
+    return normalize(noisy, affine), normalize(clean, affine)
 
 
 def fill_image(subset, index, corner, normalize, noisy_out, clean_out):

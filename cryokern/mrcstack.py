@@ -37,7 +37,7 @@ class MrcStack:
         self.shape = tuple(int(s) for s in shape[-2:])        # (ny, nx): rows, columns
         if self.count == 0 or 0 in self.shape:
             raise DataError(f"{self.path}: empty stack (no images in the header)")
-        self.voxel_size = tuple(float(v) for v in header.cella.tolist())
+        self.header = header
         self.offset = HEADER_BYTES + int(header.nsymbt)
         self.image_bytes = self.shape[0] * self.shape[1] * self.dtype.itemsize
         need = self.offset + self.count * self.image_bytes
@@ -65,6 +65,27 @@ class MrcStack:
 
     def __len__(self):
         return self.count
+
+    @property
+    def layout(self):
+        """'image' (2-D file), 'stack' (image stack) or 'volume' (z sections of a volume)."""
+        if len(data_shape_from_header(self.header)) == 2:
+            return "image"
+        return "stack" if int(self.header.ispg) == 0 else "volume"
+
+    @property
+    def voxel_size(self):
+        """(x, y, z) in angstroms: the cell size over the sampling, 0 where unsampled."""
+        cell, h = self.header.cella, self.header
+        return tuple(float(c) / int(m) if int(m) > 0 else 0.0
+                     for c, m in ((cell.x, h.mx), (cell.y, h.my), (cell.z, h.mz)))
+
+    @property
+    def origin(self):
+        """The header's origin (x, y, z) and start indices (nxstart, nystart, nzstart)."""
+        h = self.header
+        return (tuple(float(v) for v in h.origin.item()),
+                (int(h.nxstart), int(h.nystart), int(h.nzstart)))
 
     def read(self, index, out):
         """Image `index` into `out` (float32, shape self.shape); NaN or Inf pixels are an error."""

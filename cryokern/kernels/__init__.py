@@ -34,4 +34,5 @@ def gpu_backend():
                    empty=lambda shape: cuda.device_array(shape, np.float32),
                    synchronize=cuda.synchronize,
                    host_empty=lambda shape: cuda.pinned_array(shape, np.float32),
-                   copy_in=lambda dst, src: dst.copy_to_device(src))
+                   copy_in=lambda dst, src: dst.copy_to_device(src),
+                   copy_out=lambda dst, src: src.copy_to_host(dst))

@@ -1,0 +1,155 @@
+"""python -m cryokern.denoise MODEL INPUT... -o OUTDIR: apply a trained checkpoint to micrographs.
+
+Each input (2-D image, stack or volume) gives OUTDIR/<its name>: the same layout, voxel size and
+origin, float32 (or float16), every image denoised as `TiledDenoiser.denoise` does it. Images
+are streamed: the next one is read and normalized, and the previous one written, while the
+current one is on the GPU. Exit status: 0 done, 2 bad input (nothing written), 130 interrupted.
+"""
+import argparse
+import os
+import sys
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .backends import get_backend
+from .data import denormalize, normalization, normalize
+from .inference import DEFAULT_TILE, TiledDenoiser, load_model
+from .mrcstack import DataError, MrcStack
+from .mrcwrite import StackWriter
+
+EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="python -m cryokern.denoise", allow_abbrev=False,
+        description="Denoise MRC micrographs (2-D images, stacks or volumes) with a trained "
+                    "cryokern checkpoint.")
+    p.add_argument("model", metavar="MODEL", help="checkpoint (.npz) written by cryokern.train")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="MRC files to denoise")
+    p.add_argument("-o", "--out", required=True, metavar="OUTDIR",
+                   help="directory for the outputs, one per input under the input's file name")
+    p.add_argument("--tile", type=int, default=DEFAULT_TILE, metavar="SIZE",
+                   help=f"process SIZE x SIZE tiles plus a halo of the network's receptive "
+                        f"radius (default {DEFAULT_TILE}; 0: whole images). The output does "
+                        "not depend on it; device memory does")
+    p.add_argument("--float16", action="store_true",
+                   help="write float16 (MRC mode 12) instead of float32 (mode 2)")
+    p.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto",
+                   help="gpu: the numba.cuda kernels; cpu: the NumPy reference (same bits, slow)")
+    p.add_argument("--force", action="store_true",
+                   help="replace existing outputs in OUTDIR (an input is never replaced)")
+    return p
+
+
+def plan_outputs(inputs, out, force):
+    """(MrcStack, output path) per input, after checking every input and every output: bad
+    input or an output that would replace an input (or, without force, any file) is refused
+    before anything is written."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: the output directory exists and is not a directory")
+    stacks = [MrcStack(path) for path in inputs]
+    names = {}
+    for s in stacks:
+        name = Path(s.path).name
+        if name in names:
+            raise DataError(f"{s.path}: has the same file name as {names[name]}; their outputs "
+                            f"would collide in {out}")
+        names[name] = s.path
+    plan = []
+    for s in stacks:
+        target = out / Path(s.path).name
+        if target.exists():
+            if any(os.path.samefile(target, other.path) for other in stacks):
+                raise DataError(f"{target}: is an input; choose another output directory "
+                                "(inputs are never written over)")
+            if not force:
+                raise DataError(f"{target}: exists; give --force to replace it")
+        plan.append((s, target))
+    return plan
+
+
+def denoise_file(stack, target, denoiser, dtype=np.float32, progress=None):
+    """Denoise every image of `stack` into the MRC file `target` (written atomically).
+
+    A two-thread pool reads and normalizes image i+1 and writes image i-1 while image i is on
+    the device; at most one read and one write are in flight, so host memory is a few images.
+    """
+    mode = denoiser.model.normalize
+
+    def read(i):
+        image = stack.read(i, np.empty(stack.shape, np.float32))
+        affine = normalization(image, mode)
+        return normalize(image, affine), affine
+
+    def write(y, affine):
+        writer.write(denormalize(y, affine))
+
+    label = f"cryokern denoise {Path(denoiser.model.path).name}"
+    reading = writing = None
+    with ThreadPoolExecutor(2) as pool, \
+            StackWriter(target, len(stack), stack.shape, dtype, stack.layout, stack.voxel_size,
+                        stack.origin, label) as writer:
+        try:
+            reading = pool.submit(read, 0)
+            for i in range(len(stack)):
+                x, affine = reading.result()
+                reading = pool.submit(read, i + 1) if i + 1 < len(stack) else None
+                y = denoiser(x)
+                if writing is not None:
+                    writing.result()
+                writing = pool.submit(write, y, affine)
+                if progress is not None:
+                    progress.update(1)
+            writing.result()
+        finally:   # on an error, let the jobs in flight end before the file is discarded
+            for job in (reading, writing):
+                if job is not None and not job.cancel():
+                    job.exception()
+
+
+def main(argv=None):
+    warnings.filterwarnings("ignore", message=".*GPU under-utilization")
+    opts = build_parser().parse_args(argv)
+    dtype = np.float16 if opts.float16 else np.float32
+    try:
+        if opts.tile < 0:
+            raise DataError("--tile must be positive (or 0 for whole images)")
+        model = load_model(opts.model)
+        plan = plan_outputs(opts.inputs, opts.out, opts.force)
+        backend = get_backend({"cpu": "reference"}.get(opts.device, opts.device))
+        denoiser = TiledDenoiser(model, backend, opts.tile)
+        Path(opts.out).mkdir(parents=True, exist_ok=True)
+        total = sum(len(s) for s, _ in plan)
+        print(f"cryokern: denoising {total} images from {len(plan)} files with "
+              f"{Path(model.path).name} (channels {','.join(map(str, model.network.channels))}, "
+              f"normalization {model.normalize}); backend {backend.name}, tiles of "
+              f"{opts.tile or 'whole images'} + halo {denoiser.halo}", flush=True)
+        start = time.perf_counter()
+        with tqdm(total=total, unit="img", disable=None) as bar:
+            for stack, target in plan:
+                try:
+                    denoise_file(stack, target, denoiser, dtype, bar)
+                except ValueError as e:      # float16 overflow: named by the writer
+                    raise DataError(str(e)) from None
+        seconds = time.perf_counter() - start
+    except DataError as e:
+        print(f"cryokern.denoise: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("cryokern.denoise: interrupted; the file being written was discarded",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(f"done: {total} images in {seconds:.1f} s ({total / seconds:.2f} images/s); "
+          f"outputs in {opts.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

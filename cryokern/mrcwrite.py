@@ -1,0 +1,136 @@
+"""Writing MRC files image by image, atomically, with exact header statistics.
+
+mrcfile creates the file (header and full-size data block); the images are then written with
+positioned writes, so a stack is never held in memory whole, and the header's statistics
+(min, max, mean, rms) are accumulated image by image and written last. The file is written under
+a temporary name in the destination directory and renamed into place only when complete:
+an interrupted or failed run leaves no partial output.
+"""
+import os
+import tempfile
+
+import mrcfile
+import numpy as np
+
+# MRC modes of the float dtypes we write
+MODES = {np.dtype(np.float32): 2, np.dtype(np.float16): 12}
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+# the permissions a plainly created file gets (mkstemp's are owner-only)
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+class RunningStats:
+    """Min, max, mean and standard deviation over images, combined exactly enough for the
+    header (Chan et al.'s pairwise update, float64): no cancellation when mean >> spread."""
+
+    def __init__(self):
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+        self.min, self.max = np.inf, -np.inf
+
+    def add(self, image):
+        a = np.asarray(image, np.float64) if image.dtype != np.float64 else image
+        n = a.size
+        mean = float(a.mean())
+        m2 = float(np.square(a - mean).sum())
+        total = self.count + n
+        delta = mean - self.mean
+        self.m2 += m2 + delta * delta * self.count * n / total
+        self.mean += delta * n / total
+        self.count = total
+        self.min, self.max = min(self.min, float(a.min())), max(self.max, float(a.max()))
+
+    @property
+    def std(self):
+        return float(np.sqrt(self.m2 / self.count)) if self.count else 0.0
+
+
+class StackWriter:
+    """An MRC file of `count` images of `shape` (ny, nx), written one image at a time.
+
+    layout: 'image' (a 2-D file; count must be 1), 'stack' or 'volume'. voxel_size (x, y, z)
+    and origin ((x, y, z), (nxstart, nystart, nzstart)) are copied into the header. Use as a
+    context manager: the file appears at `path` only if the block ends without an exception.
+    """
+
+    def __init__(self, path, count, shape, dtype=np.float32, layout="stack", voxel_size=None,
+                 origin=None, label=None):
+        self.path = os.fspath(path)
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in MODES:
+            raise ValueError(f"cannot write {self.dtype} MRC files (float32 or float16)")
+        if layout == "image" and count != 1:
+            raise ValueError("a 2-D MRC file holds one image")
+        self.count, self.shape = count, tuple(shape)
+        self.stats = RunningStats()
+        self.written = 0
+        directory = os.path.dirname(os.path.abspath(self.path))
+        fd, self._tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".mrc", dir=directory)
+        os.close(fd)
+        try:
+            os.chmod(self._tmp, 0o666 & ~_UMASK)
+            self._header = self._create(layout, voxel_size, origin, label)
+            self._fd = os.open(self._tmp, os.O_WRONLY)
+        except BaseException:
+            os.unlink(self._tmp)
+            raise
+        self._offset = self._header.nbytes
+        self._image_bytes = self.shape[0] * self.shape[1] * self.dtype.itemsize
+
+    def _create(self, layout, voxel_size, origin, label):
+        data_shape = self.shape if layout == "image" else (self.count,) + self.shape
+        with mrcfile.new_mmap(self._tmp, data_shape, mrc_mode=MODES[self.dtype],
+                              overwrite=True) as mrc:
+            if layout == "stack":
+                mrc.set_image_stack()
+            elif layout == "volume":
+                mrc.set_volume()
+            if voxel_size is not None:
+                mrc.voxel_size = tuple(voxel_size)
+            if origin is not None:
+                (mrc.header.origin.x, mrc.header.origin.y, mrc.header.origin.z), starts = origin
+                mrc.header.nxstart, mrc.header.nystart, mrc.header.nzstart = starts
+            if label:
+                mrc.add_label(label[:80])
+            mrc.reset_header_stats()
+            return mrc.header.copy()
+
+    def write(self, image):
+        """Append the next image (converted to the file's dtype)."""
+        if self.written >= self.count:
+            raise ValueError(f"{self.path}: all {self.count} images are already written")
+        if image.shape != self.shape:
+            raise ValueError(f"{self.path}: image of shape {image.shape}, the file holds "
+                             f"{self.shape}")
+        if self.dtype == np.float16 and np.abs(image).max() > FLOAT16_MAX:
+            raise ValueError(f"{self.path}: image {self.written} has values beyond float16's "
+                             f"range (+-{FLOAT16_MAX:g}); write float32 instead")
+        data = np.ascontiguousarray(image, self.dtype)
+        self.stats.add(data)
+        os.pwrite(self._fd, data.tobytes(), self._offset + self.written * self._image_bytes)
+        self.written += 1
+
+    def close(self):
+        """Write the header's statistics and move the file into place."""
+        if self.written != self.count:
+            raise ValueError(f"{self.path}: {self.written} of {self.count} images written")
+        h = self._header
+        h.dmin, h.dmax = self.stats.min, self.stats.max
+        h.dmean, h.rms = self.stats.mean, self.stats.std
+        os.pwrite(self._fd, h.tobytes(), 0)
+        os.fsync(self._fd)
+        os.close(self._fd)
+        os.replace(self._tmp, self.path)
+
+    def discard(self):
+        os.close(self._fd)
+        os.unlink(self._tmp)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, traceback):
+        if kind is None:
+            self.close()
+        else:
+            self.discard()
