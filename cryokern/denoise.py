@@ -6,7 +6,6 @@ are streamed: the next one is read and normalized, and the previous one written,
 current one is on the GPU. Exit status: 0 done, 2 bad input (nothing written), 130 interrupted.
 """
 import argparse
-import os
 import sys
 import time
 import warnings
@@ -20,7 +19,7 @@ from .backends import get_backend
 from .data import denormalize, normalization, normalize
 from .inference import DEFAULT_TILE, TiledDenoiser, load_model
 from .mrcstack import DataError, MrcStack
-from .mrcwrite import StackWriter
+from .mrcwrite import StackWriter, check_target
 
 EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
 
@@ -62,16 +61,9 @@ def plan_outputs(inputs, out, force):
             raise DataError(f"{s.path}: has the same file name as {names[name]}; their outputs "
                             f"would collide in {out}")
         names[name] = s.path
-    plan = []
-    for s in stacks:
-        target = out / Path(s.path).name
-        if target.exists():
-            if any(os.path.samefile(target, other.path) for other in stacks):
-                raise DataError(f"{target}: is an input; choose another output directory "
-                                "(inputs are never written over)")
-            if not force:
-                raise DataError(f"{target}: exists; give --force to replace it")
-        plan.append((s, target))
+    plan = [(s, out / Path(s.path).name) for s in stacks]
+    for _, target in plan:
+        check_target(target, inputs, force)
     return plan
 
 

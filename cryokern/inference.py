@@ -9,6 +9,7 @@ values by the same fma chains (numerics section 1) as the whole image: the same 
 device memory bounded by the tile instead of the image.
 """
 import json
+import os
 import zipfile
 from dataclasses import dataclass
 
@@ -35,12 +36,12 @@ class Model:
 def load_model(path):
     """The Model in a checkpoint; DataError naming the file if it cannot be one."""
     path = str(path)
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
     try:
         params, _, meta = checkpoint.load(path)
         network = Network(tuple(meta["network"]["channels"]))
         mode = meta["normalize"]
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
     except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile,
             json.JSONDecodeError) as e:
         raise DataError(f"{path}: not a usable cryokern checkpoint ({e})") from None

@@ -12,12 +12,25 @@ import tempfile
 import mrcfile
 import numpy as np
 
+from .mrcstack import DataError
+
 # MRC modes of the float dtypes we write
 MODES = {np.dtype(np.float32): 2, np.dtype(np.float16): 12}
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 # the permissions a plainly created file gets (mkstemp's are owner-only)
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+
+def check_target(target, inputs, force):
+    """Refuse an output path that is one of the input files (always) or exists (unless force)."""
+    target = os.fspath(target)
+    if os.path.exists(target):
+        if any(os.path.samefile(target, os.fspath(p)) for p in inputs if os.path.exists(p)):
+            raise DataError(f"{target}: is an input; choose another output directory "
+                            "(inputs are never written over)")
+        if not force:
+            raise DataError(f"{target}: exists; give --force to replace it")
 
 
 class RunningStats:
