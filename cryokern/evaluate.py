@@ -1,0 +1,156 @@
+"""python -m cryokern.evaluate MODEL --noisy A... --clean B...: how well a checkpoint denoises.
+
+Each noisy image is denoised as `cryokern.denoise` does it and compared with its clean image,
+beside the noisy image's own scores (the baseline): MSE, RMSE, MAE, PSNR, SSIM and Pearson r per
+image and their means over images, in the images' own units. Prints a table, writes JSON
+(--json) and a PNG panel of a few images (--panel, needs matplotlib).
+Exit status: 0 done, 2 bad input, 130 interrupted.
+"""
+import argparse
+import json
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .backends import get_backend
+from .data import PairedImages
+from .inference import DEFAULT_TILE, TiledDenoiser, load_model
+from .metrics import (NAMES, image_metrics, mean_metrics, ssim_description,
+                      structural_similarity)
+from .mrcstack import DataError
+
+EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="python -m cryokern.evaluate", allow_abbrev=False,
+        description="Score a cryokern checkpoint on noisy/clean MRC pairs.")
+    p.add_argument("model", metavar="MODEL", help="checkpoint (.npz) written by cryokern.train")
+    p.add_argument("--noisy", nargs="+", required=True, metavar="FILE")
+    p.add_argument("--clean", nargs="+", required=True, metavar="FILE",
+                   help="clean references, paired in order with --noisy (same counts, shapes)")
+    p.add_argument("--data-range", type=float, default=None, metavar="R",
+                   help="PSNR and SSIM data range (default: each clean image's max - min)")
+    p.add_argument("--json", metavar="FILE", help="write the scores as JSON ('-': stdout)")
+    p.add_argument("--panel", metavar="PNG",
+                   help="write a noisy | denoised | clean panel of the first images")
+    p.add_argument("--panel-images", type=int, default=3, metavar="N",
+                   help="images in the panel (default 3)")
+    p.add_argument("--tile", type=int, default=DEFAULT_TILE, metavar="SIZE",
+                   help=f"denoise in tiles of SIZE (default {DEFAULT_TILE}; 0: whole images)")
+    p.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto")
+    return p
+
+
+def panel_library():
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise DataError("--panel needs matplotlib: pip install 'cryokern[evaluate]'") from None
+    return plt
+
+
+def write_panel(path, rows):
+    """rows: (title, noisy, denoised, clean); one display range per row, from the clean image's
+    0.5 and 99.5 percentiles, so the three look alike where they agree."""
+    plt = panel_library()
+    fig, axes = plt.subplots(len(rows), 3, figsize=(12, 4 * len(rows)), squeeze=False)
+    for ax_row, (title, *images) in zip(axes, rows):
+        lo, hi = np.percentile(images[2], [0.5, 99.5])
+        for ax, image, name in zip(ax_row, images, ("noisy", "denoised", "clean")):
+            ax.imshow(image, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
+            ax.set_title(f"{title}: {name}", fontsize=9)
+            ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def fmt(value, digits=4):
+    return "-" if value is None else f"{value:.{digits}g}"
+
+
+def evaluate(opts):
+    structural_similarity()     # fail before any work if SSIM cannot be computed
+    if opts.panel:
+        panel_library()
+    if len(opts.noisy) != len(opts.clean):
+        raise DataError(f"--noisy names {len(opts.noisy)} files but --clean "
+                        f"{len(opts.clean)}: they pair in order")
+    if opts.data_range is not None and opts.data_range <= 0:
+        raise DataError("--data-range must be positive")
+    if opts.tile < 0:
+        raise DataError("--tile must be positive (or 0 for whole images)")
+    model = load_model(opts.model)
+    images = PairedImages(list(zip(opts.noisy, opts.clean)))
+    backend = get_backend({"cpu": "reference"}.get(opts.device, opts.device))
+    denoiser = TiledDenoiser(model, backend, opts.tile)
+    records, panel = [], []
+    start = time.perf_counter()
+    for index in tqdm(range(len(images)), unit="img", disable=None):
+        (noisy_stack, clean_stack), local = images.locate(index)
+        noisy = noisy_stack.read(local, np.empty(noisy_stack.shape, np.float32))
+        clean = clean_stack.read(local, np.empty(clean_stack.shape, np.float32))
+        denoised = denoiser.denoise(noisy)
+        data_range = opts.data_range or float(clean.max()) - float(clean.min())
+        records.append({"noisy_file": noisy_stack.path, "clean_file": clean_stack.path,
+                        "image": local, "data_range": data_range,
+                        "denoised": image_metrics(denoised, clean, data_range),
+                        "noisy": image_metrics(noisy, clean, data_range)})
+        if len(panel) < opts.panel_images and opts.panel:
+            panel.append((f"{Path(noisy_stack.path).name}:{local}", noisy, denoised, clean))
+    if opts.panel:
+        write_panel(opts.panel, panel)
+    return {"model": model.path, "channels": list(model.network.channels),
+            "normalize": model.normalize, "backend": backend.name, "tile": opts.tile,
+            "images": records, "seconds": time.perf_counter() - start,
+            "data_range": opts.data_range if opts.data_range is not None
+            else "per image: the clean image's max - min",
+            "ssim": ssim_description(),
+            "mean": {"denoised": mean_metrics([r["denoised"] for r in records]),
+                     "noisy": mean_metrics([r["noisy"] for r in records])}}
+
+
+def print_table(report, file=sys.stdout):
+    columns = [n for n in NAMES if n != "rmse"]
+    print("each score: noisy -> denoised, against the clean image", file=file)
+    print(f"{'image':<28}" + "".join(f"{n:>22}" for n in columns), file=file)
+    rows = [(f"{Path(r['noisy_file']).name}:{r['image']}", r["noisy"], r["denoised"])
+            for r in report["images"]]
+    rows.append(("mean", report["mean"]["noisy"], report["mean"]["denoised"]))
+    for name, before, after in rows:
+        print(f"{name[-28:]:<28}" + "".join(f"{fmt(before[n]) + ' -> ' + fmt(after[n]):>22}"
+                                            for n in columns), file=file)
+
+
+def main(argv=None):
+    warnings.filterwarnings("ignore", message=".*GPU under-utilization")
+    opts = build_parser().parse_args(argv)
+    try:
+        report = evaluate(opts)
+    except (DataError, ImportError) as e:
+        print(f"cryokern.evaluate: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("cryokern.evaluate: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    text = json.dumps(report, indent=1, allow_nan=False)
+    if opts.json == "-":
+        print(text)
+    else:
+        print_table(report)
+        if opts.json:
+            Path(opts.json).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
