@@ -70,3 +70,14 @@ def rng(request):
 def bits(a):
     """A float32 array's raw bits, for bit-for-bit comparison (NaN-safe, signed-zero-aware)."""
     return np.ascontiguousarray(a, np.float32).view(np.uint32)
+
+
+def write_mrc(path, data, voxel_size=1.0, layout="stack"):
+    """An MRC file of `data` (2-D image, or 3-D as 'stack' or 'volume'); returns its path."""
+    import mrcfile
+    with mrcfile.new(str(path), overwrite=True) as mrc:
+        mrc.set_data(np.asarray(data))
+        if np.ndim(data) == 3:
+            mrc.set_image_stack() if layout == "stack" else mrc.set_volume()
+        mrc.voxel_size = voxel_size
+    return str(path)

@@ -1,0 +1,105 @@
+"""Tiled inference: bit-identical to the whole image with a halo of the receptive radius, not
+with less; normalization undone on output; checkpoints checked on load."""
+import numpy as np
+import pytest
+
+from conftest import bits
+from cryokern import checkpoint
+from cryokern.backends import get_backend
+from cryokern.inference import Model, TiledDenoiser, load_model, tiles
+from cryokern.model import Network, init_params
+from cryokern.mrcstack import DataError
+
+
+def model(channels=(1, 16, 16, 1), seed=1, normalize="per-image"):
+    net = Network(channels)
+    return Model("m.npz", net, init_params(net, seed), normalize)
+
+
+@pytest.mark.parametrize("shape, tile, halo", [((37, 53), 8, 3), ((10, 10), 4, 5), ((5, 9), 0, 3)])
+def test_tile_cores_partition_the_image_and_windows_add_the_clipped_halo(shape, tile, halo):
+    cover = np.zeros(shape, int)
+    for window, core in tiles(shape, tile, halo):
+        cover[core] += 1
+        for w, c, n in zip(window, core, shape):
+            assert w.start == max(0, c.start - halo) and w.stop == min(n, c.stop + halo)
+    assert (cover == 1).all()
+
+
+@pytest.mark.parametrize("tile", [7, 16, 36])
+def test_tiles_are_bit_identical_to_the_whole_image(rng, tile):
+    image = rng.standard_normal((37, 53)).astype(np.float32)
+    be = get_backend("reference")
+    whole = TiledDenoiser(model(), be, tile=0)(image)
+    assert np.array_equal(bits(TiledDenoiser(model(), be, tile=tile)(image)), bits(whole))
+
+
+def test_a_halo_short_of_the_receptive_radius_changes_the_bits(rng):
+    image = rng.standard_normal((30, 30)).astype(np.float32)
+    be = get_backend("reference")
+    whole = TiledDenoiser(model(), be, tile=0)(image)
+    short = TiledDenoiser(model(), be, tile=10, halo=2)(image)
+    assert not np.array_equal(bits(short), bits(whole))
+
+
+def test_normalization_is_undone_on_output(rng):
+    """A one-layer network y = 2x (no ReLU) on standardized pixels gives 2 image - mean in the
+    image's own units."""
+    identity = model(channels=(1, 1))
+    params = dict(identity.params)
+    params["layers.0.weight"] = np.zeros((1, 1, 3, 3), np.float32)
+    params["layers.0.weight"][0, 0, 1, 1] = 2
+    params["layers.0.bias"] = np.zeros(1, np.float32)
+    double = Model("m.npz", identity.network, params, "per-image")
+    image = (rng.standard_normal((12, 15)) * 30 + 500).astype(np.float32)
+    out = TiledDenoiser(double, get_backend("reference"), tile=5).denoise(image)
+    expected = 2 * image.astype(np.float64) - image.mean(dtype=np.float64)
+    assert out.dtype == np.float32
+    assert np.allclose(out, expected, rtol=1e-6, atol=0)
+    raw = Model("m.npz", identity.network, params, "none")
+    assert np.array_equal(TiledDenoiser(raw, get_backend("reference")).denoise(image), 2 * image)
+
+
+def save_model(path, channels=(1, 16, 16, 1), normalize="per-image", params=None):
+    net = Network(channels)
+    checkpoint.save(path, params or init_params(net, 0), {},
+                    {"network": {"channels": list(channels)}, "normalize": normalize})
+    return str(path)
+
+
+def test_load_model_reads_a_checkpoint(tmp_path):
+    m = load_model(save_model(tmp_path / "m.npz", normalize="none"))
+    assert m.network.channels == (1, 16, 16, 1) and m.normalize == "none"
+    assert m.params["layers.2.weight"].shape == (1, 16, 3, 3)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "no such file"), ("not-npz", "not a .npz checkpoint"),
+    ("no-meta", "no 'meta' entry"), ("two-channel", "maps 2 channels to 1"),
+    ("nan", "layers.0.weight is not finite")])
+def test_load_model_names_the_file_and_the_problem(tmp_path, case, message):
+    path = tmp_path / "m.npz"
+    if case == "not-npz":
+        path.write_bytes(b"MRC" * 100)
+    elif case == "no-meta":
+        np.savez(path, x=np.zeros(3))
+    elif case == "two-channel":
+        save_model(path, channels=(2, 4, 1))
+    elif case == "nan":
+        params = init_params(Network(), 0)
+        params["layers.0.weight"][0, 0, 0, 0] = np.nan
+        save_model(path, params=params)
+    with pytest.raises(DataError, match=f"^{path}: .*{message}"):
+        load_model(path)
+
+
+@pytest.mark.gpu
+def test_gpu_tiles_are_bit_identical_to_the_whole_image_and_to_the_reference(rng):
+    image = rng.standard_normal((1000, 1300)).astype(np.float32)
+    gpu = get_backend("gpu")
+    whole = TiledDenoiser(model(), gpu, tile=0)(image)
+    for tile in (256, 333):
+        assert np.array_equal(bits(TiledDenoiser(model(), gpu, tile=tile)(image)), bits(whole))
+    small = image[:150, :170]
+    reference = TiledDenoiser(model(), get_backend("reference"), tile=0)(small)
+    assert np.array_equal(bits(TiledDenoiser(model(), gpu, tile=64)(small)), bits(reference))
