@@ -119,7 +119,7 @@ def evaluate(opts):
                      "noisy": mean_metrics([r["noisy"] for r in records])}}
 
 
-def print_table(report, file=sys.stdout):
+def print_table(report, file=None):
     columns = [n for n in NAMES if n != "rmse"]
     print("each score: noisy -> denoised, against the clean image", file=file)
     print(f"{'image':<28}" + "".join(f"{n:>22}" for n in columns), file=file)

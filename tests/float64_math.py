@@ -38,3 +38,18 @@ def conv_backward_weights64(gy, x):
 def rel_err(got, want):
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     return np.linalg.norm(got - want) / np.linalg.norm(want)
+
+
+def ssim64(x, y, data_range, sigma=1.5, radius=5, k1=0.01, k2=0.03):
+    """SSIM as Wang et al. (2004) define it: Gaussian-weighted local statistics over every full
+    (2 radius + 1)^2 window, population covariances, the map's mean."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    g = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    g = np.outer(g, g) / np.outer(g, g).sum()
+    windows = lambda a: np.lib.stride_tricks.sliding_window_view(a, g.shape)
+    mean = lambda a: np.einsum("ijkl,kl->ij", windows(a), g)
+    mx, my = mean(x), mean(y)
+    vx, vy, cxy = mean(x * x) - mx * mx, mean(y * y) - my * my, mean(x * y) - mx * my
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    return s.mean()

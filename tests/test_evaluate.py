@@ -1,0 +1,83 @@
+"""python -m cryokern.evaluate: each metric against independent float64 math, the report's
+per-image and mean scores, the panel, and clear errors."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+from conftest import write_mrc
+from cryokern import checkpoint
+from cryokern.evaluate import main
+from cryokern.metrics import image_metrics, mean_metrics
+from cryokern.model import Network, init_params
+from float64_math import ssim64
+
+
+def test_metrics_match_their_definitions(rng):
+    clean = rng.random((40, 50)).astype(np.float32)
+    image = (clean + 0.1 * rng.standard_normal(clean.shape)).astype(np.float32)
+    m = image_metrics(image, clean, data_range=2.0)
+    d = image.astype(np.float64) - clean
+    assert m["mse"] == pytest.approx(np.mean(d ** 2), rel=1e-12)
+    assert m["rmse"] == pytest.approx(math.sqrt(np.mean(d ** 2)), rel=1e-12)
+    assert m["mae"] == pytest.approx(np.mean(np.abs(d)), rel=1e-12)
+    assert m["psnr"] == pytest.approx(10 * math.log10(4.0 / np.mean(d ** 2)), rel=1e-12)
+    assert m["pearson"] == pytest.approx(np.corrcoef(image.ravel(), clean.ravel())[0, 1], rel=1e-10)
+    assert m["ssim"] == pytest.approx(ssim64(image, clean, 2.0), rel=1e-9)
+
+
+def test_metrics_of_an_exact_match_and_of_a_constant_image(rng):
+    clean = rng.random((20, 20)).astype(np.float32)
+    m = image_metrics(clean, clean, 1.0)
+    assert m["mse"] == 0 and m["psnr"] is None and m["ssim"] == pytest.approx(1.0)
+    assert m["pearson"] == pytest.approx(1.0)
+    assert image_metrics(np.zeros_like(clean), clean, 1.0)["pearson"] is None
+    assert mean_metrics([m, {**m, "mse": 2.0, "psnr": 10.0}])["psnr"] == 10.0
+
+
+@pytest.fixture
+def files(tmp_path, rng):
+    net = Network()
+    model = str(tmp_path / "m.npz")
+    checkpoint.save(model, init_params(net, 4), {},
+                    {"network": {"channels": list(net.channels)}, "normalize": "per-image"})
+    clean = rng.random((3, 24, 30)).astype(np.float32)
+    noisy = (clean + 0.3 * rng.standard_normal(clean.shape)).astype(np.float32)
+    return model, write_mrc(tmp_path / "n.mrcs", noisy), write_mrc(tmp_path / "c.mrcs", clean)
+
+
+def test_report_has_per_image_and_mean_scores_and_a_panel(tmp_path, files, capsys):
+    model, noisy, clean = files
+    report, panel = tmp_path / "r.json", tmp_path / "p.png"
+    assert main([model, "--noisy", noisy, "--clean", clean, "--json", str(report),
+                 "--panel", str(panel), "--panel-images", "2", "--device", "cpu"]) == 0
+    r = json.loads(report.read_text())
+    assert len(r["images"]) == 3 and r["ssim"]["sigma"] == 1.5
+    assert r["data_range"].startswith("per image")
+    for kind in ("denoised", "noisy"):
+        for name in ("mse", "psnr", "ssim", "pearson"):
+            assert r["mean"][kind][name] == pytest.approx(
+                np.mean([i[kind][name] for i in r["images"]]))
+    first = r["images"][0]
+    assert first["image"] == 0 and first["noisy_file"] == noisy
+    assert panel.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "mean" in capsys.readouterr().out
+
+
+def test_a_fixed_data_range_is_used_and_stated(tmp_path, files, capsys):
+    model, noisy, clean = files
+    assert main([model, "--noisy", noisy, "--clean", clean, "--data-range", "2",
+                 "--json", "-", "--device", "cpu"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["data_range"] == 2.0 and all(i["data_range"] == 2.0 for i in r["images"])
+    mse = r["images"][1]["noisy"]["mse"]
+    assert r["images"][1]["noisy"]["psnr"] == pytest.approx(10 * math.log10(4 / mse))
+
+
+def test_mismatched_pairs_exit_2_naming_the_files(tmp_path, files, capsys):
+    model, noisy, clean = files
+    other = write_mrc(tmp_path / "short.mrcs", np.zeros((2, 24, 30), np.float32))
+    assert main([model, "--noisy", noisy, "--clean", other, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"cryokern.evaluate: error: {noisy}: 3 images") and other in err
