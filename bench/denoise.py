@@ -1,0 +1,181 @@
+"""Denoising benchmark: 4096x4096 micrographs per second, end to end, with where the time goes.
+
+Writes a stack of --count float32 micrographs, then times (medians, one process, one device):
+the whole `denoise_file` pipeline from the page cache (what `python -m cryokern.denoise` runs);
+its stages alone (read + normalize, GPU tiles with their copies, un-normalize + write); the
+network's forward kernels alone (CUDA events) at --tile and on the whole image; PyTorch's
+eager fp32 forward of the same network on the whole image as the peer; and the command itself
+in a fresh process (start-up and kernel-cache load included).
+Usage: python bench/denoise.py [--size 4096] [--count 12] [--tile 1024] [--dir /tmp]
+"""
+import argparse
+import datetime
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+from numba import cuda
+
+from cryokern import checkpoint
+from cryokern.backends import get_backend
+from cryokern.data import denormalize, normalization, normalize
+from cryokern.denoise import denoise_file
+from cryokern.inference import Model, TiledDenoiser
+from cryokern.model import Network, init_params
+from cryokern.mrcstack import MrcStack
+from cryokern.mrcwrite import StackWriter
+
+
+def event_ms(fn, repeats=10, warmup=2):
+    for _ in range(warmup):
+        fn()
+    cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, stop = cuda.event(timing=True), cuda.event(timing=True)
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(cuda.event_elapsed_time(start, stop))
+    return statistics.median(times)
+
+
+def wall(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def torch_forward_ms(params, net, image):
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    x = torch.from_numpy(image).cuda()[None, None]
+    w = [(torch.from_numpy(params[f"layers.{i}.weight"]).cuda(),
+          torch.from_numpy(params[f"layers.{i}.bias"]).cuda()) for i in range(net.depth)]
+
+    def forward():
+        y = x
+        for i, (wi, bi) in enumerate(w):
+            y = torch.nn.functional.conv2d(y, wi, bi, padding=1)
+            if net.relu_after(i):
+                y = torch.relu(y)
+        return y
+    with torch.no_grad():
+        for _ in range(3):
+            forward()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(10):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            forward()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=4096)
+    ap.add_argument("--count", type=int, default=12)
+    ap.add_argument("--tile", type=int, default=1024)
+    ap.add_argument("--dir", default=tempfile.gettempdir())
+    args = ap.parse_args()
+    size, count = args.size, args.count
+    work = tempfile.mkdtemp(prefix="cryokern-denoise-", dir=args.dir)
+    net = Network()
+    params = init_params(net, 0)
+    model_path = os.path.join(work, "model.npz")
+    checkpoint.save(model_path, params, {}, {"network": {"channels": list(net.channels)},
+                                             "normalize": "per-image"})
+    stack_path = os.path.join(work, "micrographs.mrcs")
+    rng = np.random.default_rng(0)
+    with StackWriter(stack_path, count, (size, size)) as w:
+        for _ in range(count):
+            w.write(rng.standard_normal((size, size), np.float32) * 3 + 10)
+    stack = MrcStack(stack_path)
+    gpu = get_backend("gpu")
+    model = Model(model_path, net, params, "per-image")
+    denoiser = TiledDenoiser(model, gpu, args.tile)
+    whole = TiledDenoiser(model, gpu, 0)
+    image = stack.read(0, np.empty(stack.shape, np.float32))
+    affine = normalization(image, "per-image")
+    x = normalize(image, affine)
+    denoiser(x)   # compile / load the kernels
+    out_dir = os.path.join(work, "out")
+    os.mkdir(out_dir)
+
+    pipeline = wall(lambda: denoise_file(stack, os.path.join(out_dir, "a.mrcs"), denoiser), 3)
+    def read_one():
+        raw = stack.read(1, np.empty(stack.shape, np.float32))
+        return normalize(raw, normalization(raw, "per-image"))
+    read_s = wall(read_one, 5)
+    gpu_s = wall(lambda: denoiser(x), 5)
+    y = denoiser(x)
+
+    def write_one():
+        with StackWriter(os.path.join(out_dir, "one.mrc"), 1, stack.shape, layout="image") as w:
+            w.write(denormalize(y, affine))
+    write_s = wall(write_one, 5)
+
+    dev_x = cuda.to_device(x[None, None])
+    acts = [cuda.device_array((1, c, size, size), np.float32) for c in net.channels[1:]]
+    dparams = {k: cuda.to_device(v) for k, v in params.items()}
+
+    def forward_whole():
+        h = dev_x
+        for i in range(net.depth):
+            gpu.conv2d_forward(h, dparams[f"layers.{i}.weight"], dparams[f"layers.{i}.bias"],
+                               relu=net.relu_after(i), out=acts[i])
+            h = acts[i]
+    kernels_ms = event_ms(forward_whole)
+    del acts, dev_x
+    torch_ms = torch_forward_ms(params, net, x)
+    whole_s = wall(lambda: whole(x), 5)
+
+    env = dict(os.environ)
+    t = time.perf_counter()
+    rc = subprocess.call([sys.executable, "-m", "cryokern.denoise", model_path, stack_path, "-o",
+                          os.path.join(work, "cli"), "--tile", str(args.tile)], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cli_s = time.perf_counter() - t
+
+    name = cuda.get_current_device().name
+    name = name.decode() if isinstance(name, bytes) else name
+    flop = 2 * size * size * sum(9 * a * b for a, b in zip(net.channels, net.channels[1:]))
+    mib = size * size * 4 / 2 ** 20
+    print(f"\ndenoise benchmark, {name}, {datetime.date.today()}, {count} micrographs of "
+          f"{size}x{size} float32 ({mib:.0f} MiB each), tile {args.tile} + halo {denoiser.halo}")
+    print(f"{'what':54s} {'ms/image':>9s} {'images/s':>9s}")
+    rows = [("pipeline: denoise_file, page cache -> file", pipeline * 1e3 / count),
+            ("  stage: read + normalize (one thread)", read_s * 1e3),
+            (f"  stage: GPU tiles {args.tile} incl. copies", gpu_s * 1e3),
+            ("  stage: un-normalize + write (one thread)", write_s * 1e3),
+            ("GPU whole image at once incl. copies (tile 0)", whole_s * 1e3),
+            ("forward kernels alone, whole image (CUDA events)", kernels_ms),
+            ("PyTorch eager fp32 forward, whole image (cuDNN)", torch_ms),
+            (f"command in a fresh process (rc {rc}), start-up included", cli_s * 1e3 / count)]
+    for what, ms in rows:
+        if ms is None:
+            print(f"{what:54s} {'-':>9s}")
+        else:
+            print(f"{what:54s} {ms:9.1f} {1e3 / ms:9.2f}")
+    print(f"forward kernels: {flop / kernels_ms / 1e9:.1f} TFLOP/s; tile buffers on the device: "
+          f"{denoiser._capacity * (1 + 2 * max(net.channels[1:])) * 4 / 2 ** 20:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
