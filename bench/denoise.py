@@ -111,6 +111,7 @@ def main():
     model = Model(model_path, net, params, "per-image")
     denoiser = TiledDenoiser(model, gpu, args.tile)
     whole = TiledDenoiser(model, gpu, 0)
+    a, b = (gpu.host_empty(stack.shape) for _ in "ab")     # as denoise_file's slots
     image = stack.read(0, np.empty(stack.shape, np.float32))
     affine = normalization(image, "per-image")
     x = normalize(image, affine)
@@ -119,19 +120,19 @@ def main():
     os.mkdir(out_dir)
 
     pipeline = wall(lambda: denoise_file(stack, os.path.join(out_dir, "a.mrcs"), denoiser), 3)
+
     def read_one():
-        raw = stack.read(1, np.empty(stack.shape, np.float32))
-        return normalize(raw, normalization(raw, "per-image"))
+        stack.read(1, a)
+        normalize(a, normalization(a, "per-image"), out=b)
     read_s = wall(read_one, 5)
-    gpu_s = wall(lambda: denoiser(x), 5)
-    y = denoiser(x)
+    gpu_s = wall(lambda: denoiser(b, out=a), 5)
 
     def write_one():
         with StackWriter(os.path.join(out_dir, "one.mrc"), 1, stack.shape, layout="image") as w:
-            w.write(denormalize(y, affine))
+            w.write(denormalize(a, affine, out=b))
     write_s = wall(write_one, 5)
 
-    dev_x = cuda.to_device(x[None, None])
+    dev_x = cuda.to_device(x.reshape(1, 1, size, size).copy())
     acts = [cuda.device_array((1, c, size, size), np.float32) for c in net.channels[1:]]
     dparams = {k: cuda.to_device(v) for k, v in params.items()}
 
@@ -144,7 +145,7 @@ def main():
     kernels_ms = event_ms(forward_whole)
     del acts, dev_x
     torch_ms = torch_forward_ms(params, net, x)
-    whole_s = wall(lambda: whole(x), 5)
+    whole_s = wall(lambda: whole(b, out=a), 5)
 
     env = dict(os.environ)
     t = time.perf_counter()
@@ -162,8 +163,8 @@ def main():
     print(f"{'what':54s} {'ms/image':>9s} {'images/s':>9s}")
     rows = [("pipeline: denoise_file, page cache -> file", pipeline * 1e3 / count),
             ("  stage: read + normalize (one thread)", read_s * 1e3),
-            (f"  stage: GPU tiles {args.tile} incl. copies", gpu_s * 1e3),
-            ("  stage: un-normalize + write (one thread)", write_s * 1e3),
+            (f"  stage: GPU strips of ~{args.tile}^2 px incl. copies", gpu_s * 1e3),
+            ("  stage: un-normalize + write + fsync (one thread)", write_s * 1e3),
             ("GPU whole image at once incl. copies (tile 0)", whole_s * 1e3),
             ("forward kernels alone, whole image (CUDA events)", kernels_ms),
             ("PyTorch eager fp32 forward, whole image (cuDNN)", torch_ms),
@@ -174,7 +175,7 @@ def main():
         else:
             print(f"{what:54s} {ms:9.1f} {1e3 / ms:9.2f}")
     print(f"forward kernels: {flop / kernels_ms / 1e9:.1f} TFLOP/s; tile buffers on the device: "
-          f"{denoiser._capacity * (1 + 2 * max(net.channels[1:])) * 4 / 2 ** 20:.0f} MiB")
+          f"{denoiser.device_bytes() / 2 ** 20:.0f} MiB")
 
 
 if __name__ == "__main__":

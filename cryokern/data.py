@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .imagemath import affine_map, sum_squared_deviations
 from .mrcstack import DataError, MrcStack
 
 NORMALIZATIONS = ("per-image", "none")
@@ -124,29 +125,29 @@ def epoch_batches(subset, batch_size, seed, epoch, shuffle=True):
 
 def normalization(noisy, mode):
     """(mean, scale) of the affine map x -> (x - mean) * scale that `mode` applies to an image
-    pair: per-image standardizes the noisy image (its mean and std, in float64); a constant
-    image is only shifted. None for mode 'none'."""
+    pair: per-image standardizes the noisy image (its mean and standard deviation, in float64);
+    a constant image is only shifted. None for mode 'none'."""
     if mode == "none":
         return None
     mean = noisy.mean(dtype=np.float64)
-    std = noisy.std(dtype=np.float64)
+    std = np.sqrt(sum_squared_deviations(noisy, mean) / noisy.size)
     return mean, (1.0 / std if std > 0 else 1.0)
 
 
-def normalize(image, affine):
+def normalize(image, affine, out=None):
     """The image under the map from `normalization` (float64 arithmetic, float32 result)."""
-    if affine is None:
+    if affine is None and out is None:
         return image
-    mean, scale = affine
-    return ((image - mean) * scale).astype(np.float32)
+    mean, scale = affine or (0.0, 1.0)      # the identity, exactly, for mode 'none'
+    return affine_map(image, lambda rows: (rows - mean) * scale, out)
 
 
-def denormalize(image, affine):
+def denormalize(image, affine, out=None):
     """The inverse map, for the network's output: back in the input's units (float32)."""
-    if affine is None:
+    if affine is None and out is None:
         return image
-    mean, scale = affine
-    return (image / scale + mean).astype(np.float32)
+    mean, scale = affine or (0.0, 1.0)
+    return affine_map(image, lambda rows: rows / scale + mean, out)
 
 
 def normalize_pair(noisy, clean, mode):

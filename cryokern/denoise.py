@@ -2,13 +2,14 @@
 
 Each input (2-D image, stack or volume) gives OUTDIR/<its name>: the same layout, voxel size and
 origin, float32 (or float16), every image denoised as `TiledDenoiser.denoise` does it. Images
-are streamed: the next one is read and normalized, and the previous one written, while the
+are streamed: the next few are read and normalized, and the previous few written, while the
 current one is on the GPU. Exit status: 0 done, 2 bad input (nothing written), 130 interrupted.
 """
 import argparse
 import sys
 import time
 import warnings
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from .mrcstack import DataError, MrcStack
 from .mrcwrite import StackWriter, check_target
 
 EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
+READ_AHEAD = 3
 
 
 def build_parser():
@@ -67,42 +69,60 @@ def plan_outputs(inputs, out, force):
     return plan
 
 
-def denoise_file(stack, target, denoiser, dtype=np.float32, progress=None):
+def denoise_file(stack, target, denoiser, dtype=np.float32, progress=None, ahead=READ_AHEAD):
     """Denoise every image of `stack` into the MRC file `target` (written atomically).
 
-    A two-thread pool reads and normalizes image i+1 and writes image i-1 while image i is on
-    the device; at most one read and one write are in flight, so host memory is a few images.
+    Reading and normalizing, and un-normalizing and writing, cost the host several times what
+    the device spends on an image, so they run on a thread pool: `ahead` images are read ahead
+    and up to `ahead` written behind, in parallel, while the main thread keeps the device busy.
+    Each image in flight has a slot of two page-locked buffers, reused image after image
+    (no allocation, no page faults): read into `a`, normalized into `b`, the network's output
+    from `b` into `a`, un-normalized into `b` and written. Host memory is 2 * ahead slots,
+    whatever the stack's length.
     """
     mode = denoiser.model.normalize
+    n = len(stack)
+    slots = [tuple(denoiser.backend.host_empty(stack.shape) for _ in "ab")
+             for _ in range(min(n, 2 * ahead))]
 
     def read(i):
-        image = stack.read(i, np.empty(stack.shape, np.float32))
-        affine = normalization(image, mode)
-        return normalize(image, affine), affine
+        a, b = slots[i % len(slots)]
+        stack.read(i, a)
+        affine = normalization(a, mode)
+        normalize(a, affine, out=b)
+        return affine
 
-    def write(y, affine):
-        writer.write(denormalize(y, affine))
+    def write(i, affine):
+        a, b = slots[i % len(slots)]
+        writer.write(denormalize(a, affine, out=b), i)
 
     label = f"cryokern denoise {Path(denoiser.model.path).name}"
-    reading = writing = None
-    with ThreadPoolExecutor(2) as pool, \
-            StackWriter(target, len(stack), stack.shape, dtype, stack.layout, stack.voxel_size,
+    reading, writing = {}, {}
+    with ThreadPoolExecutor(2 * ahead) as pool, \
+            StackWriter(target, n, stack.shape, dtype, stack.layout, stack.voxel_size,
                         stack.origin, label) as writer:
         try:
-            reading = pool.submit(read, 0)
-            for i in range(len(stack)):
-                x, affine = reading.result()
-                reading = pool.submit(read, i + 1) if i + 1 < len(stack) else None
-                y = denoiser(x)
-                if writing is not None:
-                    writing.result()
-                writing = pool.submit(write, y, affine)
+            for i in range(min(ahead, n)):
+                reading[i] = pool.submit(read, i)
+            for i in range(n):
+                affine = reading.pop(i).result()
+                a, b = slots[i % len(slots)]
+                denoiser(b, out=a)
+                writing[i] = pool.submit(write, i, affine)
+                following = i + ahead      # its slot was image following - len(slots)'s
+                if following - len(slots) in writing:
+                    writing.pop(following - len(slots)).result()
+                if following < n:
+                    reading[following] = pool.submit(read, following)
+                for done in [j for j, job in writing.items() if job.done()]:
+                    writing.pop(done).result()
                 if progress is not None:
                     progress.update(1)
-            writing.result()
+            for job in writing.values():
+                job.result()
         finally:   # on an error, let the jobs in flight end before the file is discarded
-            for job in (reading, writing):
-                if job is not None and not job.cancel():
+            for job in list(reading.values()) + list(writing.values()):
+                if not job.cancel():
                     job.exception()
 
 

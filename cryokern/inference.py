@@ -6,7 +6,7 @@ output pixel depends on the input within `depth` pixels (the receptive radius), 
 image's edges on every layer's zero padding. A tile cut with a halo of `depth` pixels, clipped
 at the image's edges (which are then the tile's edges too), computes its core from the same
 values by the same fma chains (numerics section 1) as the whole image: the same bits, with
-device memory bounded by the tile instead of the image.
+device memory bounded by the tile instead of the image. Tiles are strips of whole rows.
 """
 import json
 import os
@@ -58,76 +58,66 @@ def load_model(path):
     return Model(path, network, {k: params[k] for k in network.param_shapes()}, mode)
 
 
-def tiles(shape, tile, halo):
-    """(window, core) pairs covering an image of `shape`: `core` (row and column slices of the
-    image) in tile-size steps, `window` the core grown by `halo` and clipped to the image.
-    tile <= 0 means one tile, the whole image."""
+def strips(shape, tile, halo):
+    """(window, core) row ranges covering an image of `shape`: cores of about tile * tile
+    pixels in whole rows (at least one row), windows the cores grown by `halo` rows and clipped
+    to the image. Whole rows are contiguous in memory, so a window goes to the device, and a
+    core comes back, by one copy each with no staging. tile <= 0 means the whole image."""
     h, w = shape
-    tile_h, tile_w = (h, w) if tile <= 0 else (tile, tile)
-    for top in range(0, h, tile_h):
-        for left in range(0, w, tile_w):
-            core = (slice(top, min(top + tile_h, h)), slice(left, min(left + tile_w, w)))
-            window = tuple(slice(max(0, s.start - halo), min(s.stop + halo, n))
-                           for s, n in zip(core, shape))
-            yield window, core
+    rows = h if tile <= 0 else max(1, (tile * tile) // w)
+    for top in range(0, h, rows):
+        bottom = min(top + rows, h)
+        yield (max(0, top - halo), min(bottom + halo, h)), (top, bottom)
 
 
 class TiledDenoiser:
-    """A Model on a backend, applied to 2-D images tile by tile.
+    """A Model on a backend, applied to 2-D images strip by strip.
 
-    Buffers (device and page-locked host) are sized for the largest window and reused, so
-    denoising a stack allocates nothing per image. `halo` defaults to the receptive radius;
-    a smaller one is accepted only to show that it is needed.
+    Device buffers are sized for the largest window and reused, so denoising a stack allocates
+    nothing per image. `halo` defaults to the receptive radius; a smaller one is accepted only
+    to show that it is needed. Give page-locked host arrays (backend.host_empty) as image and
+    `out` for the fastest copies.
     """
 
     def __init__(self, model, backend, tile=DEFAULT_TILE, halo=None):
         self.model, self.backend, self.tile = model, backend, tile
         self.halo = model.network.depth if halo is None else halo
         self.params = {k: backend.to_device(v) for k, v in model.params.items()}
-        self._capacity = 0
+        self.capacity = 0
 
     def _buffers(self, pixels):
-        """Flat buffers for a window of `pixels`: the input, two activations (ping-pong) and
-        the host staging in and out."""
-        if pixels > self._capacity:
+        """Flat device buffers for a window of `pixels`: the input and two activations."""
+        if pixels > self.capacity:
             widest = max(self.model.network.channels[1:])
-            be = self.backend
-            self._input, self._host_in, self._host_out = (be.empty((pixels,)),
-                                                          be.host_empty((pixels,)),
-                                                          be.host_empty((pixels,)))
-            self._acts = [be.empty((widest * pixels,)) for _ in range(2)]
-            self._capacity = pixels
+            self._input = self.backend.empty((pixels,))
+            self._acts = [self.backend.empty((widest * pixels,)) for _ in range(2)]
+            self.capacity = pixels
 
-    def _forward(self, window):
-        """The network's output for one window (h, w), on the host."""
-        h, w = window.shape
-        n = h * w
-        self._buffers(n)
-        be, net = self.backend, self.model.network
-        staged = self._host_in[:n].reshape(h, w)
-        staged[...] = window
-        x = self._input[:n].reshape(1, 1, h, w)
-        be.copy_in(x, staged.reshape(1, 1, h, w))
-        for i, cout in enumerate(net.channels[1:]):
-            y = self._acts[i % 2][:cout * n].reshape(1, cout, h, w)
-            be.conv2d_forward(x, self.params[f"layers.{i}.weight"],
-                              self.params[f"layers.{i}.bias"], relu=net.relu_after(i), out=y)
-            x = y
-        out = self._host_out[:n].reshape(1, 1, h, w)
-        be.copy_out(out, x)
-        return out[0, 0]
+    def device_bytes(self):
+        return 4 * self.capacity * (1 + 2 * max(self.model.network.channels[1:]))
 
-    def __call__(self, image):
+    def __call__(self, image, out=None):
         """The network's output for a normalized 2-D float32 image, in its units."""
-        image = np.asarray(image)
-        if image.ndim != 2 or image.dtype != np.float32:
-            raise TypeError(f"expected a 2-D float32 image, got {image.dtype} {image.shape}")
-        result = np.empty_like(image)
-        for window, core in tiles(image.shape, self.tile, self.halo):
-            out = self._forward(image[window])
-            local = tuple(slice(c.start - s.start, c.stop - s.start) for c, s in zip(core, window))
-            result[core] = out[local]
-        return result
+        if image.ndim != 2 or image.dtype != np.float32 or not image.flags.c_contiguous:
+            raise TypeError(f"expected a C-contiguous 2-D float32 image, got {image.dtype} "
+                            f"{image.shape}")
+        out = np.empty_like(image) if out is None else out
+        be, net = self.backend, self.model.network
+        w = image.shape[1]
+        for (start, stop), (top, bottom) in strips(image.shape, self.tile, self.halo):
+            h = stop - start
+            n = h * w
+            self._buffers(n)
+            be.copy_in(self._input[:n], image[start:stop].reshape(n))
+            x = self._input[:n].reshape(1, 1, h, w)
+            for i, cout in enumerate(net.channels[1:]):
+                y = self._acts[i % 2][:cout * n].reshape(1, cout, h, w)
+                be.conv2d_forward(x, self.params[f"layers.{i}.weight"],
+                                  self.params[f"layers.{i}.bias"], relu=net.relu_after(i), out=y)
+                x = y
+            last = self._acts[(net.depth - 1) % 2]
+            be.copy_out(out[top:bottom].reshape(-1), last[(top - start) * w:(bottom - start) * w])
+        return out
 
     def denoise(self, image):
         """A raw 2-D float32 image denoised: normalized as in training, passed through the

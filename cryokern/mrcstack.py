@@ -88,12 +88,23 @@ class MrcStack:
                 (int(h.nxstart), int(h.nystart), int(h.nzstart)))
 
     def read(self, index, out):
-        """Image `index` into `out` (float32, shape self.shape); NaN or Inf pixels are an error."""
-        data = os.pread(self._fd, self.image_bytes, self.offset + index * self.image_bytes)
-        if len(data) != self.image_bytes:
+        """Image `index` into `out` (float32, shape self.shape); NaN or Inf pixels are an error.
+
+        float32 files in the machine's byte order are read straight into `out` (no copy)."""
+        offset = self.offset + index * self.image_bytes
+        if out.shape != self.shape:
+            raise ValueError(f"out has shape {out.shape}, the images are {self.shape}")
+        if self.dtype == out.dtype and self.dtype.isnative and out.flags.c_contiguous:
+            got = os.preadv(self._fd, [memoryview(out).cast("B")], offset)
+        else:
+            data = os.pread(self._fd, self.image_bytes, offset)
+            got = len(data)
+            if got == self.image_bytes:
+                out[...] = np.frombuffer(data, self.dtype).reshape(self.shape)
+        if got != self.image_bytes:
             raise DataError(f"{self.path}: truncated at image {index} (file changed while reading?)")
-        out[...] = np.frombuffer(data, self.dtype).reshape(self.shape)
-        if self.dtype.kind == "f" and not np.isfinite(out).all():
+        # min and max are NaN if any pixel is, and infinite if one is: no temporary array
+        if self.dtype.kind == "f" and not (np.isfinite(out.min()) and np.isfinite(out.max())):
             raise DataError(f"{self.path}: image {index} has NaN or Inf pixels")
         return out
 

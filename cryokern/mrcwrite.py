@@ -12,6 +12,7 @@ import tempfile
 import mrcfile
 import numpy as np
 
+from .imagemath import sum_squared_deviations
 from .mrcstack import DataError
 
 # MRC modes of the float dtypes we write
@@ -33,29 +34,24 @@ def check_target(target, inputs, force):
             raise DataError(f"{target}: exists; give --force to replace it")
 
 
-class RunningStats:
-    """Min, max, mean and standard deviation over images, combined exactly enough for the
-    header (Chan et al.'s pairwise update, float64): no cancellation when mean >> spread."""
+def image_stats(data):
+    """(count, mean, sum of squared deviations, min, max) of one image, in float64."""
+    mean = float(data.mean(dtype=np.float64))
+    return (data.size, mean, sum_squared_deviations(data, mean), float(data.min()),
+            float(data.max()))
 
-    def __init__(self):
-        self.count, self.mean, self.m2 = 0, 0.0, 0.0
-        self.min, self.max = np.inf, -np.inf
 
-    def add(self, image):
-        a = np.asarray(image, np.float64) if image.dtype != np.float64 else image
-        n = a.size
-        mean = float(a.mean())
-        m2 = float(np.square(a - mean).sum())
-        total = self.count + n
-        delta = mean - self.mean
-        self.m2 += m2 + delta * delta * self.count * n / total
-        self.mean += delta * n / total
-        self.count = total
-        self.min, self.max = min(self.min, float(a.min())), max(self.max, float(a.max()))
-
-    @property
-    def std(self):
-        return float(np.sqrt(self.m2 / self.count)) if self.count else 0.0
+def combine_stats(parts):
+    """Min, max, mean and standard deviation over images from their image_stats, combined in
+    image order (Chan et al.'s pairwise update: no cancellation when mean >> spread)."""
+    count, mean, m2 = 0, 0.0, 0.0
+    for n, mean_i, m2_i, _, _ in parts:
+        total = count + n
+        delta = mean_i - mean
+        m2 += m2_i + delta * delta * count * n / total
+        mean += delta * n / total
+        count = total
+    return (min(p[3] for p in parts), max(p[4] for p in parts), mean, float(np.sqrt(m2 / count)))
 
 
 class StackWriter:
@@ -64,6 +60,7 @@ class StackWriter:
     layout: 'image' (a 2-D file; count must be 1), 'stack' or 'volume'. voxel_size (x, y, z)
     and origin ((x, y, z), (nxstart, nystart, nzstart)) are copied into the header. Use as a
     context manager: the file appears at `path` only if the block ends without an exception.
+    Images may be written in any order and from several threads (each to its own index).
     """
 
     def __init__(self, path, count, shape, dtype=np.float32, layout="stack", voxel_size=None,
@@ -75,8 +72,8 @@ class StackWriter:
         if layout == "image" and count != 1:
             raise ValueError("a 2-D MRC file holds one image")
         self.count, self.shape = count, tuple(shape)
-        self.stats = RunningStats()
-        self.written = 0
+        self._stats = [None] * count
+        self._next = 0
         directory = os.path.dirname(os.path.abspath(self.path))
         fd, self._tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".mrc", dir=directory)
         os.close(fd)
@@ -108,28 +105,32 @@ class StackWriter:
             mrc.reset_header_stats()
             return mrc.header.copy()
 
-    def write(self, image):
-        """Append the next image (converted to the file's dtype)."""
-        if self.written >= self.count:
-            raise ValueError(f"{self.path}: all {self.count} images are already written")
+    def write(self, image, index=None):
+        """Write image `index` (by default the one after the last written), converted to the
+        file's dtype."""
+        if index is None:
+            index, self._next = self._next, self._next + 1
+        if not 0 <= index < self.count or self._stats[index] is not None:
+            raise ValueError(f"{self.path}: image {index} is written already or out of range "
+                             f"(the file holds {self.count})")
         if image.shape != self.shape:
             raise ValueError(f"{self.path}: image of shape {image.shape}, the file holds "
                              f"{self.shape}")
-        if self.dtype == np.float16 and np.abs(image).max() > FLOAT16_MAX:
-            raise ValueError(f"{self.path}: image {self.written} has values beyond float16's "
-                             f"range (+-{FLOAT16_MAX:g}); write float32 instead")
-        data = np.ascontiguousarray(image, self.dtype)
-        self.stats.add(data)
-        os.pwrite(self._fd, data.tobytes(), self._offset + self.written * self._image_bytes)
-        self.written += 1
+        with np.errstate(over="ignore"):
+            data = np.ascontiguousarray(image, self.dtype)
+        if self.dtype == np.float16 and not np.isfinite(data).all() and np.isfinite(image).all():
+            raise ValueError(f"{self.path}: image {index} has values beyond float16's range "
+                             f"(+-{FLOAT16_MAX:g}); write float32 instead")
+        self._stats[index] = image_stats(data)
+        os.pwrite(self._fd, memoryview(data).cast("B"), self._offset + index * self._image_bytes)
 
     def close(self):
         """Write the header's statistics and move the file into place."""
-        if self.written != self.count:
-            raise ValueError(f"{self.path}: {self.written} of {self.count} images written")
+        missing = sum(s is None for s in self._stats)
+        if missing:
+            raise ValueError(f"{self.path}: {missing} of {self.count} images not written")
         h = self._header
-        h.dmin, h.dmax = self.stats.min, self.stats.max
-        h.dmean, h.rms = self.stats.mean, self.stats.std
+        h.dmin, h.dmax, h.dmean, h.rms = combine_stats(self._stats)
         os.pwrite(self._fd, h.tobytes(), 0)
         os.fsync(self._fd)
         os.close(self._fd)

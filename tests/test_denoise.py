@@ -115,13 +115,14 @@ def test_bad_input_exits_2_naming_the_file_and_writes_nothing(tmp_path, model_pa
 
 
 def test_stacks_are_streamed(tmp_path, rng):
-    """Peak traced memory does not grow with the stack: 16 and 128 images need the same few
-    images' worth (a one-layer network, so that the reference's work arrays stay small)."""
+    """Peak traced memory does not grow with the stack: 16 and 256 images need the same few
+    dozen images' worth, give or take the timing of the threads (a one-layer network, so that
+    the reference's work arrays stay small)."""
     net = Network((1, 1))
     denoiser = TiledDenoiser(Model("m.npz", net, init_params(net, 0), "per-image"),
                              get_backend("reference"))
     peaks = {}
-    for count in (4, 16, 128):       # the first run warms up one-off allocations
+    for count in (4, 16, 256):       # the first run warms up one-off allocations
         path = write_mrc(tmp_path / f"s{count}.mrcs",
                          rng.standard_normal((count, 96, 96)).astype(np.float32))
         tracemalloc.start()
@@ -129,5 +130,5 @@ def test_stacks_are_streamed(tmp_path, rng):
         peaks[count] = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
     image_bytes = 96 * 96 * 4
-    assert peaks[128] < peaks[16] + 4 * image_bytes, peaks
-    assert peaks[128] < 128 * image_bytes / 3, peaks
+    assert peaks[256] < peaks[16] + 16 * image_bytes, peaks
+    assert peaks[256] < 256 * image_bytes / 6, peaks
