@@ -11,11 +11,12 @@ ROWS_PER_BLOCK = 128
 
 
 def sum_squared_deviations(image, mean):
-    """sum((image - mean)^2) in float64."""
+    """sum((image - mean)^2) in float64. numpy ufuncs, not BLAS (np.dot): OpenBLAS serializes
+    calls from several threads, and the denoise pipeline calls this from several."""
     total = 0.0
     for top in range(0, image.shape[0], ROWS_PER_BLOCK):
         d = image[top:top + ROWS_PER_BLOCK].astype(np.float64) - mean
-        total += float(np.vdot(d, d))
+        total += float(np.square(d, out=d).sum())
     return total
 
 

@@ -98,9 +98,9 @@ class TiledDenoiser:
 
     def __call__(self, image, out=None):
         """The network's output for a normalized 2-D float32 image, in its units."""
-        if image.ndim != 2 or image.dtype != np.float32 or not image.flags.c_contiguous:
-            raise TypeError(f"expected a C-contiguous 2-D float32 image, got {image.dtype} "
-                            f"{image.shape}")
+        if image.ndim != 2 or image.dtype != np.float32:
+            raise TypeError(f"expected a 2-D float32 image, got {image.dtype} {image.shape}")
+        image = np.ascontiguousarray(image)
         out = np.empty_like(image) if out is None else out
         be, net = self.backend, self.model.network
         w = image.shape[1]
