@@ -6,7 +6,7 @@ its stages alone (read + normalize, GPU tiles with their copies, un-normalize + 
 network's forward kernels alone (CUDA events) at --tile and on the whole image; PyTorch's
 eager fp32 forward of the same network on the whole image as the peer; and the command itself
 in a fresh process (start-up and kernel-cache load included).
-Usage: python bench/denoise.py [--size 4096] [--count 12] [--tile 1024] [--dir /tmp]
+Usage: python bench/denoise.py [--size 4096] [--count 24] [--tile 2048] [--dir /tmp]
 """
 import argparse
 import datetime
@@ -90,8 +90,8 @@ def torch_forward_ms(params, net, image):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=4096)
-    ap.add_argument("--count", type=int, default=12)
-    ap.add_argument("--tile", type=int, default=1024)
+    ap.add_argument("--count", type=int, default=24)
+    ap.add_argument("--tile", type=int, default=2048)
     ap.add_argument("--dir", default=tempfile.gettempdir())
     args = ap.parse_args()
     size, count = args.size, args.count
@@ -132,6 +132,15 @@ def main():
             w.write(denormalize(a, affine, out=b))
     write_s = wall(write_one, 5)
 
+    def disk_floor():
+        """Plain sequential write + fsync of the stack's bytes: what durable output costs."""
+        with open(os.path.join(out_dir, "plain.bin"), "wb") as f:
+            for _ in range(count):
+                f.write(memoryview(b).cast("B"))
+            f.flush()
+            os.fsync(f.fileno())
+    disk_s = wall(disk_floor, 2)
+
     dev_x = cuda.to_device(x.reshape(1, 1, size, size).copy())
     acts = [cuda.device_array((1, c, size, size), np.float32) for c in net.channels[1:]]
     dparams = {k: cuda.to_device(v) for k, v in params.items()}
@@ -165,6 +174,7 @@ def main():
             ("  stage: read + normalize (one thread)", read_s * 1e3),
             (f"  stage: GPU strips of ~{args.tile}^2 px incl. copies", gpu_s * 1e3),
             ("  stage: un-normalize + write + fsync (one thread)", write_s * 1e3),
+            ("plain write + fsync of as many bytes (disk floor)", disk_s * 1e3 / count),
             ("GPU whole image at once incl. copies (tile 0)", whole_s * 1e3),
             ("forward kernels alone, whole image (CUDA events)", kernels_ms),
             ("PyTorch eager fp32 forward, whole image (cuDNN)", torch_ms),

@@ -36,9 +36,10 @@ def build_parser():
     p.add_argument("-o", "--out", required=True, metavar="OUTDIR",
                    help="directory for the outputs, one per input under the input's file name")
     p.add_argument("--tile", type=int, default=DEFAULT_TILE, metavar="SIZE",
-                   help=f"process SIZE x SIZE tiles plus a halo of the network's receptive "
-                        f"radius (default {DEFAULT_TILE}; 0: whole images). The output does "
-                        "not depend on it; device memory does")
+                   help=f"process tiles of about SIZE x SIZE pixels (strips of whole rows) plus "
+                        f"a halo of the network's receptive radius (default {DEFAULT_TILE}; 0: "
+                        "whole images). The output does not depend on it; device memory does "
+                        "(about 132 bytes per pixel of a tile for the default network)")
     p.add_argument("--float16", action="store_true",
                    help="write float16 (MRC mode 12) instead of float32 (mode 2)")
     p.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto",
@@ -142,7 +143,8 @@ def main(argv=None):
         print(f"cryokern: denoising {total} images from {len(plan)} files with "
               f"{Path(model.path).name} (channels {','.join(map(str, model.network.channels))}, "
               f"normalization {model.normalize}); backend {backend.name}, tiles of "
-              f"{opts.tile or 'whole images'} + halo {denoiser.halo}", flush=True)
+              f"{f'~{opts.tile}^2 px' if opts.tile else 'whole images'} + halo {denoiser.halo}",
+              flush=True)
         start = time.perf_counter()
         with tqdm(total=total, unit="img", disable=None) as bar:
             for stack, target in plan:

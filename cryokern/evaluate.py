@@ -43,7 +43,8 @@ def build_parser():
     p.add_argument("--panel-images", type=int, default=3, metavar="N",
                    help="images in the panel (default 3)")
     p.add_argument("--tile", type=int, default=DEFAULT_TILE, metavar="SIZE",
-                   help=f"denoise in tiles of SIZE (default {DEFAULT_TILE}; 0: whole images)")
+                   help=f"denoise in tiles of about SIZE x SIZE pixels (default {DEFAULT_TILE}; "
+                        "0: whole images); the scores do not depend on it")
     p.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto")
     return p
 

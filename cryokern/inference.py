@@ -20,7 +20,7 @@ from .data import NORMALIZATIONS, denormalize, normalization, normalize
 from .model import Network
 from .mrcstack import DataError
 
-DEFAULT_TILE = 1024
+DEFAULT_TILE = 2048
 
 
 @dataclass(frozen=True)

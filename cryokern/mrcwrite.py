@@ -122,7 +122,13 @@ class StackWriter:
             raise ValueError(f"{self.path}: image {index} has values beyond float16's range "
                              f"(+-{FLOAT16_MAX:g}); write float32 instead")
         self._stats[index] = image_stats(data)
-        os.pwrite(self._fd, memoryview(data).cast("B"), self._offset + index * self._image_bytes)
+        offset = self._offset + index * self._image_bytes
+        os.pwrite(self._fd, memoryview(data).cast("B"), offset)
+        if hasattr(os, "posix_fadvise"):
+            # start writing this image to disk now (Linux begins writeback on DONTNEED), so
+            # the disk works while the next images are computed and close()'s fsync is short;
+            # it also keeps a long output from filling the page cache
+            os.posix_fadvise(self._fd, offset, self._image_bytes, os.POSIX_FADV_DONTNEED)
 
     def close(self):
         """Write the header's statistics and move the file into place."""
