@@ -1,8 +1,9 @@
-"""Every benchmark in one command: kernels, training step beside PyTorch, I/O and end-to-end.
+"""Every benchmark in one command: kernels, training step beside PyTorch, I/O and end-to-end,
+denoising 4096x4096 micrographs.
 
 On a machine without a CUDA GPU it times the NumPy reference's training step instead and says
-which GPU parts it skipped. Usage: python bench/run_all.py [--quick]  (--quick: no I/O benchmark,
-which writes 6 GiB of stacks)
+which GPU parts it skipped. Usage: python bench/run_all.py [--quick]  (--quick: no I/O and
+denoise benchmarks, which write several GiB of stacks)
 """
 import argparse
 import os
@@ -37,7 +38,7 @@ def reference_step(n=4, size=128, steps=3):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="skip the I/O benchmark")
+    ap.add_argument("--quick", action="store_true", help="skip the I/O and denoise benchmarks")
     args = ap.parse_args()
     from cryokern.backends import gpu_available
     if not gpu_available():
@@ -45,7 +46,7 @@ def main():
         print(f"no CUDA GPU: reference step, 4x1x128x128, median of 3: {secs * 1e3:.0f} ms "
               f"({4 / secs:.1f} images/s). Skipped: kernel, step and I/O benchmarks (GPU only).")
         return 0
-    scripts = ["kernels.py", "step.py"] + ([] if args.quick else ["train_io.py"])
+    scripts = ["kernels.py", "step.py"] + ([] if args.quick else ["train_io.py", "denoise.py"])
     status = 0
     for script in scripts:
         print(f"\n=== bench/{script}", flush=True)

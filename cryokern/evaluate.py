@@ -20,7 +20,7 @@ from tqdm import tqdm
 from .backends import get_backend
 from .data import PairedImages
 from .inference import DEFAULT_TILE, TiledDenoiser, load_model
-from .metrics import (NAMES, image_metrics, mean_metrics, ssim_description,
+from .metrics import (NAMES, SSIM_MIN_SIZE, image_metrics, mean_metrics, ssim_description,
                       structural_similarity)
 from .mrcstack import DataError
 
@@ -92,6 +92,10 @@ def evaluate(opts):
         raise DataError("--tile must be positive (or 0 for whole images)")
     model = load_model(opts.model)
     images = PairedImages(list(zip(opts.noisy, opts.clean)))
+    for noisy, _ in images.pairs:
+        if min(noisy.shape) < SSIM_MIN_SIZE:
+            raise DataError(f"{noisy.path}: images are {noisy.shape[0]}x{noisy.shape[1]}; SSIM's "
+                            f"window needs at least {SSIM_MIN_SIZE}x{SSIM_MIN_SIZE}")
     backend = get_backend({"cpu": "reference"}.get(opts.device, opts.device))
     denoiser = TiledDenoiser(model, backend, opts.tile)
     records, panel = [], []

@@ -11,6 +11,8 @@ import numpy as np
 SSIM_SETTINGS = {"gaussian_weights": True, "sigma": 1.5, "use_sample_covariance": False,
                  "K1": 0.01, "K2": 0.03}
 NAMES = ("mse", "rmse", "mae", "psnr", "ssim", "pearson")
+# scikit-image's Gaussian window: radius int(3.5 sigma + 0.5), so images need 11 x 11 pixels
+SSIM_MIN_SIZE = 2 * int(3.5 * SSIM_SETTINGS["sigma"] + 0.5) + 1
 
 
 def structural_similarity():

@@ -81,3 +81,10 @@ def test_mismatched_pairs_exit_2_naming_the_files(tmp_path, files, capsys):
     assert main([model, "--noisy", noisy, "--clean", other, "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"cryokern.evaluate: error: {noisy}: 3 images") and other in err
+
+
+def test_images_too_small_for_the_ssim_window_exit_2(tmp_path, files, capsys):
+    model = files[0]
+    tiny = write_mrc(tmp_path / "tiny.mrcs", np.zeros((2, 10, 30), np.float32))
+    assert main([model, "--noisy", tiny, "--clean", tiny, "--device", "cpu"]) == 2
+    assert "images are 10x30; SSIM's window needs at least 11x11" in capsys.readouterr().err
