@@ -28,21 +28,7 @@ from cryokern.inference import Model, TiledDenoiser
 from cryokern.model import Network, init_params
 from cryokern.mrcstack import MrcStack
 from cryokern.mrcwrite import StackWriter
-
-
-def event_ms(fn, repeats=10, warmup=2):
-    for _ in range(warmup):
-        fn()
-    cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, stop = cuda.event(timing=True), cuda.event(timing=True)
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(cuda.event_elapsed_time(start, stop))
-    return statistics.median(times)
+from step import event_times
 
 
 def wall(fn, repeats):
@@ -151,7 +137,7 @@ def main():
             gpu.conv2d_forward(h, dparams[f"layers.{i}.weight"], dparams[f"layers.{i}.bias"],
                                relu=net.relu_after(i), out=acts[i])
             h = acts[i]
-    kernels_ms = event_ms(forward_whole)
+    kernels_ms = event_times(forward_whole, 10)[0]
     del acts, dev_x
     torch_ms = torch_forward_ms(params, net, x)
     whole_s = wall(lambda: whole(b, out=a), 5)
