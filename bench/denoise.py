@@ -3,7 +3,7 @@
 Writes a stack of --count float32 micrographs, then times (medians, one process, one device):
 the whole `denoise_file` pipeline from the page cache (what `python -m cryokern.denoise` runs);
 its stages alone (read + normalize, GPU tiles with their copies, un-normalize + write); the
-network's forward kernels alone (CUDA events) at --tile and on the whole image; PyTorch's
+network's forward kernels alone on the whole image (CUDA events); PyTorch's
 eager fp32 forward of the same network on the whole image as the peer; and the command itself
 in a fresh process (start-up and kernel-cache load included).
 Usage: python bench/denoise.py [--size 4096] [--count 24] [--tile 2048] [--dir /tmp]
