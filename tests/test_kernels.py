@@ -14,7 +14,8 @@ from cryokern.kernels.arrays import is_device_array
 # (N, Cin, Cout, H, W): single pixels, odd shapes, several blocks with edge blocks; for weight
 # gradients also several reduction tiles (16 x 64) and the default 16 -> 16 layer
 SMALL = [(2, 3, 5, 13, 17), (1, 1, 2, 1, 1), (1, 2, 1, 2, 3), (1, 1, 2, 18, 66)]
-SMALL_WEIGHTS = SMALL + [(1, 2, 3, 18, 66), (2, 16, 16, 13, 17)]
+SMALL_WEIGHTS = SMALL + [(1, 2, 3, 18, 66), (2, 16, 16, 13, 17), (1, 1, 16, 18, 66),
+                         (1, 16, 1, 17, 67)]
 LARGE = [(4, 16, 16, 1024, 1024), (3, 16, 16, 997, 1013), (2, 1, 16, 256, 256),
          (2, 16, 1, 256, 256)]
 
