@@ -218,16 +218,9 @@ XS_STRIDE = 3 * XROW + (2 - 3 * XROW) % 16   # floats per input channel in the x
 
 @lru_cache(maxsize=None)
 def _weights_kernel(cin, cout, max_registers=WEIGHTS_MAX_REGISTERS):
-    """Numerics section 4a, generated: (kernel, threads per block).
-
-    A layer with few channel pairs (1 -> 16, 16 -> 1) has too few (input, output) pairs to keep
-    a block busy with one thread each: there every thread holds a single chain, one per
-    (output, input, tap) and then one per bias."""
-    per_tap = cin * cout < 64
-    go = 4 if cout % 4 == 0 and not per_tap else 1
-    chains = cout * cin * 9
-    # threads that hold chains; the rest only help staging
-    workers = chains + cout if per_tap else cout // go * cin
+    """Numerics section 4a, generated: (kernel, threads per block)."""
+    go = 4 if cout % 4 == 0 and cin * cout >= 64 else 1
+    workers = cout // go * cin          # threads that hold chains; the rest only help staging
     threads = max(STAGING_THREADS, -(-workers // 32) * 32)
     g_total, x_total = cout * TILE_W, cin * XROW
     src = Source().kernel("gy, x, gw_part, gb_part, height, width, tiles_w", max_registers)
@@ -239,18 +232,11 @@ def _weights_kernel(cin, cout, max_registers=WEIGHTS_MAX_REGISTERS):
     src(f"cols = min({TILE_W}, width - c0)")
     src("plane = height * width")
     src("tid = cuda.threadIdx.x")
-    if per_tap:     # tid = (o * cin + ci) * 9 + ky * 3 + kx, then chains + o for the biases
-        src(f"o = tid // {cin * 9} if tid < {chains} else tid - {chains}")
-        src(f"ci = (tid // 9) % {cin}")
-        src("ky = (tid % 9) // 3")
-        src("kx = tid % 3")
-        src("a = float32(0)")
-    else:
-        src(f"og = tid // {cin}")
-        src(f"ci = tid % {cin}")
+    src(f"og = tid // {cin}")
+    src(f"ci = tid % {cin}")
     src(f"gs = cuda.shared.array({cout * GS}, float32)")
     src(f"xs = cuda.shared.array({cin * XS_STRIDE}, float32)")
-    for j in range(0 if per_tap else go):
+    for j in range(go):
         src(f"b{j} = float32(0)")
         for k in range(9):
             src(f"a{j}_{k} = float32(0)")
@@ -297,19 +283,6 @@ def _weights_kernel(cin, cout, max_registers=WEIGHTS_MAX_REGISTERS):
     src(f"if s < 1 or tid >= {workers}:").indent()("continue").dedent()
     # tile row r = s - 1 reads image rows r0+r-1+k, k = 0..2, in slots (r0 + r + k) % 3
     src("r = s - 1")
-    if per_tap:
-        src(f"gr = o * {GS}")
-        src(f"if tid < {chains}:").indent()
-        src(f"xr = ci * {XS_STRIDE} + ((r0 + r + ky) % 3) * {XROW} + kx")
-        src("for c in range(cols):").indent()("a = cuda.fma(gs[gr + c], xs[xr + c], a)")
-        src.dedent().dedent()
-        src("else:").indent()
-        src("for c in range(cols):").indent()("a = a + gs[gr + c]").dedent().dedent()
-        src.dedent()
-        src(f"if tid < {chains}:").indent()("gw_part[n, t, tid] = a").dedent()
-        src(f"elif tid < {workers}:").indent()(f"gb_part[n, t, tid - {chains}] = a").dedent()
-        module = load_module(f"conv_weights_{cin}_{cout}", src.text())
-        return module.kernel, threads
     for k in range(3):
         src(f"x{k} = ci * {XS_STRIDE} + ((r0 + r + {k}) % 3) * {XROW}")
     for k in range(3):
