@@ -58,37 +58,40 @@ class TrainStep:
         self._workspaces = {}
 
     def _workspace(self, shape):
+        """The activations acts[1..depth], allocated once per batch shape."""
         if shape not in self._workspaces:
             n, _, h, w = shape
-            ch = self.network.channels
-            empty = self.backend.empty
-            self._workspaces[shape] = {
-                "acts": [empty((n, c, h, w)) for c in ch[1:]],
-                "grad": [empty((n, c, h, w)) for c in ch[1:]],
-            }
+            self._workspaces[shape] = [self.backend.empty((n, c, h, w))
+                                       for c in self.network.channels[1:]]
         return self._workspaces[shape]
 
     def _forward(self, x, target):
         be, net = self.backend, self.network
         if x.shape[1] != net.channels[0] or target.shape != x.shape[:1] + (net.channels[-1],) + x.shape[2:]:
             raise ValueError(f"batch {x.shape} -> {target.shape} does not fit channels {net.channels}")
-        ws = self._workspace(tuple(x.shape))
-        acts = [x] + ws["acts"]
+        acts = [x] + self._workspace(tuple(x.shape))
         for i in range(net.depth):
             be.conv2d_forward(acts[i], self.params[f"layers.{i}.weight"],
                               self.params[f"layers.{i}.bias"], relu=net.relu_after(i),
                               out=acts[i + 1])
-        return acts, ws["grad"]
+        return acts
 
     def loss(self, x, target):
         """(sse, count) of the network's output on a batch, without a step (validation)."""
-        acts, _ = self._forward(x, target)
-        return self.backend.mse_loss(acts[-1], target)
+        return self.backend.mse_loss(self._forward(x, target)[-1], target)
 
     def __call__(self, x, target):
-        """One step on a batch; returns (sse, count) of the loss before the update."""
+        """One step on a batch; returns (sse, count) of the loss before the update.
+
+        Each gradient overwrites the activation it is the gradient of (grad[j] is acts[j + 1]'s
+        buffer), so the backward pass needs no memory of its own: the loss gradient overwrites
+        the prediction and layer i's input gradient overwrites its ReLU output, which both
+        kernels allow (each output element is written after its own input element is read,
+        by the same thread), and an activation is written over only after its last reader, the
+        weight gradient of the layer it feeds, has run."""
         be, net = self.backend, self.network
-        acts, grad = self._forward(x, target)
+        acts = self._forward(x, target)
+        grad = acts[1:]
         count = int(np.prod(target.shape))
         sse, _ = be.mse_loss_and_grad(acts[-1], target, count, out=grad[-1])
         for i in reversed(range(net.depth)):

@@ -64,6 +64,19 @@ def test_backward_data(rng, shape, masked):
     assert same_bits(out, R.conv2d_backward_data(gy, wt, relu_output=mask))
 
 
+@pytest.mark.parametrize("shape", cases(LARGE[:1], SMALL[:1] + SMALL[3:]))
+def test_backward_data_may_write_over_its_mask(rng, shape):
+    """The training step writes each layer's input gradient over its ReLU output."""
+    n, cin, cout, h, w = shape
+    gy, wt, y = randn(rng, n, cout, h, w), randn(rng, cout, cin, 3, 3), randn(rng, n, cin, h, w)
+    want = R.conv2d_backward_data(gy, wt, relu_output=y)
+    shared = cuda.to_device(y)
+    K.conv2d_backward_data(cuda.to_device(gy), cuda.to_device(wt), relu_output=shared, out=shared)
+    assert same_bits(shared, want)
+    R.conv2d_backward_data(gy, wt, relu_output=y, out=y)
+    assert same_bits(y, want)
+
+
 @pytest.mark.parametrize("shape", cases(LARGE, SMALL_WEIGHTS))
 def test_backward_weights(rng, shape):
     n, cin, cout, h, w = shape
@@ -85,6 +98,20 @@ def test_loss_and_grad(rng, shape):
     assert same_bits(out, R.mse_grad(pred, target, count))
     assert K.mse_loss(pred, target) == (want_sse, count)
     assert same_bits(K.mse_grad(pred, target, count), R.mse_grad(pred, target, count))
+
+
+@pytest.mark.parametrize("shape", cases([(4, 1, 1, 1024, 1024)], [(2, 1, 1, 20, 70)]))
+def test_loss_gradient_may_write_over_the_prediction(rng, shape):
+    """The training step writes the loss gradient over the network's output."""
+    n, c, _, h, w = shape
+    pred, target = randn(rng, n, c, h, w), randn(rng, n, c, h, w)
+    want_sse, count = R.mse_loss(pred, target)
+    want = R.mse_grad(pred, target, count)
+    shared = cuda.to_device(pred)
+    sse, _ = K.mse_loss_and_grad(shared, cuda.to_device(target), count, out=shared)
+    assert sse == want_sse and same_bits(shared, want)
+    sse, _ = R.mse_loss_and_grad(pred, target, count, out=pred)
+    assert sse == want_sse and same_bits(pred, want)
 
 
 def test_relu_backward(rng):

@@ -76,3 +76,26 @@ def test_mismatched_parameters_rejected():
         p = init_params(Network(), 0)
         p["layers.0.weight"] = np.zeros((16, 2, 3, 3), np.float32)
         TrainStep(get_backend("reference"), Network(), p, OptimizerConfig())
+
+
+@pytest.mark.parametrize("channels", [(1, 4, 4, 1), (1, 3, 3, 3, 1), (1, 2, 5, 1)])
+def test_step_gradients_match_float64_backprop(channels):
+    """The step's gradients, with its work buffers shared between activations and gradients,
+    against an independent float64 backward pass."""
+    from float64_math import conv64, conv_backward_data64, conv_backward_weights64, rel_err
+    net = Network(channels)
+    noisy, clean = synthetic_batch(np.random.default_rng(2))
+    params = init_params(net, 3)
+    trainer = TrainStep(get_backend("reference"), net, params, OptimizerConfig(lr=0.0))
+    trainer(noisy, clean)
+    trainer(noisy, clean)          # a second step reuses (and must refill) the shared buffers
+    acts = [noisy.astype(np.float64)]
+    for i in range(net.depth):
+        y = conv64(acts[-1], params[f"layers.{i}.weight"], params[f"layers.{i}.bias"])
+        acts.append(np.maximum(y, 0) if net.relu_after(i) else y)
+    g = 2 * (acts[-1] - clean) / clean.size
+    for i in reversed(range(net.depth)):
+        gw, gb = conv_backward_weights64(g, acts[i])
+        assert rel_err(trainer.grads[f"layers.{i}.weight"], gw) < 1e-5, i
+        assert rel_err(trainer.grads[f"layers.{i}.bias"], gb) < 1e-5, i
+        g = conv_backward_data64(g, params[f"layers.{i}.weight"]) * (acts[i] > 0)
