@@ -150,23 +150,28 @@ def denormalize(image, affine, out=None):
     return affine_map(image, lambda rows: rows / scale + mean, out)
 
 
-def normalize_pair(noisy, clean, mode):
-    """A training pair under the noisy image's normalization."""
-    affine = normalization(noisy, mode)
-    return normalize(noisy, affine), normalize(clean, affine)
+_read_buffers = threading.local()
 
 
-def fill_image(subset, index, corner, normalize, noisy_out, clean_out):
-    """Read, normalize and crop one image pair into noisy_out/clean_out (h, w); returns the
-    clean crop's (min, max), for PSNR."""
+def _read_buffer(which, shape):
+    """A float32 image buffer reused by this thread (no allocation, no page faults per image)."""
+    buffers = _read_buffers.__dict__.setdefault("buffers", {})
+    if (which, shape) not in buffers:
+        buffers[(which, shape)] = np.empty(shape, np.float32)
+    return buffers[(which, shape)]
+
+
+def fill_image(subset, index, corner, normalize_mode, noisy_out, clean_out):
+    """Read one image pair, normalize it by the whole noisy image's statistics and write the
+    crop into noisy_out/clean_out (h, w); returns the clean crop's (min, max), for PSNR."""
     h, w = subset.image_shape
     top, left = corner
     (noisy, clean), local = subset.images.locate(int(index))
-    a = noisy.read(local, np.empty(noisy.shape, np.float32))
-    b = clean.read(local, np.empty(clean.shape, np.float32))
-    a, b = normalize_pair(a, b, normalize)
-    noisy_out[...] = a[top:top + h, left:left + w]
-    clean_out[...] = b[top:top + h, left:left + w]
+    a = noisy.read(local, _read_buffer("noisy", noisy.shape))
+    b = clean.read(local, _read_buffer("clean", clean.shape))
+    affine = normalization(a, normalize_mode)
+    normalize(a[top:top + h, left:left + w], affine, out=noisy_out)
+    normalize(b[top:top + h, left:left + w], affine, out=clean_out)
     return float(clean_out.min()), float(clean_out.max())
 
 
