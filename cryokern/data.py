@@ -175,13 +175,13 @@ def fill_image(subset, index, corner, normalize_mode, noisy_out, clean_out):
     return float(clean_out.min()), float(clean_out.max())
 
 
-def fill_batch(subset, spec, normalize, noisy_out, clean_out, pool=None):
-    """Fill a batch (N, 1, h, w), its images in parallel on `pool` (an Executor) if given;
-    each image has its own slot, so the result does not depend on the pool."""
-    jobs = [(subset, i, c, normalize, noisy_out[k, 0], clean_out[k, 0])
+def submit_batch(pool, subset, spec, normalize_mode, noisy_out, clean_out):
+    """Start filling a batch (N, 1, h, w): one job per image on `pool` (an Executor), each
+    into its own slot, so the result does not depend on the pool; each job returns its clean
+    crop's (min, max)."""
+    return [pool.submit(fill_image, subset, i, c, normalize_mode, noisy_out[k, 0],
+                        clean_out[k, 0])
             for k, (i, c) in enumerate(zip(spec.indices, spec.corners))]
-    ranges = list(pool.map(fill_image, *zip(*jobs))) if pool else [fill_image(*j) for j in jobs]
-    return min(lo for lo, _ in ranges), max(hi for _, hi in ranges)
 
 
 class BatchLoader:
@@ -192,9 +192,10 @@ class BatchLoader:
     asked for, so use a batch before asking for the next."""
 
     def __init__(self, subset, specs, normalize, buffers, workers=None):
-        # reading and converting is CPU-bound (several passes over each image): one thread per
-        # image of a batch, up to `workers` (default: up to 8, one per core)
-        self._pool = ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1))
+        # reading and converting is CPU-bound (several passes over each image): the images of
+        # every batch that has free buffers are filled at once, one thread each, up to
+        # `workers` (default: one per core, up to 16)
+        self._pool = ThreadPoolExecutor(workers or min(16, os.cpu_count() or 1))
         self._free = queue.Queue()
         for pair in buffers:
             self._free.put(pair)
@@ -211,8 +212,8 @@ class BatchLoader:
                 if buffers is None or self._stop.is_set():
                     return
                 noisy, clean = buffers
-                lo, hi = fill_batch(subset, spec, normalize, noisy, clean, self._pool)
-                self._ready.put((noisy, clean, len(spec.indices), lo, hi))
+                jobs = submit_batch(self._pool, subset, spec, normalize, noisy, clean)
+                self._ready.put((noisy, clean, len(spec.indices), jobs))
         except BaseException as e:  # handed to the consumer, which raises it
             self._ready.put(e)
 
@@ -224,13 +225,16 @@ class BatchLoader:
             item = self._ready.get()
             if isinstance(item, BaseException):
                 raise item
-            noisy, clean, n, lo, hi = item
+            noisy, clean, n, jobs = item
+            ranges = [job.result() for job in jobs]
             previous = (noisy, clean)
-            yield noisy[:n], clean[:n], lo, hi
+            yield (noisy[:n], clean[:n], min(lo for lo, _ in ranges),
+                   max(hi for _, hi in ranges))
 
     def close(self):
-        """Stop the thread (it finishes the batch it is filling) before the pool is reused."""
+        """Stop the thread and the jobs not yet started; wait for those running, which write
+        into buffers that may be reused after this returns."""
         self._stop.set()
         self._free.put(None)
         self._thread.join()
-        self._pool.shutdown()
+        self._pool.shutdown(cancel_futures=True)
