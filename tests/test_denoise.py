@@ -132,3 +132,15 @@ def test_stacks_are_streamed(tmp_path, rng):
     image_bytes = 96 * 96 * 4
     assert peaks[256] < peaks[16] + 16 * image_bytes, peaks
     assert peaks[256] < 256 * image_bytes / 6, peaks
+
+
+def test_progress_counts_every_image(tmp_path, model_path, inputs):
+    class Counter:
+        n = 0
+
+        def update(self, k):
+            self.n += k
+    counter = Counter()
+    denoiser = TiledDenoiser(load_model(model_path), get_backend("reference"))
+    denoise_file(MrcStack(inputs[0]), tmp_path / "o.mrcs", denoiser, progress=counter)
+    assert counter.n == 3
