@@ -1,5 +1,7 @@
 """Geometry variants of the generated forward convolution (bias + ReLU) for the default network's
 three layer shapes, timed side by side, each checked bit for bit against the default geometry.
+Then the weight-gradient kernel's variants (staging addresses precomputed or not, register cap
+or not) for the same shapes.
 Usage: python bench/tune_conv.py [--batch 4] [--size 1024]
 """
 import argparse
@@ -54,25 +56,32 @@ def main():
 
 
 def weights(n, s, rng):
-    """The 16 -> 16 weight-gradient kernel under register caps (partials compared bit for bit)."""
+    """The weight-gradient kernel of each layer shape with its staging addresses precomputed
+    or not, under a register cap or not (partials compared bit for bit)."""
     from cryokern.contract import tile_grid
-    gy = cuda.to_device(rng.standard_normal((n, 16, s, s)).astype(np.float32))
-    x = cuda.to_device(rng.standard_normal((n, 16, s, s)).astype(np.float32))
     th, tw = tile_grid(s, s)
-    gw = cuda.device_array((n, th * tw, 16 * 16 * 9), np.float32)
-    gb = cuda.device_array((n, th * tw, 16), np.float32)
-    flops = 2 * n * s * s * 16 * 16 * 9
-    want = None
-    for max_registers in (None, 168, 128, 96):
-        kernel, threads = conv._weights_kernel(16, 16, max_registers)
-        fn = lambda: kernel[(th * tw, n), threads](gy.reshape(gy.size), x.reshape(x.size), gw, gb,
-                                                  s, s, tw)
-        med, _, _ = event_times(fn, 10)
-        got = gw.copy_to_host()
-        want = got if want is None else want
-        regs = next(iter(kernel.overloads.values())).regs_per_thread
-        print(f"weights 16->16 maxreg {str(max_registers):>5s} regs {regs:4d} {med:8.3f} ms "
-              f"{flops / med / 1e9:6.1f} TFLOP/s {'same' if np.array_equal(got, want) else 'DIFFERENT'}")
+    for cin, cout in SHAPES:
+        gy = cuda.to_device(rng.standard_normal(n * cout * s * s).astype(np.float32))
+        x = cuda.to_device(rng.standard_normal(n * cin * s * s).astype(np.float32))
+        gw = cuda.device_array((n, th * tw, cout * cin * 9), np.float32)
+        gb = cuda.device_array((n, th * tw, cout), np.float32)
+        flops = 2 * n * s * s * cin * cout * 9
+        want = None
+        for precompute in (False, True):
+            for max_registers in (128, None):
+                kernel, threads = conv._weights_kernel(cin, cout, max_registers, precompute)
+                fn = lambda: kernel[(th * tw, n), threads](gy, x, gw, gb, s, s, tw)
+                med, _, _ = event_times(fn, 20)
+                got = np.concatenate([gw.copy_to_host().ravel(), gb.copy_to_host().ravel()])
+                want = got if want is None else want
+                overload = next(iter(kernel.overloads.values()))
+                chosen = (max_registers, precompute) == conv.weights_variant(cin, cout)
+                print(f"weights {cin}->{cout} precompute {precompute!s:5} maxreg "
+                      f"{str(max_registers):>4s} regs {overload.regs_per_thread:4d} local "
+                      f"{overload.local_mem_per_thread:4d} {med:8.3f} ms "
+                      f"{flops / med / 1e9:6.1f} TFLOP/s "
+                      f"{'same' if np.array_equal(got, want) else 'DIFFERENT'}"
+                      f"{'  <- default' if chosen else ''}")
 
 
 if __name__ == "__main__":

@@ -204,7 +204,7 @@ def _relu_mask(gy, y, gx):
 # live and spilled the 16 -> 16 kernel.)
 STAGING_THREADS = 128
 # Left alone, the compiler gives the 16 -> 16 kernel 222 registers (2 blocks per SM); capped at
-# 128 it spills 248 bytes per thread and still runs 1.6x faster (bench/tune_conv.py, H100).
+# 128 it spills and still runs 1.6x faster (bench/tune_conv.py, H100).
 WEIGHTS_MAX_REGISTERS = 128
 GS = TILE_W + 1              # gy row stride: the warp's output groups fall in different banks
 XROW = TILE_W + 2
@@ -214,9 +214,22 @@ XS_STRIDE = 3 * XROW + (2 - 3 * XROW) % 16   # floats per input channel in the x
 
 
 
+def weights_variant(cin, cout):
+    """(max_registers, precompute) for a layer's weight-gradient kernel, as measured by
+    bench/tune_conv.py (H200, 2026-11-26, 4 x 1024^2, ms, old default first): 1 -> 16 0.666 ->
+    0.540 (addresses precomputed, no cap: 72 registers, more blocks per SM); 16 -> 1 0.679 ->
+    0.665 (no cap; precomputing its 9 input slots cost more than it saved); 16 -> 16 1.834 ->
+    1.699 (precomputed, capped at 128)."""
+    return (WEIGHTS_MAX_REGISTERS if cin * cout >= 64 else None), cout >= cin
+
+
 @lru_cache(maxsize=None)
-def _weights_kernel(cin, cout, max_registers=WEIGHTS_MAX_REGISTERS):
-    """Numerics section 4a, generated: (kernel, threads per block)."""
+def _weights_kernel(cin, cout, max_registers, precompute):
+    """Numerics section 4a, generated: (kernel, threads per block).
+
+    precompute: compute each thread's staging addresses once, before the row loop, instead of
+    in every row (they differ between rows only by the row's base), at the cost of registers
+    held across the loop."""
     go = 4 if cout % 4 == 0 and cin * cout >= 64 else 1
     workers = cout // go * cin          # threads that hold chains; the rest only help staging
     threads = max(STAGING_THREADS, -(-workers // 32) * 32)
@@ -246,25 +259,57 @@ def _weights_kernel(cin, cout, max_registers=WEIGHTS_MAX_REGISTERS):
         stores them (a loop of load-store pairs would wait for each load in turn)."""
         slots = -(-total // threads)
         for i in range(slots):
-            src(f"e = tid + {i * threads}")
-            guard = f" and e < {total}" if (i + 1) * threads > total else ""
+            if not precompute:
+                src(f"e = tid + {i * threads}")
+            guard = f" and e < {total}" if (i + 1) * threads > total and not precompute else ""
             load(i, guard)
         for i in range(slots):
-            src(f"e = tid + {i * threads}")
+            if not precompute:
+                src(f"e = tid + {i * threads}")
             if (i + 1) * threads > total:
-                src(f"if e < {total}:").indent()(store(i)).dedent()
+                src(f"if tid + {i * threads} < {total}:").indent()(store(i)).dedent()
             else:
                 src(store(i))
 
     def load_x(i, guard):
+        if precompute:
+            src(f"p{i} = x[xa{i} + q * width] if qin and xv{i} else float32(0)")
+            return
         src(f"col = c0 + e % {XROW} - 1")
         src(f"p{i} = x[xbase + (e // {XROW}) * plane + q * width + col] "
             f"if qin and col >= 0 and col < width{guard} else float32(0)")
 
     def load_gy(i, guard):
+        if precompute:
+            src(f"p{i} = gy[ga{i} + (q - 1) * width] if gv{i} else float32(0)")
+            return
         src(f"c = e % {TILE_W}")
         src(f"p{i} = gy[gbase + (e // {TILE_W}) * plane + (q - 1) * width + c0 + c] "
             f"if c < cols{guard} else float32(0)")
+
+    def store_x(i):
+        if precompute:
+            return f"xs[xi{i} + xo] = p{i}"
+        return f"xs[(e // {XROW}) * {XS_STRIDE} + xo + e % {XROW}] = p{i}"
+
+    def store_gy(i):
+        if precompute:
+            return f"gs[gi{i}] = p{i}"
+        return f"gs[(e // {TILE_W}) * {GS} + e % {TILE_W}] = p{i}"
+
+    if precompute:   # address, validity and shared index of every staging slot, once
+        for i in range(-(-x_total // threads)):
+            src(f"e = tid + {i * threads}")
+            src(f"col = c0 + e % {XROW} - 1")
+            src(f"xa{i} = xbase + (e // {XROW}) * plane + col")
+            src(f"xv{i} = col >= 0 and col < width and e < {x_total}")
+            src(f"xi{i} = (e // {XROW}) * {XS_STRIDE} + e % {XROW}")
+        for i in range(-(-g_total // threads)):
+            src(f"e = tid + {i * threads}")
+            src(f"c = e % {TILE_W}")
+            src(f"ga{i} = gbase + (e // {TILE_W}) * plane + c0 + c")
+            src(f"gv{i} = c < cols and e < {g_total}")
+            src(f"gi{i} = (e // {TILE_W}) * {GS} + c")
 
     # step s stages image row q = r0 + s of x in ring slot (q + 1) % 3 (rows outside the image
     # are 0) and, from s = 1, gy's tile row s - 1; then it computes tile row s - 1
@@ -273,9 +318,9 @@ def _weights_kernel(cin, cout, max_registers=WEIGHTS_MAX_REGISTERS):
     src("qin = q >= 0 and q < height")
     src(f"xo = ((q + 1) % 3) * {XROW}")
     src("cuda.syncthreads()")
-    stage(x_total, load_x, lambda i: f"xs[(e // {XROW}) * {XS_STRIDE} + xo + e % {XROW}] = p{i}")
+    stage(x_total, load_x, store_x)
     src("if s >= 1:").indent()
-    stage(g_total, load_gy, lambda i: f"gs[(e // {TILE_W}) * {GS} + e % {TILE_W}] = p{i}")
+    stage(g_total, load_gy, store_gy)
     src.dedent()
     src("cuda.syncthreads()")
     src(f"if s < 1 or tid >= {workers}:").indent()("continue").dedent()
@@ -310,7 +355,7 @@ def _weights_kernel(cin, cout, max_registers=WEIGHTS_MAX_REGISTERS):
         for k in range(9):
             src(f"gw_part[n, t, (o * {cin} + ci) * 9 + {k}] = a{j}_{k}")
         src("if ci == 0:").indent()(f"gb_part[n, t, o] = b{j}").dedent()
-    module = load_module(f"conv_weights_{cin}_{cout}", src.text())
+    module = load_module(f"conv_weights_{cin}_{cout}{'_pre' if precompute else ''}", src.text())
     return module.kernel, threads
 
 
@@ -324,7 +369,7 @@ def conv2d_backward_weights(gy, x, out=None):
     th, tw = tile_grid(h, wd)
     gw_part = scratch("gw_part", (n, th * tw, cout * cin * 9), np.float32)
     gb_part = scratch("gb_part", (n, th * tw, cout), np.float32)
-    kernel, threads = _weights_kernel(cin, cout)
+    kernel, threads = _weights_kernel(cin, cout, *weights_variant(cin, cout))
     kernel[(th * tw, n), threads](gy.device.reshape(gy.device.size), x.device.reshape(x.device.size),
                                   gw_part, gb_part, h, wd, tw)
     if out is None:
