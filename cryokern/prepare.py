@@ -56,12 +56,12 @@ def build_parser():
                         "(default 0.1; at least one when F > 0 and there are two or more)")
     c.add_argument("--seed", type=int, default=0)
     n = p.add_argument_group("synthetic noise (--clean alone)")
-    n.add_argument("--noise", choices=NOISE_MODELS, default="poisson-gaussian",
+    n.add_argument("--noise", choices=NOISE_MODELS, default=None,
                    help="poisson-gaussian: Poisson(dose * clean) / dose + Normal(0, sigma^2); "
                         "gaussian: clean + Normal(0, sigma^2) (default poisson-gaussian)")
-    n.add_argument("--dose", type=float, default=1.0,
+    n.add_argument("--dose", type=float, default=None,
                    help="expected counts per unit of clean intensity (default 1)")
-    n.add_argument("--sigma", type=float, default=0.05,
+    n.add_argument("--sigma", type=float, default=None,
                    help="Gaussian noise standard deviation, in clean units (default 0.05)")
     p.add_argument("--both-directions", action="store_true",
                    help="even/odd: also write each pair swapped (odd -> even)")
@@ -116,6 +116,13 @@ class Sources:
             raise DataError("no micrographs given: use --clean, --noisy/--clean or --even/--odd")
         if opts.both_directions and self.kind != "even/odd":
             raise DataError("--both-directions is for --even/--odd pairs")
+        noise_options = [f"--{k}" for k in ("noise", "dose", "sigma") if getattr(opts, k) is not None]
+        if noise_options and self.kind != "clean+noise":
+            raise DataError(f"{', '.join(noise_options)}: synthetic noise is added to --clean "
+                            "micrographs given alone, not to recorded pairs")
+        opts.noise = opts.noise or "poisson-gaussian"
+        opts.dose = 1.0 if opts.dose is None else opts.dose
+        opts.sigma = 0.05 if opts.sigma is None else opts.sigma
         self.opts, self.pairs = opts, pairs
         self.micrographs = [(p, i) for p, (_, clean) in enumerate(pairs) for i in range(len(clean))]
         for noisy, clean in pairs:
@@ -170,8 +177,8 @@ def check_options(opts):
     problems = [(opts.patch < 1, "--patch must be positive"),
                 (opts.stride < 1, "--stride must be positive"),
                 (not 0 <= opts.test_fraction < 1, "--test-fraction must be in [0, 1)"),
-                (opts.dose <= 0, "--dose must be positive"),
-                (opts.sigma < 0, "--sigma must not be negative")]
+                (opts.dose is not None and opts.dose <= 0, "--dose must be positive"),
+                (opts.sigma is not None and opts.sigma < 0, "--sigma must not be negative")]
     for bad, message in problems:
         if bad:
             raise DataError(message)
@@ -195,9 +202,13 @@ def prepare(opts, argv):
     totals = {s: sum(len(ys) * len(xs) * copies for (ys, xs), t in zip(grids, test)
                      if ("test" if t else "train") == s) for s in splits}
     targets = {s: {side: out / f"{s}_{side}.mrcs" for side in ("noisy", "clean")} for s in splits}
-    for name in [t for s in splits for t in targets[s].values()] + [out / "manifest.json"]:
+    stale = [out / f"test_{side}.mrcs" for side in ("noisy", "clean")] if "test" not in splits \
+        else []
+    for name in [t for s in splits for t in targets[s].values()] + [out / "manifest.json"] + stale:
         check_target(name, sources.paths(), opts.force)
     out.mkdir(parents=True, exist_ok=True)
+    for name in stale:      # an earlier run's held-out stacks, which this run has none of
+        name.unlink(missing_ok=True)
 
     first = sources.pairs[0][1]
     manifest = {"format": FORMAT, "version": VERSION,

@@ -118,6 +118,8 @@ def test_even_odd_pairs_for_noise2noise(tmp_path, rng):
     (["--clean", "{small}", "--patch", "64"], "{small}: images are 32x32, smaller than --patch 64"),
     (["--noisy", "{small}", "--clean", "{small}", "{small}"], "--noisy names 1 files but --clean 2"),
     (["--clean", "{small}", "--both-directions"], "--both-directions is for --even/--odd"),
+    (["--noisy", "{small}", "--clean", "{small}", "--sigma", "0.1"],
+     "--sigma: synthetic noise is added to --clean micrographs given alone"),
     ([], "no micrographs given")])
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, args, message):
     small = write_mrc(tmp_path / "small.mrc", np.ones((32, 32), np.float32))
