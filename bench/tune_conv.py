@@ -15,7 +15,8 @@ from step import event_times
 # (rows per thread, channels per thread, thread groups per block), max registers
 VARIANTS = [((8, 8, 2), None), ((8, 8, 2), 128), ((4, 8, 2), None), ((8, 4, 4), None),
             ((4, 4, 4), None), ((8, 4, 2), 128), ((4, 4, 2), None), ((8, 1, 1), None),
-            ((16, 1, 1), None)]
+            ((16, 1, 1), None), ((8, 16, 1), None), ((16, 4, 2), None), ((16, 8, 1), None),
+            ((4, 16, 1), None)]
 SHAPES = [(16, 16), (1, 16), (16, 1)]
 
 
@@ -36,14 +37,18 @@ def main():
         conv._launch_forward(x, w, b, y, True, None, False)
         want = y.copy_to_host()
         flops = 2 * n * s * s * cin * cout * 9
-        for geometry, max_registers in [(conv.forward_geometry(cout), None)] + VARIANTS[:4]:
+        # the small layers are quick to time: all variants; 16 -> 16 the first four
+        variants = VARIANTS if min(cin, cout) == 1 else VARIANTS[:4]
+        # warm-up of 20 launches: each variant compiles first, and after that pause the first
+        # timed variant of a shape read 10-40 % slow with 3 (2026-11-26, H100)
+        for geometry, max_registers in [(conv.forward_geometry(cout), None)] + variants:
             if geometry[1] * geometry[2] > 2 * cout:
                 continue
             variant = dict(geometry=geometry, max_registers=max_registers)
             cuda.to_device(np.full(want.shape, np.nan, np.float32), to=y)
             fn = lambda: conv._launch_forward(x, w, b, y, True, None, False, **variant)
             try:
-                med, _, _ = event_times(fn, 20)
+                med, _, _ = event_times(fn, 20, warmup=20)
             except Exception as e:  # noqa: BLE001  (a launch error type differs by binding)
                 print(f"{cin:2d}->{cout:<5d} {str(geometry):16s} {str(max_registers):>6s} "
                       f"does not launch ({type(e).__name__})")
@@ -71,7 +76,7 @@ def weights(n, s, rng):
             for max_registers in (128, None):
                 kernel, threads = conv._weights_kernel(cin, cout, max_registers, precompute)
                 fn = lambda: kernel[(th * tw, n), threads](gy, x, gw, gb, s, s, tw)
-                med, _, _ = event_times(fn, 20)
+                med, _, _ = event_times(fn, 20, warmup=20)
                 got = np.concatenate([gw.copy_to_host().ravel(), gb.copy_to_host().ravel()])
                 want = got if want is None else want
                 overload = next(iter(kernel.overloads.values()))
