@@ -25,7 +25,7 @@ from cryokern.backends import get_backend
 from cryokern.data import denormalize, normalization, normalize
 from cryokern.denoise import denoise_file
 from cryokern.inference import Model, TiledDenoiser
-from cryokern.model import Network, init_params
+from cryokern.model import Network, forward, init_params
 from cryokern.mrcstack import MrcStack
 from cryokern.mrcwrite import StackWriter
 from step import event_times
@@ -38,6 +38,15 @@ def wall(fn, repeats):
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def forward_kernels_ms(gpu, net, params, image):
+    """The network's forward kernels on the whole image, device-resident buffers (CUDA events);
+    the buffers are freed on return, before PyTorch allocates its own."""
+    x = cuda.to_device(image.reshape((1, 1) + image.shape).copy())
+    outs = [cuda.device_array((1, c) + image.shape, np.float32) for c in net.channels[1:]]
+    dparams = {k: cuda.to_device(v) for k, v in params.items()}
+    return event_times(lambda: forward(gpu, net, dparams, x, outs), 10)[0]
 
 
 def torch_forward_ms(params, net, image):
@@ -127,18 +136,7 @@ def main():
             os.fsync(f.fileno())
     disk_s = wall(disk_floor, 2)
 
-    dev_x = cuda.to_device(x.reshape(1, 1, size, size).copy())
-    acts = [cuda.device_array((1, c, size, size), np.float32) for c in net.channels[1:]]
-    dparams = {k: cuda.to_device(v) for k, v in params.items()}
-
-    def forward_whole():
-        h = dev_x
-        for i in range(net.depth):
-            gpu.conv2d_forward(h, dparams[f"layers.{i}.weight"], dparams[f"layers.{i}.bias"],
-                               relu=net.relu_after(i), out=acts[i])
-            h = acts[i]
-    kernels_ms = event_times(forward_whole, 10)[0]
-    del acts, dev_x
+    kernels_ms = forward_kernels_ms(gpu, net, params, x)
     torch_ms = torch_forward_ms(params, net, x)
     whole_s = wall(lambda: whole(b, out=a), 5)
 

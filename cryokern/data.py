@@ -155,7 +155,9 @@ _read_buffers = threading.local()
 
 def _read_buffer(which, shape):
     """A float32 image buffer reused by this thread (no allocation, no page faults per image)."""
-    buffers = _read_buffers.__dict__.setdefault("buffers", {})
+    if not hasattr(_read_buffers, "buffers"):
+        _read_buffers.buffers = {}
+    buffers = _read_buffers.buffers
     if (which, shape) not in buffers:
         buffers[(which, shape)] = np.empty(shape, np.float32)
     return buffers[(which, shape)]

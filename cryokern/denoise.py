@@ -9,7 +9,6 @@ import argparse
 import sys
 import time
 import warnings
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from .backends import get_backend
 from .data import denormalize, normalization, normalize
 from .inference import DEFAULT_TILE, TiledDenoiser, load_model
 from .mrcstack import DataError, MrcStack
-from .mrcwrite import StackWriter, check_target
+from .mrcwrite import StackWriter, check_target, output_directory
 
 EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
 READ_AHEAD = 3
@@ -53,9 +52,7 @@ def plan_outputs(inputs, out, force):
     """(MrcStack, output path) per input, after checking every input and every output: bad
     input or an output that would replace an input (or, without force, any file) is refused
     before anything is written."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise DataError(f"{out}: the output directory exists and is not a directory")
+    out = output_directory(out)
     stacks = [MrcStack(path) for path in inputs]
     names = {}
     for s in stacks:

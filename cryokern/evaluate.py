@@ -8,7 +8,6 @@ Exit status: 0 done, 2 bad input, 130 interrupted.
 """
 import argparse
 import json
-import math
 import sys
 import time
 import warnings

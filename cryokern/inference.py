@@ -17,7 +17,7 @@ import numpy as np
 
 from . import checkpoint
 from .data import NORMALIZATIONS, denormalize, normalization, normalize
-from .model import Network
+from .model import Network, forward
 from .mrcstack import DataError
 
 DEFAULT_TILE = 2048
@@ -109,14 +109,11 @@ class TiledDenoiser:
             n = h * w
             self._buffers(n)
             be.copy_in(self._input[:n], image[start:stop].reshape(n))
-            x = self._input[:n].reshape(1, 1, h, w)
-            for i, cout in enumerate(net.channels[1:]):
-                y = self._acts[i % 2][:cout * n].reshape(1, cout, h, w)
-                be.conv2d_forward(x, self.params[f"layers.{i}.weight"],
-                                  self.params[f"layers.{i}.bias"], relu=net.relu_after(i), out=y)
-                x = y
-            last = self._acts[(net.depth - 1) % 2]
-            be.copy_out(out[top:bottom].reshape(-1), last[(top - start) * w:(bottom - start) * w])
+            outs = [self._acts[i % 2][:c * n].reshape(1, c, h, w)   # ping-pong buffers
+                    for i, c in enumerate(net.channels[1:])]
+            y = forward(be, net, self.params, self._input[:n].reshape(1, 1, h, w), outs)
+            be.copy_out(out[top:bottom].reshape(-1),
+                        y.reshape(n)[(top - start) * w:(bottom - start) * w])
         return out
 
     def denoise(self, image):

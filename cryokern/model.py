@@ -61,10 +61,13 @@ def init_params(network, seed, scheme="pytorch"):
     return params
 
 
-def forward(backend, network, params, x):
-    """The network's output for a batch x (N, C0, H, W) on `backend`; params already there."""
+def forward(backend, network, params, x, outs=None):
+    """The network's output for a batch x (N, C0, H, W) on `backend`; params already there.
+    With `outs` (one buffer per layer, e.g. kept for the backward pass or reused between
+    calls), layer i writes into outs[i]."""
     y = x
     for i in range(network.depth):
         y = backend.conv2d_forward(y, params[f"layers.{i}.weight"], params[f"layers.{i}.bias"],
-                                   relu=network.relu_after(i))
+                                   relu=network.relu_after(i),
+                                   out=None if outs is None else outs[i])
     return y

@@ -8,6 +8,7 @@ an interrupted or failed run leaves no partial output.
 """
 import os
 import tempfile
+from pathlib import Path
 
 import mrcfile
 import numpy as np
@@ -21,6 +22,14 @@ FLOAT16_MAX = float(np.finfo(np.float16).max)
 # the permissions a plainly created file gets (mkstemp's are owner-only)
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+
+def output_directory(path):
+    """An output directory as a Path; DataError if something else stands at that path."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise DataError(f"{path}: the output directory exists and is not a directory")
+    return path
 
 
 def check_target(target, inputs, force):

@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from .data import PairedImages
 from .mrcstack import DataError, MrcStack
-from .mrcwrite import StackWriter, check_target
+from .mrcwrite import StackWriter, check_target, output_directory
 
 EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
 NOISE_MODELS = ("poisson-gaussian", "gaussian")
@@ -135,14 +136,7 @@ class Sources:
         if len(first) != len(second):
             raise DataError(f"{first_flag} names {len(first)} files but {second_flag} "
                             f"{len(second)}: they pair in order")
-        pairs = []
-        for a, b in zip(first, second):
-            a, b = MrcStack(a), MrcStack(b)
-            if len(a) != len(b) or a.shape != b.shape:
-                raise DataError(f"{a.path}: {len(a)} images of {a.shape[0]}x{a.shape[1]}, but "
-                                f"its partner {b.path} has {len(b)} of {b.shape[0]}x{b.shape[1]}")
-            pairs.append((a, b))
-        return pairs
+        return PairedImages(list(zip(first, second))).pairs
 
     def paths(self):
         return [s.path for pair in self.pairs for s in pair if s is not None]
@@ -187,9 +181,7 @@ def check_options(opts):
 def prepare(opts, argv):
     check_options(opts)
     sources = Sources(opts)
-    out = Path(opts.out)
-    if out.exists() and not out.is_dir():
-        raise DataError(f"{out}: the output directory exists and is not a directory")
+    out = output_directory(opts.out)
     count = len(sources.micrographs)
     test = split_micrographs(count, opts.test_fraction, opts.seed)
     splits = ["train", "test"] if test.any() else ["train"]

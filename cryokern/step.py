@@ -3,7 +3,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .model import Network
+from .model import Network, forward
 
 
 @dataclass(frozen=True)
@@ -70,10 +70,7 @@ class TrainStep:
         if x.shape[1] != net.channels[0] or target.shape != x.shape[:1] + (net.channels[-1],) + x.shape[2:]:
             raise ValueError(f"batch {x.shape} -> {target.shape} does not fit channels {net.channels}")
         acts = [x] + self._workspace(tuple(x.shape))
-        for i in range(net.depth):
-            be.conv2d_forward(acts[i], self.params[f"layers.{i}.weight"],
-                              self.params[f"layers.{i}.bias"], relu=net.relu_after(i),
-                              out=acts[i + 1])
+        forward(be, net, self.params, x, outs=acts[1:])
         return acts
 
     def loss(self, x, target):
