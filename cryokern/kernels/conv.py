@@ -227,9 +227,9 @@ def weights_variant(cin, cout):
 def _weights_kernel(cin, cout, max_registers, precompute):
     """Numerics section 4a, generated: (kernel, threads per block).
 
-    precompute: compute each thread's staging addresses once, before the row loop (they differ
-    between rows only by the row's base), instead of in every row: fewer instructions per row,
-    more registers held across the loop."""
+    precompute: compute each thread's staging addresses once, before the row loop, instead of
+    in every row (they differ between rows only by the row's base), at the cost of registers
+    held across the loop."""
     go = 4 if cout % 4 == 0 and cin * cout >= 64 else 1
     workers = cout // go * cin          # threads that hold chains; the rest only help staging
     threads = max(STAGING_THREADS, -(-workers // 32) * 32)
@@ -254,41 +254,62 @@ def _weights_kernel(cin, cout, max_registers, precompute):
     src(f"xbase = n * {cin} * plane")
     src(f"gbase = n * {cout} * plane")
 
-    # staging slot i of a thread: its address (without the row's base), whether it is inside
-    # the image and the tile, and its place in shared memory
-    def x_slot(i):
-        src(f"e = tid + {i * threads}")
-        src(f"col = c0 + e % {XROW} - 1")
-        src(f"xa{i} = xbase + (e // {XROW}) * plane + col")
-        src(f"xv{i} = col >= 0 and col < width and e < {x_total}")
-        src(f"xi{i} = (e // {XROW}) * {XS_STRIDE} + e % {XROW}")
-
-    def g_slot(i):
-        src(f"e = tid + {i * threads}")
-        src(f"c = e % {TILE_W}")
-        src(f"ga{i} = gbase + (e // {TILE_W}) * plane + c0 + c")
-        src(f"gv{i} = c < cols and e < {g_total}")
-        src(f"gi{i} = (e // {TILE_W}) * {GS} + c")
-
-    def stage(total, slot, load, store):
+    def stage(total, load, store):
         """Copy `total` elements global -> shared: every thread issues all its loads, then
         stores them (a loop of load-store pairs would wait for each load in turn)."""
         slots = -(-total // threads)
-        for i in range(0 if precompute else slots):
-            slot(i)
         for i in range(slots):
-            src(load(i))
+            if not precompute:
+                src(f"e = tid + {i * threads}")
+            guard = f" and e < {total}" if (i + 1) * threads > total and not precompute else ""
+            load(i, guard)
         for i in range(slots):
+            if not precompute:
+                src(f"e = tid + {i * threads}")
             if (i + 1) * threads > total:
                 src(f"if tid + {i * threads} < {total}:").indent()(store(i)).dedent()
             else:
                 src(store(i))
 
-    if precompute:
+    def load_x(i, guard):
+        if precompute:
+            src(f"p{i} = x[xa{i} + q * width] if qin and xv{i} else float32(0)")
+            return
+        src(f"col = c0 + e % {XROW} - 1")
+        src(f"p{i} = x[xbase + (e // {XROW}) * plane + q * width + col] "
+            f"if qin and col >= 0 and col < width{guard} else float32(0)")
+
+    def load_gy(i, guard):
+        if precompute:
+            src(f"p{i} = gy[ga{i} + (q - 1) * width] if gv{i} else float32(0)")
+            return
+        src(f"c = e % {TILE_W}")
+        src(f"p{i} = gy[gbase + (e // {TILE_W}) * plane + (q - 1) * width + c0 + c] "
+            f"if c < cols{guard} else float32(0)")
+
+    def store_x(i):
+        if precompute:
+            return f"xs[xi{i} + xo] = p{i}"
+        return f"xs[(e // {XROW}) * {XS_STRIDE} + xo + e % {XROW}] = p{i}"
+
+    def store_gy(i):
+        if precompute:
+            return f"gs[gi{i}] = p{i}"
+        return f"gs[(e // {TILE_W}) * {GS} + e % {TILE_W}] = p{i}"
+
+    if precompute:   # address, validity and shared index of every staging slot, once
         for i in range(-(-x_total // threads)):
-            x_slot(i)
+            src(f"e = tid + {i * threads}")
+            src(f"col = c0 + e % {XROW} - 1")
+            src(f"xa{i} = xbase + (e // {XROW}) * plane + col")
+            src(f"xv{i} = col >= 0 and col < width and e < {x_total}")
+            src(f"xi{i} = (e // {XROW}) * {XS_STRIDE} + e % {XROW}")
         for i in range(-(-g_total // threads)):
-            g_slot(i)
+            src(f"e = tid + {i * threads}")
+            src(f"c = e % {TILE_W}")
+            src(f"ga{i} = gbase + (e // {TILE_W}) * plane + c0 + c")
+            src(f"gv{i} = c < cols and e < {g_total}")
+            src(f"gi{i} = (e // {TILE_W}) * {GS} + c")
 
     # step s stages image row q = r0 + s of x in ring slot (q + 1) % 3 (rows outside the image
     # are 0) and, from s = 1, gy's tile row s - 1; then it computes tile row s - 1
@@ -297,13 +318,9 @@ def _weights_kernel(cin, cout, max_registers, precompute):
     src("qin = q >= 0 and q < height")
     src(f"xo = ((q + 1) % 3) * {XROW}")
     src("cuda.syncthreads()")
-    stage(x_total, x_slot,
-          lambda i: f"p{i} = x[xa{i} + q * width] if qin and xv{i} else float32(0)",
-          lambda i: f"xs[xi{i} + xo] = p{i}")
+    stage(x_total, load_x, store_x)
     src("if s >= 1:").indent()
-    stage(g_total, g_slot,
-          lambda i: f"p{i} = gy[ga{i} + (q - 1) * width] if gv{i} else float32(0)",
-          lambda i: f"gs[gi{i}] = p{i}")
+    stage(g_total, load_gy, store_gy)
     src.dedent()
     src("cuda.syncthreads()")
     src(f"if s < 1 or tid >= {workers}:").indent()("continue").dedent()
