@@ -104,3 +104,13 @@ def test_gpu_tiles_are_bit_identical_to_the_whole_image_and_to_the_reference(rng
     small = image[:150, :170]
     reference = TiledDenoiser(model(), get_backend("reference"), tile=0)(small)
     assert np.array_equal(bits(TiledDenoiser(model(), gpu, tile=64)(small)), bits(reference))
+
+
+def test_tiles_through_the_kernel_backend_equal_the_reference(rng):
+    """The device-array path (copies in and out of strips, buffer views) with the kernels, in
+    the simulator where there is no GPU."""
+    from cryokern.kernels import gpu_backend
+    small = model(channels=(1, 4, 4, 1))
+    image = rng.standard_normal((9, 10)).astype(np.float32)
+    want = TiledDenoiser(small, get_backend("reference"), tile=0)(image)
+    assert np.array_equal(bits(TiledDenoiser(small, gpu_backend(), tile=4)(image)), bits(want))
