@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .imagemath import affine_map, sum_squared_deviations
+from . import imagemath
 from .mrcstack import DataError, MrcStack
 
 NORMALIZATIONS = ("per-image", "none")
@@ -129,8 +129,8 @@ def normalization(noisy, mode):
     a constant image is only shifted. None for mode 'none'."""
     if mode == "none":
         return None
-    mean = noisy.mean(dtype=np.float64)
-    std = np.sqrt(sum_squared_deviations(noisy, mean) / noisy.size)
+    count, mean, squared_deviations, _, _ = imagemath.statistics(noisy)
+    std = np.sqrt(squared_deviations / count)
     return mean, (1.0 / std if std > 0 else 1.0)
 
 
@@ -139,7 +139,7 @@ def normalize(image, affine, out=None):
     if affine is None and out is None:
         return image
     mean, scale = affine or (0.0, 1.0)      # the identity, exactly, for mode 'none'
-    return affine_map(image, lambda rows: (rows - mean) * scale, out)
+    return imagemath.standardize(image, mean, scale, out)
 
 
 def denormalize(image, affine, out=None):
@@ -147,7 +147,7 @@ def denormalize(image, affine, out=None):
     if affine is None and out is None:
         return image
     mean, scale = affine or (0.0, 1.0)
-    return affine_map(image, lambda rows: rows / scale + mean, out)
+    return imagemath.destandardize(image, mean, scale, out)
 
 
 _read_buffers = threading.local()

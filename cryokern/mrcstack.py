@@ -11,6 +11,8 @@ import mrcfile
 import numpy as np
 from mrcfile.utils import data_dtype_from_header, data_shape_from_header
 
+from .imagemath import sum_and_range
+
 # int8, int16, float32, uint16, float16: the real-valued modes mrcfile knows
 SUPPORTED_MODES = (0, 1, 2, 6, 12)
 HEADER_BYTES = 1024
@@ -103,8 +105,7 @@ class MrcStack:
                 out[...] = np.frombuffer(data, self.dtype).reshape(self.shape)
         if got != self.image_bytes:
             raise DataError(f"{self.path}: truncated at image {index} (file changed while reading?)")
-        # min and max are NaN if any pixel is, and infinite if one is: no temporary array
-        if self.dtype.kind == "f" and not (np.isfinite(out.min()) and np.isfinite(out.max())):
+        if self.dtype.kind == "f" and not np.isfinite(sum_and_range(out)[0]):
             raise DataError(f"{self.path}: image {index} has NaN or Inf pixels")
         return out
 

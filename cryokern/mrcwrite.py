@@ -13,7 +13,7 @@ from pathlib import Path
 import mrcfile
 import numpy as np
 
-from .imagemath import sum_squared_deviations
+from .imagemath import statistics
 from .mrcstack import DataError
 
 # MRC modes of the float dtypes we write
@@ -43,15 +43,8 @@ def check_target(target, inputs, force):
             raise DataError(f"{target}: exists; give --force to replace it")
 
 
-def image_stats(data):
-    """(count, mean, sum of squared deviations, min, max) of one image, in float64."""
-    mean = float(data.mean(dtype=np.float64))
-    return (data.size, mean, sum_squared_deviations(data, mean), float(data.min()),
-            float(data.max()))
-
-
 def combine_stats(parts):
-    """Min, max, mean and standard deviation over images from their image_stats, combined in
+    """Min, max, mean and standard deviation over images from their imagemath.statistics, combined in
     image order (Chan et al.'s pairwise update: no cancellation when mean >> spread)."""
     count, mean, m2 = 0, 0.0, 0.0
     for n, mean_i, m2_i, _, _ in parts:
@@ -130,7 +123,7 @@ class StackWriter:
         if self.dtype == np.float16 and not np.isfinite(data).all() and np.isfinite(image).all():
             raise ValueError(f"{self.path}: image {index} has values beyond float16's range "
                              f"(+-{FLOAT16_MAX:g}); write float32 instead")
-        self._stats[index] = image_stats(data)
+        self._stats[index] = statistics(data)
         offset = self._offset + index * self._image_bytes
         os.pwrite(self._fd, memoryview(data).cast("B"), offset)
         if hasattr(os, "posix_fadvise"):
