@@ -1,7 +1,9 @@
 """Training-step benchmark: cryokern's GPU step beside PyTorch's eager fp32 step, same process.
 
-Median of CUDA-event-timed steps after warm-up, default network, SGD with momentum. Both steps
-bring the loss to the host every step (cryokern must; PyTorch via loss.item()). Also times each
+Median of CUDA-event-timed steps after warm-up, default network, SGD with momentum, each step
+bringing its loss to the host before the next starts (cryokern's step(); PyTorch's
+loss.item()); then both pipelined as the training loop runs them, each loss read only after the
+next step is queued (cryokern's launch(); PyTorch's item() one step late). Also times each
 kernel of the 16 -> 16 layer alone, with its achieved TFLOP/s (2 FLOP per multiply-add).
 Usage: python bench/step.py [--batch 4] [--size 1024] [--steps 40]
 """
@@ -48,6 +50,26 @@ def event_times(fn, steps, warmup=3):
         stop.synchronize()
         times.append(cuda.event_elapsed_time(start, stop))
     return statistics.median(times), min(times), max(times)
+
+
+def pipelined_ms(launch, steps, warmup=3):
+    """Mean ms per step when each step's loss is read only after the next step is queued, as
+    the training loop does: CUDA events around `steps` steps. launch() queues a step and
+    returns an object whose result() waits for its loss."""
+    for _ in range(warmup):
+        launch().result()
+    cuda.synchronize()
+    start, stop = cuda.event(timing=True), cuda.event(timing=True)
+    start.record()
+    previous = launch()
+    for _ in range(steps - 1):
+        current = launch()
+        previous.result()
+        previous = current
+    stop.record()
+    previous.result()
+    stop.synchronize()
+    return cuda.event_elapsed_time(start, stop) / steps
 
 
 class _TimedOps:
@@ -103,12 +125,15 @@ def torch_step_times(noisy, clean, params, steps):
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
     x, y = torch.from_numpy(noisy).cuda(), torch.from_numpy(clean).cuda()
 
-    def step():
+    def launch():
         opt.zero_grad(set_to_none=True)
         loss = torch.nn.functional.mse_loss(net(x), y)
         loss.backward()
         opt.step()
-        return loss.item()
+        return loss.detach()
+
+    def step():
+        return launch().item()
 
     for _ in range(3):
         step()
@@ -122,7 +147,15 @@ def torch_step_times(noisy, clean, params, steps):
         b.record()
         b.synchronize()
         times.append(a.elapsed_time(b))
-    return statistics.median(times), min(times), max(times), torch.cuda.max_memory_allocated()
+    peak = torch.cuda.max_memory_allocated()
+
+    class Pending:
+        def __init__(self):
+            self.loss = launch()
+
+        def result(self):
+            return self.loss.item()
+    return statistics.median(times), min(times), max(times), peak, pipelined_ms(Pending, steps)
 
 
 def main():
@@ -141,12 +174,14 @@ def main():
     trainer = TrainStep(get_backend("gpu"), net, params, OptimizerConfig("sgd", 0.01, momentum=0.9))
     x, y = cuda.to_device(noisy), cuda.to_device(clean)
     rows = [("cryokern step",) + event_times(lambda: trainer(x, y), args.steps)]
+    pipelined = [("cryokern step", pipelined_ms(lambda: trainer.launch(x, y)[0], args.steps))]
     # device memory the step holds: batch, activations, gradients, parameters, scratch (as the
     # driver counts it, in its allocation granularity)
     held = free_before - cuda.current_context().get_memory_info()[0]
     try:
-        *t, peak = torch_step_times(noisy, clean, params, args.steps)
+        *t, peak, torch_pipelined = torch_step_times(noisy, clean, params, args.steps)
         rows.append(("pytorch eager fp32 step (tf32 off)",) + tuple(t))
+        pipelined.append(("pytorch eager fp32 step (tf32 off)", torch_pipelined))
     except ImportError:
         peak = None
     a16 = cuda.to_device(rng.standard_normal((n, 16, s, s)).astype(np.float32))
@@ -171,6 +206,11 @@ def main():
         print(f"ratio pytorch/cryokern: {rows[1][1] / rows[0][1]:.2f}x;  pytorch peak memory "
               f"{peak / 2**20:.0f} MiB")
     print(f"device memory held by the cryokern step: {held / 2**20:.0f} MiB")
+    print(f"pipelined (each loss read after the next step is queued; mean of {args.steps}):")
+    for name, ms in pipelined:
+        print(f"  {name:36s} {ms:10.3f} ms {n / ms * 1e3:9.0f} images/s")
+    if len(pipelined) == 2:
+        print(f"  ratio pytorch/cryokern, pipelined: {pipelined[1][1] / pipelined[0][1]:.2f}x")
     for name, fn in kernel_rows:
         med, lo, hi = event_times(fn, 20)
         print(f"{name:38s} {med:10.3f} {lo:8.3f} {hi:8.3f} {flops / med / 1e9:7.1f} TFLOP/s")

@@ -5,7 +5,7 @@ they exist, then measures, in one run:
   plain read     sequential 64 MiB reads of the noisy file (page cache, then cold)
   loader         cryokern's batch loader over one epoch, no GPU (page cache, then cold)
   train          `python -m cryokern.train` for one epoch on the stacks (images/s, peak RSS)
-  step only      the training step on a device-resident batch (CUDA events)
+  step only      the training step on a device-resident batch, pipelined as train runs it
 Cold reads evict the files with posix_fadvise(DONTNEED) first.
 Usage: python bench/train_io.py [--dir /tmp/cryokern-io] [--images 768] [--size 1024]
 """
@@ -76,7 +76,7 @@ def train_pass(noisy, clean, batch, out):
 def step_only(batch, size):
     from numba import cuda
     sys.path.insert(0, os.path.dirname(__file__))
-    from step import event_times
+    from step import pipelined_ms
 
     from cryokern.backends import get_backend
     from cryokern.model import Network, init_params
@@ -87,7 +87,7 @@ def step_only(batch, size):
     net = Network()
     step = TrainStep(get_backend("gpu"), net, init_params(net, 0),
                      OptimizerConfig("sgd", 0.01, momentum=0.9))
-    return event_times(lambda: step(x, y), 30)[0]
+    return pipelined_ms(lambda: step.launch(x, y)[0], 30)
 
 
 def main():

@@ -10,7 +10,8 @@ class Backend:
     """The kernel functions of one implementation, and how to move float32 arrays to it."""
 
     def __init__(self, name, ops, to_device, to_host, empty, synchronize=lambda: None,
-                 host_empty=None, copy_in=None, copy_out=None):
+                 host_empty=None, copy_in=None, copy_out=None, empty64=None, fetch=None,
+                 uploads=None):
         self.name = name
         self.ops = ops
         self.to_device = to_device
@@ -22,12 +23,41 @@ class Backend:
         self.host_empty = host_empty or (lambda shape: np.empty(shape, np.float32))
         self.copy_in = copy_in or (lambda dst, src: np.copyto(dst, src))
         self.copy_out = copy_out or (lambda dst, src: np.copyto(dst, src))
+        # a float64 scalar the loss can be left in, and fetch(scalar).result() its value: on
+        # the GPU the copy is queued behind the step and only result() waits
+        self.empty64 = empty64 or (lambda: np.zeros(1, np.float64))
+        self.fetch = fetch or (lambda scalar: Ready(float(scalar[0])))
+        # uploads().put(*host arrays) -> the backend's arrays (see kernels.transfer.Uploads)
+        self.uploads = uploads or HostUploads
 
     def __getattr__(self, name):
         return getattr(self.ops, name)
 
     def zeros(self, shape):
         return self.to_device(np.zeros(shape, np.float32))
+
+
+class Ready:
+    """A value that needs no waiting (the reference computes synchronously)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
+class HostUploads:
+    """The reference's arrays are host arrays: put() hands them through, nothing to wait for."""
+
+    def put(self, *hosts):
+        return hosts
+
+    def copied(self):
+        pass
+
+    def used(self):
+        pass
 
 
 def reference_backend():

@@ -35,7 +35,8 @@ class TrainStep:
     """Holds parameters, optimizer state and work buffers on a backend; call it with a batch.
 
     Buffers are allocated the first time a batch shape is seen and reused after that, so steady
-    training allocates nothing per step; the only value returned to the host is the loss SSE.
+    training allocates nothing per step; the only value returned to the host is the loss SSE,
+    which launch() leaves on its way so that the host need not wait for it.
     """
 
     def __init__(self, backend, network: Network, params, optimizer: OptimizerConfig,
@@ -56,6 +57,7 @@ class TrainStep:
         self.state = {s: backend.to_device(state[s]) if s in state else backend.zeros(shape)
                       for k, shape in shapes.items() for s in optimizer.state_names(k)}
         self._workspaces = {}
+        self._sse = None
 
     def _workspace(self, shape):
         """The activations acts[1..depth], allocated once per batch shape."""
@@ -78,7 +80,15 @@ class TrainStep:
         return self.backend.mse_loss(self._forward(x, target)[-1], target)
 
     def __call__(self, x, target):
-        """One step on a batch; returns (sse, count) of the loss before the update.
+        """One step on a batch; returns (sse, count) of the loss before the update."""
+        pending, count = self.launch(x, target)
+        return pending.result(), count
+
+    def launch(self, x, target):
+        """Queue one step on a batch; returns (pending, count), where pending.result() is the
+        sse of the loss before the update. Only result() waits (for the loss alone): the
+        training loop queues the next step before it asks, so the device never waits for
+        the host between steps.
 
         Each gradient overwrites the activation it is the gradient of (grad[j] is acts[j + 1]'s
         buffer), so the backward pass needs no memory of its own: the loss gradient overwrites
@@ -90,7 +100,10 @@ class TrainStep:
         acts = self._forward(x, target)
         grad = acts[1:]
         count = int(np.prod(target.shape))
-        sse, _ = be.mse_loss_and_grad(acts[-1], target, count, out=grad[-1])
+        if self._sse is None:
+            self._sse = be.empty64()    # one is enough: each fetch is queued before the next
+        be.mse_loss_and_grad(acts[-1], target, count, out=grad[-1], sse_out=self._sse)
+        pending = be.fetch(self._sse)
         for i in reversed(range(net.depth)):
             be.conv2d_backward_weights(grad[i], acts[i], out=(self.grads[f"layers.{i}.weight"],
                                                               self.grads[f"layers.{i}.bias"]))
@@ -99,7 +112,7 @@ class TrainStep:
                                         relu_output=acts[i], out=grad[i - 1])
         self.step += 1
         self._update()
-        return sse, count
+        return pending, count
 
     def _update(self):
         opt, be = self.optimizer, self.backend

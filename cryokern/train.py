@@ -227,15 +227,8 @@ class Run:
             step, self.position, self.best = meta["step"], meta["position"], meta["best_mse"]
             self.meter = LossMeter.from_json(meta["partial"])
         self.step = TrainStep(backend, self.network, params, optimizer, state, step)
-        self._inputs = {}
+        self.uploads = backend.uploads()
         self._host_buffers = {}
-
-    def device_batch(self, name, host):
-        key = (name, host.shape)
-        if key not in self._inputs:
-            self._inputs[key] = self.backend.empty(host.shape)
-        self.backend.copy_in(self._inputs[key], host)
-        return self._inputs[key]
 
     def save(self, name):
         meta = {"network": {"channels": list(self.network.channels)},
@@ -259,26 +252,40 @@ class Run:
         return BatchLoader(subset, specs[first:], self.opts.normalize, self._host_buffers[shape])
 
     def train_epoch(self, epoch):
+        """Each batch's upload and step are queued before the previous step's loss is read,
+        so the device always has the next step queued while the host waits or reads."""
         opts = self.opts
         done = self.position["batch"] * opts.batch_size
         bar = tqdm(total=len(self.train), initial=min(done, len(self.train)), unit="img",
                    desc=f"epoch {epoch + 1}/{opts.epochs}", disable=None, leave=False)
         loader = self.batches(self.train, epoch, self.position["batch"], shuffle=True)
         start = time.perf_counter() - self.meter.seconds
+        queued = None
+
+        def account(pending, count, lo, hi, step, images):
+            sse = pending.result()
+            if not math.isfinite(sse):
+                raise Diverged(f"the loss became {sse} at epoch {epoch + 1}, step {step}")
+            self.meter.add(sse, count, lo, hi)
+            self.meter.seconds = time.perf_counter() - start
+            self.position = {"epoch": epoch, "batch": self.position["batch"] + 1}
+            bar.update(images)
+            bar.set_postfix(mse=f"{self.meter.mse:.4g}")
+
         try:
             for noisy, clean, lo, hi in loader:
-                sse, count = self.step(self.device_batch("noisy", noisy),
-                                       self.device_batch("clean", clean))
-                if not math.isfinite(sse):
-                    raise Diverged(f"the loss became {sse} at epoch {epoch + 1}, step "
-                                   f"{self.step.step}")
-                self.meter.add(sse, count, lo, hi)
-                self.meter.seconds = time.perf_counter() - start
-                self.position = {"epoch": epoch, "batch": self.position["batch"] + 1}
-                bar.update(len(noisy))
-                bar.set_postfix(mse=f"{self.meter.mse:.4g}")
+                pending, count = self.step.launch(*self.uploads.put(noisy, clean))
+                self.uploads.used()
+                if queued is not None:
+                    account(*queued)
+                queued = (pending, count, lo, hi, self.step.step, len(noisy))
+                self.uploads.copied()            # the loader may refill noisy and clean now
                 if opts.save_every and self.step.step % opts.save_every == 0:
+                    account(*queued)
+                    queued = None
                     self.save("last.npz")
+            if queued is not None:
+                account(*queued)
         finally:
             loader.close()
             bar.close()
@@ -288,8 +295,9 @@ class Run:
         loader = self.batches(self.val, 0, 0, shuffle=False)
         try:
             for noisy, clean, lo, hi in loader:
-                sse, count = self.step.loss(self.device_batch("noisy", noisy),
-                                            self.device_batch("clean", clean))
+                sse, count = self.step.loss(*self.uploads.put(noisy, clean))
+                self.uploads.used()
+                self.uploads.copied()
                 meter.add(sse, count, lo, hi)
         finally:
             loader.close()

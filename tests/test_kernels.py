@@ -114,6 +114,21 @@ def test_loss_gradient_may_write_over_the_prediction(rng, shape):
     assert sse == want_sse and same_bits(pred, want)
 
 
+@pytest.mark.parametrize("shape", cases([(4, 1, 1, 1024, 1024)], [(2, 1, 1, 20, 70)]))
+def test_loss_may_stay_on_the_device(rng, shape):
+    """With sse_out the float64 SSE is written to a device scalar, not returned to the host."""
+    n, c, _, h, w = shape
+    pred, target = randn(rng, n, c, h, w), randn(rng, n, c, h, w)
+    want_sse, count = R.mse_loss(pred, target)
+    sse_out = cuda.device_array(1, np.float64)
+    got, _ = K.mse_loss_and_grad(cuda.to_device(pred), cuda.to_device(target), count,
+                                 sse_out=sse_out)
+    assert got is sse_out and sse_out.copy_to_host()[0] == want_sse
+    host_out = np.zeros(1)
+    got, _ = R.mse_loss_and_grad(pred, target, count, sse_out=host_out)
+    assert got is host_out and host_out[0] == want_sse
+
+
 def test_relu_backward(rng):
     gy, y = randn(rng, 2, 3, 5, 7), randn(rng, 2, 3, 5, 7)
     y[0, 0, 0, :3] = [0.0, -0.0, np.nan]

@@ -12,7 +12,7 @@ import pytest
 
 from cryokern import reference as R
 from cryokern import train as T
-from cryokern.backends import get_backend
+from cryokern.backends import Ready, get_backend
 from cryokern.data import PairedImages, Subset, epoch_batches
 from cryokern.mrcstack import MrcStack
 from cryokern.model import Network, forward, init_params
@@ -125,13 +125,13 @@ def test_checkpoint_reproduces_the_trained_model_with_numpy_load_alone(tmp_path)
 
 def interrupt_at(monkeypatch, step):
     """Make the training step raise KeyboardInterrupt (as Ctrl-C would) before step `step`+1."""
-    original = TrainStep.__call__
+    original = TrainStep.launch
 
-    def call(self, x, target):
+    def launch(self, x, target):
         if self.step == step:
             raise KeyboardInterrupt
         return original(self, x, target)
-    monkeypatch.setattr(TrainStep, "__call__", call)
+    monkeypatch.setattr(TrainStep, "launch", launch)
 
 
 RESUME_ARGS = TINY + ["--epochs", "3", "--batch-size", "3", "--val-fraction", "0.2",
@@ -187,12 +187,12 @@ def test_sigkilled_run_resumes_bit_identical(tmp_path, uninterrupted):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
-    original = TrainStep.__call__
+    original = TrainStep.launch
 
-    def call(self, x, target):
-        sse, count = original(self, x, target)
-        return (float("nan") if self.step == 4 else sse), count
-    monkeypatch.setattr(TrainStep, "__call__", call)
+    def launch(self, x, target):
+        pending, count = original(self, x, target)
+        return (Ready(float("nan")) if self.step == 4 else pending), count
+    monkeypatch.setattr(TrainStep, "launch", launch)
     out = tmp_path / "run"
     rc = T.main(data_args(make_pair(tmp_path)) + TINY + ["--out", str(out), "--save-every", "1",
                                                          "--batch-size", "3"])
@@ -279,6 +279,23 @@ def test_out_holding_an_earlier_run_is_not_written_over(tmp_path, capsys):
     assert (out / "config.json").read_text() == "earlier"
     assert T.main(data_args(make_pair(tmp_path)) + TINY + ["--out", str(out), "--force",
                                                           "--epochs", "1"]) == 0
+
+
+def test_kernel_backend_run_equals_reference_run(tmp_path):
+    """The driver's pipelining on the kernel backend (uploads on their own stream, each loss
+    read one step late; in the simulator where there is no GPU) changes no bit."""
+    pair = make_pair(tmp_path, n=3, shape=(5, 9))
+    args = data_args(pair) + ["--epochs", "1", "--batch-size", "1", "--channels", "1,2,2,1",
+                              "--val-fraction", "0.34"]
+    for device in ("gpu", "cpu"):
+        assert T.main(args + ["--device", device, "--out", str(tmp_path / device)]) == 0
+    gpu, cpu = npz(tmp_path / "gpu" / "last.npz"), npz(tmp_path / "cpu" / "last.npz")
+    for k in gpu:
+        if k != "meta":
+            assert np.array_equal(gpu[k].view(np.uint32), cpu[k].view(np.uint32)), k
+    timing = ("images_per_s", "peak_rss_mib")
+    assert [{k: v for k, v in r.items() if k not in timing} for r in metrics(tmp_path / "gpu")] \
+        == [{k: v for k, v in r.items() if k not in timing} for r in metrics(tmp_path / "cpu")]
 
 
 @pytest.mark.gpu

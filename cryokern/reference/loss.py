@@ -40,7 +40,12 @@ def mse_grad(pred, target, count, out=None):
     return out
 
 
-def mse_loss_and_grad(pred, target, count, out=None):
-    """Both of the above from one pass (the GPU fuses them); returns (sse, grad)."""
+def mse_loss_and_grad(pred, target, count, out=None, sse_out=None):
+    """Both of the above from one pass (the GPU fuses them); returns (sse, grad). With
+    `sse_out` (float64, shape (1,)), the sse is written there and sse_out is returned in its
+    place: on the GPU that leaves the value on the device, so the step needs no host wait."""
     sse, _ = mse_loss(pred, target)
+    if sse_out is not None:
+        sse_out[0] = sse
+        sse = sse_out
     return sse, mse_grad(pred, target, count, out=out)

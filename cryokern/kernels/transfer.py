@@ -1,0 +1,92 @@
+"""Copies between host and device that do not stop the host: the training loop queues a step,
+and its batch's upload and its loss's download, and goes on to the next batch.
+
+The kernels run on the legacy default stream. Batches are uploaded on a stream of their own,
+created non-blocking so that it does not wait for that stream's kernels: the copy of batch k+1
+overlaps step k. Events order the two: a step waits for its batch's copy, and a copy into a
+device slot waits for the last step that read that slot.
+"""
+import numpy as np
+from numba import config, cuda
+
+
+def _upload_stream():
+    """A non-blocking stream (cuda.stream() makes blocking ones, which would wait for every
+    kernel queued on the legacy default stream); the simulator's stand-in where there is none."""
+    if config.ENABLE_CUDASIM:
+        return cuda.stream()
+    from cuda.bindings import driver
+    err, handle = driver.cuStreamCreate(driver.CUstream_flags.CU_STREAM_NON_BLOCKING.value)
+    if err != driver.CUresult.CUDA_SUCCESS:
+        raise RuntimeError(f"cuStreamCreate failed: {err}")
+    return cuda.external_stream(int(handle))
+
+
+class PendingScalar:
+    """A device float64 scalar on its way to the host: result() waits for it alone."""
+
+    def __init__(self, device_scalar, pool):
+        self._pool = pool
+        self._host = pool.pop() if pool else cuda.pinned_array(1, np.float64)
+        self._event = cuda.event()
+        device_scalar.copy_to_host(self._host, stream=cuda.default_stream())
+        self._event.record()
+        self._value = None
+
+    def result(self):
+        if self._value is None:
+            self._event.synchronize()
+            self._value = float(self._host[0])
+            self._pool.append(self._host)
+        return self._value
+
+
+_host_scalars = []
+
+
+def fetch(device_scalar):
+    """Start copying a float64 device scalar to the host, behind the work queued before it."""
+    return PendingScalar(device_scalar, _host_scalars)
+
+
+class Uploads:
+    """Device copies of host batches, in `slots` sets of buffers used in turn.
+
+    put(*host_arrays) queues their copies (page-locked host memory: truly asynchronous) and
+    returns the device arrays; kernels queued after put() see the data. The host arrays must
+    stay untouched until copied() returns; call used() once the step reading the device
+    arrays is queued, so that the slot is not written over before that step has run."""
+
+    def __init__(self, slots=2):
+        self._slots = slots
+        self._buffers = {}
+        self._next = 0
+        self._last = None
+        self._stream = None
+        self._copied = [cuda.event() for _ in range(slots)]
+        self._used = [cuda.event() for _ in range(slots)]
+
+    def put(self, *hosts):
+        if self._stream is None:
+            self._stream = _upload_stream()
+        slot = self._next
+        key = (slot,) + tuple(h.shape for h in hosts)
+        if key not in self._buffers:
+            self._buffers[key] = [cuda.device_array(h.shape, np.float32) for h in hosts]
+        devices = self._buffers[key]
+        self._used[slot].wait(self._stream)
+        for dev, host in zip(devices, hosts):
+            dev.copy_to_device(host, stream=self._stream)
+        self._copied[slot].record(self._stream)
+        self._copied[slot].wait()                # the legacy stream: the step waits for it
+        self._last = slot
+        self._next = (slot + 1) % self._slots
+        return devices
+
+    def copied(self):
+        """Wait until the last put()'s copies are done (its host arrays may then be reused)."""
+        self._copied[self._last].synchronize()
+
+    def used(self):
+        """The work queued so far is the last to read the last put()'s device arrays."""
+        self._used[self._last].record()
