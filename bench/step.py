@@ -8,7 +8,6 @@ kernel of the 16 -> 16 layer alone, with its achieved TFLOP/s (2 FLOP per multip
 Usage: python bench/step.py [--batch 4] [--size 1024] [--steps 40]
 """
 import argparse
-import copy
 import datetime
 import statistics
 
@@ -96,7 +95,7 @@ class _TimedOps:
 def step_breakdown(net, params, x, y, steps=10):
     """Median time of each kernel call in a step, in call order (includes launch overhead)."""
     ops = _TimedOps()
-    timed = copy.copy(get_backend("gpu"))
+    timed = get_backend("gpu")              # a new Backend object: its ops may be replaced
     timed.name, timed.ops = "gpu-timed", ops
     trainer = TrainStep(timed, net, params, OptimizerConfig("sgd", 0.01, momentum=0.9))
     trainer(x, y)
