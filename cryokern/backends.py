@@ -11,7 +11,7 @@ class Backend:
 
     def __init__(self, name, ops, to_device, to_host, empty, synchronize=lambda: None,
                  host_empty=None, copy_in=None, copy_out=None, empty64=None, fetch=None,
-                 uploads=None):
+                 uploads=None, recorder=None):
         self.name = name
         self.ops = ops
         self.to_device = to_device
@@ -29,6 +29,9 @@ class Backend:
         self.fetch = fetch or (lambda scalar: Ready(float(scalar[0])))
         # uploads().put(*host arrays) -> the backend's arrays (see kernels.transfer.Uploads)
         self.uploads = uploads or HostUploads
+        # recorder().run(arrays, queue): queue() as it is, or replayed from a recording of it
+        # (kernels.graph.Recorder: CUDA graphs)
+        self.recorder = recorder or Eager
 
     def __getattr__(self, name):
         return getattr(self.ops, name)
@@ -58,6 +61,13 @@ class HostUploads:
 
     def used(self):
         pass
+
+
+class Eager:
+    """Runs every queue of work as it is: nothing to record on the reference."""
+
+    def run(self, arrays, queue):
+        queue()
 
 
 def reference_backend():

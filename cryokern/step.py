@@ -58,6 +58,7 @@ class TrainStep:
                       for k, shape in shapes.items() for s in optimizer.state_names(k)}
         self._workspaces = {}
         self._sse = None
+        self._recorder = backend.recorder()
 
     def _workspace(self, shape):
         """The activations acts[1..depth], allocated once per batch shape."""
@@ -86,9 +87,24 @@ class TrainStep:
 
     def launch(self, x, target):
         """Queue one step on a batch; returns (pending, count), where pending.result() is the
-        sse of the loss before the update. Only result() waits (for the loss alone): the
-        training loop queues the next step before it asks, so the device never waits for
-        the host between steps.
+        sse of the loss before the update. Only result() waits: the training loop queues the
+        next step before it asks, so the device need not wait for the host between steps.
+
+        The step's launches are replayed from a recording where the backend has one (a CUDA
+        graph: one launch instead of ~24). Adam's update is launched as it is, since its
+        scalars change every step; SGD's are constant and recorded with the rest."""
+        count = int(np.prod(target.shape))
+        if self._sse is None:           # one is enough: each fetch is queued before the next step
+            self._sse = self.backend.empty64()
+        recorded_update = self.optimizer.kind == "sgd"
+        self._recorder.run((x, target), lambda: self._queue(x, target, count, recorded_update))
+        self.step += 1
+        if not recorded_update:
+            self._update()
+        return self.backend.fetch(self._sse), count
+
+    def _queue(self, x, target, count, update):
+        """Forward, loss, backward (and the update if `update`): kernel launches only.
 
         Each gradient overwrites the activation it is the gradient of (grad[j] is acts[j + 1]'s
         buffer), so the backward pass needs no memory of its own: the loss gradient overwrites
@@ -99,20 +115,15 @@ class TrainStep:
         be, net = self.backend, self.network
         acts = self._forward(x, target)
         grad = acts[1:]
-        count = int(np.prod(target.shape))
-        if self._sse is None:
-            self._sse = be.empty64()    # one is enough: each fetch is queued before the next
         be.mse_loss_and_grad(acts[-1], target, count, out=grad[-1], sse_out=self._sse)
-        pending = be.fetch(self._sse)
         for i in reversed(range(net.depth)):
             be.conv2d_backward_weights(grad[i], acts[i], out=(self.grads[f"layers.{i}.weight"],
                                                               self.grads[f"layers.{i}.bias"]))
             if i > 0:
                 be.conv2d_backward_data(grad[i], self.params[f"layers.{i}.weight"],
                                         relu_output=acts[i], out=grad[i - 1])
-        self.step += 1
-        self._update()
-        return pending, count
+        if update:
+            self._update()
 
     def _update(self):
         opt, be = self.optimizer, self.backend

@@ -12,6 +12,7 @@ from .conv import (conv2d_backward_data, conv2d_backward_weights, conv2d_forward
                    relu_backward)
 from .loss import mse_grad, mse_loss, mse_loss_and_grad
 from .optim import adam_update, sgd_update
+from .graph import Recorder
 from .transfer import Uploads, fetch
 
 __all__ = ["conv2d_forward", "conv2d_backward_data", "conv2d_backward_weights", "relu_backward",
@@ -38,4 +39,4 @@ def gpu_backend():
                    copy_in=lambda dst, src: dst.copy_to_device(src),
                    copy_out=lambda dst, src: src.copy_to_host(dst),
                    empty64=lambda: cuda.device_array(1, np.float64), fetch=fetch,
-                   uploads=Uploads)
+                   uploads=Uploads, recorder=Recorder)

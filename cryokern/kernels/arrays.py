@@ -1,6 +1,28 @@
-"""Taking NumPy or device arrays in, giving the same kind back, and reusable scratch buffers."""
+"""Taking NumPy or device arrays in, giving the same kind back, reusable scratch buffers, and
+the stream kernels are launched on."""
+import contextlib
+import threading
+
 import numpy as np
 from numba import cuda
+
+_launch = threading.local()
+
+
+def launch_stream():
+    """The stream every kernel of this package is launched on: the legacy default stream (0),
+    unless a step is being recorded as a CUDA graph (see graph.py)."""
+    return getattr(_launch, "stream", 0)
+
+
+@contextlib.contextmanager
+def launching_on(stream):
+    previous = launch_stream()
+    _launch.stream = stream
+    try:
+        yield
+    finally:
+        _launch.stream = previous
 
 
 def is_device_array(a):
@@ -64,6 +86,11 @@ def result(out_op, dev, like):
 
 
 _scratch = {}
+
+
+def scratch_buffers():
+    """Every scratch buffer now allocated (a recorded graph keeps them alive)."""
+    return list(_scratch.values())
 
 
 def placeholder(ndim):

@@ -3,8 +3,8 @@ import numpy as np
 from numba import cuda, float32
 
 from ..contract import TILE_H, TILE_W, mse_grad_scale, tile_grid
-from .arrays import (Operand, as_device_array, is_device_array, output, placeholder, result,
-                     scratch)
+from .arrays import (Operand, as_device_array, is_device_array, launch_stream, output,
+                     placeholder, result, scratch)
 from .reduce import fold_partials
 
 
@@ -81,7 +81,7 @@ def _sse_and_grad(pred, target, count, out, sse_out=None):
     write_grad = count is not None
     out_op, grad = output("out", out, pred.shape, pred) if write_grad else (None, placeholder(4))
     scale = mse_grad_scale(count) if write_grad else np.float32(0)
-    _loss_kernel[(th * tw, n * ch), LOSS_THREADS](pred.device, target.device, scale, grad,
+    _loss_kernel[(th * tw, n * ch), LOSS_THREADS, launch_stream()](pred.device, target.device, scale, grad,
                                                   partials, tw, write_grad)
     fold_partials(partials, out64=total)
     sse = float(total.copy_to_host()[0]) if sse_out is None else sse_out
@@ -114,6 +114,6 @@ def mse_grad(pred, target, count, out=None):
     pred, target = _operands(pred, target)
     out_op, grad = output("out", out, pred.shape, pred)
     size = int(np.prod(pred.shape))
-    _grad_kernel[-(-size // 256), 256](pred.device.reshape(size), target.device.reshape(size),
+    _grad_kernel[-(-size // 256), 256, launch_stream()](pred.device.reshape(size), target.device.reshape(size),
                                        mse_grad_scale(count), grad.reshape(size))
     return result(out_op, grad, pred)

@@ -5,7 +5,7 @@ import numpy as np
 from numba import cuda, float32
 
 from ..contract import adam_scalars, sgd_scalars
-from .arrays import Operand
+from .arrays import Operand, launch_stream
 
 
 @cuda.jit(cache=True)
@@ -54,7 +54,7 @@ def sgd_update(w, g, v, lr, momentum=0.0, weight_decay=0.0, nesterov=False):
         raise ValueError("Nesterov momentum requires momentum > 0")
     ops = [Operand("w", w), Operand("g", g), Operand("v", v)]
     size, (wd_, gd, vd) = _flat(ops)
-    _sgd_kernel[-(-size // 256), 256](wd_, gd, vd, neg_lr, mom, wd, bool(mom != 0), bool(nesterov))
+    _sgd_kernel[-(-size // 256), 256, launch_stream()](wd_, gd, vd, neg_lr, mom, wd, bool(mom != 0), bool(nesterov))
     ops[0].write_back()
     if mom != 0:
         ops[2].write_back()
@@ -65,6 +65,6 @@ def adam_update(w, g, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_d
     scalars = adam_scalars(step, lr, beta1, beta2, eps)
     ops = [Operand("w", w), Operand("g", g), Operand("m", m), Operand("v", v)]
     size, arrays = _flat(ops)
-    _adam_kernel[-(-size // 256), 256](*arrays, *scalars, np.float32(weight_decay))
+    _adam_kernel[-(-size // 256), 256, launch_stream()](*arrays, *scalars, np.float32(weight_decay))
     for op in (ops[0], ops[2], ops[3]):
         op.write_back()

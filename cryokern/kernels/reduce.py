@@ -2,7 +2,7 @@
 import numpy as np
 from numba import cuda, float32, float64
 
-from .arrays import scratch
+from .arrays import launch_stream, scratch
 
 
 @cuda.jit(cache=True)
@@ -67,7 +67,7 @@ def fold_partials(partials, out32=None, out64=None):
     """Write the folded totals as float32 into out32 and/or float64 into out64 (length K)."""
     n, _, k = partials.shape
     per_image = scratch("fold_per_image", (n, k), np.float64)
-    _fold_tiles[(-(-k // 128), n), 128](partials, per_image)
-    _fold_images[-(-k // 128), 128](per_image,
+    _fold_tiles[(-(-k // 128), n), 128, launch_stream()](partials, per_image)
+    _fold_images[-(-k // 128), 128, launch_stream()](per_image,
                                     _empty(np.float32) if out32 is None else out32,
                                     _empty(np.float64) if out64 is None else out64)
