@@ -14,7 +14,7 @@ import statistics
 import numpy as np
 from numba import cuda
 
-from cryokern.backends import get_backend
+from cryokern.backends import Eager, get_backend
 from cryokern import kernels as K
 from cryokern.model import Network, init_params
 from cryokern.step import OptimizerConfig, TrainStep
@@ -98,6 +98,7 @@ def step_breakdown(net, params, x, y, steps=10):
     timed = get_backend("gpu")              # a new Backend object: its ops may be replaced
     timed.name, timed.ops = "gpu-timed", ops
     trainer = TrainStep(timed, net, params, OptimizerConfig("sgd", 0.01, momentum=0.9))
+    trainer._recorder = Eager()         # each kernel bracketed by events: no graph
     trainer(x, y)
     per_call = None
     for _ in range(steps):

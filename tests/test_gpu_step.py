@@ -32,6 +32,30 @@ def test_three_steps_equal_reference(opt):
         assert np.array_equal(bits(gpu.host_state()[name]), bits(value)), name
 
 
+@pytest.mark.parametrize("opt", [OptimizerConfig("sgd", lr=0.05, momentum=0.9, nesterov=True),
+                                 OptimizerConfig("adam", lr=1e-3, weight_decay=1e-2)])
+def test_steps_replayed_from_a_graph_equal_reference(opt):
+    """Device-resident batches: the second step with the same arrays is recorded as a CUDA
+    graph and later steps replay it; every loss and the final state equal the reference's."""
+    from numba import cuda
+    net = Network()
+    params = init_params(net, seed=4)
+    gpu = TrainStep(get_backend("gpu"), net, params, opt)
+    ref = TrainStep(get_backend("reference"), net, params, opt)
+    slots = [tuple(cuda.device_array((2, 1, 45, 77), np.float32) for _ in "xy") for _ in "ab"]
+    for step in range(6):
+        noisy, clean = batch(step, (2, 1, 45, 77))
+        x, y = slots[step % 2]
+        x.copy_to_device(noisy)
+        y.copy_to_device(clean)
+        got, _ = gpu.launch(x, y)
+        assert got.result() == ref(noisy, clean)[0]
+    for name, value in ref.host_params().items():
+        assert np.array_equal(bits(gpu.host_params()[name]), bits(value)), name
+    for name, value in ref.host_state().items():
+        assert np.array_equal(bits(gpu.host_state()[name]), bits(value)), name
+
+
 def test_one_step_matches_pytorch_float64():
     torch = pytest.importorskip("torch")
     net = Network()

@@ -14,7 +14,7 @@ from collections import OrderedDict
 
 from numba import config, cuda
 
-from .arrays import launching_on, scratch_buffers
+from .arrays import is_device_array, launching_on, scratch_buffers
 
 
 def _checked(result):
@@ -60,7 +60,8 @@ class Recorder:
     is recorded as a graph, which that call and every later one with the same arrays launch.
     Graphs run on one stream of their own, which (being a blocking stream) is ordered with
     the work queued on the legacy default stream before and after. The `keep` most recently
-    used graphs are kept. In the simulator there are no graphs: queue() always runs."""
+    used graphs are kept. Host arrays (copied to the device by each call) and the simulator
+    have no graphs: queue() runs as it is."""
 
     def __init__(self, keep=4):
         self._keep = keep
@@ -69,7 +70,7 @@ class Recorder:
         self._stream = None
 
     def run(self, arrays, queue):
-        if config.ENABLE_CUDASIM:
+        if config.ENABLE_CUDASIM or not all(is_device_array(a) for a in arrays):
             queue()
             return
         key = tuple(_address(a) for a in arrays)
