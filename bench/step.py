@@ -17,7 +17,7 @@ from numba import cuda
 from cryokern.backends import Eager, get_backend
 from cryokern import kernels as K
 from cryokern.model import Network, init_params
-from cryokern.step import OptimizerConfig, TrainStep
+from cryokern.step import DEFAULT_PASS_PIXELS, OptimizerConfig, TrainStep
 
 
 def _device_name():
@@ -163,6 +163,8 @@ def main():
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--pass-pixels", type=int, default=DEFAULT_PASS_PIXELS,
+                    help="cryokern's passes (fewer pixels: less memory, a little slower)")
     args = ap.parse_args()
     n, s = args.batch, args.size
     rng = np.random.default_rng(0)
@@ -171,7 +173,8 @@ def main():
     net = Network()
     params = init_params(net, 0)
     free_before = cuda.current_context().get_memory_info()[0]
-    trainer = TrainStep(get_backend("gpu"), net, params, OptimizerConfig("sgd", 0.01, momentum=0.9))
+    trainer = TrainStep(get_backend("gpu"), net, params, OptimizerConfig("sgd", 0.01, momentum=0.9),
+                        pass_pixels=args.pass_pixels)
     x, y = cuda.to_device(noisy), cuda.to_device(clean)
     rows = [("cryokern step",) + event_times(lambda: trainer(x, y), args.steps)]
     pipelined = [("cryokern step", pipelined_ms(lambda: trainer.launch(x, y)[0], args.steps))]
@@ -198,7 +201,8 @@ def main():
     ]
     flops = 2 * n * s * s * 16 * 16 * 9
     print(f"\n{datetime.date.today()}  {_device_name()}  "
-          f"batch {n}x1x{s}x{s}, default network, SGD momentum, {args.steps} steps")
+          f"batch {n}x1x{s}x{s}, default network, SGD momentum, {args.steps} steps, "
+          f"{len(trainer._passes(x.shape))} pass(es) of <= {args.pass_pixels} pixels")
     print(f"{'what':38s} {'median ms':>10s} {'min':>8s} {'max':>8s} {'images/s':>9s}")
     for name, med, lo, hi in rows:
         print(f"{name:38s} {med:10.3f} {lo:8.3f} {hi:8.3f} {n / med * 1e3:9.0f}")

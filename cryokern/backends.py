@@ -23,9 +23,9 @@ class Backend:
         self.host_empty = host_empty or (lambda shape: np.empty(shape, np.float32))
         self.copy_in = copy_in or (lambda dst, src: np.copyto(dst, src))
         self.copy_out = copy_out or (lambda dst, src: np.copyto(dst, src))
-        # a float64 scalar the loss can be left in, and fetch(scalar).result() its value: on
-        # the GPU the copy is queued behind the step and only result() waits
-        self.empty64 = empty64 or (lambda: np.zeros(1, np.float64))
+        # float64 arrays (per-image sums, the loss), and fetch(scalar).result() a float64
+        # scalar's value: on the GPU the copy is queued behind the step and only result() waits
+        self.empty64 = empty64 or (lambda shape: np.zeros(shape, np.float64))
         self.fetch = fetch or (lambda scalar: Ready(float(scalar[0])))
         # uploads().put(*host arrays) -> the backend's arrays (see kernels.transfer.Uploads)
         self.uploads = uploads or HostUploads

@@ -22,12 +22,12 @@ from .backends import get_backend
 from .data import NORMALIZATIONS, BatchLoader, PairedImages, Subset, epoch_batches, split
 from .model import Network, init_params
 from .mrcstack import DataError
-from .step import OptimizerConfig, TrainStep
+from .step import DEFAULT_PASS_PIXELS, OptimizerConfig, TrainStep
 
 EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 RUN_FILES = ("config.json", "metrics.jsonl", "last.npz", "best.npz", "loss.png")
 # options a resumed run may change; any other option given with --resume must match the run's
-RESUME_MAY_CHANGE = {"epochs", "device", "out", "resume", "force", "save_every"}
+RESUME_MAY_CHANGE = {"epochs", "device", "out", "resume", "force", "save_every", "pass_pixels"}
 DEFAULT_LR = {"sgd": 0.01, "adam": 1e-3}
 
 
@@ -70,6 +70,9 @@ def build_parser():
     t.add_argument("--channels", default="1,16,16,1",
                    help="channel counts, input to output (default 1,16,16,1)")
     t.add_argument("--init", choices=("pytorch", "he-normal"), default="pytorch")
+    t.add_argument("--pass-pixels", type=int, default=DEFAULT_PASS_PIXELS, metavar="N",
+                   help="run each batch in passes of at most N pixels (whole images): less "
+                        "device memory, a little slower, the same bits (default 8388608)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto",
                    help="gpu: the numba.cuda kernels; cpu: the NumPy reference (same bits)")
@@ -156,6 +159,7 @@ def check_options(opts):
                 (opts.crop < 0, "--crop must be positive"),
                 (not 0 <= opts.val_fraction < 1, "--val-fraction must be in [0, 1)"),
                 (opts.save_every < 0, "--save-every must be positive"),
+                (opts.pass_pixels < 1, "--pass-pixels must be at least 1"),
                 (opts.resume and opts.force, "--resume and --force exclude each other"),
                 (opts.resume and not opts.out, "--resume needs --out DIR, the run to continue")]
     for bad, message in problems:
@@ -226,7 +230,8 @@ class Run:
             params, state, meta = resume_from
             step, self.position, self.best = meta["step"], meta["position"], meta["best_mse"]
             self.meter = LossMeter.from_json(meta["partial"])
-        self.step = TrainStep(backend, self.network, params, optimizer, state, step)
+        self.step = TrainStep(backend, self.network, params, optimizer, state, step,
+                              pass_pixels=opts.pass_pixels)
         self.uploads = backend.uploads()
         self._host_buffers = {}
 
@@ -393,6 +398,9 @@ def prepare_out(opts):
 def resumed_options(opts, explicit, meta):
     """The resumed run's options: the checkpoint's, with those a resume may change."""
     saved = argparse.Namespace(**meta["options"])
+    for name, value in vars(opts).items():      # options newer than the run: their defaults
+        if not hasattr(saved, name):
+            setattr(saved, name, value)
     for name in explicit - RESUME_MAY_CHANGE:
         if getattr(opts, name) != getattr(saved, name):
             raise DataError(f"--{name.replace('_', '-')} {getattr(opts, name)} differs from the "

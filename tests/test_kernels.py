@@ -129,6 +129,36 @@ def test_loss_may_stay_on_the_device(rng, shape):
     assert got is host_out and host_out[0] == want_sse
 
 
+@pytest.mark.parametrize("shape", cases([(4, 16, 16, 1024, 1024)], [(3, 2, 3, 20, 70)]))
+def test_per_image_sums_in_two_calls_equal_one_call(rng, shape):
+    """image_sums leaves each image's float64 sums; sum_images over them gives the bits of a
+    whole-batch call (a batch run in passes of fewer images)."""
+    n, ci, co, h, w = shape
+    gy, x = randn(rng, n, co, h, w), randn(rng, n, ci, h, w)
+    want_gw, want_gb = R.conv2d_backward_weights(gy, x)
+    sw = cuda.device_array((n, co, ci, 3, 3), np.float64)
+    sb = cuda.device_array((n, co), np.float64)
+    for a, b in ((0, 1), (1, n)):
+        K.conv2d_backward_weights(cuda.to_device(gy[a:b]), cuda.to_device(x[a:b]),
+                                  image_sums=(sw[a:b], sb[a:b]))
+    gw, gb = cuda.device_array((co, ci, 3, 3), np.float32), cuda.device_array(co, np.float32)
+    assert K.sum_images(sw, gw) is gw and K.sum_images(sb, gb) is gb
+    assert same_bits(gw, want_gw) and same_bits(gb, want_gb)
+    pred, target = np.ascontiguousarray(gy[:, :1]), np.ascontiguousarray(x[:, :1])
+    want_sse, count = R.mse_loss(pred, target)
+    sums = cuda.device_array(n, np.float64)
+    for a, b in ((0, 1), (1, n)):
+        K.mse_loss_and_grad(cuda.to_device(pred[a:b]), cuda.to_device(target[a:b]), count,
+                            image_sums=sums[a:b])
+    total = cuda.device_array(1, np.float64)
+    K.sum_images(sums, total)
+    assert total.copy_to_host()[0] == want_sse
+    ref_sums = np.zeros(n)
+    R.mse_loss_and_grad(pred, target, count, image_sums=ref_sums)
+    assert np.array_equal(ref_sums, sums.copy_to_host())
+    assert R.sum_images(ref_sums, np.zeros(1))[0] == want_sse
+
+
 def test_relu_backward(rng):
     gy, y = randn(rng, 2, 3, 5, 7), randn(rng, 2, 3, 5, 7)
     y[0, 0, 0, :3] = [0.0, -0.0, np.nan]

@@ -99,3 +99,27 @@ def test_step_gradients_match_float64_backprop(channels):
         assert rel_err(trainer.grads[f"layers.{i}.weight"], gw) < 1e-5, i
         assert rel_err(trainer.grads[f"layers.{i}.bias"], gb) < 1e-5, i
         g = conv_backward_data64(g, params[f"layers.{i}.weight"]) * (acts[i] > 0)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("gpu", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("opt", [OptimizerConfig("sgd", lr=0.05, momentum=0.9),
+                                 OptimizerConfig("adam", lr=0.01)])
+def test_a_batch_run_in_passes_gives_the_bits_of_one_pass(backend, opt):
+    """Passes of fewer images (less memory) keep each image's float64 sums and add them in
+    image order: losses, weights and optimizer state are bit-identical to a single pass."""
+    net = Network((1, 2, 2, 1))
+    noisy, clean = synthetic_batch(np.random.default_rng(5), n=3, size=(5, 7))
+
+    def run(pass_pixels):
+        trainer = TrainStep(get_backend(backend), net, init_params(net, 2), opt,
+                            pass_pixels=pass_pixels)
+        losses = [trainer(noisy, clean)[0], trainer.loss(noisy, clean)[0]]
+        return losses, trainer
+
+    whole, t1 = run(1 << 21)
+    split, t2 = run(2 * 5 * 7)         # passes of 2 images, then 1
+    assert t2._passes(noisy.shape) == [(0, 2), (2, 3)]
+    assert whole == split
+    for got, want in ((t2.host_params(), t1.host_params()), (t2.host_state(), t1.host_state())):
+        for k in want:
+            assert np.array_equal(bits(got[k]), bits(want[k])), k

@@ -207,7 +207,7 @@ def test_resume_refuses_a_changed_option(tmp_path, capsys):
     assert T.main(data_args(pair) + TINY + ["--out", out, "--epochs", "1"]) == 0
     assert T.main(["--resume", "--out", out, "--lr", "0.5"]) == 2
     assert "--lr 0.5 differs" in capsys.readouterr().err
-    assert T.main(["--resume", "--out", out, "--epochs", "2"]) == 0
+    assert T.main(["--resume", "--out", out, "--epochs", "2", "--pass-pixels", "144"]) == 0
     assert len(metrics(out)) == 2
 
 
@@ -263,6 +263,12 @@ def test_bad_input_exits_2_with_one_line_naming_the_file(tmp_path, capsys, case)
     assert words in err and (os.path.basename(noisy) in err or os.path.basename(clean) in err)
     if case != "nan":     # found before anything is written
         assert not out.exists()
+
+
+def test_pass_pixels_must_be_positive(tmp_path, capsys):
+    rc = T.main(data_args(make_pair(tmp_path)) + TINY + ["--pass-pixels", "0", "--out",
+                                                         str(tmp_path / "r")])
+    assert rc == 2 and "--pass-pixels must be at least 1" in capsys.readouterr().err
 
 
 def test_crop_larger_than_images(tmp_path, capsys):

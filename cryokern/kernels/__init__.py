@@ -12,12 +12,13 @@ from .conv import (conv2d_backward_data, conv2d_backward_weights, conv2d_forward
                    relu_backward)
 from .loss import mse_grad, mse_loss, mse_loss_and_grad
 from .optim import adam_update, sgd_update
+from .reduce import sum_images
 from .graph import Recorder
 from .transfer import Uploads, fetch
 
 __all__ = ["conv2d_forward", "conv2d_backward_data", "conv2d_backward_weights", "relu_backward",
            "mse_loss", "mse_grad", "mse_loss_and_grad", "sgd_update", "adam_update",
-           "gpu_backend"]
+           "sum_images", "gpu_backend"]
 
 
 def _to_device(a):
@@ -38,5 +39,5 @@ def gpu_backend():
                    host_empty=lambda shape: cuda.pinned_array(shape, np.float32),
                    copy_in=lambda dst, src: dst.copy_to_device(src),
                    copy_out=lambda dst, src: src.copy_to_host(dst),
-                   empty64=lambda: cuda.device_array(1, np.float64), fetch=fetch,
+                   empty64=lambda shape: cuda.device_array(shape, np.float64), fetch=fetch,
                    uploads=Uploads, recorder=Recorder)

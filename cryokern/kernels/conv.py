@@ -9,7 +9,8 @@ import numpy as np
 from numba import cuda, float32
 
 from ..contract import TILE_H, TILE_W, tile_grid
-from .arrays import Operand, launch_stream, output, placeholder, result, scratch
+from .arrays import (Operand, as_device_array, launch_stream, output, placeholder, result,
+                     scratch)
 from .codegen import Source, load_module
 from .reduce import fold_partials
 
@@ -359,8 +360,10 @@ def _weights_kernel(cin, cout, max_registers, precompute):
     return module.kernel, threads
 
 
-def conv2d_backward_weights(gy, x, out=None):
-    """(gw, gb): per-tile float32 chains, folded in float64 per image, then in image order."""
+def conv2d_backward_weights(gy, x, out=None, image_sums=None):
+    """(gw, gb): per-tile float32 chains, folded in float64 per image, then in image order.
+    With image_sums (float64 device arrays (N, Co, Ci, 3, 3) and (N, Co)), the per-image sums
+    are left there for sum_images() and image_sums is returned."""
     gy, x = Operand("gy", gy, 4), Operand("x", x, 4)
     n, cout, h, wd = gy.shape
     if x.shape[0] != n or x.shape[2:] != (h, wd):
@@ -372,6 +375,15 @@ def conv2d_backward_weights(gy, x, out=None):
     kernel, threads = _weights_kernel(cin, cout, *weights_variant(cin, cout))
     kernel[(th * tw, n), threads, launch_stream()](gy.device.reshape(gy.device.size), x.device.reshape(x.device.size),
                                   gw_part, gb_part, h, wd, tw)
+    if image_sums is not None:
+        sw, sb = (as_device_array(a) for a in image_sums)
+        if sw.shape != (n, cout, cin, 3, 3) or sb.shape != (n, cout) or \
+                sw.dtype != np.float64 or sb.dtype != np.float64:
+            raise ValueError(f"image_sums must be float64 ({n}, {cout}, {cin}, 3, 3) and "
+                             f"({n}, {cout}), got {sw.dtype} {sw.shape} and {sb.dtype} {sb.shape}")
+        fold_partials(gw_part, image_sums=sw.reshape(n, cout * cin * 9))
+        fold_partials(gb_part, image_sums=sb)
+        return image_sums
     if out is None:
         gw_op, gw = output("gw", None, (cout, cin, 3, 3), gy)
         gb_op, gb = output("gb", None, (cout,), gy)

@@ -68,7 +68,7 @@ def _operands(pred, target):
     return pred, target
 
 
-def _sse_and_grad(pred, target, count, out, sse_out=None):
+def _sse_and_grad(pred, target, count, out, sse_out=None, image_sums=None):
     n, ch, h, w = pred.shape
     th, tw = tile_grid(h, w)
     partials = scratch("loss_part", (n, ch * th * tw, 1), np.float32)
@@ -83,8 +83,15 @@ def _sse_and_grad(pred, target, count, out, sse_out=None):
     scale = mse_grad_scale(count) if write_grad else np.float32(0)
     _loss_kernel[(th * tw, n * ch), LOSS_THREADS, launch_stream()](pred.device, target.device, scale, grad,
                                                   partials, tw, write_grad)
-    fold_partials(partials, out64=total)
-    sse = float(total.copy_to_host()[0]) if sse_out is None else sse_out
+    if image_sums is not None:
+        sums = as_device_array(image_sums)
+        if sums.shape != (n,) or sums.dtype != np.float64:
+            raise ValueError(f"image_sums must be float64 ({n},), got {sums.dtype} {sums.shape}")
+        fold_partials(partials, image_sums=sums.reshape(n, 1))
+        sse = image_sums
+    else:
+        fold_partials(partials, out64=total)
+        sse = float(total.copy_to_host()[0]) if sse_out is None else sse_out
     return sse, (result(out_op, grad, pred) if write_grad else None)
 
 
@@ -95,11 +102,12 @@ def mse_loss(pred, target):
     return sse, int(np.prod(pred.shape))
 
 
-def mse_loss_and_grad(pred, target, count, out=None, sse_out=None):
+def mse_loss_and_grad(pred, target, count, out=None, sse_out=None, image_sums=None):
     """(sse, grad) from one pass over the pixels; with `sse_out` (a float64 device array of
-    shape (1,)) the sse stays there, no host wait, and sse_out is returned in its place."""
+    shape (1,)) the sse stays there, no host wait, and sse_out is returned in its place; with
+    `image_sums` (float64 device, (N,)) each image's sum is left there for sum_images()."""
     pred, target = _operands(pred, target)
-    return _sse_and_grad(pred, target, count, out, sse_out)
+    return _sse_and_grad(pred, target, count, out, sse_out, image_sums)
 
 
 @cuda.jit(cache=True)

@@ -2,7 +2,7 @@
 import numpy as np
 from numba import cuda, float32, float64
 
-from .arrays import launch_stream, scratch
+from .arrays import as_device_array, launch_stream, scratch
 
 
 @cuda.jit(cache=True)
@@ -63,11 +63,44 @@ def _empty(dtype):
     return _EMPTY[dtype]
 
 
-def fold_partials(partials, out32=None, out64=None):
-    """Write the folded totals as float32 into out32 and/or float64 into out64 (length K)."""
+def fold_tiles(partials, per_image):
+    """Step 3: float32 partials (N, T, K) -> each image's float64 sums, into per_image (N, K)."""
+    n, _, k = partials.shape
+    _fold_tiles[(-(-k // 128), n), 128, launch_stream()](partials, per_image)
+
+
+def fold_images(per_image, out32=None, out64=None):
+    """Steps 4-5: per-image sums (N, K) -> totals, float32 into out32 and/or float64 into out64."""
+    k = per_image.shape[1]
+    _fold_images[-(-k // 128), 128, launch_stream()](
+        per_image, _empty(np.float32) if out32 is None else out32,
+        _empty(np.float64) if out64 is None else out64)
+
+
+def fold_partials(partials, out32=None, out64=None, image_sums=None):
+    """Steps 3-5: the totals into out32 and/or out64 (length K); or, with image_sums (N, K),
+    step 3 only, each image's sums left there for sum_images()."""
+    if image_sums is not None:
+        fold_tiles(partials, image_sums)
+        return
     n, _, k = partials.shape
     per_image = scratch("fold_per_image", (n, k), np.float64)
-    _fold_tiles[(-(-k // 128), n), 128, launch_stream()](partials, per_image)
-    _fold_images[-(-k // 128), 128, launch_stream()](per_image,
-                                    _empty(np.float32) if out32 is None else out32,
-                                    _empty(np.float64) if out64 is None else out64)
+    fold_tiles(partials, per_image)
+    fold_images(per_image, out32, out64)
+
+
+def sum_images(sums, out):
+    """Steps 4-5 over per-image sums (N, ...) left by conv2d_backward_weights or
+    mse_loss_and_grad (their `image_sums`): the total rounded once to out's dtype (float32
+    gradients, float64 SSE), written into out (a device array) and returned."""
+    sums, out = as_device_array(sums), as_device_array(out)
+    n = sums.shape[0]
+    k = int(np.prod(sums.shape[1:]))
+    if out.size != k or sums.dtype != np.float64:
+        raise ValueError(f"sums {sums.dtype} {sums.shape} do not fold into out {out.shape}")
+    flat = out.reshape(k)
+    if out.dtype == np.float32:
+        fold_images(sums.reshape(n, k), out32=flat)
+    else:
+        fold_images(sums.reshape(n, k), out64=flat)
+    return out

@@ -7,7 +7,8 @@ from .conv import (conv2d_backward_data, conv2d_backward_weights, conv2d_forward
 from .fma import fma32
 from .loss import mse_grad, mse_loss, mse_loss_and_grad
 from .optim import adam_update, sgd_update
+from .reduce import sum_images
 
 __all__ = ["fma32", "conv2d_forward", "conv2d_backward_data", "conv2d_backward_weights",
            "relu_backward", "mse_loss", "mse_grad", "mse_loss_and_grad", "sgd_update",
-           "adam_update"]
+           "adam_update", "sum_images"]

@@ -3,7 +3,7 @@ import numpy as np
 
 from ..contract import TILE_H, TILE_W, tile_grid
 from .fma import fma32
-from .reduce import combine_partials, in_image_mask, tile_chain, tile_view
+from .reduce import fold_images, in_image_mask, per_image, tile_chain, tile_view
 
 
 def _f32(name, a, ndim):
@@ -73,8 +73,12 @@ def conv2d_backward_data(gy, w, relu_output=None, out=None):
     return _finish(gx, out)
 
 
-def conv2d_backward_weights(gy, x, out=None):
-    """(dL/dw, dL/db), each a tiled float32 chain per image, combined in float64 (contract §4)."""
+def conv2d_backward_weights(gy, x, out=None, image_sums=None):
+    """(dL/dw, dL/db), each a tiled float32 chain per image, combined in float64 (contract §4).
+
+    With `image_sums` (float64 arrays (N, Co, Ci, 3, 3) and (N, Co)), each image's float64 sum
+    is written there instead and image_sums is returned: sum_images() finishes the sum, so a
+    batch may be run in several passes with the same bits."""
     gy = _f32("gy", gy, 4)
     x = _f32("x", x, 4)
     n, cout, h, wd = gy.shape
@@ -100,9 +104,14 @@ def conv2d_backward_weights(gy, x, out=None):
     gw_tiles = tile_chain(valid, weight_step,
                           np.zeros((n, th, tw, cout, cin, 9), np.float32))
     gb_tiles = tile_chain(valid, bias_step, np.zeros((n, th, tw, cout), np.float32))
-    gw = combine_partials(gw_tiles.reshape(n, th * tw, cout, cin, 9))
-    gb = combine_partials(gb_tiles.reshape(n, th * tw, cout))
-    gw = gw.astype(np.float32).reshape(cout, cin, 3, 3)
+    gw_images = per_image(gw_tiles.reshape(n, th * tw, cout, cin, 9))
+    gb_images = per_image(gb_tiles.reshape(n, th * tw, cout))
+    if image_sums is not None:
+        image_sums[0][...] = gw_images.reshape(n, cout, cin, 3, 3)
+        image_sums[1][...] = gb_images
+        return image_sums
+    gw = fold_images(gw_images).astype(np.float32).reshape(cout, cin, 3, 3)
+    gb = fold_images(gb_images)
     gb = gb.astype(np.float32)
     if out is None:
         return gw, gb

@@ -4,7 +4,7 @@ import numpy as np
 from ..contract import mse_grad_scale, tile_grid
 from .conv import _f32
 from .fma import fma32
-from .reduce import combine_partials, in_image_mask, tile_chain, tile_view
+from .reduce import fold_images, in_image_mask, per_image, tile_chain, tile_view
 
 
 def _difference(pred, target):
@@ -15,8 +15,8 @@ def _difference(pred, target):
     return pred - target
 
 
-def mse_loss(pred, target):
-    """(sse, count): per plane tile, a float32 chain d = pred - target, acc = fma(d, d, acc)."""
+def _image_sse(pred, target):
+    """Each image's float64 sum of its planes' tile chains (numerics §4b, steps 1-3)."""
     d = _difference(pred, target)
     n, ch, h, w = d.shape
     th, tw = tile_grid(h, w)
@@ -28,7 +28,12 @@ def mse_loss(pred, target):
 
     partials = tile_chain(in_image_mask(h, w), step, np.zeros((n, th, tw, ch), np.float32))
     per_image_order = partials.transpose(0, 3, 1, 2).reshape(n, ch * th * tw)  # plane, tile
-    return float(combine_partials(per_image_order)), d.size
+    return per_image(per_image_order)
+
+
+def mse_loss(pred, target):
+    """(sse, count): per plane tile, a float32 chain d = pred - target, acc = fma(d, d, acc)."""
+    return float(fold_images(_image_sse(pred, target))), int(np.prod(np.shape(pred)))
 
 
 def mse_grad(pred, target, count, out=None):
@@ -40,12 +45,19 @@ def mse_grad(pred, target, count, out=None):
     return out
 
 
-def mse_loss_and_grad(pred, target, count, out=None, sse_out=None):
+def mse_loss_and_grad(pred, target, count, out=None, sse_out=None, image_sums=None):
     """Both of the above from one pass (the GPU fuses them); returns (sse, grad). With
     `sse_out` (float64, shape (1,)), the sse is written there and sse_out is returned in its
-    place: on the GPU that leaves the value on the device, so the step needs no host wait."""
-    sse, _ = mse_loss(pred, target)
-    if sse_out is not None:
-        sse_out[0] = sse
+    place: on the GPU that leaves the value on the device, so the step needs no host wait.
+    With `image_sums` (float64, shape (N,)), each image's sum is written there and returned in
+    place of the sse, for sum_images() to finish (a batch run in several passes)."""
+    images = _image_sse(pred, target)
+    if image_sums is not None:
+        image_sums[...] = images
+        sse = image_sums
+    elif sse_out is not None:
+        sse_out[0] = fold_images(images)
         sse = sse_out
+    else:
+        sse = float(fold_images(images))
     return sse, mse_grad(pred, target, count, out=out)

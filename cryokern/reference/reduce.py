@@ -41,11 +41,21 @@ def tile_chain(valid, step, acc):
     return acc
 
 
-def combine_partials(partials):
-    """float32 partials (N, T, ...) -> float64 total.
+def per_image(partials):
+    """float32 partials (N, T, ...) -> float64 per-image sums (N, ...): per image, a left fold
+    over its tiles in order, in float64 (numerics §4 step 3). np.add.accumulate is a sequential
+    fold by definition."""
+    return np.add.accumulate(partials.astype(np.float64), axis=1)[:, -1]
 
-    Per image, a left fold over its tiles in order, in float64; then a left fold of the per-image
-    sums in image order, in float64. np.add.accumulate is a sequential fold by definition.
-    """
-    per_image = np.add.accumulate(partials.astype(np.float64), axis=1)[:, -1]
-    return np.add.accumulate(per_image, axis=0)[-1]
+
+def fold_images(per_image):
+    """float64 per-image sums (N, ...) -> float64 total: a left fold in image order (step 4)."""
+    return np.add.accumulate(np.asarray(per_image, np.float64), axis=0)[-1]
+
+
+def sum_images(sums, out):
+    """Steps 4-5 over per-image sums left by conv2d_backward_weights or mse_loss_and_grad
+    (their `image_sums`), e.g. from several passes over one batch: the total rounded once to
+    out's dtype (float32 gradients, float64 SSE), written into out and returned."""
+    out[...] = np.asarray(fold_images(sums)).astype(out.dtype)
+    return out
