@@ -2,12 +2,15 @@
 small-image batch (64x256x256), beside the device's fp32 FMA rate and copy bandwidth measured
 here in the same run. Compute-bound kernels report TFLOP/s (2 FLOP per multiply-add) and their
 fraction of the FMA rate; memory-bound ones report GB/s (bytes they must move) and their
-fraction of the copy bandwidth. Usage: python bench/kernels.py
+fraction of the copy bandwidth. Each kernel call (with its float64 folds) is recorded as a CUDA
+graph and the replays are timed, as the training step runs them: numba's host time per launch
+(0.2-0.3 ms) would otherwise be the figure of every short kernel. Usage: python bench/kernels.py
 """
 import numpy as np
 from numba import cuda, float32
 
 from cryokern import kernels as K
+from cryokern.kernels.graph import _Graph
 from step import event_times
 
 FMA_ITERS = 4096
@@ -81,6 +84,9 @@ def cases(n, s, rng):
     o16, o1 = cuda.device_array((n, 16, s, s), np.float32), cuda.device_array((n, 1, s, s),
                                                                                np.float32)
     gw16, gb16 = cuda.device_array((16, 16, 3, 3), np.float32), cuda.device_array(16, np.float32)
+    gw1, gw3 = cuda.device_array((16, 1, 3, 3), np.float32), cuda.device_array((1, 16, 3, 3),
+                                                                               np.float32)
+    gb1 = cuda.device_array(1, np.float32)
     p = s * s * n
     mac = lambda cin, cout: 2 * p * cin * cout * 9
     plane = 4 * p
@@ -97,8 +103,10 @@ def cases(n, s, rng):
          lambda: K.conv2d_backward_data(g1, w3, relu_output=a16, out=o16), mac(1, 16), 33 * plane),
         ("conv 16->16 weight grads", lambda: K.conv2d_backward_weights(g16, a16, out=(gw16, gb16)),
          mac(16, 16), 32 * plane),
-        ("conv 1->16 weight grads", lambda: K.conv2d_backward_weights(g16, x1), mac(1, 16), 17 * plane),
-        ("conv 16->1 weight grads", lambda: K.conv2d_backward_weights(g1, a16), mac(16, 1), 17 * plane),
+        ("conv 1->16 weight grads", lambda: K.conv2d_backward_weights(g16, x1, out=(gw1, gb16)),
+         mac(1, 16), 17 * plane),
+        ("conv 16->1 weight grads", lambda: K.conv2d_backward_weights(g1, a16, out=(gw3, gb1)),
+         mac(16, 1), 17 * plane),
         ("mse loss + grad (sse on device)",
          lambda: K.mse_loss_and_grad(o1, g1, p, out=x1, sse_out=sse), None, 3 * plane),
         ("relu backward 16 ch", lambda: K.relu_backward(g16, a16, out=o16), None, 48 * plane),
@@ -116,11 +124,13 @@ def main():
           f"{'n/a' if sgemm is None else f'{sgemm / 1e12:.1f}'} TFLOP/s (peak = the higher), "
           f"copy bandwidth {bandwidth / 1e9:.0f} GB/s")
     rng = np.random.default_rng(0)
+    stream = cuda.stream()
     print(f"{'kernel':34s} {'batch':>11s} {'median ms':>10s} {'TFLOP/s':>8s} {'GB/s':>7s} "
           f"{'of peak':>8s}")
     for n, s in ((4, 1024), (64, 256)):
         for label, fn, flop, nbytes in cases(n, s, rng):
-            med, _, _ = event_times(fn, 20)
+            fn()                                # compile and allocate, then record
+            med, _, _ = event_times(_Graph(fn, stream).launch, 20)
             secs = med * 1e-3
             if flop is not None:
                 frac = flop / secs / peak

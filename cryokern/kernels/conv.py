@@ -23,15 +23,16 @@ from .reduce import fold_partials
 BW, TY = 32, 4
 
 
-def forward_geometry(cin, cout):
+def forward_geometry(cin, cout, transposed):
     """(R, G, GB): rows and output channels per thread, thread groups per block: the fastest of
-    bench/tune_conv.py's variants (H100, 4x1024^2). 16 -> 16: 8 rows x 4 channels x 4 groups
-    (128 registers, 512 threads); one input channel: all 16 outputs in one thread (0.350 ->
-    0.313 ms); one output channel: 16 rows per thread (0.524 -> 0.486 ms)."""
-    if cin == 1:
+    the variants measured on an H100 at 4x1024^2. 8 rows x 4 channels x 4 groups (128
+    registers, 512 threads) for 16 -> 16; the forward pass from one input channel computes
+    all (up to 16) outputs in each thread (0.356 -> 0.309 ms in bench/kernels.py). The same
+    for backward-data from one channel was slower (0.835 -> 1.052 ms), and 16 rows per thread
+    for one output channel too (0.391 -> 0.406; 64x256^2: 0.372 -> 0.561), though
+    bench/tune_conv.py had timed it faster: those keep the default."""
+    if cin == 1 and not transposed:
         return 8, min(cout, 16), 1
-    if cout == 1:
-        return 16, 1, 1
     g_out = min(cout, 4)
     return 8, g_out, min(4, -(-cout // g_out))
 
@@ -41,7 +42,7 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
     """Numerics section 1 (transposed=False) or 2 (w read as w'[ci,o,2-a,2-b]), generated.
 
     Returns (kernel, block, output channels per block, rows per block)."""
-    R, g_out, groups = geometry or forward_geometry(cin, cout)
+    R, g_out, groups = geometry or forward_geometry(cin, cout, transposed)
     BH = TY * R
     XW, XH = BW + 2, BH + 2
     ob_size = g_out * groups
