@@ -1,6 +1,7 @@
 """Geometry variants of the generated forward convolution (bias + ReLU) for the default network's
 three layer shapes, timed side by side, each checked bit for bit against the default geometry.
-Then the weight-gradient kernel's variants (staging addresses precomputed or not, register cap
+Then backward-data from one channel (the 16 -> 1 layer's) in every geometry, and the
+weight-gradient kernel's variants (staging addresses precomputed or not, register cap
 or not) for the same shapes.
 Usage: python bench/tune_conv.py [--batch 4] [--size 1024]
 """
@@ -10,6 +11,8 @@ import numpy as np
 from numba import cuda
 
 from cryokern.kernels import conv
+from cryokern.kernels.arrays import launch_stream
+from cryokern.kernels.graph import _Graph
 from step import event_times
 
 # (rows per thread, channels per thread, thread groups per block), max registers
@@ -48,7 +51,7 @@ def main():
             cuda.to_device(np.full(want.shape, np.nan, np.float32), to=y)
             fn = lambda: conv._launch_forward(x, w, b, y, True, None, False, **variant)
             try:
-                med, _, _ = event_times(fn, 20, warmup=20)
+                med = replay_ms(fn)
             except Exception as e:  # noqa: BLE001  (a launch error type differs by binding)
                 print(f"{cin:2d}->{cout:<5d} {str(geometry):16s} {str(max_registers):>6s} "
                       f"does not launch ({type(e).__name__})")
@@ -58,6 +61,37 @@ def main():
             regs = next(iter(kernel.overloads.values())).regs_per_thread
             print(f"{cin:2d}->{cout:<5d} {str(geometry):16s} {str(max_registers):>6s} {regs:5d} "
                   f"{med:10.3f} {flops / med / 1e9:8.1f} {'same' if same else 'DIFFERENT'}")
+
+
+def replay_ms(fn):
+    """Median ms of fn's launches replayed as a CUDA graph (as the step runs them): timing each
+    launch from the host adds numba's 0.2-0.3 ms of launch overhead to short kernels."""
+    fn()
+    return event_times(_Graph(fn, cuda.stream()).launch, 20, warmup=20)[0]
+
+
+def backward_data_from_one_channel(n, s, rng):
+    """Backward-data of the 16 -> 1 layer (one channel in, 16 out, ReLU mask), every geometry."""
+    gy = cuda.to_device(rng.standard_normal((n, 1, s, s)).astype(np.float32))
+    w = cuda.to_device(rng.standard_normal((1, 16, 3, 3)).astype(np.float32))
+    mask = cuda.to_device(rng.standard_normal((n, 16, s, s)).astype(np.float32))
+    zero = cuda.to_device(np.zeros(16, np.float32))
+    gx = cuda.device_array((n, 16, s, s), np.float32)
+    want = None
+    for geometry, max_registers in [(conv.forward_geometry(1, 16, True), None)] + VARIANTS:
+        variant = dict(geometry=geometry, max_registers=max_registers)
+        fn = lambda: conv._launch_forward(gy, w, zero, gx, False, mask, True,
+                                          **variant)
+        try:
+            med = replay_ms(fn)
+        except Exception as e:  # noqa: BLE001
+            print(f"backward-data 1->16 {str(geometry):16s} does not launch ({type(e).__name__})")
+            continue
+        got = gx.copy_to_host()
+        want = got if want is None else want
+        same = np.array_equal(got.view(np.uint32), want.view(np.uint32))
+        print(f"backward-data 1->16 {str(geometry):16s} {str(max_registers):>6s} {med:10.3f} ms "
+              f"{'same' if same else 'DIFFERENT'}")
 
 
 def weights(n, s, rng):
@@ -75,8 +109,8 @@ def weights(n, s, rng):
         for precompute in (False, True):
             for max_registers in (128, None):
                 kernel, threads = conv._weights_kernel(cin, cout, max_registers, precompute)
-                fn = lambda: kernel[(th * tw, n), threads](gy, x, gw, gb, s, s, tw)
-                med, _, _ = event_times(fn, 20, warmup=20)
+                fn = lambda: kernel[(th * tw, n), threads, launch_stream()](gy, x, gw, gb, s, s, tw)
+                med = replay_ms(fn)
                 got = np.concatenate([gw.copy_to_host().ravel(), gb.copy_to_host().ravel()])
                 want = got if want is None else want
                 overload = next(iter(kernel.overloads.values()))
@@ -91,4 +125,5 @@ def weights(n, s, rng):
 
 if __name__ == "__main__":
     main()
+    backward_data_from_one_channel(4, 1024, np.random.default_rng(2))
     weights(4, 1024, np.random.default_rng(1))

@@ -47,7 +47,7 @@ class Source:
 
     def kernel(self, params, max_registers=None):
         """Start a module holding one `kernel(params)`, register-capped on a real GPU."""
-        self("from numba import cuda, float32")
+        self("from numba import cuda, float32, float64")
         self()
         cap = "" if max_registers is None or config.ENABLE_CUDASIM else \
             f", max_registers={max_registers}"     # the simulator's jit takes no cap

@@ -1,42 +1,38 @@
 """Numerics §4 steps 3-5: fold float32 partials (N, T, K) in float64, tiles then images."""
+from functools import lru_cache
+
 import numpy as np
-from numba import cuda, float32, float64
+from numba import cuda, float32
 
 from .arrays import as_device_array, launch_stream, scratch
+from .codegen import Source, load_module
 
 
-@cuda.jit(cache=True)
-def _fold_tiles(partials, per_image):
-    """Step 3, one thread per (image, k): eight loads in flight, added in tile order."""
-    j = cuda.grid(1)
-    n = cuda.blockIdx.y
-    tiles = partials.shape[1]
-    if j >= partials.shape[2]:
-        return
-    acc = float64(partials[n, 0, j])
-    t = 1
-    while t + 8 <= tiles:
-        v0 = partials[n, t, j]
-        v1 = partials[n, t + 1, j]
-        v2 = partials[n, t + 2, j]
-        v3 = partials[n, t + 3, j]
-        v4 = partials[n, t + 4, j]
-        v5 = partials[n, t + 5, j]
-        v6 = partials[n, t + 6, j]
-        v7 = partials[n, t + 7, j]
-        acc = acc + float64(v0)
-        acc = acc + float64(v1)
-        acc = acc + float64(v2)
-        acc = acc + float64(v3)
-        acc = acc + float64(v4)
-        acc = acc + float64(v5)
-        acc = acc + float64(v6)
-        acc = acc + float64(v7)
-        t += 8
-    while t < tiles:
-        acc = acc + float64(partials[n, t, j])
-        t += 1
-    per_image[n, j] = acc
+FOLD_AHEAD = 32     # loads in flight per thread: with 8, each fold waited ~128 load latencies
+
+
+@lru_cache(maxsize=None)
+def _fold_tiles():
+    """Step 3, one thread per (image, k): FOLD_AHEAD loads issued, then added in tile order
+    (generated: numba would leave a loop over them rolled, one load in flight)."""
+    src = Source().kernel("partials, per_image")
+    src("j = cuda.grid(1)")
+    src("n = cuda.blockIdx.y")
+    src("tiles = partials.shape[1]")
+    src("if j >= partials.shape[2]:").indent()("return").dedent()
+    src("acc = float64(partials[n, 0, j])")
+    src("t = 1")
+    src(f"while t + {FOLD_AHEAD} <= tiles:").indent()
+    for u in range(FOLD_AHEAD):
+        src(f"v{u} = partials[n, t + {u}, j]")
+    for u in range(FOLD_AHEAD):
+        src(f"acc = acc + float64(v{u})")
+    src(f"t += {FOLD_AHEAD}").dedent()
+    src("while t < tiles:").indent()
+    src("acc = acc + float64(partials[n, t, j])")
+    src("t += 1").dedent()
+    src("per_image[n, j] = acc")
+    return load_module("fold_tiles", src.text()).kernel
 
 
 @cuda.jit(cache=True)
@@ -66,7 +62,7 @@ def _empty(dtype):
 def fold_tiles(partials, per_image):
     """Step 3: float32 partials (N, T, K) -> each image's float64 sums, into per_image (N, K)."""
     n, _, k = partials.shape
-    _fold_tiles[(-(-k // 128), n), 128, launch_stream()](partials, per_image)
+    _fold_tiles()[(-(-k // 128), n), 128, launch_stream()](partials, per_image)
 
 
 def fold_images(per_image, out32=None, out64=None):
