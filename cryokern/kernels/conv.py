@@ -25,14 +25,12 @@ BW, TY = 32, 4
 
 def forward_geometry(cin, cout, transposed):
     """(R, G, GB): rows and output channels per thread, thread groups per block: the fastest of
-    the variants measured on an H100 at 4x1024^2. 8 rows x 4 channels x 4 groups (128
-    registers, 512 threads) for 16 -> 16; the forward pass from one input channel computes
-    all (up to 16) outputs in each thread (0.356 -> 0.309 ms in bench/kernels.py). The same
-    for backward-data from one channel was slower (0.835 -> 1.052 ms), and 16 rows per thread
-    for one output channel too (0.391 -> 0.406; 64x256^2: 0.372 -> 0.561), though
-    bench/tune_conv.py had timed it faster: those keep the default."""
-    if cin == 1 and not transposed:
-        return 8, min(cout, 16), 1
+    bench/tune_conv.py's variants (H100, 4x1024^2, graph replays). 16 -> 16: 8 rows x 4
+    channels x 4 groups (128 registers, 512 threads). From one input channel, the forward pass:
+    4 rows x all (up to 16) outputs per thread (0.172 -> 0.131 ms); backward-data (the 16 -> 1
+    layer's, with the ReLU mask): 4 rows x 4 channels x 2 groups (0.599 -> 0.365 ms)."""
+    if cin == 1:
+        return (4, min(cout, 4), 2) if transposed else (4, min(cout, 16), 1)
     g_out = min(cout, 4)
     return 8, g_out, min(4, -(-cout // g_out))
 
