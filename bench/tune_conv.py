@@ -1,6 +1,6 @@
 """Geometry variants of the generated forward convolution (bias + ReLU) for the default network's
 three layer shapes, timed side by side, each checked bit for bit against the default geometry.
-Then backward-data from one channel (the 16 -> 1 layer's) in every geometry, and the
+Then backward-data with the ReLU mask (the 16 -> 1 and 16 -> 16 layers'), and the
 weight-gradient kernel's variants (staging addresses precomputed or not, register cap
 or not) for the same shapes.
 Usage: python bench/tune_conv.py [--batch 4] [--size 1024]
@@ -70,27 +70,30 @@ def replay_ms(fn):
     return event_times(_Graph(fn, cuda.stream()).launch, 20, warmup=20)[0]
 
 
-def backward_data_from_one_channel(n, s, rng):
-    """Backward-data of the 16 -> 1 layer (one channel in, 16 out, ReLU mask), every geometry."""
-    gy = cuda.to_device(rng.standard_normal((n, 1, s, s)).astype(np.float32))
-    w = cuda.to_device(rng.standard_normal((1, 16, 3, 3)).astype(np.float32))
+def backward_data(n, s, rng, cin):
+    """Backward-data with the ReLU mask from `cin` channels to 16 (the 16 -> 1 layer's with
+    cin 1, every geometry; the 16 -> 16 layer's, the first four)."""
+    gy = cuda.to_device(rng.standard_normal((n, cin, s, s)).astype(np.float32))
+    w = cuda.to_device(rng.standard_normal((cin, 16, 3, 3)).astype(np.float32))
     mask = cuda.to_device(rng.standard_normal((n, 16, s, s)).astype(np.float32))
     zero = cuda.to_device(np.zeros(16, np.float32))
     gx = cuda.device_array((n, 16, s, s), np.float32)
     want = None
-    for geometry, max_registers in [(conv.forward_geometry(1, 16, True), None)] + VARIANTS:
+    variants = VARIANTS if cin == 1 else VARIANTS[:4]
+    for geometry, max_registers in [(conv.forward_geometry(cin, 16, True), None)] + variants:
         variant = dict(geometry=geometry, max_registers=max_registers)
         fn = lambda: conv._launch_forward(gy, w, zero, gx, False, mask, True,
                                           **variant)
         try:
             med = replay_ms(fn)
         except Exception as e:  # noqa: BLE001
-            print(f"backward-data 1->16 {str(geometry):16s} does not launch ({type(e).__name__})")
+            print(f"backward-data {cin}->16 {str(geometry):16s} does not launch "
+                  f"({type(e).__name__})")
             continue
         got = gx.copy_to_host()
         want = got if want is None else want
         same = np.array_equal(got.view(np.uint32), want.view(np.uint32))
-        print(f"backward-data 1->16 {str(geometry):16s} {str(max_registers):>6s} {med:10.3f} ms "
+        print(f"backward-data {cin}->16 {str(geometry):16s} {str(max_registers):>6s} {med:10.3f} ms "
               f"{'same' if same else 'DIFFERENT'}")
 
 
@@ -125,5 +128,6 @@ def weights(n, s, rng):
 
 if __name__ == "__main__":
     main()
-    backward_data_from_one_channel(4, 1024, np.random.default_rng(2))
+    for cin in (1, 16):
+        backward_data(4, 1024, np.random.default_rng(2), cin)
     weights(4, 1024, np.random.default_rng(1))
