@@ -23,16 +23,19 @@ from .reduce import fold_partials
 BW, TY = 32, 4
 
 
-def forward_geometry(cin, cout, transposed):
-    """(R, G, GB): rows and output channels per thread, thread groups per block: the fastest of
-    bench/tune_conv.py's variants (H100, 4x1024^2, graph replays). 16 -> 16: 8 rows x 4
-    channels x 4 groups (128 registers, 512 threads). From one input channel, the forward pass:
-    4 rows x all (up to 16) outputs per thread (0.172 -> 0.131 ms); backward-data (the 16 -> 1
-    layer's, with the ReLU mask): 4 rows x 4 channels x 2 groups (0.599 -> 0.365 ms)."""
+def forward_variant(cin, cout, transposed):
+    """((R, G, GB), register cap): rows and output channels per thread, thread groups per
+    block, and the cap, the fastest of bench/tune_conv.py's variants (H100, 4x1024^2, graph
+    replays). 16 -> 16: 8 rows x 8 channels x 2 groups capped at 128 registers (forward 1.140
+    -> 1.103 ms, backward-data 1.543 -> 1.343 against 8 x 4 x 4 uncapped). From one input
+    channel, the forward pass: 4 rows x all (up to 16) outputs per thread (0.172 -> 0.131 ms);
+    backward-data (the 16 -> 1 layer's, with the ReLU mask): 4 x 4 x 2 (0.599 -> 0.365)."""
     if cin == 1:
-        return (4, min(cout, 4), 2) if transposed else (4, min(cout, 16), 1)
-    g_out = min(cout, 4)
-    return 8, g_out, min(4, -(-cout // g_out))
+        return ((4, min(cout, 4), 2) if transposed else (4, min(cout, 16), 1)), None
+    if cout == 1:
+        return (8, 1, 1), None
+    g_out = min(cout, 8)
+    return (8, g_out, min(2, -(-cout // g_out))), 128
 
 
 @lru_cache(maxsize=None)
@@ -40,7 +43,9 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
     """Numerics section 1 (transposed=False) or 2 (w read as w'[ci,o,2-a,2-b]), generated.
 
     Returns (kernel, block, output channels per block, rows per block)."""
-    R, g_out, groups = geometry or forward_geometry(cin, cout, transposed)
+    if geometry is None:
+        geometry, max_registers = forward_variant(cin, cout, transposed)
+    R, g_out, groups = geometry
     BH = TY * R
     XW, XH = BW + 2, BH + 2
     ob_size = g_out * groups
