@@ -104,12 +104,11 @@ class TrainStep:
         forward(self.backend, self.network, self.params, acts[0], outs=acts[1:])
         return acts
 
-    def _loss_sums(self, x, target, count, sums, first, stop, out):
-        """Forward and loss of images first..stop-1: their loss sums, their loss gradient into
-        `out` (or over the prediction when out is None); returns the activations."""
+    def _loss_sums(self, x, target, count, sums, first, stop):
+        """Forward and loss of images first..stop-1: their loss sums, and their loss gradient
+        over the prediction; returns the activations."""
         acts = self._forward(x, first, stop)
-        self.backend.mse_loss_and_grad(acts[-1], target[first:stop], count,
-                                       out=acts[-1] if out is None else out,
+        self.backend.mse_loss_and_grad(acts[-1], target[first:stop], count, out=acts[-1],
                                        image_sums=sums["loss"][first:stop])
         return acts
 
@@ -119,7 +118,7 @@ class TrainStep:
         count = int(np.prod(target.shape))
         sums = self._image_sums(x.shape[0])
         for first, stop in self._passes(x.shape):
-            self._loss_sums(x, target, count, sums, first, stop, out=None)
+            self._loss_sums(x, target, count, sums, first, stop)
         self.backend.sum_images(sums["loss"], self._sse_scalar())
         return self.backend.fetch(self._sse).result(), count
 
@@ -166,7 +165,7 @@ class TrainStep:
         be, net = self.backend, self.network
         sums = self._image_sums(x.shape[0])
         for first, stop in self._passes(x.shape):
-            acts = self._loss_sums(x, target, count, sums, first, stop, out=None)
+            acts = self._loss_sums(x, target, count, sums, first, stop)
             grad = acts[1:]
             for i in reversed(range(net.depth)):
                 weight, bias = f"layers.{i}.weight", f"layers.{i}.bias"
