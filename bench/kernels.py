@@ -80,7 +80,8 @@ def cases(n, s, rng):
     x1, a16, g16, g1 = dev(n, 1, s, s), dev(n, 16, s, s), dev(n, 16, s, s), dev(n, 1, s, s)
     w1, w16, w3 = dev(16, 1, 3, 3), dev(16, 16, 3, 3), dev(1, 16, 3, 3)
     b16, b1 = dev(16), dev(1)
-    sse = cuda.device_array(1, np.float64)      # as the step leaves it: no host round trip
+    # as the step leaves the loss: per-image sums and their total on the device
+    sums, sse = cuda.device_array(n, np.float64), cuda.device_array(1, np.float64)
     o16, o1 = cuda.device_array((n, 16, s, s), np.float32), cuda.device_array((n, 1, s, s),
                                                                                np.float32)
     gw16, gb16 = cuda.device_array((16, 16, 3, 3), np.float32), cuda.device_array(16, np.float32)
@@ -108,7 +109,8 @@ def cases(n, s, rng):
         ("conv 16->1 weight grads", lambda: K.conv2d_backward_weights(g1, a16, out=(gw3, gb1)),
          mac(16, 1), 17 * plane),
         ("mse loss + grad (sse on device)",
-         lambda: K.mse_loss_and_grad(o1, g1, p, out=x1, sse_out=sse), None, 3 * plane),
+         lambda: K.sum_images(K.mse_loss_and_grad(o1, g1, p, out=x1, image_sums=sums)[0], sse),
+         None, 3 * plane),
         ("relu backward 16 ch", lambda: K.relu_backward(g16, a16, out=o16), None, 48 * plane),
         ("sgd momentum 16x16x3x3", lambda: K.sgd_update(wp, wg, wv, 0.01, momentum=0.9), None,
          5 * 4 * 2304),

@@ -116,17 +116,19 @@ def test_loss_gradient_may_write_over_the_prediction(rng, shape):
 
 @pytest.mark.parametrize("shape", cases([(4, 1, 1, 1024, 1024)], [(2, 1, 1, 20, 70)]))
 def test_loss_may_stay_on_the_device(rng, shape):
-    """With sse_out the float64 SSE is written to a device scalar, not returned to the host."""
+    """With image_sums the float64 sums stay on the device; sum_images folds them into a
+    device scalar: the SSE, never returned to the host, as the training step uses it."""
     n, c, _, h, w = shape
     pred, target = randn(rng, n, c, h, w), randn(rng, n, c, h, w)
     want_sse, count = R.mse_loss(pred, target)
-    sse_out = cuda.device_array(1, np.float64)
+    sums, total = cuda.device_array(n, np.float64), cuda.device_array(1, np.float64)
     got, _ = K.mse_loss_and_grad(cuda.to_device(pred), cuda.to_device(target), count,
-                                 sse_out=sse_out)
-    assert got is sse_out and sse_out.copy_to_host()[0] == want_sse
-    host_out = np.zeros(1)
-    got, _ = R.mse_loss_and_grad(pred, target, count, sse_out=host_out)
-    assert got is host_out and host_out[0] == want_sse
+                                 image_sums=sums)
+    assert got is sums and K.sum_images(sums, total) is total
+    assert total.copy_to_host()[0] == want_sse
+    host_sums, host_total = np.zeros(n), np.zeros(1)
+    got, _ = R.mse_loss_and_grad(pred, target, count, image_sums=host_sums)
+    assert got is host_sums and R.sum_images(host_sums, host_total)[0] == want_sse
 
 
 @pytest.mark.parametrize("shape", cases([(4, 16, 16, 1024, 1024)], [(3, 2, 3, 20, 70)]))

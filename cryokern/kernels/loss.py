@@ -3,8 +3,8 @@ import numpy as np
 from numba import cuda, float32
 
 from ..contract import TILE_H, TILE_W, mse_grad_scale, tile_grid
-from .arrays import (Operand, as_device_array, is_device_array, launch_stream, output,
-                     placeholder, result, scratch)
+from .arrays import (Operand, as_device_array, launch_stream, output, placeholder, result,
+                     scratch)
 from .reduce import fold_partials
 
 
@@ -68,21 +68,15 @@ def _operands(pred, target):
     return pred, target
 
 
-def _sse_and_grad(pred, target, count, out, sse_out=None, image_sums=None):
+def _sse_and_grad(pred, target, count, out, image_sums=None):
     n, ch, h, w = pred.shape
     th, tw = tile_grid(h, w)
     partials = scratch("loss_part", (n, ch * th * tw, 1), np.float32)
-    if sse_out is not None and (sse_out.dtype != np.float64 or sse_out.shape != (1,)
-                                or not is_device_array(sse_out)):
-        raise TypeError(f"sse_out must be a float64 device array of shape (1,), got "
-                        f"{sse_out.dtype} {sse_out.shape}")
-    total = scratch("loss_total", (1,), np.float64) if sse_out is None \
-        else as_device_array(sse_out)
     write_grad = count is not None
     out_op, grad = output("out", out, pred.shape, pred) if write_grad else (None, placeholder(4))
     scale = mse_grad_scale(count) if write_grad else np.float32(0)
-    _loss_kernel[(th * tw, n * ch), LOSS_THREADS, launch_stream()](pred.device, target.device, scale, grad,
-                                                  partials, tw, write_grad)
+    _loss_kernel[(th * tw, n * ch), LOSS_THREADS, launch_stream()](
+        pred.device, target.device, scale, grad, partials, tw, write_grad)
     if image_sums is not None:
         sums = as_device_array(image_sums)
         if sums.shape != (n,) or sums.dtype != np.float64:
@@ -90,8 +84,9 @@ def _sse_and_grad(pred, target, count, out, sse_out=None, image_sums=None):
         fold_partials(partials, image_sums=sums.reshape(n, 1))
         sse = image_sums
     else:
+        total = scratch("loss_total", (1,), np.float64)
         fold_partials(partials, out64=total)
-        sse = float(total.copy_to_host()[0]) if sse_out is None else sse_out
+        sse = float(total.copy_to_host()[0])
     return sse, (result(out_op, grad, pred) if write_grad else None)
 
 
@@ -102,12 +97,12 @@ def mse_loss(pred, target):
     return sse, int(np.prod(pred.shape))
 
 
-def mse_loss_and_grad(pred, target, count, out=None, sse_out=None, image_sums=None):
-    """(sse, grad) from one pass over the pixels; with `sse_out` (a float64 device array of
-    shape (1,)) the sse stays there, no host wait, and sse_out is returned in its place; with
-    `image_sums` (float64 device, (N,)) each image's sum is left there for sum_images()."""
+def mse_loss_and_grad(pred, target, count, out=None, image_sums=None):
+    """(sse, grad) from one pass over the pixels; with `image_sums` (float64 device, (N,)) each
+    image's sum is left there, no host wait, for sum_images(), and image_sums is returned in
+    place of the sse."""
     pred, target = _operands(pred, target)
-    return _sse_and_grad(pred, target, count, out, sse_out, image_sums)
+    return _sse_and_grad(pred, target, count, out, image_sums)
 
 
 @cuda.jit(cache=True)

@@ -45,19 +45,15 @@ def mse_grad(pred, target, count, out=None):
     return out
 
 
-def mse_loss_and_grad(pred, target, count, out=None, sse_out=None, image_sums=None):
+def mse_loss_and_grad(pred, target, count, out=None, image_sums=None):
     """Both of the above from one pass (the GPU fuses them); returns (sse, grad). With
-    `sse_out` (float64, shape (1,)), the sse is written there and sse_out is returned in its
-    place: on the GPU that leaves the value on the device, so the step needs no host wait.
-    With `image_sums` (float64, shape (N,)), each image's sum is written there and returned in
-    place of the sse, for sum_images() to finish (a batch run in several passes)."""
+    `image_sums` (float64, shape (N,)), each image's sum is written there and returned in
+    place of the sse, for sum_images() to finish (on the GPU the value stays on the device,
+    so the step needs no host wait, and a batch may run in several passes)."""
     images = _image_sse(pred, target)
     if image_sums is not None:
         image_sums[...] = images
         sse = image_sums
-    elif sse_out is not None:
-        sse_out[0] = fold_images(images)
-        sse = sse_out
     else:
         sse = float(fold_images(images))
     return sse, mse_grad(pred, target, count, out=out)
