@@ -12,7 +12,7 @@ from ..contract import TILE_H, TILE_W, tile_grid
 from .arrays import (Operand, as_device_array, launch_stream, output, placeholder, result,
                      scratch)
 from .codegen import Source, load_module
-from .reduce import fold_partials
+from .reduce import fold_partials, fold_tiles
 
 # Forward (also backward-data): a block computes BH x BW output pixels of OB = G * GB output
 # channels. Thread (tx, ty, tz) owns column tx, rows ty*R .. ty*R+R-1 and channels
@@ -223,8 +223,6 @@ XS_STRIDE = 3 * XROW + (2 - 3 * XROW) % 16   # floats per input channel in the x
                                              # so the warp's input channels spread over banks
 
 
-
-
 def weights_variant(cin, cout):
     """(max_registers, precompute) for a layer's weight-gradient kernel, as measured by
     bench/tune_conv.py (H200, 2026-11-26, 4 x 1024^2, ms, old default first): 1 -> 16 0.666 ->
@@ -391,8 +389,8 @@ def conv2d_backward_weights(gy, x, out=None, image_sums=None):
                 sw.dtype != np.float64 or sb.dtype != np.float64:
             raise ValueError(f"image_sums must be float64 ({n}, {cout}, {cin}, 3, 3) and "
                              f"({n}, {cout}), got {sw.dtype} {sw.shape} and {sb.dtype} {sb.shape}")
-        fold_partials(gw_part, image_sums=sw.reshape(n, cout * cin * 9))
-        fold_partials(gb_part, image_sums=sb)
+        fold_tiles(gw_part, sw.reshape(n, cout * cin * 9))
+        fold_tiles(gb_part, sb)
         return image_sums
     if out is None:
         gw_op, gw = output("gw", None, (cout, cin, 3, 3), gy)

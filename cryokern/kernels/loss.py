@@ -5,7 +5,7 @@ from numba import cuda, float32
 from ..contract import TILE_H, TILE_W, mse_grad_scale, tile_grid
 from .arrays import (Operand, as_device_array, launch_stream, output, placeholder, result,
                      scratch)
-from .reduce import fold_partials
+from .reduce import fold_partials, fold_tiles
 
 
 LOSS_THREADS = 256  # 64 (32 tiles' chains per SM instead of 8) measured no faster (H100)
@@ -81,7 +81,7 @@ def _sse_and_grad(pred, target, count, out, image_sums=None):
         sums = as_device_array(image_sums)
         if sums.shape != (n,) or sums.dtype != np.float64:
             raise ValueError(f"image_sums must be float64 ({n},), got {sums.dtype} {sums.shape}")
-        fold_partials(partials, image_sums=sums.reshape(n, 1))
+        fold_tiles(partials, sums.reshape(n, 1))
         sse = image_sums
     else:
         total = scratch("loss_total", (1,), np.float64)

@@ -73,12 +73,8 @@ def fold_images(per_image, out32=None, out64=None):
         _empty(np.float64) if out64 is None else out64)
 
 
-def fold_partials(partials, out32=None, out64=None, image_sums=None):
-    """Steps 3-5: the totals into out32 and/or out64 (length K); or, with image_sums (N, K),
-    step 3 only, each image's sums left there for sum_images()."""
-    if image_sums is not None:
-        fold_tiles(partials, image_sums)
-        return
+def fold_partials(partials, out32=None, out64=None):
+    """Steps 3-5: the totals into out32 and/or out64 (length K)."""
     n, _, k = partials.shape
     per_image = scratch("fold_per_image", (n, k), np.float64)
     fold_tiles(partials, per_image)

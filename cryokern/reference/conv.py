@@ -111,8 +111,7 @@ def conv2d_backward_weights(gy, x, out=None, image_sums=None):
         image_sums[1][...] = gb_images
         return image_sums
     gw = fold_images(gw_images).astype(np.float32).reshape(cout, cin, 3, 3)
-    gb = fold_images(gb_images)
-    gb = gb.astype(np.float32)
+    gb = fold_images(gb_images).astype(np.float32)
     if out is None:
         return gw, gb
     out[0][...] = gw
