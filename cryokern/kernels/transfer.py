@@ -27,26 +27,28 @@ class PendingScalar:
 
     def __init__(self, device_scalar, pool):
         self._pool = pool
-        self._host = pool.pop() if pool else cuda.pinned_array(1, np.float64)
-        self._event = cuda.event()
-        device_scalar.copy_to_host(self._host, stream=cuda.default_stream())
-        self._event.record()
+        # a page-locked scalar and its event, reused: none is made or freed per step
+        self._slot = pool.pop() if pool else (cuda.pinned_array(1, np.float64), cuda.event())
+        host, event = self._slot
+        device_scalar.copy_to_host(host, stream=cuda.default_stream())
+        event.record()
         self._value = None
 
     def result(self):
         if self._value is None:
-            self._event.synchronize()
-            self._value = float(self._host[0])
-            self._pool.append(self._host)
+            host, event = self._slot
+            event.synchronize()
+            self._value = float(host[0])
+            self._pool.append(self._slot)
         return self._value
 
 
-_host_scalars = []
+_slots = []
 
 
 def fetch(device_scalar):
     """Start copying a float64 device scalar to the host, behind the work queued before it."""
-    return PendingScalar(device_scalar, _host_scalars)
+    return PendingScalar(device_scalar, _slots)
 
 
 class Uploads:
