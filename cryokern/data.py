@@ -174,7 +174,7 @@ def fill_image(subset, index, corner, normalize_mode, noisy_out, clean_out):
     affine = normalization(a, normalize_mode)
     normalize(a[top:top + h, left:left + w], affine, out=noisy_out)
     normalize(b[top:top + h, left:left + w], affine, out=clean_out)
-    return float(clean_out.min()), float(clean_out.max())
+    return imagemath.sum_and_range(clean_out)[1:]
 
 
 def submit_batch(pool, subset, spec, normalize_mode, noisy_out, clean_out):
