@@ -7,6 +7,7 @@ out=${OUT:-/tmp/gpu_acceptance}; mkdir -p "$out"
 nvidia-smi -L
 python3 -c "import numba, numpy, torch; print('numba', numba.__version__, 'numpy', numpy.__version__, 'torch', torch.__version__)"
 python3 bench/sanitize_case.py > /dev/null   # compile once, so that the parallel runs share the disk cache
+(cd bench && python3 profile_case.py > /dev/null 2>&1)   # and the default network's kernels
 groups=("test_kernels.py and 4x16x16x1024 and forward"
         "test_kernels.py and 4x16x16x1024 and backward_data"
         "test_kernels.py and 997x1013 and (forward or backward_data)"

@@ -21,7 +21,7 @@ cuda.synchronize()
 if "--no-sass" in sys.argv:
     sys.exit()
 for name, k in {"forward": conv._forward_kernel(16, 16, True, False, False)[0],
-                "weights": conv._weights_kernel(16, 16, *conv.weights_variant(16, 16))[0]}.items():
+                "weights": conv._weights_kernel(16, 16, conv.weights_variant(16, 16))[0]}.items():
     sass = "\n".join(k.inspect_sass().values()) if isinstance(k.inspect_sass(), dict) \
         else k.inspect_sass()
     ops = collections.Counter(m.group(1).split(".")[0] for m in

@@ -30,7 +30,7 @@ def resource_report():
     from cryokern.kernels import conv
     kernels = {"forward 16->16 relu": conv._forward_kernel(16, 16, True, False, False)[0],
                "backward-data 16->16 masked": conv._forward_kernel(16, 16, False, True, True)[0],
-               "weight grads 16->16": conv._weights_kernel(16, 16, *conv.weights_variant(16, 16))[0]}
+               "weight grads 16->16": conv._weights_kernel(16, 16, conv.weights_variant(16, 16))[0]}
     for name, k in kernels.items():
         for overload in k.overloads.values():
             print(f"  {name:30s} registers {overload.regs_per_thread:4d}  "

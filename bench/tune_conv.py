@@ -1,8 +1,7 @@
 """Geometry variants of the generated forward convolution (bias + ReLU) for the default network's
 three layer shapes, timed side by side, each checked bit for bit against the default geometry.
 Then backward-data with the ReLU mask (the 16 -> 1 and 16 -> 16 layers'), and the
-weight-gradient kernel's variants (staging addresses precomputed or not, register cap
-or not) for the same shapes.
+weight-gradient kernel's variants (conv.WeightsVariant) for the same shapes.
 Usage: python bench/tune_conv.py [--batch 4] [--size 1024]
 """
 import argparse
@@ -98,9 +97,11 @@ def backward_data(n, s, rng, cin):
 
 
 def weights(n, s, rng):
-    """The weight-gradient kernel of each layer shape with its staging addresses precomputed
-    or not, under a register cap or not (partials compared bit for bit)."""
+    """The weight-gradient kernel of each layer shape in several variants (block size, register
+    cap, staging addresses precomputed, full-width rows unrolled), partials compared bit for
+    bit; the default is marked."""
     from cryokern.contract import tile_grid
+    V = conv.WeightsVariant
     th, tw = tile_grid(s, s)
     for cin, cout in SHAPES:
         gy = cuda.to_device(rng.standard_normal(n * cout * s * s).astype(np.float32))
@@ -108,22 +109,26 @@ def weights(n, s, rng):
         gw = cuda.device_array((n, th * tw, cout * cin * 9), np.float32)
         gb = cuda.device_array((n, th * tw, cout), np.float32)
         flops = 2 * n * s * s * cin * cout * 9
+        default = conv.weights_variant(cin, cout)
+        if cin * cout >= 64:
+            others = [V(128, 128, True, False, False), V(128, 128, True, True, True)]
+        else:
+            others = [V(32, 128, False, True, True), V(32, 96, False, True, True),
+                      V(64, None, False, True, True), V(32, 128, True, True, True),
+                      V(32, 128, False, True, False), V(128, None, True, False, False)]
         want = None
-        for precompute in (False, True):
-            for max_registers in (128, None):
-                kernel, threads = conv._weights_kernel(cin, cout, max_registers, precompute)
-                fn = lambda: kernel[(th * tw, n), threads, launch_stream()](gy, x, gw, gb, s, s, tw)
-                med = replay_ms(fn)
-                got = np.concatenate([gw.copy_to_host().ravel(), gb.copy_to_host().ravel()])
-                want = got if want is None else want
-                overload = next(iter(kernel.overloads.values()))
-                chosen = (max_registers, precompute) == conv.weights_variant(cin, cout)
-                print(f"weights {cin}->{cout} precompute {precompute!s:5} maxreg "
-                      f"{str(max_registers):>4s} regs {overload.regs_per_thread:4d} local "
-                      f"{overload.local_mem_per_thread:4d} {med:8.3f} ms "
-                      f"{flops / med / 1e9:6.1f} TFLOP/s "
-                      f"{'same' if np.array_equal(got, want) else 'DIFFERENT'}"
-                      f"{'  <- default' if chosen else ''}")
+        for variant in [default] + [v for v in others if v != default]:
+            kernel, threads = conv._weights_kernel(cin, cout, variant)
+            fn = lambda: kernel[(th * tw, n), threads, launch_stream()](gy, x, gw, gb, s, s, tw)
+            med = replay_ms(fn)
+            got = np.concatenate([gw.copy_to_host().ravel(), gb.copy_to_host().ravel()])
+            want = got if want is None else want
+            overload = next(iter(kernel.overloads.values()))
+            print(f"weights {cin}->{cout} {tuple(variant)!s:24s} regs {overload.regs_per_thread:4d} "
+                  f"local {overload.local_mem_per_thread:4d} {med:8.3f} ms "
+                  f"{flops / med / 1e9:6.1f} TFLOP/s "
+                  f"{'same' if np.array_equal(got, want) else 'DIFFERENT'}"
+                  f"{'  <- default' if variant == default else ''}")
 
 
 if __name__ == "__main__":

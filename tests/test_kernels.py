@@ -9,6 +9,8 @@ from numba import cuda
 from conftest import bits
 from cryokern import kernels as K
 from cryokern import reference as R
+from cryokern.contract import tile_grid
+from cryokern.kernels import conv
 from cryokern.kernels.arrays import is_device_array
 
 # (N, Cin, Cout, H, W): single pixels, odd shapes, several blocks with edge blocks; for weight
@@ -85,6 +87,41 @@ def test_backward_weights(rng, shape):
     K.conv2d_backward_weights(cuda.to_device(gy), cuda.to_device(x), out=(gw, gb))
     want_gw, want_gb = R.conv2d_backward_weights(gy, x)
     assert same_bits(gw, want_gw) and same_bits(gb, want_gb)
+
+
+# every way of building the weight-gradient kernel (conv.WeightsVariant): staged in chunks,
+# prefetched with addresses precomputed, rolled rows; the shapes have full-width and edge tiles
+WEIGHTS_VARIANTS = [conv.WeightsVariant(32, None, False, True, False),
+                    conv.WeightsVariant(32, None, True, True, True),
+                    conv.WeightsVariant(128, None, True, False, False),
+                    conv.WeightsVariant(64, None, False, False, True)]
+
+
+@pytest.mark.parametrize("variant", WEIGHTS_VARIANTS, ids=lambda v: "-".join(map(str, v)))
+@pytest.mark.parametrize("shape", [(1, 16, 1, 17, 67), (1, 2, 3, 18, 66)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_backward_weights_variants(rng, shape, variant):
+    n, cin, cout, h, w = shape
+    gy, x = randn(rng, n, cout, h, w), randn(rng, n, cin, h, w)
+    th, tw = tile_grid(h, w)
+    gw, gb = poisoned((n, th * tw, cout * cin * 9)), poisoned((n, th * tw, cout))
+    kernel, threads = conv._weights_kernel(cin, cout, variant)
+    kernel[(th * tw, n), threads](cuda.to_device(gy.ravel()), cuda.to_device(x.ravel()), gw, gb,
+                                  h, w, tw)
+    want_gw, want_gb = R.conv2d_backward_weights(gy, x)
+    got_gw = fold_f64(gw.copy_to_host()).reshape(want_gw.shape)
+    assert same_bits(got_gw, want_gw) and same_bits(fold_f64(gb.copy_to_host()), want_gb)
+
+
+def fold_f64(partials):
+    """Numerics section 4, steps 3-5, in NumPy: tiles then images, left to right, in float64."""
+    total = None
+    for image in partials.astype(np.float64):
+        p = image[0].copy()
+        for tile in image[1:]:
+            p = p + tile
+        total = p if total is None else total + p
+    return total.astype(np.float32)
 
 
 @pytest.mark.parametrize("shape", cases([(4, 1, 1, 1024, 1024), (3, 1, 1, 997, 1013)]))

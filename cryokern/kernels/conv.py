@@ -4,6 +4,7 @@ Each follows docs/numerics.md exactly; the comments say which section. Kernels a
 on channel counts at compile time (closures over ints, which numba caches on disk).
 """
 from functools import lru_cache
+from typing import NamedTuple, Optional
 
 import numpy as np
 from numba import cuda, float32
@@ -206,42 +207,57 @@ def _relu_mask(gy, y, gx):
 
 
 # Weight gradients (numerics section 4a): one block per (image, tile). Thread (o-group, ci)
-# holds GO x 9 weight chains (and GO bias chains when ci == 0) in registers and walks the tile's
-# in-image pixels row-major, with the 3 x 3 input window sliding along the row in registers.
-# Per tile row the block stages that row of gy (all output channels) and one new row of x (all
-# input channels) in shared memory, x rows in a ring of three. Blocks have at least
-# STAGING_THREADS threads so that staging needs few registers per thread; threads beyond the
+# holds GO x 9 weight chains in registers and walks the tile's in-image pixels row-major, with
+# the 3 x 3 input window sliding along the row in registers; the next Cout threads hold one bias
+# chain each. Per tile row the block stages that row of gy (all output channels) and one new
+# row of x (all input channels) in shared memory, x rows in a ring of three; threads beyond the
 # chain holders only stage. (Prefetching the next row across the compute kept ~33 registers
 # live and spilled the 16 -> 16 kernel.)
-STAGING_THREADS = 128
-# Left alone, the compiler gives the 16 -> 16 kernel 222 registers (2 blocks per SM); capped at
-# 128 it spills and still runs 1.6x faster (bench/tune_conv.py, H100).
-WEIGHTS_MAX_REGISTERS = 128
 GS = TILE_W + 1              # gy row stride: the warp's output groups fall in different banks
 XROW = TILE_W + 2
 XS_STRIDE = 3 * XROW + (2 - 3 * XROW) % 16   # floats per input channel in the x ring, = 2 mod 16
                                              # so the warp's input channels spread over banks
+STAGE_CHUNK = 8              # staging loads in flight per thread, in blocks of few threads
+
+
+class WeightsVariant(NamedTuple):
+    """How a weight-gradient kernel is built (the bits do not depend on it).
+
+    threads: at least this many threads per block (more where the chains need them).
+    max_registers: ptxas's cap, or None.
+    precompute: each thread's staging addresses computed once, before the row loop, instead of
+    in every row, at the cost of registers held across the loop.
+    unroll: a full-width tile row written out pixel by pixel (constant shared-memory offsets)
+    instead of a loop over its columns.
+    prefetch: each row step issues the next step's loads (into registers) before its compute,
+    and stores them to shared memory at the start of the next step."""
+    threads: int
+    max_registers: Optional[int]
+    precompute: bool
+    unroll: bool
+    prefetch: bool
 
 
 def weights_variant(cin, cout):
-    """(max_registers, precompute) for a layer's weight-gradient kernel, as measured by
-    bench/tune_conv.py (H200, 2026-11-26, 4 x 1024^2, ms, old default first): 1 -> 16 0.666 ->
-    0.540 (addresses precomputed, no cap: 72 registers, more blocks per SM); 16 -> 1 0.679 ->
-    0.665 (no cap; precomputing its 9 input slots cost more than it saved); 16 -> 16 1.834 ->
-    1.699 (precomputed, capped at 128)."""
-    return (WEIGHTS_MAX_REGISTERS if cin * cout >= 64 else None), cout >= cin
+    """The fastest of bench/tune_conv.py's variants (H100, 2026-11-26, 4 x 1024^2, graph
+    replays, ms). 16 -> 16: 128 threads capped at 128 registers (left alone, ptxas takes 200+
+    and fewer blocks fit an SM), addresses precomputed, full-width rows written out: 1.38
+    (rolled 1.78). Layers with one channel on a side (fewer than 64 chains of 9 taps per tile):
+    rows written out and the next row's loads in flight during each row's compute, in blocks of
+    one warp for 1 -> 16 (0.60 -> 0.32) and two for 16 -> 1 (0.71 -> 0.56; its 16 input
+    channels' rows are 33 loads per thread in one warp, and spill)."""
+    if cin * cout >= 64:
+        return WeightsVariant(128, 128, True, True, False)
+    return WeightsVariant(32 if cout >= cin else 64, None, False, True, True)
 
 
 @lru_cache(maxsize=None)
-def _weights_kernel(cin, cout, max_registers, precompute):
-    """Numerics section 4a, generated: (kernel, threads per block).
-
-    precompute: compute each thread's staging addresses once, before the row loop, instead of
-    in every row (they differ between rows only by the row's base), at the cost of registers
-    held across the loop."""
+def _weights_kernel(cin, cout, variant):
+    """Numerics section 4a, generated: (kernel, threads per block)."""
+    threads, max_registers, precompute, unroll, prefetch = variant
     go = 4 if cout % 4 == 0 and cin * cout >= 64 else 1
     workers = cout // go * cin          # threads that hold chains; the rest only help staging
-    threads = max(STAGING_THREADS, -(-workers // 32) * 32)
+    threads = max(threads, -(-(workers + cout) // 32) * 32)
     g_total, x_total = cout * TILE_W, cin * XROW
     src = Source().kernel("gy, x, gw_part, gb_part, height, width, tiles_w", max_registers)
     src("n = cuda.blockIdx.y")
@@ -256,55 +272,73 @@ def _weights_kernel(cin, cout, max_registers, precompute):
     src(f"ci = tid % {cin}")
     src(f"gs = cuda.shared.array({cout * GS}, float32)")
     src(f"xs = cuda.shared.array({cin * XS_STRIDE}, float32)")
+    src("bias = float32(0)")
     for j in range(go):
-        src(f"b{j} = float32(0)")
         for k in range(9):
             src(f"a{j}_{k} = float32(0)")
     src(f"xbase = n * {cin} * plane")
     src(f"gbase = n * {cout} * plane")
 
-    def stage(total, load, store):
-        """Copy `total` elements global -> shared: every thread issues all its loads, then
-        stores them (a loop of load-store pairs would wait for each load in turn)."""
-        slots = -(-total // threads)
-        for i in range(slots):
+    def stage_loads(total, load, name):
+        for i in range(-(-total // threads)):
             if not precompute:
                 src(f"e = tid + {i * threads}")
             guard = f" and e < {total}" if (i + 1) * threads > total and not precompute else ""
-            load(i, guard)
-        for i in range(slots):
+            load(i, guard, name)
+
+    def stage_stores(total, store, name):
+        for i in range(-(-total // threads)):
             if not precompute:
                 src(f"e = tid + {i * threads}")
             if (i + 1) * threads > total:
-                src(f"if tid + {i * threads} < {total}:").indent()(store(i)).dedent()
+                src(f"if tid + {i * threads} < {total}:").indent()(store(i, name)).dedent()
             else:
-                src(store(i))
+                src(store(i, name))
 
-    def load_x(i, guard):
+    def stage(total, load, store):
+        """Copy `total` elements global -> shared: every thread issues its loads, then stores
+        them (a loop of load-store pairs would wait for each load in turn). Beyond
+        STAGE_CHUNK slots per thread, a loop stages STAGE_CHUNK at a time: written out, the
+        compiler hoisted every slot's address out of the row loop and spilled."""
+        if -(-total // threads) <= STAGE_CHUNK or precompute:
+            stage_loads(total, load, "p")
+            stage_stores(total, store, "p")
+            return
+        src(f"for e0 in range(tid, {-(-total // threads) * threads}, "
+            f"{STAGE_CHUNK * threads}):").indent()
+        for i in range(STAGE_CHUNK):
+            src(f"e = e0 + {i * threads}")
+            load(i, f" and e < {total}", "p")
+        for i in range(STAGE_CHUNK):
+            src(f"e = e0 + {i * threads}")
+            src(f"if e < {total}:").indent()(store(i, "p")).dedent()
+        src.dedent()
+
+    def load_x(i, guard, name):
         if precompute:
-            src(f"p{i} = x[xa{i} + q * width] if qin and xv{i} else float32(0)")
+            src(f"{name}{i} = x[xa{i} + q * width] if qin and xv{i} else float32(0)")
             return
         src(f"col = c0 + e % {XROW} - 1")
-        src(f"p{i} = x[xbase + (e // {XROW}) * plane + q * width + col] "
+        src(f"{name}{i} = x[xbase + (e // {XROW}) * plane + q * width + col] "
             f"if qin and col >= 0 and col < width{guard} else float32(0)")
 
-    def load_gy(i, guard):
+    def load_gy(i, guard, name):
         if precompute:
-            src(f"p{i} = gy[ga{i} + (q - 1) * width] if gv{i} else float32(0)")
+            src(f"{name}{i} = gy[ga{i} + (q - 1) * width] if gv{i} else float32(0)")
             return
         src(f"c = e % {TILE_W}")
-        src(f"p{i} = gy[gbase + (e // {TILE_W}) * plane + (q - 1) * width + c0 + c] "
+        src(f"{name}{i} = gy[gbase + (e // {TILE_W}) * plane + (q - 1) * width + c0 + c] "
             f"if c < cols{guard} else float32(0)")
 
-    def store_x(i):
+    def store_x(i, name):
         if precompute:
-            return f"xs[xi{i} + xo] = p{i}"
-        return f"xs[(e // {XROW}) * {XS_STRIDE} + xo + e % {XROW}] = p{i}"
+            return f"xs[xi{i} + xo] = {name}{i}"
+        return f"xs[(e // {XROW}) * {XS_STRIDE} + xo + e % {XROW}] = {name}{i}"
 
-    def store_gy(i):
+    def store_gy(i, name):
         if precompute:
-            return f"gs[gi{i}] = p{i}"
-        return f"gs[(e // {TILE_W}) * {GS} + e % {TILE_W}] = p{i}"
+            return f"gs[gi{i}] = {name}{i}"
+        return f"gs[(e // {TILE_W}) * {GS} + e % {TILE_W}] = {name}{i}"
 
     if precompute:   # address, validity and shared index of every staging slot, once
         for i in range(-(-x_total // threads)):
@@ -322,49 +356,110 @@ def _weights_kernel(cin, cout, max_registers, precompute):
 
     # step s stages image row q = r0 + s of x in ring slot (q + 1) % 3 (rows outside the image
     # are 0) and, from s = 1, gy's tile row s - 1; then it computes tile row s - 1
+    if prefetch:     # step -1's rows, then each step loads the next step's during its compute
+        src("q = r0 - 1")
+        src("qin = q >= 0 and q < height")
+        stage_loads(x_total, load_x, "p")
+        for i in range(-(-g_total // threads)):
+            src(f"u{i} = float32(0)")
     src("for s in range(-1, rows + 1):").indent()
     src("q = r0 + s")
-    src("qin = q >= 0 and q < height")
     src(f"xo = ((q + 1) % 3) * {XROW}")
     src("cuda.syncthreads()")
-    stage(x_total, load_x, store_x)
-    src("if s >= 1:").indent()
-    stage(g_total, load_gy, store_gy)
-    src.dedent()
-    src("cuda.syncthreads()")
-    src(f"if s < 1 or tid >= {workers}:").indent()("continue").dedent()
+    if prefetch:
+        stage_stores(x_total, store_x, "p")
+        src("if s >= 1:").indent()
+        stage_stores(g_total, store_gy, "u")
+        src.dedent()
+        src("cuda.syncthreads()")
+        src("q = r0 + s + 1")
+        src("qin = q >= 0 and q < height and s < rows")
+        stage_loads(x_total, load_x, "p")
+        src("if s >= 0 and s < rows:").indent()
+        stage_loads(g_total, load_gy, "u")
+        src.dedent()
+    else:
+        src("qin = q >= 0 and q < height")
+        stage(x_total, load_x, store_x)
+        src("if s >= 1:").indent()
+        stage(g_total, load_gy, store_gy)
+        src.dedent()
+        src("cuda.syncthreads()")
+    src("if s < 1:").indent()("continue").dedent()
     # tile row r = s - 1 reads image rows r0+r-1+k, k = 0..2, in slots (r0 + r + k) % 3
     src("r = s - 1")
+    src(f"if tid < {workers}:").indent()
     for k in range(3):
         src(f"x{k} = ci * {XS_STRIDE} + ((r0 + r + {k}) % 3) * {XROW}")
-    for k in range(3):
-        src(f"w{k}_0 = xs[x{k}]")
-        src(f"w{k}_1 = xs[x{k} + 1]")
     src(f"gb = og * {go * GS}")
-    src("for c in range(cols):").indent()
-    for k in range(3):
-        src(f"w{k}_2 = xs[x{k} + c + 2]")
-    for j in range(go):
-        src(f"g{j} = gs[gb + {j * GS} + c]")
-    for j in range(go):
-        for ky in range(3):
-            for kx in range(3):
-                src(f"a{j}_{ky * 3 + kx} = cuda.fma(g{j}, w{ky}_{kx}, a{j}_{ky * 3 + kx})")
-    src("if ci == 0:").indent()
-    for j in range(go):
-        src(f"b{j} = b{j} + g{j}")
+
+    def fmas(window_column):
+        for j in range(go):
+            for ky in range(3):
+                for kx in range(3):
+                    src(f"a{j}_{ky * 3 + kx} = cuda.fma(g{j}, w{ky}_{window_column(kx)}, "
+                        f"a{j}_{ky * 3 + kx})")
+
+    def chains_rolled():
+        for k in range(3):
+            src(f"w{k}_0 = xs[x{k}]")
+            src(f"w{k}_1 = xs[x{k} + 1]")
+        src("for c in range(cols):").indent()
+        for k in range(3):
+            src(f"w{k}_2 = xs[x{k} + c + 2]")
+        for j in range(go):
+            src(f"g{j} = gs[gb + {j * GS} + c]")
+        fmas(lambda kx: kx)
+        for k in range(3):
+            src(f"w{k}_0 = w{k}_1")
+            src(f"w{k}_1 = w{k}_2")
+        src.dedent()
+
+    def chains_unrolled():          # input column c + kx of the window is w{ky}_{c + kx}
+        for k in range(3):
+            src(f"w{k}_0 = xs[x{k}]")
+            src(f"w{k}_1 = xs[x{k} + 1]")
+        for c in range(TILE_W):
+            for k in range(3):
+                src(f"w{k}_{c + 2} = xs[x{k} + {c + 2}]")
+            for j in range(go):
+                src(f"g{j} = gs[gb + {j * GS + c}]")
+            fmas(lambda kx: c + kx)
+
+    def bias_rolled():
+        src("for c in range(cols):").indent()("bias = bias + gs[gb + c]").dedent()
+
+    def bias_unrolled():
+        for c in range(TILE_W):
+            src(f"bias = bias + gs[gb + {c}]")
+
+    def full_width_or_edge(unrolled, rolled):
+        if not unroll:
+            rolled()
+            return
+        src(f"if cols == {TILE_W}:").indent()
+        unrolled()
+        src.dedent()
+        src("else:").indent()
+        rolled()
+        src.dedent()
+
+    full_width_or_edge(chains_unrolled, chains_rolled)
     src.dedent()
-    for k in range(3):
-        src(f"w{k}_0 = w{k}_1")
-        src(f"w{k}_1 = w{k}_2")
+    # the bias chains: one thread per output channel among those that otherwise only stage
+    src(f"elif tid < {workers + cout}:").indent()
+    src(f"gb = (tid - {workers}) * {GS}")
+    full_width_or_edge(bias_unrolled, bias_rolled)
     src.dedent().dedent()
-    src(f"if tid >= {workers}:").indent()("return").dedent()
+    src(f"if tid < {workers}:").indent()
     for j in range(go):
         src(f"o = og * {go} + {j}")
         for k in range(9):
             src(f"gw_part[n, t, (o * {cin} + ci) * 9 + {k}] = a{j}_{k}")
-        src("if ci == 0:").indent()(f"gb_part[n, t, o] = b{j}").dedent()
-    module = load_module(f"conv_weights_{cin}_{cout}{'_pre' if precompute else ''}", src.text())
+    src.dedent()
+    src(f"elif tid < {workers + cout}:").indent()
+    src(f"gb_part[n, t, tid - {workers}] = bias").dedent()
+    module = load_module(f"conv_weights_{cin}_{cout}", src.text())
     return module.kernel, threads
 
 
@@ -380,7 +475,7 @@ def conv2d_backward_weights(gy, x, out=None, image_sums=None):
     th, tw = tile_grid(h, wd)
     gw_part = scratch("gw_part", (n, th * tw, cout * cin * 9), np.float32)
     gb_part = scratch("gb_part", (n, th * tw, cout), np.float32)
-    kernel, threads = _weights_kernel(cin, cout, *weights_variant(cin, cout))
+    kernel, threads = _weights_kernel(cin, cout, weights_variant(cin, cout))
     kernel[(th * tw, n), threads, launch_stream()](gy.device.reshape(gy.device.size), x.device.reshape(x.device.size),
                                   gw_part, gb_part, h, wd, tw)
     if image_sums is not None:

@@ -11,32 +11,36 @@ from .reduce import fold_partials, fold_tiles
 LOSS_THREADS = 256  # 64 (32 tiles' chains per SM instead of 8) measured no faster (H100)
 TILE_SIZE = TILE_H * TILE_W          # a plain int here: numba needs a constant shared shape
 PER_THREAD = TILE_SIZE // LOSS_THREADS
+ROWS_PER_ROUND = LOSS_THREADS // TILE_W
 
 
 @cuda.jit(cache=True)
-def _loss_kernel(pred, target, scale, grad, partials, tiles_w, write_grad):
+def _loss_kernel(pred, target, scale, grad, partials, channels, height, width, tiles_w,
+                 write_grad):
     """One block per (image, plane, tile). Its threads compute the differences (and gradient)
     in parallel into shared memory, packed row-major over the tile's in-image pixels; then one
-    thread runs the tile's chain of fma(d, d, acc) over them, eight loads ahead."""
+    thread runs the tile's chain of fma(d, d, acc) over them, eight loads ahead. The planes are
+    flat: 4-D indexing spent most of the kernel's instructions on strides (ncu, H100)."""
     t = cuda.blockIdx.x
     nc = cuda.blockIdx.y
-    n = nc // pred.shape[1]
-    c = nc % pred.shape[1]
+    n = nc // channels
+    c = nc % channels
     r0 = (t // tiles_w) * TILE_H
     c0 = (t % tiles_w) * TILE_W
-    rows = min(TILE_H, pred.shape[2] - r0)
-    cols = min(TILE_W, pred.shape[3] - c0)
+    rows = min(TILE_H, height - r0)
+    cols = min(TILE_W, width - c0)
     ds = cuda.shared.array(TILE_SIZE, float32)
     tid = cuda.threadIdx.x
+    col = tid % TILE_W
+    first = nc * height * width + (r0 + tid // TILE_W) * width + c0 + col
     for k in range(PER_THREAD):
-        i = tid + k * LOSS_THREADS
-        r = i // TILE_W
-        col = i % TILE_W
+        r = tid // TILE_W + k * ROWS_PER_ROUND
         if r < rows and col < cols:
-            d = pred[n, c, r0 + r, c0 + col] - target[n, c, r0 + r, c0 + col]
+            i = first + k * ROWS_PER_ROUND * width
+            d = pred[i] - target[i]
             ds[r * cols + col] = d
             if write_grad:
-                grad[n, c, r0 + r, c0 + col] = d * scale
+                grad[i] = d * scale
     cuda.syncthreads()
     if tid != 0:
         return
@@ -58,7 +62,7 @@ def _loss_kernel(pred, target, scale, grad, partials, tiles_w, write_grad):
     while i < total:
         acc = cuda.fma(ds[i], ds[i], acc)
         i += 1
-    partials[n, c * (partials.shape[1] // pred.shape[1]) + t, 0] = acc
+    partials[n, c * (partials.shape[1] // channels) + t, 0] = acc
 
 
 def _operands(pred, target):
@@ -73,10 +77,12 @@ def _sse_and_grad(pred, target, count, out, image_sums=None):
     th, tw = tile_grid(h, w)
     partials = scratch("loss_part", (n, ch * th * tw, 1), np.float32)
     write_grad = count is not None
-    out_op, grad = output("out", out, pred.shape, pred) if write_grad else (None, placeholder(4))
+    out_op, grad = output("out", out, pred.shape, pred) if write_grad else (None, placeholder(1))
     scale = mse_grad_scale(count) if write_grad else np.float32(0)
+    size = n * ch * h * w
     _loss_kernel[(th * tw, n * ch), LOSS_THREADS, launch_stream()](
-        pred.device, target.device, scale, grad, partials, tw, write_grad)
+        pred.device.reshape(size), target.device.reshape(size), scale, grad.reshape(grad.size),
+        partials, ch, h, w, tw, write_grad)
     if image_sums is not None:
         sums = as_device_array(image_sums)
         if sums.shape != (n,) or sums.dtype != np.float64:
