@@ -12,6 +12,7 @@ from cryokern import reference as R
 from cryokern.contract import tile_grid
 from cryokern.kernels import conv
 from cryokern.kernels.arrays import is_device_array
+from cryokern.kernels.reduce import fold_tiles
 
 # (N, Cin, Cout, H, W): single pixels, odd shapes, several blocks with edge blocks; for weight
 # gradients also several reduction tiles (16 x 64) and the default 16 -> 16 layer
@@ -254,3 +255,19 @@ def test_deterministic(rng, kernel):
     first = run()
     assert all(np.array_equal(np.asarray(first).view(np.uint8), np.asarray(run()).view(np.uint8))
                for _ in range(3))
+
+
+@pytest.mark.parametrize("shape", [(2, 600, 40), (1, 300, 1), (3, 5, 7)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_fold_tiles(rng, shape):
+    """Several rounds of staged tiles, a partial block of outputs, one output, few tiles: each
+    image's float64 left fold over tiles, starting from tile 0's partial (a -0.0 stays -0.0)."""
+    partials = randn(rng, *shape)
+    partials[0, :, 0] = -0.0
+    got = cuda.to_device(np.full((shape[0], shape[2]), np.nan))
+    fold_tiles(cuda.to_device(partials), got)
+    want = partials[:, 0].astype(np.float64)
+    for t in range(1, shape[1]):
+        want = want + partials[:, t]
+    got = got.copy_to_host()
+    assert np.signbit(got[0, 0]) and np.array_equal(got.view(np.uint64), want.view(np.uint64))
