@@ -90,8 +90,9 @@ def test_backward_weights(rng, shape):
     assert same_bits(gw, want_gw) and same_bits(gb, want_gb)
 
 
-# every way of building the weight-gradient kernel (conv.WeightsVariant): staged in chunks,
-# prefetched with addresses precomputed, rolled rows; the shapes have full-width and edge tiles
+# ways of building the weight-gradient kernel (conv.WeightsVariant) that no default layer uses:
+# without prefetch, prefetched with addresses precomputed, rolled rows; the shapes have
+# full-width and edge tiles
 WEIGHTS_VARIANTS = [conv.WeightsVariant(32, None, False, True, False),
                     conv.WeightsVariant(32, None, True, True, True),
                     conv.WeightsVariant(128, None, True, False, False),

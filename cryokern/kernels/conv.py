@@ -211,13 +211,11 @@ def _relu_mask(gy, y, gx):
 # the 3 x 3 input window sliding along the row in registers; the next Cout threads hold one bias
 # chain each. Per tile row the block stages that row of gy (all output channels) and one new
 # row of x (all input channels) in shared memory, x rows in a ring of three; threads beyond the
-# chain holders only stage. (Prefetching the next row across the compute kept ~33 registers
-# live and spilled the 16 -> 16 kernel.)
+# chain holders only stage. WeightsVariant says how each layer's kernel is built.
 GS = TILE_W + 1              # gy row stride: the warp's output groups fall in different banks
 XROW = TILE_W + 2
 XS_STRIDE = 3 * XROW + (2 - 3 * XROW) % 16   # floats per input channel in the x ring, = 2 mod 16
                                              # so the warp's input channels spread over banks
-STAGE_CHUNK = 8              # staging loads in flight per thread, in blocks of few threads
 
 
 class WeightsVariant(NamedTuple):
@@ -296,23 +294,10 @@ def _weights_kernel(cin, cout, variant):
                 src(store(i, name))
 
     def stage(total, load, store):
-        """Copy `total` elements global -> shared: every thread issues its loads, then stores
-        them (a loop of load-store pairs would wait for each load in turn). Beyond
-        STAGE_CHUNK slots per thread, a loop stages STAGE_CHUNK at a time: written out, the
-        compiler hoisted every slot's address out of the row loop and spilled."""
-        if -(-total // threads) <= STAGE_CHUNK or precompute:
-            stage_loads(total, load, "p")
-            stage_stores(total, store, "p")
-            return
-        src(f"for e0 in range(tid, {-(-total // threads) * threads}, "
-            f"{STAGE_CHUNK * threads}):").indent()
-        for i in range(STAGE_CHUNK):
-            src(f"e = e0 + {i * threads}")
-            load(i, f" and e < {total}", "p")
-        for i in range(STAGE_CHUNK):
-            src(f"e = e0 + {i * threads}")
-            src(f"if e < {total}:").indent()(store(i, "p")).dedent()
-        src.dedent()
+        """Copy `total` elements global -> shared: every thread issues all its loads, then
+        stores them (a loop of load-store pairs would wait for each load in turn)."""
+        stage_loads(total, load, "p")
+        stage_stores(total, store, "p")
 
     def load_x(i, guard, name):
         if precompute:

@@ -20,7 +20,8 @@ def _loss_kernel(pred, target, scale, grad, partials, channels, height, width, t
     """One block per (image, plane, tile). Its threads compute the differences (and gradient)
     in parallel into shared memory, packed row-major over the tile's in-image pixels; then one
     thread runs the tile's chain of fma(d, d, acc) over them, eight loads ahead. The planes are
-    flat: 4-D indexing spent most of the kernel's instructions on strides (ncu, H100)."""
+    indexed flat: with 4-D indexing the kernel was issue-bound on integer work (ncu, H100);
+    flat, 0.077 -> 0.070 ms at 4 x 1024^2."""
     t = cuda.blockIdx.x
     nc = cuda.blockIdx.y
     n = nc // channels
