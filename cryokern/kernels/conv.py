@@ -238,12 +238,14 @@ class WeightsVariant(NamedTuple):
 
 def weights_variant(cin, cout):
     """The fastest of bench/tune_conv.py's variants (H100, 2026-11-26, 4 x 1024^2, graph
-    replays, ms). 16 -> 16: 128 threads capped at 128 registers (left alone, ptxas takes 200+
-    and fewer blocks fit an SM), addresses precomputed, full-width rows written out: 1.38
-    (rolled 1.78). Layers with one channel on a side (fewer than 64 chains of 9 taps per tile):
-    rows written out and the next row's loads in flight during each row's compute, in blocks of
-    one warp for 1 -> 16 (0.60 -> 0.32) and two for 16 -> 1 (0.71 -> 0.56; its 16 input
-    channels' rows are 33 loads per thread in one warp, and spill)."""
+    replays of the kernel alone, ms). 16 -> 16: 128 threads capped at 128 registers (left
+    alone, ptxas takes 200+ and fewer blocks fit an SM), addresses precomputed, full-width rows
+    written out: 1.38 (rolled 1.78). Layers with one channel on a side (fewer than 64 chains of
+    9 taps per tile): rows written out and the next row's loads in flight during each row's
+    compute, in blocks of one warp for 1 -> 16 (0.32; the old 128-thread variant 0.61) and two
+    for 16 -> 1 (0.56; in one warp its 16 input channels' rows are 33 loads per thread, and
+    spill). With their folds (bench/kernels.py) the three went 1.73 -> 1.49, 0.60 -> 0.42 and
+    0.71 -> 0.64."""
     if cin * cout >= 64:
         return WeightsVariant(128, 128, True, True, False)
     return WeightsVariant(32 if cout >= cin else 64, None, False, True, True)
