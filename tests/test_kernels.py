@@ -7,6 +7,7 @@ import pytest
 from numba import cuda
 
 from conftest import bits
+from contract_loops import fold_tiles_then_images
 from cryokern import kernels as K
 from cryokern import reference as R
 from cryokern.contract import tile_grid
@@ -111,19 +112,9 @@ def test_backward_weights_variants(rng, shape, variant):
     kernel[(th * tw, n), threads](cuda.to_device(gy.ravel()), cuda.to_device(x.ravel()), gw, gb,
                                   h, w, tw)
     want_gw, want_gb = R.conv2d_backward_weights(gy, x)
-    got_gw = fold_f64(gw.copy_to_host()).reshape(want_gw.shape)
-    assert same_bits(got_gw, want_gw) and same_bits(fold_f64(gb.copy_to_host()), want_gb)
-
-
-def fold_f64(partials):
-    """Numerics section 4, steps 3-5, in NumPy: tiles then images, left to right, in float64."""
-    total = None
-    for image in partials.astype(np.float64):
-        p = image[0].copy()
-        for tile in image[1:]:
-            p = p + tile
-        total = p if total is None else total + p
-    return total.astype(np.float32)
+    got_gw = np.float32(fold_tiles_then_images(gw.copy_to_host())).reshape(want_gw.shape)
+    got_gb = np.float32(fold_tiles_then_images(gb.copy_to_host()))
+    assert same_bits(got_gw, want_gw) and same_bits(got_gb, want_gb)
 
 
 @pytest.mark.parametrize("shape", cases([(4, 1, 1, 1024, 1024), (3, 1, 1, 997, 1013)]))
