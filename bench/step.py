@@ -96,9 +96,9 @@ def step_breakdown(net, params, x, y, steps=10):
     """Median time of each kernel call in a step, in call order (includes launch overhead)."""
     ops = _TimedOps()
     timed = get_backend("gpu")              # a new Backend object: its ops may be replaced
-    timed.name, timed.ops = "gpu-timed", ops
+    # each kernel bracketed by events, so launched as it is: no graph
+    timed.name, timed.ops, timed.recorder = "gpu-timed", ops, Eager
     trainer = TrainStep(timed, net, params, OptimizerConfig("sgd", 0.01, momentum=0.9))
-    trainer._recorder = Eager()         # each kernel bracketed by events: no graph
     trainer(x, y)
     per_call = None
     for _ in range(steps):

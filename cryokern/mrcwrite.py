@@ -44,8 +44,9 @@ def check_target(target, inputs, force):
 
 
 def combine_stats(parts):
-    """Min, max, mean and standard deviation over images from their imagemath.statistics, combined in
-    image order (Chan et al.'s pairwise update: no cancellation when mean >> spread)."""
+    """Min, max, mean and standard deviation over images from their imagemath.statistics,
+    combined in image order (Chan et al.'s pairwise update: no cancellation when mean >>
+    spread)."""
     count, mean, m2 = 0, 0.0, 0.0
     for n, mean_i, m2_i, _, _ in parts:
         total = count + n

@@ -144,7 +144,8 @@ def _launch_forward(x, w, b, y, relu, mask, transposed, **variant):
     n_oblocks = -(-cout // ob_size)
     grid = (-(-wd // BW), -(-h // BH), n * n_oblocks)
     flat_mask = placeholder(1) if mask is None else mask.reshape(mask.size)
-    kernel[grid, block, launch_stream()](x.reshape(x.size), w, b, flat_mask, y.reshape(y.size), h, wd, n_oblocks)
+    kernel[grid, block, launch_stream()](x.reshape(x.size), w, b, flat_mask, y.reshape(y.size),
+                                         h, wd, n_oblocks)
 
 
 def _check_conv(x, w, cin_axis):
@@ -194,8 +195,8 @@ def relu_backward(gy, y, out=None):
         raise ValueError(f"gy {gy.shape} and y {y.shape} differ in shape")
     out_op, gx = output("out", out, gy.shape, gy)
     size = int(np.prod(gy.shape))
-    _relu_mask[-(-size // 256), 256, launch_stream()](gy.device.reshape(size), y.device.reshape(size),
-                                     gx.reshape(size))
+    _relu_mask[-(-size // 256), 256, launch_stream()](
+        gy.device.reshape(size), y.device.reshape(size), gx.reshape(size))
     return result(out_op, gx, gy)
 
 
@@ -463,8 +464,9 @@ def conv2d_backward_weights(gy, x, out=None, image_sums=None):
     gw_part = scratch("gw_part", (n, th * tw, cout * cin * 9), np.float32)
     gb_part = scratch("gb_part", (n, th * tw, cout), np.float32)
     kernel, threads = _weights_kernel(cin, cout, weights_variant(cin, cout))
-    kernel[(th * tw, n), threads, launch_stream()](gy.device.reshape(gy.device.size), x.device.reshape(x.device.size),
-                                  gw_part, gb_part, h, wd, tw)
+    kernel[(th * tw, n), threads, launch_stream()](
+        gy.device.reshape(gy.device.size), x.device.reshape(x.device.size), gw_part, gb_part,
+        h, wd, tw)
     if image_sums is not None:
         sw, sb = (as_device_array(a) for a in image_sums)
         if sw.shape != (n, cout, cin, 3, 3) or sb.shape != (n, cout) or \

@@ -124,6 +124,7 @@ def mse_grad(pred, target, count, out=None):
     pred, target = _operands(pred, target)
     out_op, grad = output("out", out, pred.shape, pred)
     size = int(np.prod(pred.shape))
-    _grad_kernel[-(-size // 256), 256, launch_stream()](pred.device.reshape(size), target.device.reshape(size),
-                                       mse_grad_scale(count), grad.reshape(size))
+    _grad_kernel[-(-size // 256), 256, launch_stream()](
+        pred.device.reshape(size), target.device.reshape(size), mse_grad_scale(count),
+        grad.reshape(size))
     return result(out_op, grad, pred)

@@ -54,7 +54,8 @@ def sgd_update(w, g, v, lr, momentum=0.0, weight_decay=0.0, nesterov=False):
         raise ValueError("Nesterov momentum requires momentum > 0")
     ops = [Operand("w", w), Operand("g", g), Operand("v", v)]
     size, (wd_, gd, vd) = _flat(ops)
-    _sgd_kernel[-(-size // 256), 256, launch_stream()](wd_, gd, vd, neg_lr, mom, wd, bool(mom != 0), bool(nesterov))
+    _sgd_kernel[-(-size // 256), 256, launch_stream()](wd_, gd, vd, neg_lr, mom, wd,
+                                                       bool(mom != 0), bool(nesterov))
     ops[0].write_back()
     if mom != 0:
         ops[2].write_back()

@@ -3,8 +3,9 @@ and its batch's upload and its loss's download, and goes on to the next batch.
 
 The kernels run on the legacy default stream, or replayed as a graph on a blocking stream,
 which CUDA orders with it. Batches are uploaded on a stream of their own, created non-blocking
-so that it waits for neither: the copy of batch k+1 overlaps step k. Events order the two: a step waits for its batch's copy, and a copy into a
-device slot waits for the last step that read that slot.
+so that it waits for neither: the copy of batch k+1 overlaps step k. Events order the two: a
+step waits for its batch's copy, and a copy into a device slot waits for the last step that
+read that slot.
 """
 import numpy as np
 from numba import config, cuda
