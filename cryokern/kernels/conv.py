@@ -83,35 +83,35 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
         src(f"off{s_} = hh * width + cc")
     src(f"base = n * {cin} * plane")
     for s_ in range(slots):
-        src(f"p{s_} = x[base + off{s_}] if ok{s_} else float32(0)")
+        src(f"p{s_} = x[uint64(base + off{s_})] if ok{s_} else float32(0)")
     src(f"o0 = (ob * {groups} + cuda.threadIdx.z) * {g_out}")
     for g in range(g_out):
         src(f"b{g} = b[o0 + {g}] if o0 + {g} < {cout} else float32(0)")
         for p in range(R):
             src(f"a{p}_{g} = b{g}")
     src(f"wb = cuda.threadIdx.z * {g_out}")
-    src(f"xb = cuda.threadIdx.y * {R * XW} + cuda.threadIdx.x")
+    src(f"xb = uint64(cuda.threadIdx.y * {R * XW} + cuda.threadIdx.x)")
     src(f"for ci in range({cin}):").indent()
     src("cuda.syncthreads()")
     for s_ in range(slots):
         if (s_ + 1) * threads > nx:
-            src(f"if e{s_} < {nx}:").indent()(f"xs[e{s_}] = p{s_}").dedent()
+            src(f"if e{s_} < {nx}:").indent()(f"xs[uint64(e{s_})] = p{s_}").dedent()
         else:
-            src(f"xs[e{s_}] = p{s_}")
+            src(f"xs[uint64(e{s_})] = p{s_}")
     src("cuda.syncthreads()")
     src(f"if ci + 1 < {cin}:").indent()
     src("base += plane")
     for s_ in range(slots):
-        src(f"p{s_} = x[base + off{s_}] if ok{s_} else float32(0)")
+        src(f"p{s_} = x[uint64(base + off{s_})] if ok{s_} else float32(0)")
     src.dedent()
     for r in range(R + 2):
         for k in range(3):
-            src(f"v{r}_{k} = xs[xb + {r * XW + k}]")
-    src(f"wc = wb + ci * {9 * ob_size}")
+            src(f"v{r}_{k} = xs[xb + uint64({r * XW + k})]")
+    src(f"wc = uint64(wb + ci * {9 * ob_size})")
     for ky in range(3):
         for kx in range(3):
             for g in range(g_out):
-                src(f"t = ws[wc + {(ky * 3 + kx) * ob_size + g}]")
+                src(f"t = ws[wc + uint64({(ky * 3 + kx) * ob_size + g})]")
                 for p in range(R):
                     src(f"a{p}_{g} = cuda.fma(v{p + ky}_{kx}, t, a{p}_{g})")
     src.dedent()
@@ -304,29 +304,29 @@ def _weights_kernel(cin, cout, variant):
 
     def load_x(i, guard, name):
         if precompute:
-            src(f"{name}{i} = x[xa{i} + q * width] if qin and xv{i} else float32(0)")
+            src(f"{name}{i} = x[uint64(xa{i} + q * width)] if qin and xv{i} else float32(0)")
             return
         src(f"col = c0 + e % {XROW} - 1")
-        src(f"{name}{i} = x[xbase + (e // {XROW}) * plane + q * width + col] "
+        src(f"{name}{i} = x[uint64(xbase + (e // {XROW}) * plane + q * width + col)] "
             f"if qin and col >= 0 and col < width{guard} else float32(0)")
 
     def load_gy(i, guard, name):
         if precompute:
-            src(f"{name}{i} = gy[ga{i} + (q - 1) * width] if gv{i} else float32(0)")
+            src(f"{name}{i} = gy[uint64(ga{i} + (q - 1) * width)] if gv{i} else float32(0)")
             return
         src(f"c = e % {TILE_W}")
-        src(f"{name}{i} = gy[gbase + (e // {TILE_W}) * plane + (q - 1) * width + c0 + c] "
+        src(f"{name}{i} = gy[uint64(gbase + (e // {TILE_W}) * plane + (q - 1) * width + c0 + c)] "
             f"if c < cols{guard} else float32(0)")
 
     def store_x(i, name):
         if precompute:
-            return f"xs[xi{i} + xo] = {name}{i}"
-        return f"xs[(e // {XROW}) * {XS_STRIDE} + xo + e % {XROW}] = {name}{i}"
+            return f"xs[uint64(xi{i} + xo)] = {name}{i}"
+        return f"xs[uint64((e // {XROW}) * {XS_STRIDE} + xo + e % {XROW})] = {name}{i}"
 
     def store_gy(i, name):
         if precompute:
-            return f"gs[gi{i}] = {name}{i}"
-        return f"gs[(e // {TILE_W}) * {GS} + e % {TILE_W}] = {name}{i}"
+            return f"gs[uint64(gi{i})] = {name}{i}"
+        return f"gs[uint64((e // {TILE_W}) * {GS} + e % {TILE_W})] = {name}{i}"
 
     if precompute:   # address, validity and shared index of every staging slot, once
         for i in range(-(-x_total // threads)):
@@ -378,8 +378,8 @@ def _weights_kernel(cin, cout, variant):
     src("r = s - 1")
     src(f"if tid < {workers}:").indent()
     for k in range(3):
-        src(f"x{k} = ci * {XS_STRIDE} + ((r0 + r + {k}) % 3) * {XROW}")
-    src(f"gb = og * {go * GS}")
+        src(f"x{k} = uint64(ci * {XS_STRIDE} + ((r0 + r + {k}) % 3) * {XROW})")
+    src(f"gb = uint64(og * {go * GS})")
 
     def fmas(window_column):
         for j in range(go):
@@ -391,12 +391,12 @@ def _weights_kernel(cin, cout, variant):
     def chains_rolled():
         for k in range(3):
             src(f"w{k}_0 = xs[x{k}]")
-            src(f"w{k}_1 = xs[x{k} + 1]")
+            src(f"w{k}_1 = xs[x{k} + uint64(1)]")
         src("for c in range(cols):").indent()
         for k in range(3):
-            src(f"w{k}_2 = xs[x{k} + c + 2]")
+            src(f"w{k}_2 = xs[x{k} + uint64(c + 2)]")
         for j in range(go):
-            src(f"g{j} = gs[gb + {j * GS} + c]")
+            src(f"g{j} = gs[gb + uint64({j * GS} + c)]")
         fmas(lambda kx: kx)
         for k in range(3):
             src(f"w{k}_0 = w{k}_1")
@@ -406,20 +406,20 @@ def _weights_kernel(cin, cout, variant):
     def chains_unrolled():          # input column c + kx of the window is w{ky}_{c + kx}
         for k in range(3):
             src(f"w{k}_0 = xs[x{k}]")
-            src(f"w{k}_1 = xs[x{k} + 1]")
+            src(f"w{k}_1 = xs[x{k} + uint64(1)]")
         for c in range(TILE_W):
             for k in range(3):
-                src(f"w{k}_{c + 2} = xs[x{k} + {c + 2}]")
+                src(f"w{k}_{c + 2} = xs[x{k} + uint64({c + 2})]")
             for j in range(go):
-                src(f"g{j} = gs[gb + {j * GS + c}]")
+                src(f"g{j} = gs[gb + uint64({j * GS + c})]")
             fmas(lambda kx: c + kx)
 
     def bias_rolled():
-        src("for c in range(cols):").indent()("bias = bias + gs[gb + c]").dedent()
+        src("for c in range(cols):").indent()("bias = bias + gs[gb + uint64(c)]").dedent()
 
     def bias_unrolled():
         for c in range(TILE_W):
-            src(f"bias = bias + gs[gb + {c}]")
+            src(f"bias = bias + gs[gb + uint64({c})]")
 
     def full_width_or_edge(unrolled, rolled):
         if not unroll:
@@ -436,7 +436,7 @@ def _weights_kernel(cin, cout, variant):
     src.dedent()
     # the bias chains: one thread per output channel among those that otherwise only stage
     src(f"elif tid < {workers + cout}:").indent()
-    src(f"gb = (tid - {workers}) * {GS}")
+    src(f"gb = uint64((tid - {workers}) * {GS})")
     full_width_or_edge(bias_unrolled, bias_rolled)
     src.dedent().dedent()
     src(f"if tid < {workers}:").indent()

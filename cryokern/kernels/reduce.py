@@ -49,25 +49,25 @@ def _fold_tiles(kc):
     for i in range(slots):
         if (i + 1) * FOLD_THREADS > total:
             src(f"if tid + {i * FOLD_THREADS} < {total}:").indent()
-            src(f"buf[tid + {i * FOLD_THREADS}] = p{i}").dedent()
+            src(f"buf[uint64(tid + {i * FOLD_THREADS})] = p{i}").dedent()
         else:
-            src(f"buf[tid + {i * FOLD_THREADS}] = p{i}")
+            src(f"buf[uint64(tid + {i * FOLD_THREADS})] = p{i}")
     src("cuda.syncthreads()")
     loads(f"{tb} + t0")
     src(f"if tid < {kc}:").indent()
     src(f"count = min({tb}, tiles - t0)")
     src("t = 0")
     src("if t0 == 0:").indent()
-    src("acc = float64(buf[tid])")          # P_n starts from tile 0's partial, not from 0
+    src("acc = float64(buf[uint64(tid)])")          # P_n starts from tile 0's partial, not from 0
     src("t = 1").dedent()
     src(f"while t + {CHAIN_AHEAD} <= count:").indent()
     for u in range(CHAIN_AHEAD):
-        src(f"v{u} = buf[(t + {u}) * {kc} + tid]")
+        src(f"v{u} = buf[uint64((t + {u}) * {kc} + tid)]")
     for u in range(CHAIN_AHEAD):
         src(f"acc = acc + float64(v{u})")
     src(f"t += {CHAIN_AHEAD}").dedent()
     src("while t < count:").indent()
-    src(f"acc = acc + float64(buf[t * {kc} + tid])")
+    src(f"acc = acc + float64(buf[uint64(t * {kc} + tid)])")
     src("t += 1").dedent().dedent().dedent()
     src(f"if tid < {kc} and k0 + tid < outputs:").indent()
     src("per_image[n, k0 + tid] = acc")
