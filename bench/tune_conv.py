@@ -2,7 +2,7 @@
 three layer shapes, timed side by side, each checked bit for bit against the default geometry.
 Then backward-data with the ReLU mask (the 16 -> 1 and 16 -> 16 layers'), and the
 weight-gradient kernel's variants (conv.WeightsVariant) for the same shapes.
-Usage: python bench/tune_conv.py [--batch 4] [--size 1024]
+Usage: python bench/tune_conv.py [--batch 4] [--size 1024] [--parts forward backward-data weights]
 """
 import argparse
 
@@ -22,13 +22,28 @@ VARIANTS = [((8, 8, 2), None), ((8, 8, 2), 128), ((4, 8, 2), None), ((8, 4, 4), 
 SHAPES = [(16, 16), (1, 16), (16, 1)]
 
 
+PARTS = ("forward", "backward-data", "weights")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--parts", nargs="+", choices=PARTS, default=PARTS,
+                    help="which kernels' variants to time (default: all)")
     args = ap.parse_args()
     n, s = args.batch, args.size
-    rng = np.random.default_rng(0)
+    if "forward" in args.parts:
+        forward(n, s, np.random.default_rng(0))
+    if "backward-data" in args.parts:
+        for cin in (1, 16):
+            backward_data(n, s, np.random.default_rng(2), cin)
+    if "weights" in args.parts:
+        weights(n, s, np.random.default_rng(1))
+
+
+def forward(n, s, rng):
+    """Forward with bias and ReLU, each layer shape's variants against its default."""
     print(f"{'cin->cout':9s} {'rows,ch,groups':16s} {'maxreg':>6s} {'regs':>5s} {'median ms':>10s} "
           f"{'TFLOP/s':>8s} bits")
     for cin, cout in SHAPES:
@@ -111,11 +126,12 @@ def weights(n, s, rng):
         flops = 2 * n * s * s * cin * cout * 9
         default = conv.weights_variant(cin, cout)
         if cin * cout >= 64:
-            others = [V(128, 128, True, False, False), V(128, 128, True, True, True)]
+            others = [V(128, 128, True, False, False), V(128, 128, True, True, True),
+                      V(128, None, True, True, False), V(96, 128, True, True, True),
+                      V(96, 128, True, True, False)]
         else:
-            others = [V(32, 128, False, True, True), V(32, 96, False, True, True),
-                      V(64, None, False, True, True), V(32, 128, True, True, True),
-                      V(32, 128, False, True, False), V(128, None, True, False, False)]
+            others = [V(32, None, False, True, True), V(64, None, False, True, True),
+                      V(32, None, True, True, True), V(64, None, True, True, False)]
         want = None
         for variant in [default] + [v for v in others if v != default]:
             kernel, threads = conv._weights_kernel(cin, cout, variant)
@@ -133,6 +149,3 @@ def weights(n, s, rng):
 
 if __name__ == "__main__":
     main()
-    for cin in (1, 16):
-        backward_data(4, 1024, np.random.default_rng(2), cin)
-    weights(4, 1024, np.random.default_rng(1))

@@ -92,10 +92,10 @@ def test_backward_weights(rng, shape):
 
 
 # ways of building the weight-gradient kernel (conv.WeightsVariant) that no default layer uses:
-# without prefetch, prefetched with addresses precomputed, rolled rows; the shapes have
+# without prefetch (addresses computed per row, or precomputed), rolled rows; the shapes have
 # full-width and edge tiles
 WEIGHTS_VARIANTS = [conv.WeightsVariant(32, None, False, True, False),
-                    conv.WeightsVariant(32, None, True, True, True),
+                    conv.WeightsVariant(128, None, True, True, False),
                     conv.WeightsVariant(128, None, True, False, False),
                     conv.WeightsVariant(64, None, False, False, True)]
 

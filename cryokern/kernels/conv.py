@@ -22,21 +22,24 @@ from .reduce import fold_partials, fold_tiles
 # into registers while the current one is computed), each thread copies its (R+2) x 3 window
 # into registers, and every weight read from shared memory serves R fmas.
 BW, TY = 32, 4
+MASK_LOADS = 16      # backward-data's mask loads in flight per thread
 
 
 def forward_variant(cin, cout, transposed):
     """((R, G, GB), register cap): rows and output channels per thread, thread groups per
     block, and the cap, the fastest of bench/tune_conv.py's variants (H100, 4x1024^2, graph
-    replays). 16 -> 16: 8 rows x 8 channels x 2 groups capped at 128 registers (forward 1.140
-    -> 1.103 ms, backward-data 1.543 -> 1.343 against 8 x 4 x 4 uncapped). From one input
-    channel, the forward pass: 4 rows x all (up to 16) outputs per thread (0.172 -> 0.131 ms);
-    backward-data (the 16 -> 1 layer's, with the ReLU mask): 4 x 4 x 2 (0.599 -> 0.365)."""
+    replays, 2026-11-26, with unsigned indices and backward-data's mask loads batched).
+    16 -> 16: 8 rows x 8 channels x 2 groups, no cap (ptxas takes 124 registers either way,
+    yet the cap at 128 ran slower: forward 0.750 -> 0.692 ms, backward-data 0.769 -> 0.750).
+    From one input channel, the forward pass: 4 rows x all (up to 16) outputs per thread
+    (0.133); backward-data (the 16 -> 1 layer's, with the ReLU mask): 8 x 8 x 2 (0.399 ->
+    0.246 against 4 x 4 x 2)."""
     if cin == 1:
-        return ((4, min(cout, 4), 2) if transposed else (4, min(cout, 16), 1)), None
+        return ((8, min(cout, 8), 2) if transposed else (4, min(cout, 16), 1)), None
     if cout == 1:
         return (8, 1, 1), None
     g_out = min(cout, 8)
-    return (8, g_out, min(2, -(-cout // g_out))), 128
+    return (8, g_out, min(2, -(-cout // g_out))), None
 
 
 @lru_cache(maxsize=None)
@@ -115,21 +118,32 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
                 for p in range(R):
                     src(f"a{p}_{g} = cuda.fma(v{p + ky}_{kx}, t, a{p}_{g})")
     src.dedent()
+    # the outputs, row by row; with the mask, each batch of rows first issues all its mask
+    # loads (one after another, each load's compare and store waited for it: 64 memory
+    # latencies per thread, and backward-data ran 0.3 ms behind the forward pass)
     src("col = c0 + cuda.threadIdx.x")
     src("if col < width:").indent()
-    for p in range(R):
-        src(f"row = h0 + cuda.threadIdx.y * {R} + {p}")
-        src("if row < height:").indent()
-        for g in range(g_out):
-            src(f"if o0 + {g} < {cout}:").indent()
-            src(f"i = (n * {cout} + o0 + {g}) * plane + row * width + col")
-            src(f"v = a{p}_{g}")
-            if relu:
-                src("if v <= float32(0):").indent()("v = float32(0)").dedent()
+    batch = max(1, MASK_LOADS // g_out) if masked else 1
+    for p0 in range(0, R, batch):
+        rows_ = range(p0, min(R, p0 + batch))
+        for p in rows_:
+            src(f"row{p} = h0 + cuda.threadIdx.y * {R} + {p}")
+            src(f"i{p} = (n * {cout} + o0) * plane + row{p} * width + col")
             if masked:
-                src("if not mask[i] > float32(0):").indent()("v = float32(0)").dedent()
-            src("y[i] = v").dedent()
-        src.dedent()
+                for g in range(g_out):
+                    src(f"m{p}_{g} = mask[uint64(i{p} + {g} * plane)] "
+                        f"if row{p} < height and o0 + {g} < {cout} else float32(0)")
+        for p in rows_:
+            src(f"if row{p} < height:").indent()
+            for g in range(g_out):
+                src(f"if o0 + {g} < {cout}:").indent()
+                src(f"v = a{p}_{g}")
+                if relu:
+                    src("if v <= float32(0):").indent()("v = float32(0)").dedent()
+                if masked:
+                    src(f"if not m{p}_{g} > float32(0):").indent()("v = float32(0)").dedent()
+                src(f"y[uint64(i{p} + {g} * plane)] = v").dedent()
+            src.dedent()
     module = load_module(f"conv_forward_{cin}_{cout}_{int(relu)}{int(masked)}{int(transposed)}",
                          src.text())
     return module.kernel, (BW, TY, groups), ob_size, BH
@@ -240,15 +254,15 @@ class WeightsVariant(NamedTuple):
 def weights_variant(cin, cout):
     """The fastest of bench/tune_conv.py's variants (H100, 2026-11-26, 4 x 1024^2, graph
     replays of the kernel alone, ms). 16 -> 16: 128 threads capped at 128 registers (left
-    alone, ptxas takes 200+ and fewer blocks fit an SM), addresses precomputed, full-width rows
-    written out: 1.38 (rolled 1.78). Layers with one channel on a side (fewer than 64 chains of
-    9 taps per tile): rows written out and the next row's loads in flight during each row's
-    compute, in blocks of one warp for 1 -> 16 (0.32; the old 128-thread variant 0.61) and two
-    for 16 -> 1 (0.56; in one warp its 16 input channels' rows are 33 loads per thread, and
-    spill). With their folds (bench/kernels.py) the three went 1.73 -> 1.49, 0.60 -> 0.42 and
-    0.71 -> 0.64."""
+    alone, ptxas takes 168 and fewer blocks fit an SM: 1.034), addresses precomputed,
+    full-width rows written out, the next row's loads in flight: 0.772 (without prefetch
+    0.819, rolled 0.985; before unsigned indices 1.38 and 1.78). Layers with one channel on
+    a side (fewer than 64 chains of 9 taps per tile): rows written out and the next row's
+    loads in flight during each row's compute, in blocks of one warp for 1 -> 16 (0.32 before
+    unsigned indices; the old 128-thread variant 0.61) and two for 16 -> 1 (0.56; in one warp
+    its 16 input channels' rows are 33 loads per thread, and spill); not re-tuned since."""
     if cin * cout >= 64:
-        return WeightsVariant(128, 128, True, True, False)
+        return WeightsVariant(128, 128, True, True, True)
     return WeightsVariant(32 if cout >= cin else 64, None, False, True, True)
 
 
