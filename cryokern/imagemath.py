@@ -67,6 +67,35 @@ def _destandardize(image, mean, scale, out):
             out[r, c] = np.float32(np.float64(image[r, c]) / scale + mean)
 
 
+@numba.njit(nogil=True, cache=True, inline="always")
+def _map_pixel(src, dst, i, k, mean, scale, zero, lo, hi):
+    x = np.float64(src[i])
+    v = np.float32((x - mean) * scale)
+    dst[i] = v
+    zero[k] += x * 0.0                      # stays +0 exactly while every x is finite
+    lo[k] = v if v < lo[k] else lo[k]
+    hi[k] = v if v > hi[k] else hi[k]
+
+
+@numba.njit(nogil=True, cache=True)
+def _standardize_range(image, mean, scale, out):
+    """_standardize in lanes of LANES pixels per row (so that LLVM vectorizes the reductions),
+    also giving the output's min and max and whether every input pixel was finite."""
+    zero = np.zeros(LANES)
+    lo = np.full(LANES, np.inf, np.float32)
+    hi = np.full(LANES, -np.inf, np.float32)
+    h, w = image.shape
+    full = w - w % LANES
+    for r in range(h):
+        src, dst = image[r], out[r]
+        for start in range(0, full, LANES):
+            for k in range(LANES):
+                _map_pixel(src, dst, start + k, k, mean, scale, zero, lo, hi)
+        for k in range(w - full):
+            _map_pixel(src, dst, full + k, k, mean, scale, zero, lo, hi)
+    return lo.min(), hi.max(), (zero == 0.0).all()
+
+
 def _float32_2d(image):
     image = np.asarray(image)
     if image.ndim != 2:
@@ -103,6 +132,14 @@ def _map(kernel, image, mean, scale, out):
 def standardize(image, mean, scale, out=None):
     """float32((x - mean) * scale) for every pixel, into `out` (new if None)."""
     return _map(_standardize, image, mean, scale, out)
+
+
+def standardize_with_range(image, mean, scale, out):
+    """standardize() into `out`, and in the same pass (min, max) of `out` and whether every
+    pixel of `image` is finite: the batch loader's clean image, one pass instead of three."""
+    image = _float32_2d(image)
+    lo, hi, finite = _standardize_range(image, float(mean), float(scale), out)
+    return float(lo), float(hi), bool(finite)
 
 
 def destandardize(image, mean, scale, out=None):

@@ -89,8 +89,10 @@ class MrcStack:
         return (tuple(float(v) for v in h.origin.item()),
                 (int(h.nxstart), int(h.nystart), int(h.nzstart)))
 
-    def read(self, index, out):
-        """Image `index` into `out` (float32, shape self.shape); NaN or Inf pixels are an error.
+    def read(self, index, out, check_finite=True):
+        """Image `index` into `out` (float32, shape self.shape); NaN or Inf pixels are an error
+        (unless check_finite is False: for callers that check in a pass of their own, and
+        raise self.non_finite(index)).
 
         float32 files in the machine's byte order are read straight into `out` (no copy)."""
         offset = self.offset + index * self.image_bytes
@@ -105,9 +107,13 @@ class MrcStack:
                 out[...] = np.frombuffer(data, self.dtype).reshape(self.shape)
         if got != self.image_bytes:
             raise DataError(f"{self.path}: truncated at image {index} (file changed while reading?)")
-        if self.dtype.kind == "f" and not np.isfinite(sum_and_range(out)[0]):
-            raise DataError(f"{self.path}: image {index} has NaN or Inf pixels")
+        if check_finite and self.dtype.kind == "f" and not np.isfinite(sum_and_range(out)[0]):
+            raise self.non_finite(index)
         return out
+
+    def non_finite(self, index):
+        """The error for image `index` holding NaN or Inf pixels."""
+        return DataError(f"{self.path}: image {index} has NaN or Inf pixels")
 
     def close(self):
         if self._fd is not None:

@@ -1,16 +1,23 @@
 """Epoch order, crops, the validation split and normalization: functions of the seed alone."""
 import mrcfile
 import numpy as np
+import pytest
 
 from conftest import bits
-from cryokern.data import (BatchLoader, PairedImages, Subset, epoch_batches,
+from cryokern.data import (BatchLoader, PairedImages, Subset, epoch_batches, fill_image,
                            normalization, normalize, split)
+from cryokern.mrcstack import DataError
 
 
-def stack_pair(tmp_path, n=7, shape=(10, 14)):
+def stack_pair(tmp_path, n=7, shape=(10, 14), bad=None):
+    """A noisy stack and its clean half; bad = (file name, image, row, column, value) puts
+    one non-finite pixel in a copy of that file's data."""
     data = np.random.default_rng(0).standard_normal((n,) + shape).astype(np.float32) * 3 + 5
     paths = []
     for name, d in (("noisy", data), ("clean", data * 0.5)):
+        if bad is not None and bad[0] == name:
+            d = d.copy()
+            d[bad[1:4]] = bad[4]
         p = str(tmp_path / f"{name}.mrcs")
         with mrcfile.new(p) as mrc:
             mrc.set_data(d)
@@ -73,3 +80,18 @@ def test_loader_yields_the_batches_in_order(tmp_path):
             assert np.array_equal(bits(noisy[k, 0]), bits(normalize(data[i], affine)))
             assert np.array_equal(bits(clean[k, 0]), bits(normalize(data[i] * 0.5, affine)))
     loader.close()
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")    # mrcfile's, writing the bad file
+@pytest.mark.parametrize("mode", ["per-image", "none"])
+@pytest.mark.parametrize("bad", [("noisy", 4, 2, 3, np.nan), ("noisy", 4, 9, 13, np.inf),
+                                 ("clean", 4, 2, 3, -np.inf), ("clean", 4, 9, 13, np.nan)],
+                         ids=["noisy-in-crop", "noisy-outside", "clean-in-crop",
+                              "clean-outside"])
+def test_a_non_finite_pixel_names_its_file_and_image(tmp_path, bad, mode):
+    images, _ = stack_pair(tmp_path, bad=bad)
+    sub = Subset(images, np.arange(7), crop=6)
+    out = np.empty((6, 6), np.float32), np.empty((6, 6), np.float32)
+    fill_image(sub, 3, (0, 0), mode, *out)       # a good image in the same files
+    with pytest.raises(DataError, match=rf"{bad[0]}\.mrcs: image 4 has NaN or Inf"):
+        fill_image(sub, 4, (0, 0), mode, *out)

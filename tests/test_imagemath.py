@@ -60,3 +60,20 @@ def test_maps_take_crops_and_write_into_out():
     out = np.empty((5, 7), np.float32)
     got = imagemath.standardize(image[3:8, 4:11], 1.0, 0.5, out)
     assert got is out and np.array_equal(out, (image[3:8, 4:11] - 1) * 0.5)
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (4, 64), (7, 150)])
+def test_standardize_with_range_is_the_map_and_its_range(shape):
+    image = (np.random.default_rng(5).standard_normal(shape) * 8 + 2).astype(np.float32)
+    out = np.empty(shape, np.float32)
+    lo, hi, finite = imagemath.standardize_with_range(image, 2.5, 1 / 7.9, out)
+    want = imagemath.standardize(image, 2.5, 1 / 7.9)
+    assert np.array_equal(out, want) and (lo, hi) == (want.min(), want.max()) and finite
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("where", [(0, 0), (6, 149), (3, 100)])
+def test_standardize_with_range_flags_a_non_finite_pixel(bad, where):
+    image = np.ones((7, 150), np.float32)
+    image[where] = bad
+    assert imagemath.standardize_with_range(image, 0.0, 1.0, np.empty_like(image))[2] is False
