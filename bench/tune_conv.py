@@ -130,8 +130,9 @@ def weights(n, s, rng):
                       V(128, None, True, True, False), V(96, 128, True, True, True),
                       V(96, 128, True, True, False)]
         else:
-            others = [V(32, None, False, True, True), V(64, None, False, True, True),
-                      V(32, None, True, True, True), V(64, None, True, True, False)]
+            others = [V(32 if cout >= cin else 64, None, False, True, True),
+                      V(64, None, False, True, True, True), V(96, None, True, True, True, True),
+                      V(64, 96, True, True, True, True)]
         want = None
         for variant in [default] + [v for v in others if v != default]:
             kernel, threads = conv._weights_kernel(cin, cout, variant)

@@ -92,12 +92,15 @@ def test_backward_weights(rng, shape):
 
 
 # ways of building the weight-gradient kernel (conv.WeightsVariant) that no default layer uses:
-# without prefetch (addresses computed per row, or precomputed), rolled rows; the shapes have
-# full-width and edge tiles
+# without prefetch (addresses computed per row, or precomputed), rolled rows, kernel rows on
+# threads of their own or not; the shapes have full-width and edge tiles
 WEIGHTS_VARIANTS = [conv.WeightsVariant(32, None, False, True, False),
                     conv.WeightsVariant(128, None, True, True, False),
                     conv.WeightsVariant(128, None, True, False, False),
-                    conv.WeightsVariant(64, None, False, False, True)]
+                    conv.WeightsVariant(64, None, False, False, True),
+                    conv.WeightsVariant(64, None, False, True, True, False),
+                    conv.WeightsVariant(64, None, True, True, True, True),
+                    conv.WeightsVariant(32, None, False, False, False, True)]
 
 
 @pytest.mark.parametrize("variant", WEIGHTS_VARIANTS, ids=lambda v: "-".join(map(str, v)))

@@ -222,8 +222,9 @@ def _relu_mask(gy, y, gx):
 
 
 # Weight gradients (numerics section 4a): one block per (image, tile). Thread (o-group, ci)
-# holds GO x 9 weight chains in registers and walks the tile's in-image pixels row-major, with
-# the 3 x 3 input window sliding along the row in registers; the next Cout threads hold one bias
+# holds GO x 9 weight chains in registers (or, split_rows, thread (kernel row, o-group, ci)
+# holds GO x 3) and walks the tile's in-image pixels row-major, with the input window sliding
+# along the row in registers; the next Cout threads hold one bias
 # chain each. Per tile row the block stages that row of gy (all output channels) and one new
 # row of x (all input channels) in shared memory, x rows in a ring of three; threads beyond the
 # chain holders only stage. WeightsVariant says how each layer's kernel is built.
@@ -243,12 +244,16 @@ class WeightsVariant(NamedTuple):
     unroll: a full-width tile row written out pixel by pixel (constant shared-memory offsets)
     instead of a loop over its columns.
     prefetch: each row step issues the next step's loads (into registers) before its compute,
-    and stores them to shared memory at the start of the next step."""
+    and stores them to shared memory at the start of the next step.
+    split_rows: three threads per (output group, input channel), one per kernel row, each
+    holding 3 chains per output instead of 9: shorter chains of work per thread, 3 times the
+    threads (for the small layers, whose few chains leave most of a block idle)."""
     threads: int
     max_registers: Optional[int]
     precompute: bool
     unroll: bool
     prefetch: bool
+    split_rows: bool = False
 
 
 def weights_variant(cin, cout):
@@ -257,21 +262,22 @@ def weights_variant(cin, cout):
     alone, ptxas takes 168 and fewer blocks fit an SM: 1.034), addresses precomputed,
     full-width rows written out, the next row's loads in flight: 0.772 (without prefetch
     0.819, rolled 0.985; before unsigned indices 1.38 and 1.78). Layers with one channel on
-    a side (fewer than 64 chains of 9 taps per tile): rows written out and the next row's
-    loads in flight during each row's compute, in blocks of one warp for 1 -> 16 (0.32 before
-    unsigned indices; the old 128-thread variant 0.61) and two for 16 -> 1 (0.56; in one warp
-    its 16 input channels' rows are 33 loads per thread, and spill); not re-tuned since."""
+    a side (fewer than 64 chains of 9 taps per tile, most of a block idle): each kernel row's
+    chains on a thread of its own, rows written out, the next row's loads in flight, 64
+    threads: 1 -> 16 0.153, 16 -> 1 0.186 (the same with 9 chains per thread: 0.167 and 0.266;
+    with addresses precomputed: 0.171 and 0.202)."""
     if cin * cout >= 64:
         return WeightsVariant(128, 128, True, True, True)
-    return WeightsVariant(32 if cout >= cin else 64, None, False, True, True)
+    return WeightsVariant(64, None, False, True, True, True)
 
 
 @lru_cache(maxsize=None)
 def _weights_kernel(cin, cout, variant):
     """Numerics section 4a, generated: (kernel, threads per block)."""
-    threads, max_registers, precompute, unroll, prefetch = variant
+    threads, max_registers, precompute, unroll, prefetch, split = variant
     go = 4 if cout % 4 == 0 and cin * cout >= 64 else 1
-    workers = cout // go * cin          # threads that hold chains; the rest only help staging
+    held = 1 if split else 3            # kernel rows whose chains a thread holds
+    workers = cout // go * cin * (3 // held)   # threads that hold chains; the rest only stage
     threads = max(threads, -(-(workers + cout) // 32) * 32)
     g_total, x_total = cout * TILE_W, cin * XROW
     src = Source().kernel("gy, x, gw_part, gb_part, height, width, tiles_w", max_registers)
@@ -283,13 +289,16 @@ def _weights_kernel(cin, cout, variant):
     src(f"cols = min({TILE_W}, width - c0)")
     src("plane = height * width")
     src("tid = cuda.threadIdx.x")
-    src(f"og = tid // {cin}")
+    src(f"og = tid % {cout // go * cin} // {cin}" if split else f"og = tid // {cin}")
     src(f"ci = tid % {cin}")
+    ky0 = "ky0 + " if split else ""     # the first kernel row a thread holds
+    if split:
+        src(f"ky0 = tid // {cout // go * cin}")
     src(f"gs = cuda.shared.array({cout * GS}, float32)")
     src(f"xs = cuda.shared.array({cin * XS_STRIDE}, float32)")
     src("bias = float32(0)")
     for j in range(go):
-        for k in range(9):
+        for k in range(3 * held):
             src(f"a{j}_{k} = float32(0)")
     src(f"xbase = n * {cin} * plane")
     src(f"gbase = n * {cout} * plane")
@@ -388,41 +397,42 @@ def _weights_kernel(cin, cout, variant):
         src.dedent()
         src("cuda.syncthreads()")
     src("if s < 1:").indent()("continue").dedent()
-    # tile row r = s - 1 reads image rows r0+r-1+k, k = 0..2, in slots (r0 + r + k) % 3
+    # tile row r = s - 1 reads image rows r0+r-1+ky, ky = 0..2, in slots (r0 + r + ky) % 3;
+    # a thread's rows ky0 + k, k < held, are x{k} and its chains a{j}_{k * 3 + kx}
     src("r = s - 1")
     src(f"if tid < {workers}:").indent()
-    for k in range(3):
-        src(f"x{k} = uint64(ci * {XS_STRIDE} + ((r0 + r + {k}) % 3) * {XROW})")
+    for k in range(held):
+        src(f"x{k} = uint64(ci * {XS_STRIDE} + ((r0 + r + {ky0}{k}) % 3) * {XROW})")
     src(f"gb = uint64(og * {go * GS})")
 
     def fmas(window_column):
         for j in range(go):
-            for ky in range(3):
+            for ky in range(held):
                 for kx in range(3):
                     src(f"a{j}_{ky * 3 + kx} = cuda.fma(g{j}, w{ky}_{window_column(kx)}, "
                         f"a{j}_{ky * 3 + kx})")
 
     def chains_rolled():
-        for k in range(3):
+        for k in range(held):
             src(f"w{k}_0 = xs[x{k}]")
             src(f"w{k}_1 = xs[x{k} + uint64(1)]")
         src("for c in range(cols):").indent()
-        for k in range(3):
+        for k in range(held):
             src(f"w{k}_2 = xs[x{k} + uint64(c + 2)]")
         for j in range(go):
             src(f"g{j} = gs[gb + uint64({j * GS} + c)]")
         fmas(lambda kx: kx)
-        for k in range(3):
+        for k in range(held):
             src(f"w{k}_0 = w{k}_1")
             src(f"w{k}_1 = w{k}_2")
         src.dedent()
 
     def chains_unrolled():          # input column c + kx of the window is w{ky}_{c + kx}
-        for k in range(3):
+        for k in range(held):
             src(f"w{k}_0 = xs[x{k}]")
             src(f"w{k}_1 = xs[x{k} + uint64(1)]")
         for c in range(TILE_W):
-            for k in range(3):
+            for k in range(held):
                 src(f"w{k}_{c + 2} = xs[x{k} + uint64({c + 2})]")
             for j in range(go):
                 src(f"g{j} = gs[gb + uint64({j * GS + c})]")
@@ -456,8 +466,9 @@ def _weights_kernel(cin, cout, variant):
     src(f"if tid < {workers}:").indent()
     for j in range(go):
         src(f"o = og * {go} + {j}")
-        for k in range(9):
-            src(f"gw_part[n, t, (o * {cin} + ci) * 9 + {k}] = a{j}_{k}")
+        for k in range(3 * held):
+            src(f"gw_part[n, t, (o * {cin} + ci) * 9 + {'ky0 * 3 + ' if split else ''}{k}] "
+                f"= a{j}_{k}")
     src.dedent()
     src(f"elif tid < {workers + cout}:").indent()
     src(f"gb_part[n, t, tid - {workers}] = bias").dedent()
