@@ -8,7 +8,7 @@ from .model import Network, forward
 # A batch runs in passes of at most this many pixels (whole images, at least one per pass),
 # so that the activations of a pass are held, not the batch's: 8M pixels are ~1 GiB of the
 # default network's activations. Smaller passes hold less and cost some speed (H100, 4x1024^2:
-# one pass 5.8 ms and 606 MiB; passes of 2 images 6.2 ms and 320 MiB); the bits are the same.
+# one pass 3.3 ms and 606 MiB; passes of 2 images 3.6 ms and 320 MiB); the bits are the same.
 DEFAULT_PASS_PIXELS = 1 << 23
 
 
