@@ -118,9 +118,9 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
                 for p in range(R):
                     src(f"a{p}_{g} = cuda.fma(v{p + ky}_{kx}, t, a{p}_{g})")
     src.dedent()
-    # the outputs, row by row; with the mask, each batch of rows first issues all its mask
-    # loads (one after another, each load's compare and store waited for it: 64 memory
-    # latencies per thread, and backward-data ran 0.3 ms behind the forward pass)
+    # the outputs, row by row; with the mask, each batch of rows issues all its mask loads
+    # before any store (loaded one by one beside stores that may alias the mask, they cost a
+    # thread 64 memory latencies, and backward-data ran 0.3 ms behind the forward pass)
     src("col = c0 + cuda.threadIdx.x")
     src("if col < width:").indent()
     batch = max(1, MASK_LOADS // g_out) if masked else 1
@@ -224,10 +224,10 @@ def _relu_mask(gy, y, gx):
 # Weight gradients (numerics section 4a): one block per (image, tile). Thread (o-group, ci)
 # holds GO x 9 weight chains in registers (or, split_rows, thread (kernel row, o-group, ci)
 # holds GO x 3) and walks the tile's in-image pixels row-major, with the input window sliding
-# along the row in registers; the next Cout threads hold one bias
-# chain each. Per tile row the block stages that row of gy (all output channels) and one new
-# row of x (all input channels) in shared memory, x rows in a ring of three; threads beyond the
-# chain holders only stage. WeightsVariant says how each layer's kernel is built.
+# along the row in registers; the next Cout threads hold one bias chain each. Per tile row the
+# block stages that row of gy (all output channels) and one new row of x (all input channels)
+# in shared memory, x rows in a ring of three; threads beyond the chain holders only stage.
+# WeightsVariant says how each layer's kernel is built.
 GS = TILE_W + 1              # gy row stride: the warp's output groups fall in different banks
 XROW = TILE_W + 2
 XS_STRIDE = 3 * XROW + (2 - 3 * XROW) % 16   # floats per input channel in the x ring, = 2 mod 16
@@ -291,7 +291,7 @@ def _weights_kernel(cin, cout, variant):
     src("tid = cuda.threadIdx.x")
     src(f"og = tid % {cout // go * cin} // {cin}" if split else f"og = tid // {cin}")
     src(f"ci = tid % {cin}")
-    ky0 = "ky0 + " if split else ""     # the first kernel row a thread holds
+    first_row = "ky0 + " if split else ""   # ky0: the first kernel row a thread holds
     if split:
         src(f"ky0 = tid // {cout // go * cin}")
     src(f"gs = cuda.shared.array({cout * GS}, float32)")
@@ -402,7 +402,7 @@ def _weights_kernel(cin, cout, variant):
     src("r = s - 1")
     src(f"if tid < {workers}:").indent()
     for k in range(held):
-        src(f"x{k} = uint64(ci * {XS_STRIDE} + ((r0 + r + {ky0}{k}) % 3) * {XROW})")
+        src(f"x{k} = uint64(ci * {XS_STRIDE} + ((r0 + r + {first_row}{k}) % 3) * {XROW})")
     src(f"gb = uint64(og * {go * GS})")
 
     def fmas(window_column):
