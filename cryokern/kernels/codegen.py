@@ -15,11 +15,26 @@ then also merges neighbouring shared-memory loads into LDS.64/LDS.128.
 import hashlib
 import importlib.util
 import os
+import sys
 import tempfile
 
 from numba import config
 
 from ..cachedir import cache_root
+
+_announced = False
+
+
+def _announce_compiling(directory):
+    """A kernel source new to the cache will be compiled at its first launch: the written-out
+    kernels take minutes together on a first run (a 1-epoch run took 198 s with an empty
+    cache, 3.5-4.2 s warm; H100), so say so once rather than sit silent. Only to a terminal:
+    redirected stderr (logs, the error contract of one line) stays as it was."""
+    global _announced
+    if not _announced and not config.ENABLE_CUDASIM and sys.stderr.isatty():
+        print(f"cryokern: compiling GPU kernels for these shapes (first run only, can take "
+              f"minutes; cached under {directory})", file=sys.stderr, flush=True)
+        _announced = True
 
 
 def load_module(name, source):
@@ -28,6 +43,7 @@ def load_module(name, source):
     directory = cache_root() / "kernels"
     path = directory / f"{name}_{digest}.py"
     if not path.exists():
+        _announce_compiling(directory.parent)
         directory.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".py", dir=directory)
         with os.fdopen(fd, "w") as f:
