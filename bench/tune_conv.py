@@ -126,7 +126,7 @@ def weights(n, s, rng):
         flops = 2 * n * s * s * cin * cout * 9
         default = conv.weights_variant(cin, cout)
         if cin * cout >= 64:
-            others = [V(128, 128, True, False, False), V(128, 128, True, True, True),
+            others = [V(128, 128, True, False, False), V(128, 128, True, True, False),
                       V(128, None, True, True, False), V(96, 128, True, True, True),
                       V(96, 128, True, True, False)]
         else:
