@@ -70,13 +70,20 @@ def hot_block(sass):
     return max(blocks.values(), key=lambda c: (c["FFMA"], sum(c.values())))
 
 
+def find_cuobjdump():
+    """On PATH, or from the nvidia-cuda-cuobjdump wheel."""
+    for directory in sys.path:
+        candidate = pathlib.Path(directory) / "nvidia" / "cu13" / "bin" / "cuobjdump"
+        if candidate.exists():
+            return str(candidate)
+    return shutil.which("cuobjdump")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--keep", help="directory for the .ptx and .sass files")
     args = ap.parse_args()
-    cuobjdump = shutil.which("cuobjdump") or next(
-        (str(p) for p in map(pathlib.Path, sys.path) if (p / "nvidia/cu13/bin/cuobjdump").exists()
-         for p in [p / "nvidia/cu13/bin/cuobjdump"]), None)
+    cuobjdump = find_cuobjdump()
     if shutil.which("ptxas") is None or cuobjdump is None:
         sys.exit("needs ptxas on PATH and cuobjdump (pip install nvidia-cuda-cuobjdump)")
     out = pathlib.Path(args.keep or tempfile.mkdtemp())

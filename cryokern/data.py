@@ -134,20 +134,27 @@ def normalization(noisy, mode):
     return mean, (1.0 / std if std > 0 else 1.0)
 
 
+IDENTITY = (0.0, 1.0)       # (mean, scale) of mode 'none': exactly the identity map
+
+
 def normalize(image, affine, out=None):
     """The image under the map from `normalization` (float64 arithmetic, float32 result)."""
     if affine is None and out is None:
         return image
-    mean, scale = affine or (0.0, 1.0)      # the identity, exactly, for mode 'none'
-    return imagemath.standardize(image, mean, scale, out)
+    return imagemath.standardize(image, *(affine or IDENTITY), out)
+
+
+def normalize_with_range(image, affine, out):
+    """normalize() into `out`, in the same pass giving out's (min, max) and whether every pixel
+    of `image` is finite."""
+    return imagemath.standardize_with_range(image, *(affine or IDENTITY), out)
 
 
 def denormalize(image, affine, out=None):
     """The inverse map, for the network's output: back in the input's units (float32)."""
     if affine is None and out is None:
         return image
-    mean, scale = affine or (0.0, 1.0)
-    return imagemath.destandardize(image, mean, scale, out)
+    return imagemath.destandardize(image, *(affine or IDENTITY), out)
 
 
 _read_buffers = threading.local()
@@ -176,13 +183,11 @@ def fill_image(subset, index, corner, normalize_mode, noisy_out, clean_out):
     a = noisy.read(local, _read_buffer("noisy", noisy.shape), check_finite=False)
     b = clean.read(local, _read_buffer("clean", clean.shape), check_finite=False)
     affine = normalization(a, normalize_mode)
-    noisy_sum = affine[0] if affine else imagemath.sum_and_range(a)[0]
-    if not np.isfinite(noisy_sum):
+    # the noisy mean (or, unnormalized, sum) is finite exactly when every pixel is
+    if not np.isfinite(affine[0] if affine else imagemath.sum_and_range(a)[0]):
         raise noisy.non_finite(local)
     normalize(a[top:top + h, left:left + w], affine, out=noisy_out)
-    mean, scale = affine or (0.0, 1.0)      # the identity, exactly, for mode 'none'
-    lo, hi, finite = imagemath.standardize_with_range(b[top:top + h, left:left + w], mean, scale,
-                                                      clean_out)
+    lo, hi, finite = normalize_with_range(b[top:top + h, left:left + w], affine, clean_out)
     if not finite or (b.shape != (h, w) and not np.isfinite(imagemath.sum_and_range(b)[0])):
         raise clean.non_finite(local)
     return lo, hi

@@ -21,11 +21,16 @@ LANES = 64       # as many as compile to SIMD: 8 lanes stayed scalar, 3x slower
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
+def _extend_range(lo, hi, k, v):
+    lo[k] = v if v < lo[k] else lo[k]
+    hi[k] = v if v > hi[k] else hi[k]
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
 def _accumulate(acc, lo, hi, k, v, mean, square):
     d = np.float64(v) - mean
     acc[k] += d * d if square else d
-    lo[k] = v if v < lo[k] else lo[k]
-    hi[k] = v if v > hi[k] else hi[k]
+    _extend_range(lo, hi, k, v)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -73,8 +78,7 @@ def _map_pixel(src, dst, i, k, mean, scale, zero, lo, hi):
     v = np.float32((x - mean) * scale)
     dst[i] = v
     zero[k] += x * 0.0                      # stays +0 exactly while every x is finite
-    lo[k] = v if v < lo[k] else lo[k]
-    hi[k] = v if v > hi[k] else hi[k]
+    _extend_range(lo, hi, k, v)
 
 
 @numba.njit(nogil=True, cache=True)

@@ -125,15 +125,15 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
     src("if col < width:").indent()
     batch = max(1, MASK_LOADS // g_out) if masked else 1
     for p0 in range(0, R, batch):
-        rows_ = range(p0, min(R, p0 + batch))
-        for p in rows_:
+        batch_rows = range(p0, min(R, p0 + batch))
+        for p in batch_rows:
             src(f"row{p} = h0 + cuda.threadIdx.y * {R} + {p}")
             src(f"i{p} = (n * {cout} + o0) * plane + row{p} * width + col")
             if masked:
                 for g in range(g_out):
                     src(f"m{p}_{g} = mask[uint64(i{p} + {g} * plane)] "
                         f"if row{p} < height and o0 + {g} < {cout} else float32(0)")
-        for p in rows_:
+        for p in batch_rows:
             src(f"if row{p} < height:").indent()
             for g in range(g_out):
                 src(f"if o0 + {g} < {cout}:").indent()
