@@ -252,17 +252,34 @@ def test_deterministic(rng, kernel):
                for _ in range(3))
 
 
-@pytest.mark.parametrize("shape", [(2, 600, 40), (1, 300, 1), (3, 5, 7)],
+def _left_fold_over_tiles(partials):
+    want = partials[:, 0].astype(np.float64)
+    for t in range(1, partials.shape[1]):
+        want = want + partials[:, t]
+    return want
+
+
+@pytest.mark.parametrize("shape", [(2, 600, 40), (1, 512, 1), (1, 300, 1), (3, 5, 7)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_fold_tiles(rng, shape):
-    """Several rounds of staged tiles, a partial block of outputs, one output, few tiles: each
-    image's float64 left fold over tiles, starting from tile 0's partial (a -0.0 stays -0.0)."""
+    """Full and partial rounds of staged tiles, a partial block of outputs, one output, few
+    tiles: each image's float64 left fold over tiles, starting from tile 0's partial (a -0.0
+    stays -0.0)."""
     partials = randn(rng, *shape)
     partials[0, :, 0] = -0.0
     got = cuda.to_device(np.full((shape[0], shape[2]), np.nan))
-    fold_tiles(cuda.to_device(partials), got)
-    want = partials[:, 0].astype(np.float64)
-    for t in range(1, shape[1]):
-        want = want + partials[:, t]
+    fold_tiles((cuda.to_device(partials), got))
     got = got.copy_to_host()
-    assert np.signbit(got[0, 0]) and np.array_equal(got.view(np.uint64), want.view(np.uint64))
+    assert np.signbit(got[0, 0])
+    assert np.array_equal(got.view(np.uint64), _left_fold_over_tiles(partials).view(np.uint64))
+
+
+def test_fold_tiles_jobs_in_one_launch(rng):
+    """Three jobs of different output counts (several blocks, one, a single output) share a
+    launch; each gets its own fold."""
+    parts = [randn(rng, 2, 300, k) for k in (72, 16, 1)]
+    got = [cuda.to_device(np.full((2, p.shape[2]), np.nan)) for p in parts]
+    fold_tiles(*[(cuda.to_device(p), g) for p, g in zip(parts, got)])
+    for p, g in zip(parts, got):
+        want = _left_fold_over_tiles(p)
+        assert np.array_equal(g.copy_to_host().view(np.uint64), want.view(np.uint64))

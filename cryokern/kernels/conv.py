@@ -13,7 +13,7 @@ from ..contract import TILE_H, TILE_W, tile_grid
 from .arrays import (Operand, as_device_array, launch_stream, output, placeholder, result,
                      scratch)
 from .codegen import Source, load_module
-from .reduce import fold_partials, fold_tiles
+from .reduce import fold_images, fold_tiles
 
 # Forward (also backward-data): a block computes BH x BW output pixels of OB = G * GB output
 # channels. Thread (tx, ty, tz) owns column tx, rows ty*R .. ty*R+R-1 and channels
@@ -498,15 +498,17 @@ def conv2d_backward_weights(gy, x, out=None, image_sums=None):
                 sw.dtype != np.float64 or sb.dtype != np.float64:
             raise ValueError(f"image_sums must be float64 ({n}, {cout}, {cin}, 3, 3) and "
                              f"({n}, {cout}), got {sw.dtype} {sw.shape} and {sb.dtype} {sb.shape}")
-        fold_tiles(gw_part, sw.reshape(n, cout * cin * 9))
-        fold_tiles(gb_part, sb)
+        fold_tiles((gw_part, sw.reshape(n, cout * cin * 9)), (gb_part, sb))
         return image_sums
+    sw = scratch("gw_image_sums", (n, cout * cin * 9), np.float64)
+    sb = scratch("gb_image_sums", (n, cout), np.float64)
+    fold_tiles((gw_part, sw), (gb_part, sb))
     if out is None:
         gw_op, gw = output("gw", None, (cout, cin, 3, 3), gy)
         gb_op, gb = output("gb", None, (cout,), gy)
     else:
         gw_op, gw = output("out[0]", out[0], (cout, cin, 3, 3), gy)
         gb_op, gb = output("out[1]", out[1], (cout,), gy)
-    fold_partials(gw_part, gw.reshape(gw.size))
-    fold_partials(gb_part, gb)
+    fold_images(sw, gw.reshape(gw.size))
+    fold_images(sb, gb)
     return result(gw_op, gw, gy), result(gb_op, gb, gy)

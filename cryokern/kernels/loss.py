@@ -8,7 +8,7 @@ from .arrays import (Operand, as_device_array, launch_stream, output, placeholde
 from .reduce import fold_partials, fold_tiles
 
 
-LOSS_THREADS = 256  # 64 (32 tiles' chains per SM instead of 8) measured no faster (H100)
+LOSS_THREADS = 128   # 16 blocks, so 16 tiles' chains, per SM; 64 (v13) and 256 were slower
 TILE_SIZE = TILE_H * TILE_W          # a plain int here: numba needs a constant shared shape
 PER_THREAD = TILE_SIZE // LOSS_THREADS
 ROWS_PER_ROUND = LOSS_THREADS // TILE_W
@@ -19,9 +19,11 @@ def _loss_kernel(pred, target, scale, grad, partials, channels, height, width, t
                  write_grad):
     """One block per (image, plane, tile). Its threads compute the differences (and gradient)
     in parallel into shared memory, packed row-major over the tile's in-image pixels; then one
-    thread runs the tile's chain of fma(d, d, acc) over them, eight loads ahead. The planes are
-    indexed flat: with 4-D indexing the kernel was issue-bound on integer work (ncu, H100);
-    flat, 0.077 -> 0.070 ms at 4 x 1024^2. Indices are uint64 (no wrap-around, codegen.py)."""
+    thread runs the tile's chain of fma(d, d, acc) over them, the next eight values loaded
+    while the current eight are added (the chain, not memory, was the limit: 4 cycles per
+    fma against a shared-memory latency each eight). The planes are indexed flat (4-D
+    indexing made the kernel issue-bound on integer work, ncu); indices are uint64 (no
+    wrap-around, codegen.py)."""
     t = cuda.blockIdx.x
     nc = cuda.blockIdx.y
     n = nc // channels
@@ -46,11 +48,25 @@ def _loss_kernel(pred, target, scale, grad, partials, channels, height, width, t
     if tid != 0:
         return
     total = rows * cols
+    groups = total // 8
     acc = float32(0)
-    i = 0
-    while i + 8 <= total:
-        d0, d1, d2, d3 = ds[uint64(i)], ds[uint64(i + 1)], ds[uint64(i + 2)], ds[uint64(i + 3)]
-        d4, d5, d6, d7 = ds[uint64(i + 4)], ds[uint64(i + 5)], ds[uint64(i + 6)], ds[uint64(i + 7)]
+    if groups > 0:
+        d0, d1, d2, d3 = ds[uint64(0)], ds[uint64(1)], ds[uint64(2)], ds[uint64(3)]
+        d4, d5, d6, d7 = ds[uint64(4)], ds[uint64(5)], ds[uint64(6)], ds[uint64(7)]
+        for g in range(1, groups):
+            i = uint64(g * 8)
+            e0, e1, e2, e3 = ds[i], ds[i + uint64(1)], ds[i + uint64(2)], ds[i + uint64(3)]
+            e4, e5, e6, e7 = ds[i + uint64(4)], ds[i + uint64(5)], ds[i + uint64(6)], \
+                ds[i + uint64(7)]
+            acc = cuda.fma(d0, d0, acc)
+            acc = cuda.fma(d1, d1, acc)
+            acc = cuda.fma(d2, d2, acc)
+            acc = cuda.fma(d3, d3, acc)
+            acc = cuda.fma(d4, d4, acc)
+            acc = cuda.fma(d5, d5, acc)
+            acc = cuda.fma(d6, d6, acc)
+            acc = cuda.fma(d7, d7, acc)
+            d0, d1, d2, d3, d4, d5, d6, d7 = e0, e1, e2, e3, e4, e5, e6, e7
         acc = cuda.fma(d0, d0, acc)
         acc = cuda.fma(d1, d1, acc)
         acc = cuda.fma(d2, d2, acc)
@@ -59,11 +75,9 @@ def _loss_kernel(pred, target, scale, grad, partials, channels, height, width, t
         acc = cuda.fma(d5, d5, acc)
         acc = cuda.fma(d6, d6, acc)
         acc = cuda.fma(d7, d7, acc)
-        i += 8
-    while i < total:
+    for i in range(groups * 8, total):
         d0 = ds[uint64(i)]
         acc = cuda.fma(d0, d0, acc)
-        i += 1
     partials[n, c * (partials.shape[1] // channels) + t, 0] = acc
 
 
@@ -89,7 +103,7 @@ def _sse_and_grad(pred, target, count, out, image_sums=None):
         sums = as_device_array(image_sums)
         if sums.shape != (n,) or sums.dtype != np.float64:
             raise ValueError(f"image_sums must be float64 ({n},), got {sums.dtype} {sums.shape}")
-        fold_tiles(partials, sums.reshape(n, 1))
+        fold_tiles((partials, sums.reshape(n, 1)))
         sse = image_sums
     else:
         total = scratch("loss_total", (1,), np.float64)

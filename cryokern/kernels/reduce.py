@@ -9,56 +9,90 @@ from .codegen import Source, load_module
 
 
 FOLD_THREADS = 256
-FOLD_STAGED = 8192   # partials a block stages per round: 32 loads in flight per thread
-FOLD_OUTPUTS = 32    # outputs (k) per block, read by one warp's lanes from shared memory
-CHAIN_AHEAD = 8      # shared-memory loads issued before their additions
+FOLD_ROUND = 128     # tiles a block stages per round, at least (FOLD_ROUND x chains partials)
+FOLD_CHAINS = 32     # outputs (k) per block, one float64 chain each, on one warp's lanes
+CHAIN_AHEAD = 8      # shared-memory loads issued before their additions (partial rounds)
+
+
+def _chains(outputs):
+    """Chains per block for `outputs` outputs: a power of two, so that it divides the block."""
+    return min(FOLD_CHAINS, 1 << (outputs - 1).bit_length())
+
+
+def _round(kc):
+    """Tiles per round for kc chains: FOLD_ROUND, or more where each thread would load none."""
+    return max(FOLD_ROUND, FOLD_THREADS // kc)
 
 
 @lru_cache(maxsize=None)
-def _fold_tiles(kc):
-    """Step 3 for blocks of kc outputs of one image, generated. A thread per output folding
-    its tiles from global memory (32 loads in flight) waited ~32 load latencies per chain.
-    Here all the block's threads stage a round of tb tiles x kc outputs in shared memory, the
-    next round's loads in flight while the kc chain threads add this round's in tile order
-    (the same float64 additions): -0.03 ms per small layer's weight gradient (H100)."""
-    tb = FOLD_STAGED // kc
-    total = tb * kc
-    slots = -(-total // FOLD_THREADS)
-    src = Source().kernel("partials, per_image")
+def _fold_tiles(kcs):
+    """Step 3 for several jobs (partials, per_image) in one launch: job j's outputs in blocks
+    of kcs[j] chains (blockIdx.x counts the jobs' blocks in turn from start_j), blockIdx.y the
+    image. Generated.
+
+    Why so: each output's fold is a chain of T dependent float64 additions that no schedule
+    may shorten, so a fold lasts at least T addition latencies however few partials it reads
+    (the loss's 4 chains of 1024 took 12.6 us, ncu, H200); launched one after another, a
+    layer's weight and bias folds paid that twice. A round: all the block's threads load
+    FOLD_ROUND tiles x kc outputs (kc divides the block, so each thread's loads share one
+    output and step through the tiles by one address increment), then, with the next round's
+    loads in flight, kc threads add this round's in tile order; a full round is written out,
+    so that ptxas can issue the shared-memory loads ahead of the additions."""
+    params = [f"partials{j}, per_image{j}" for j in range(len(kcs))]
+    params += [f"start{j}" for j in range(1, len(kcs))]
+    src = Source().kernel(", ".join(params + ["tiles"]))
     src("n = cuda.blockIdx.y")
-    src(f"k0 = cuda.blockIdx.x * {kc}")
+    src("b = cuda.blockIdx.x")
     src("tid = cuda.threadIdx.x")
-    src("tiles = partials.shape[1]")
-    src("outputs = partials.shape[2]")
-    src(f"buf = cuda.shared.array({total}, float32)")
-    for i in range(slots):
-        src(f"dt{i} = (tid + {i * FOLD_THREADS}) // {kc}")
-        src(f"ko{i} = k0 + (tid + {i * FOLD_THREADS}) % {kc}")
-        src(f"ok{i} = ko{i} < outputs" + (f" and tid + {i * FOLD_THREADS} < {total}"
-                                          if (i + 1) * FOLD_THREADS > total else ""))
+    src(f"buf = cuda.shared.array({max(_round(kc) * kc for kc in kcs)}, float32)")
+    for j, kc in enumerate(kcs):
+        if len(kcs) > 1:
+            src(f"if b < start{j + 1}:" if j == 0 else
+                f"elif b < start{j + 1}:" if j + 1 < len(kcs) else "else:").indent()
+        _fold_job(src, j, kc)
+        if len(kcs) > 1:
+            src.dedent()
+    return load_module(f"fold_tiles_{'_'.join(map(str, kcs))}", src.text()).kernel
+
+
+def _fold_job(src, j, kc):
+    """Job j's fold into the kernel being written: its block b - start_j, image n."""
+    tiles_per_round = _round(kc)
+    per_thread = tiles_per_round * kc // FOLD_THREADS   # loads per thread per round
+    step = FOLD_THREADS // kc                           # tiles between a thread's loads
+    src(f"partials, per_image = partials{j}, per_image{j}")
+    src("outputs = per_image.shape[1]")
+    src(f"k = {f'(b - start{j})' if j else 'b'} * {kc} + tid % {kc}")
+    src("live = k < outputs")
+    src(f"row = tid // {kc}")
+    src("address = uint64((n * tiles + row) * outputs + k)")
+    src(f"stride = uint64({step} * outputs)")
 
     def loads(t0):
-        for i in range(slots):
-            src(f"p{i} = partials[n, {t0} + dt{i}, ko{i}] "
-                f"if ok{i} and {t0} + dt{i} < tiles else float32(0)")
+        for i in range(per_thread):
+            src(f"p{i} = partials[address + uint64({i}) * stride] "
+                f"if live and {t0} + row + {i * step} < tiles else float32(0)")
 
     loads("0")
     src("acc = float64(0)")
-    src(f"for t0 in range(0, tiles, {tb}):").indent()
+    src(f"for t0 in range(0, tiles, {tiles_per_round}):").indent()
     src("cuda.syncthreads()")
-    for i in range(slots):
-        if (i + 1) * FOLD_THREADS > total:
-            src(f"if tid + {i * FOLD_THREADS} < {total}:").indent()
-            src(f"buf[uint64(tid + {i * FOLD_THREADS})] = p{i}").dedent()
-        else:
-            src(f"buf[uint64(tid + {i * FOLD_THREADS})] = p{i}")
+    for i in range(per_thread):
+        src(f"buf[uint64(tid + {i * FOLD_THREADS})] = p{i}")
     src("cuda.syncthreads()")
-    loads(f"{tb} + t0")
+    src(f"address += uint64({tiles_per_round} * outputs)")
+    loads(f"t0 + {tiles_per_round}")
     src(f"if tid < {kc}:").indent()
-    src(f"count = min({tb}, tiles - t0)")
+    src(f"count = min({tiles_per_round}, tiles - t0)")
+    src(f"if count == {tiles_per_round}:").indent()       # a full round, written out
+    for t in range(tiles_per_round):
+        value = f"float64(buf[uint64(tid + {t * kc})])"
+        src(f"acc = {value} if t0 == 0 else acc + {value}" if t == 0 else f"acc = acc + {value}")
+    src.dedent()                                     # P_n starts from tile 0's partial, not 0
+    src("else:").indent()
     src("t = 0")
     src("if t0 == 0:").indent()
-    src("acc = float64(buf[uint64(tid)])")          # P_n starts from tile 0's partial, not from 0
+    src("acc = float64(buf[uint64(tid)])")
     src("t = 1").dedent()
     src(f"while t + {CHAIN_AHEAD} <= count:").indent()
     for u in range(CHAIN_AHEAD):
@@ -68,10 +102,9 @@ def _fold_tiles(kc):
     src(f"t += {CHAIN_AHEAD}").dedent()
     src("while t < count:").indent()
     src(f"acc = acc + float64(buf[uint64(t * {kc} + tid)])")
-    src("t += 1").dedent().dedent().dedent()
-    src(f"if tid < {kc} and k0 + tid < outputs:").indent()
-    src("per_image[n, k0 + tid] = acc")
-    return load_module(f"fold_tiles_{kc}", src.text()).kernel
+    src("t += 1").dedent().dedent().dedent().dedent()
+    src(f"if tid < {kc} and live:").indent()
+    src("per_image[uint64(n), uint64(k)] = acc").dedent()
 
 
 @cuda.jit(cache=True)
@@ -98,11 +131,18 @@ def _empty(dtype):
     return _EMPTY[dtype]
 
 
-def fold_tiles(partials, per_image):
-    """Step 3: float32 partials (N, T, K) -> each image's float64 sums, into per_image (N, K)."""
-    n, _, k = partials.shape
-    kc = min(k, FOLD_OUTPUTS)
-    _fold_tiles(kc)[(-(-k // kc), n), FOLD_THREADS, launch_stream()](partials, per_image)
+def fold_tiles(*jobs):
+    """Step 3: for each job (float32 partials (N, T, K), float64 per_image (N, K)), each
+    image's float64 sums into per_image; the jobs (same N and T) in one launch."""
+    n, tiles = jobs[0][0].shape[:2]
+    if any(p.shape[:2] != (n, tiles) or s.shape != (n, p.shape[2]) for p, s in jobs):
+        raise ValueError(f"fold jobs differ in images or tiles: "
+                         f"{[(p.shape, s.shape) for p, s in jobs]}")
+    kcs = tuple(_chains(p.shape[2]) for p, _ in jobs)
+    starts = np.cumsum([-(-p.shape[2] // kc) for (p, _), kc in zip(jobs, kcs)]).tolist()
+    args = [a for p, s in jobs for a in (p.reshape(p.size), s)]
+    _fold_tiles(kcs)[(starts[-1], n), FOLD_THREADS, launch_stream()](*args, *starts[:-1],
+                                                                       tiles)
 
 
 def fold_images(per_image, out32=None, out64=None):
@@ -117,7 +157,7 @@ def fold_partials(partials, out32=None, out64=None):
     """Steps 3-5: the totals into out32 and/or out64 (length K)."""
     n, _, k = partials.shape
     per_image = scratch("fold_per_image", (n, k), np.float64)
-    fold_tiles(partials, per_image)
+    fold_tiles((partials, per_image))
     fold_images(per_image, out32, out64)
 
 
