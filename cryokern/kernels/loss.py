@@ -8,7 +8,7 @@ from .arrays import (Operand, as_device_array, launch_stream, output, placeholde
 from .reduce import fold_partials, fold_tiles
 
 
-LOSS_THREADS = 128   # 16 blocks, so 16 tiles' chains, per SM; 64 (v13) and 256 were slower
+LOSS_THREADS = 128   # 16 blocks, so 16 tiles' chains, per SM (was 256; 64 no faster, v13)
 TILE_SIZE = TILE_H * TILE_W          # a plain int here: numba needs a constant shared shape
 PER_THREAD = TILE_SIZE // LOSS_THREADS
 ROWS_PER_ROUND = LOSS_THREADS // TILE_W
