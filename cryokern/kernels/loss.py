@@ -14,6 +14,19 @@ PER_THREAD = TILE_SIZE // LOSS_THREADS
 ROWS_PER_ROUND = LOSS_THREADS // TILE_W
 
 
+@cuda.jit(device=True, inline="always")
+def _squares_into(acc, d0, d1, d2, d3, d4, d5, d6, d7):
+    """Eight links of the tile's chain: acc = fma(d, d, acc), in order."""
+    acc = cuda.fma(d0, d0, acc)
+    acc = cuda.fma(d1, d1, acc)
+    acc = cuda.fma(d2, d2, acc)
+    acc = cuda.fma(d3, d3, acc)
+    acc = cuda.fma(d4, d4, acc)
+    acc = cuda.fma(d5, d5, acc)
+    acc = cuda.fma(d6, d6, acc)
+    return cuda.fma(d7, d7, acc)
+
+
 @cuda.jit(cache=True)
 def _loss_kernel(pred, target, scale, grad, partials, channels, height, width, tiles_w,
                  write_grad):
@@ -58,23 +71,9 @@ def _loss_kernel(pred, target, scale, grad, partials, channels, height, width, t
             e0, e1, e2, e3 = ds[i], ds[i + uint64(1)], ds[i + uint64(2)], ds[i + uint64(3)]
             e4, e5, e6, e7 = ds[i + uint64(4)], ds[i + uint64(5)], ds[i + uint64(6)], \
                 ds[i + uint64(7)]
-            acc = cuda.fma(d0, d0, acc)
-            acc = cuda.fma(d1, d1, acc)
-            acc = cuda.fma(d2, d2, acc)
-            acc = cuda.fma(d3, d3, acc)
-            acc = cuda.fma(d4, d4, acc)
-            acc = cuda.fma(d5, d5, acc)
-            acc = cuda.fma(d6, d6, acc)
-            acc = cuda.fma(d7, d7, acc)
+            acc = _squares_into(acc, d0, d1, d2, d3, d4, d5, d6, d7)
             d0, d1, d2, d3, d4, d5, d6, d7 = e0, e1, e2, e3, e4, e5, e6, e7
-        acc = cuda.fma(d0, d0, acc)
-        acc = cuda.fma(d1, d1, acc)
-        acc = cuda.fma(d2, d2, acc)
-        acc = cuda.fma(d3, d3, acc)
-        acc = cuda.fma(d4, d4, acc)
-        acc = cuda.fma(d5, d5, acc)
-        acc = cuda.fma(d6, d6, acc)
-        acc = cuda.fma(d7, d7, acc)
+        acc = _squares_into(acc, d0, d1, d2, d3, d4, d5, d6, d7)
     for i in range(groups * 8, total):
         d0 = ds[uint64(i)]
         acc = cuda.fma(d0, d0, acc)

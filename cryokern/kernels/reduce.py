@@ -34,7 +34,7 @@ def _fold_tiles(kcs):
     may shorten, so a fold lasts at least T addition latencies however few partials it reads
     (the loss's 4 chains of 1024 took 12.6 us, ncu, H200); launched one after another, a
     layer's weight and bias folds paid that twice. A round: all the block's threads load
-    FOLD_ROUND tiles x kc outputs (kc divides the block, so each thread's loads share one
+    _round(kc) tiles x kc outputs (kc divides the block, so each thread's loads share one
     output and step through the tiles by one address increment), then, with the next round's
     loads in flight, kc threads add this round's in tile order; a full round is written out,
     so that ptxas can issue the shared-memory loads ahead of the additions."""
@@ -84,11 +84,12 @@ def _fold_job(src, j, kc):
     loads(f"t0 + {tiles_per_round}")
     src(f"if tid < {kc}:").indent()
     src(f"count = min({tiles_per_round}, tiles - t0)")
+    # P_n starts from tile 0's partial, not from 0
     src(f"if count == {tiles_per_round}:").indent()       # a full round, written out
     for t in range(tiles_per_round):
         value = f"float64(buf[uint64(tid + {t * kc})])"
         src(f"acc = {value} if t0 == 0 else acc + {value}" if t == 0 else f"acc = acc + {value}")
-    src.dedent()                                     # P_n starts from tile 0's partial, not 0
+    src.dedent()
     src("else:").indent()
     src("t = 0")
     src("if t0 == 0:").indent()
