@@ -283,3 +283,12 @@ def test_fold_tiles_jobs_in_one_launch(rng):
     for p, g in zip(parts, got):
         want = _left_fold_over_tiles(p)
         assert np.array_equal(g.copy_to_host().view(np.uint64), want.view(np.uint64))
+
+
+def test_fold_tiles_rejects_jobs_of_other_shapes(rng):
+    """Jobs of one launch must share images and tiles; a mismatch is named, nothing launched."""
+    a = cuda.to_device(randn(rng, 2, 300, 4))
+    b = cuda.to_device(randn(rng, 2, 200, 4))
+    sums = [cuda.to_device(np.zeros((2, 4))) for _ in range(2)]
+    with pytest.raises(ValueError, match="differ in images or tiles"):
+        fold_tiles((a, sums[0]), (b, sums[1]))
