@@ -38,6 +38,9 @@ def resource_report():
 
 
 def event_times(fn, steps, warmup=3):
+    """(median, min, max) ms of `steps` calls of fn() after `warmup`, each between two CUDA
+    events on the legacy default stream; PyTorch queues its work there too, so it is timed
+    the same way."""
     for _ in range(warmup):
         fn()
     cuda.synchronize()
@@ -139,14 +142,7 @@ def torch_step_times(noisy, clean, params, steps):
         step()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(steps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        step()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
+    timing = event_times(step, steps, warmup=0)   # PyTorch queues on the same legacy stream
     peak = torch.cuda.max_memory_allocated()
 
     class Pending:
@@ -155,7 +151,7 @@ def torch_step_times(noisy, clean, params, steps):
 
         def result(self):
             return self.loss.item()
-    return statistics.median(times), min(times), max(times), peak, pipelined_ms(Pending, steps)
+    return (*timing, peak, pipelined_ms(Pending, steps))
 
 
 def main():

@@ -7,19 +7,23 @@ so that it waits for neither: the copy of batch k+1 overlaps step k. Events orde
 step waits for its batch's copy, and a copy into a device slot waits for the last step that
 read that slot.
 """
+import weakref
+
 import numpy as np
 from numba import config, cuda
 
 
-def _upload_stream():
+def _upload_stream(owner):
     """A non-blocking stream (cuda.stream() makes blocking ones, which would wait for every
-    kernel queued on the legacy default stream); the simulator's stand-in where there is none."""
+    kernel queued on the legacy default stream), destroyed with `owner` (numba does not own a
+    stream it did not create); the simulator's stand-in where there is none."""
     if config.ENABLE_CUDASIM:
         return cuda.stream()
     from cuda.bindings import driver
     err, handle = driver.cuStreamCreate(driver.CUstream_flags.CU_STREAM_NON_BLOCKING.value)
     if err != driver.CUresult.CUDA_SUCCESS:
         raise RuntimeError(f"cuStreamCreate failed: {err}")
+    weakref.finalize(owner, driver.cuStreamDestroy, handle)
     return cuda.external_stream(int(handle))
 
 
@@ -71,7 +75,7 @@ class Uploads:
 
     def put(self, *hosts):
         if self._stream is None:
-            self._stream = _upload_stream()
+            self._stream = _upload_stream(self)
         slot = self._next
         key = (slot,) + tuple(h.shape for h in hosts)
         if key not in self._buffers:
