@@ -56,12 +56,18 @@ def _lane_sums(x, mean, square):
     return acc[0], lo.min(), hi.max()
 
 
+@numba.njit(nogil=True, cache=True, inline="always")
+def _standardized(x, mean, scale):
+    """The forward map of one pixel, x a float64: float64 arithmetic, one rounding."""
+    return np.float32((x - mean) * scale)
+
+
 @numba.njit(nogil=True, cache=True)
 def _standardize(image, mean, scale, out):
     h, w = image.shape
     for r in range(h):
         for c in range(w):
-            out[r, c] = np.float32((np.float64(image[r, c]) - mean) * scale)
+            out[r, c] = _standardized(np.float64(image[r, c]), mean, scale)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -75,7 +81,7 @@ def _destandardize(image, mean, scale, out):
 @numba.njit(nogil=True, cache=True, inline="always")
 def _map_pixel(src, dst, i, k, mean, scale, zero, lo, hi):
     x = np.float64(src[i])
-    v = np.float32((x - mean) * scale)
+    v = _standardized(x, mean, scale)
     dst[i] = v
     zero[k] += x * 0.0                      # stays +0 exactly while every x is finite
     _extend_range(lo, hi, k, v)

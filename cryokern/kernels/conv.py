@@ -485,6 +485,16 @@ def conv2d_backward_weights(gy, x, out=None, image_sums=None):
     if x.shape[0] != n or x.shape[2:] != (h, wd):
         raise ValueError(f"gy {gy.shape} and x {x.shape} differ in batch or image size")
     cin = x.shape[1]
+    if image_sums is not None:
+        sw, sb = (as_device_array(a) for a in image_sums)
+        if sw.shape != (n, cout, cin, 3, 3) or sb.shape != (n, cout) or \
+                sw.dtype != np.float64 or sb.dtype != np.float64:
+            raise ValueError(f"image_sums must be float64 ({n}, {cout}, {cin}, 3, 3) and "
+                             f"({n}, {cout}), got {sw.dtype} {sw.shape} and {sb.dtype} {sb.shape}")
+    else:
+        sw = scratch("gw_image_sums", (n, cout, cin, 3, 3), np.float64)
+        sb = scratch("gb_image_sums", (n, cout), np.float64)
+    sw = sw.reshape(n, cout * cin * 9)
     th, tw = tile_grid(h, wd)
     gw_part = scratch("gw_part", (n, th * tw, cout * cin * 9), np.float32)
     gb_part = scratch("gb_part", (n, th * tw, cout), np.float32)
@@ -492,17 +502,9 @@ def conv2d_backward_weights(gy, x, out=None, image_sums=None):
     kernel[(th * tw, n), threads, launch_stream()](
         gy.device.reshape(gy.device.size), x.device.reshape(x.device.size), gw_part, gb_part,
         h, wd, tw)
-    if image_sums is not None:
-        sw, sb = (as_device_array(a) for a in image_sums)
-        if sw.shape != (n, cout, cin, 3, 3) or sb.shape != (n, cout) or \
-                sw.dtype != np.float64 or sb.dtype != np.float64:
-            raise ValueError(f"image_sums must be float64 ({n}, {cout}, {cin}, 3, 3) and "
-                             f"({n}, {cout}), got {sw.dtype} {sw.shape} and {sb.dtype} {sb.shape}")
-        fold_tiles((gw_part, sw.reshape(n, cout * cin * 9)), (gb_part, sb))
-        return image_sums
-    sw = scratch("gw_image_sums", (n, cout * cin * 9), np.float64)
-    sb = scratch("gb_image_sums", (n, cout), np.float64)
     fold_tiles((gw_part, sw), (gb_part, sb))
+    if image_sums is not None:
+        return image_sums
     if out is None:
         gw_op, gw = output("gw", None, (cout, cin, 3, 3), gy)
         gb_op, gb = output("gb", None, (cout,), gy)
