@@ -10,6 +10,7 @@ import numpy as np
 from numba import cuda, float32
 
 from cryokern import kernels as K
+from cryokern.kernels import loss
 from cryokern.kernels.graph import _Graph
 from step import event_times
 
@@ -111,6 +112,8 @@ def cases(n, s, rng):
         ("mse loss + grad (sse on device)",
          lambda: K.sum_images(K.mse_loss_and_grad(o1, g1, p, out=x1, image_sums=sums)[0], sse),
          None, 3 * plane),
+        ("mse loss + grad, pixel pass alone",
+         lambda: loss._pixel_pass(*loss._operands(o1, g1), p, x1), None, 3 * plane),
         ("relu backward 16 ch", lambda: K.relu_backward(g16, a16, out=o16), None, 48 * plane),
         ("sgd momentum 16x16x3x3", lambda: K.sgd_update(wp, wg, wv, 0.01, momentum=0.9), None,
          5 * 4 * 2304),

@@ -126,7 +126,11 @@ def weights(n, s, rng):
         flops = 2 * n * s * s * cin * cout * 9
         default = conv.weights_variant(cin, cout)
         if cin * cout >= 64:
-            others = [V(128, 128, True, False, False), V(128, 128, True, True, False),
+            others = [V(128, 128, True, True, True, False, 2),     # all four warps of a
+                      V(128, None, True, True, True, False, 2),    # block hold chains
+                      V(128, None, False, True, True, False, 2),
+                      V(256, None, False, True, True, False, 1),
+                      V(128, 128, True, False, False), V(128, 128, True, True, False),
                       V(128, None, True, True, False), V(96, 128, True, True, True),
                       V(96, 128, True, True, False)]
         else:

@@ -107,6 +107,22 @@ WEIGHTS_VARIANTS = [conv.WeightsVariant(32, None, False, True, False),
 @pytest.mark.parametrize("shape", [(1, 16, 1, 17, 67), (1, 2, 3, 18, 66)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_backward_weights_variants(rng, shape, variant):
+    check_weights_variant(rng, shape, variant)
+
+
+@pytest.mark.parametrize("outputs", [2, 3, 6])
+def test_backward_weights_outputs_per_thread(rng, outputs):
+    """Output channels per chain-holding thread other than the automatic 4 or 1."""
+    check_weights_variant(rng, (1, 4, 6, 18, 66),
+                          conv.WeightsVariant(128, None, True, True, True, outputs=outputs))
+
+
+def test_backward_weights_outputs_must_divide_cout():
+    with pytest.raises(ValueError, match="do not divide"):
+        conv._weights_kernel(4, 6, conv.WeightsVariant(128, None, True, True, True, outputs=4))
+
+
+def check_weights_variant(rng, shape, variant):
     n, cin, cout, h, w = shape
     gy, x = randn(rng, n, cout, h, w), randn(rng, n, cin, h, w)
     th, tw = tile_grid(h, w)

@@ -247,35 +247,45 @@ class WeightsVariant(NamedTuple):
     and stores them to shared memory at the start of the next step.
     split_rows: three threads per (output group, input channel), one per kernel row, each
     holding 3 chains per output instead of 9: shorter chains of work per thread, 3 times the
-    threads (for the small layers, whose few chains leave most of a block idle)."""
+    threads (for the small layers, whose few chains leave most of a block idle).
+    outputs: output channels per chain-holding thread (a divisor of Cout), or None for 4
+    where Cout allows and there are at least 64 chains of 9 taps, else 1."""
     threads: int
     max_registers: Optional[int]
     precompute: bool
     unroll: bool
     prefetch: bool
     split_rows: bool = False
+    outputs: Optional[int] = None
 
 
 def weights_variant(cin, cout):
     """The fastest of bench/tune_conv.py's variants (H100, 2026-11-26, 4 x 1024^2, graph
-    replays of the kernel alone, ms). 16 -> 16: 128 threads capped at 128 registers (left
-    alone, ptxas takes 168 and fewer blocks fit an SM: 1.034), addresses precomputed,
-    full-width rows written out, the next row's loads in flight: 0.772 (without prefetch
-    0.819, rolled 0.985; before unsigned indices 1.38 and 1.78). Layers with one channel on
-    a side (fewer than 64 chains of 9 taps per tile, most of a block idle): each kernel row's
+    replays of the kernel alone, ms). 16 -> 16: two output channels per thread, so that 128
+    threads (four warps: every scheduler of the SM gets chain holders) hold chains and a
+    fifth warp the bias chains; capped at 128 registers, addresses precomputed, full-width
+    rows written out, the next row's loads in flight: 0.675 (uncapped 144 registers 0.752;
+    four output channels per thread, two warps of chain holders: 0.772, uncapped 1.034,
+    without prefetch 0.819, rolled 0.985; one channel per thread 0.832). Wider layers keep
+    four per thread where two would need more threads than 128 registers each allow (512).
+    Layers with one channel on a side (fewer than 64 chains of 9 taps per tile, most of a block idle): each kernel row's
     chains on a thread of its own, rows written out, the next row's loads in flight, 64
     threads: 1 -> 16 0.153, 16 -> 1 0.186 (the same with 9 chains per thread: 0.167 and 0.266;
     with addresses precomputed: 0.171 and 0.202)."""
     if cin * cout >= 64:
-        return WeightsVariant(128, 128, True, True, True)
+        two = cout % 2 == 0 and cout // 2 * cin + cout <= 512
+        return WeightsVariant(128, 128, True, True, True, outputs=2 if two else None)
     return WeightsVariant(64, None, False, True, True, True)
 
 
 @lru_cache(maxsize=None)
 def _weights_kernel(cin, cout, variant):
     """Numerics section 4a, generated: (kernel, threads per block)."""
-    threads, max_registers, precompute, unroll, prefetch, split = variant
-    go = 4 if cout % 4 == 0 and cin * cout >= 64 else 1
+    threads, max_registers, precompute, unroll, prefetch, split, go = variant
+    if go is None:
+        go = 4 if cout % 4 == 0 and cin * cout >= 64 else 1
+    if cout % go:
+        raise ValueError(f"{go} output channels per thread do not divide {cout}")
     held = 1 if split else 3            # kernel rows whose chains a thread holds
     workers = cout // go * cin * (3 // held)   # threads that hold chains; the rest only stage
     threads = max(threads, -(-(workers + cout) // 32) * 32)

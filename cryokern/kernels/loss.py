@@ -49,14 +49,19 @@ def _loss_kernel(pred, target, scale, grad, partials, channels, height, width, t
     tid = cuda.threadIdx.x
     col = tid % TILE_W
     first = nc * height * width + (r0 + tid // TILE_W) * width + c0 + col
+    # all loads before any store: grad may be pred, so the compiler cannot move a load above
+    # an earlier store, and a loop of load-store pairs waited for memory once per pair
+    d = cuda.local.array(PER_THREAD, float32)
+    for k in range(PER_THREAD):
+        if tid // TILE_W + k * ROWS_PER_ROUND < rows and col < cols:
+            i = uint64(first + k * ROWS_PER_ROUND * width)
+            d[k] = pred[i] - target[i]
     for k in range(PER_THREAD):
         r = tid // TILE_W + k * ROWS_PER_ROUND
         if r < rows and col < cols:
-            i = first + k * ROWS_PER_ROUND * width
-            d = pred[uint64(i)] - target[uint64(i)]
-            ds[uint64(r * cols + col)] = d
+            ds[uint64(r * cols + col)] = d[k]
             if write_grad:
-                grad[uint64(i)] = d * scale
+                grad[uint64(first + k * ROWS_PER_ROUND * width)] = d[k] * scale
     cuda.syncthreads()
     if tid != 0:
         return
@@ -87,7 +92,9 @@ def _operands(pred, target):
     return pred, target
 
 
-def _sse_and_grad(pred, target, count, out, image_sums=None):
+def _pixel_pass(pred, target, count, out):
+    """The pass over the pixels (the gradient only with a count): (tile partials, out operand,
+    gradient array). Apart from the folds so that bench/kernels.py can time it alone."""
     n, ch, h, w = pred.shape
     th, tw = tile_grid(h, w)
     partials = scratch("loss_part", (n, ch * th * tw, 1), np.float32)
@@ -98,6 +105,13 @@ def _sse_and_grad(pred, target, count, out, image_sums=None):
     _loss_kernel[(th * tw, n * ch), LOSS_THREADS, launch_stream()](
         pred.device.reshape(size), target.device.reshape(size), scale, grad.reshape(grad.size),
         partials, ch, h, w, tw, write_grad)
+    return partials, out_op, grad
+
+
+def _sse_and_grad(pred, target, count, out, image_sums=None):
+    n = pred.shape[0]
+    write_grad = count is not None
+    partials, out_op, grad = _pixel_pass(pred, target, count, out)
     if image_sums is not None:
         sums = as_device_array(image_sums)
         if sums.shape != (n,) or sums.dtype != np.float64:
