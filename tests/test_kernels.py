@@ -136,7 +136,12 @@ def check_weights_variant(rng, shape, variant):
     assert same_bits(got_gw, want_gw) and same_bits(got_gb, want_gb)
 
 
-@pytest.mark.parametrize("shape", cases([(4, 1, 1, 1024, 1024), (3, 1, 1, 997, 1013)]))
+# planes of 3 x 3 tiles, edge tiles among them, in three channels
+LOSS_SMALL = SMALL + [(2, 3, 1, 35, 130)]
+
+
+@pytest.mark.parametrize("shape", cases([(4, 1, 1, 1024, 1024), (3, 1, 1, 997, 1013)],
+                                        LOSS_SMALL))
 def test_loss_and_grad(rng, shape):
     n, c, _, h, w = shape
     pred, target = randn(rng, n, c, h, w), randn(rng, n, c, h, w)
@@ -163,7 +168,8 @@ def test_loss_gradient_may_write_over_the_prediction(rng, shape):
     assert sse == want_sse and same_bits(pred, want)
 
 
-@pytest.mark.parametrize("shape", cases([(4, 1, 1, 1024, 1024)], [(2, 1, 1, 20, 70)]))
+@pytest.mark.parametrize("shape", cases([(4, 1, 1, 1024, 1024)], [(2, 1, 1, 20, 70),
+                                                                   (2, 3, 1, 35, 130)]))
 def test_loss_may_stay_on_the_device(rng, shape):
     """With image_sums the float64 sums stay on the device; sum_images folds them into a
     device scalar: the SSE, never returned to the host, as the training step uses it."""

@@ -268,10 +268,10 @@ def weights_variant(cin, cout):
     four output channels per thread, two warps of chain holders: 0.772, uncapped 1.034,
     without prefetch 0.819, rolled 0.985; one channel per thread 0.832). Wider layers keep
     four per thread where two would need more threads than 128 registers each allow (512).
-    Layers with one channel on a side (fewer than 64 chains of 9 taps per tile, most of a block idle): each kernel row's
-    chains on a thread of its own, rows written out, the next row's loads in flight, 64
-    threads: 1 -> 16 0.153, 16 -> 1 0.186 (the same with 9 chains per thread: 0.167 and 0.266;
-    with addresses precomputed: 0.171 and 0.202)."""
+    Layers with one channel on a side (fewer than 64 chains of 9 taps per tile, most of a
+    block idle): each kernel row's chains on a thread of its own, rows written out, the next
+    row's loads in flight, 64 threads: 1 -> 16 0.153, 16 -> 1 0.186 (the same with 9 chains
+    per thread: 0.167 and 0.266; with addresses precomputed: 0.171 and 0.202)."""
     if cin * cout >= 64:
         two = cout % 2 == 0 and cout // 2 * cin + cout <= 512
         return WeightsVariant(128, 128, True, True, True, outputs=2 if two else None)
