@@ -126,8 +126,9 @@ def weights(n, s, rng):
         flops = 2 * n * s * s * cin * cout * 9
         default = conv.weights_variant(cin, cout)
         if cin * cout >= 64:
-            others = [V(128, 128, True, True, True, False, 2),     # all four warps of a
-                      V(128, None, True, True, True, False, 2),    # block hold chains
+            others = [V(128, 128, True, True, True),      # 4 outputs: 2 warps hold chains
+                      V(128, 96, True, True, True, False, 2),     # 2 outputs: 4 warps
+                      V(128, None, True, True, True, False, 2),
                       V(128, None, False, True, True, False, 2),
                       V(256, None, False, True, True, False, 1),
                       V(128, 128, True, False, False), V(128, 128, True, True, False),
