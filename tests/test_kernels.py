@@ -186,6 +186,19 @@ def test_loss_may_stay_on_the_device(rng, shape):
     assert got is host_sums and R.sum_images(host_sums, host_total)[0] == want_sse
 
 
+def test_loss_refuses_bad_image_sums_before_writing_over_the_prediction(rng):
+    pred, target = randn(rng, 2, 1, 20, 70), randn(rng, 2, 1, 20, 70)
+    shared = cuda.to_device(pred)
+    with pytest.raises(ValueError, match="image_sums must be float64"):
+        K.mse_loss_and_grad(shared, cuda.to_device(target), pred.size, out=shared,
+                            image_sums=cuda.device_array(3, np.float64))
+    assert same_bits(shared, pred)
+    kept = pred.copy()
+    with pytest.raises(ValueError):
+        R.mse_loss_and_grad(kept, target, pred.size, out=kept, image_sums=np.zeros(3))
+    assert same_bits(kept, pred)
+
+
 @pytest.mark.parametrize("shape", cases([(4, 16, 16, 1024, 1024)], [(3, 2, 3, 20, 70)]))
 def test_per_image_sums_in_two_calls_equal_one_call(rng, shape):
     """image_sums leaves each image's float64 sums; sum_images over them gives the bits of a

@@ -273,8 +273,9 @@ def weights_variant(cin, cout):
     row's loads in flight, 64 threads: 1 -> 16 0.153, 16 -> 1 0.186 (the same with 9 chains
     per thread: 0.167 and 0.266; with addresses precomputed: 0.171 and 0.202)."""
     if cin * cout >= 64:
-        two = cout % 2 == 0 and cout // 2 * cin + cout <= 512
-        return WeightsVariant(128, 128, True, True, True, outputs=2 if two else None)
+        cap = 128     # two outputs per thread only while the block's threads fit 64K registers
+        two = cout % 2 == 0 and cout // 2 * cin + cout <= 65536 // cap
+        return WeightsVariant(128, cap, True, True, True, outputs=2 if two else None)
     return WeightsVariant(64, None, False, True, True, True)
 
 

@@ -47,21 +47,23 @@ def _loss_kernel(pred, target, scale, grad, partials, channels, height, width, t
     cols = min(TILE_W, width - c0)
     ds = cuda.shared.array(TILE_SIZE, float32)
     tid = cuda.threadIdx.x
+    row = tid // TILE_W              # the thread's pixels: rows row + k * ROWS_PER_ROUND
     col = tid % TILE_W
-    first = nc * height * width + (r0 + tid // TILE_W) * width + c0 + col
+    first = nc * height * width + (r0 + row) * width + c0 + col
+    step = ROWS_PER_ROUND * width
     # all loads before any store: grad may be pred, so the compiler cannot move a load above
     # an earlier store, and a loop of load-store pairs waited for memory once per pair
     d = cuda.local.array(PER_THREAD, float32)
     for k in range(PER_THREAD):
-        if tid // TILE_W + k * ROWS_PER_ROUND < rows and col < cols:
-            i = uint64(first + k * ROWS_PER_ROUND * width)
+        if row + k * ROWS_PER_ROUND < rows and col < cols:
+            i = uint64(first + k * step)
             d[k] = pred[i] - target[i]
     for k in range(PER_THREAD):
-        r = tid // TILE_W + k * ROWS_PER_ROUND
+        r = row + k * ROWS_PER_ROUND
         if r < rows and col < cols:
             ds[uint64(r * cols + col)] = d[k]
             if write_grad:
-                grad[uint64(first + k * ROWS_PER_ROUND * width)] = d[k] * scale
+                grad[uint64(first + k * step)] = d[k] * scale
     cuda.syncthreads()
     if tid != 0:
         return
@@ -110,19 +112,19 @@ def _pixel_pass(pred, target, count, out):
 
 def _sse_and_grad(pred, target, count, out, image_sums=None):
     n = pred.shape[0]
-    write_grad = count is not None
-    partials, out_op, grad = _pixel_pass(pred, target, count, out)
-    if image_sums is not None:
+    if image_sums is not None:      # checked before the pass, which may write over pred
         sums = as_device_array(image_sums)
         if sums.shape != (n,) or sums.dtype != np.float64:
             raise ValueError(f"image_sums must be float64 ({n},), got {sums.dtype} {sums.shape}")
+    partials, out_op, grad = _pixel_pass(pred, target, count, out)
+    if image_sums is not None:
         fold_tiles((partials, sums.reshape(n, 1)))
         sse = image_sums
     else:
         total = scratch("loss_total", (1,), np.float64)
         fold_partials(partials, out64=total)
         sse = float(total.copy_to_host()[0])
-    return sse, (result(out_op, grad, pred) if write_grad else None)
+    return sse, (None if count is None else result(out_op, grad, pred))
 
 
 def mse_loss(pred, target):
