@@ -27,7 +27,7 @@ FORWARD_SIG = (F32, types.float32[:, :, :, ::1], F32, F32, F32, types.int64, typ
 WEIGHTS_SIG = (F32, F32, types.float32[:, :, ::1], types.float32[:, :, ::1], types.int64,
                types.int64, types.int64)
 LOSS_SIG = (F32, F32, types.float32, F32, types.float32[:, :, ::1], types.int64, types.int64,
-            types.int64, types.int64, types.boolean)
+            types.int64, types.int64, types.int64, types.int64, types.boolean)
 FOLD_SIG = (F32, types.float64[:, ::1], F32, types.float64[:, ::1], types.int64, types.int64)
 INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,6})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
 
@@ -46,7 +46,7 @@ def kernels():
         variant = conv.weights_variant(cin, cout)
         kernel = conv._weights_kernel(cin, cout, variant)[0]
         yield f"weights {cin}->{cout}", kernel.py_func, WEIGHTS_SIG, variant.max_registers
-    yield "loss", loss._loss_kernel.py_func, LOSS_SIG, None
+    yield "loss", loss._loss_kernel().py_func, LOSS_SIG, None
     yield "fold tiles (32, 16)", reduce._fold_tiles((32, 16)).py_func, FOLD_SIG, None
 
 

@@ -2,6 +2,8 @@
 
 Outputs are poisoned with NaN before each launch, so an element the kernel never wrote fails.
 """
+import math
+
 import numpy as np
 import pytest
 from numba import cuda
@@ -136,8 +138,9 @@ def check_weights_variant(rng, shape, variant):
     assert same_bits(got_gw, want_gw) and same_bits(got_gb, want_gb)
 
 
-# planes of 3 x 3 tiles, edge tiles among them, in three channels
-LOSS_SMALL = SMALL + [(2, 3, 1, 35, 130)]
+# planes of 3 x 3 tiles, edge tiles among them, in three channels; and of 5 tiles across, two
+# items of one band (four tiles a warp), the second holding one partial tile
+LOSS_SMALL = SMALL + [(2, 3, 1, 35, 130), (1, 2, 1, 33, 300)]
 
 
 @pytest.mark.parametrize("shape", cases([(4, 1, 1, 1024, 1024), (3, 1, 1, 997, 1013)],
@@ -307,6 +310,24 @@ def test_fold_tiles(rng, shape):
     got = got.copy_to_host()
     assert np.signbit(got[0, 0])
     assert np.array_equal(got.view(np.uint64), _left_fold_over_tiles(partials).view(np.uint64))
+
+
+@pytest.mark.parametrize("values", [
+    (2.0 ** 53, 1.0, -1.0),        # the chain rounds 2^53 + 1 (a tree would not): the chain
+    (2.0 ** 50, 1.0, -1.0),        # 52 - ceil(log2 3) = 50 bits: no sum can round, a tree
+    (2.0 ** 51, 1.0, -1.0),        # 51 bits: one could, so the chain
+    (np.inf, 1.0, -1.0), (np.nan, 1.0, 2.0),
+    (1e-45, 3e-45, 1.0)])          # subnormals, counted as wide as the smallest normal
+def test_fold_tiles_adds_in_another_order_only_where_nothing_rounds(values):
+    """The fold adds in a tree only where no addition of the chain can round, and runs the
+    chain otherwise: each case gives the chain's bits. In the first, the orders differ."""
+    partials = np.array(values, np.float32).reshape(1, len(values), 1)
+    got = cuda.to_device(np.full((1, 1), 0.5))
+    fold_tiles((cuda.to_device(partials), got))
+    want = _left_fold_over_tiles(partials)
+    assert np.array_equal(got.copy_to_host().view(np.uint64), want.view(np.uint64))
+    if values[0] == 2.0 ** 53:
+        assert want[0, 0] != math.fsum(values)     # the exact sum: the case tells orders apart
 
 
 def test_fold_tiles_jobs_in_one_launch(rng):

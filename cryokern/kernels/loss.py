@@ -1,90 +1,118 @@
 """MSE loss (float64 SSE, numerics §4b) and its gradient (§5), fused in one pass over pixels."""
+from functools import lru_cache
+
 import numpy as np
-from numba import cuda, float32, uint64
+from numba import cuda
 
 from ..contract import TILE_H, TILE_W, mse_grad_scale, tile_grid
 from .arrays import (Operand, as_device_array, launch_stream, output, placeholder, result,
                      scratch)
+from .codegen import Source, load_module
 from .reduce import fold_partials, fold_tiles
 
 
-LOSS_THREADS = 128   # 16 blocks, so 16 tiles' chains, per SM (was 256; 64 no faster, v13)
-TILE_SIZE = TILE_H * TILE_W          # a plain int here: numba needs a constant shared shape
-PER_THREAD = TILE_SIZE // LOSS_THREADS
-ROWS_PER_ROUND = LOSS_THREADS // TILE_W
+TILES_PER_WARP = 4     # side by side in one band: the warp's lanes 0..3 run their chains
+AHEAD = 2              # rows whose loads are in flight while the warp works on a row
+CHAIN_GROUP = 8        # shared-memory loads issued before their fmas, in a full tile row
+ROW_PAD = 4            # floats after each tile row in shared memory: the chain lanes' loads
+                       # fall in different banks, and stay 16-byte aligned (LDS.128)
+LANES = 32
 
 
-@cuda.jit(device=True, inline="always")
-def _squares_into(acc, d0, d1, d2, d3, d4, d5, d6, d7):
-    """Eight links of the tile's chain: acc = fma(d, d, acc), in order."""
-    acc = cuda.fma(d0, d0, acc)
-    acc = cuda.fma(d1, d1, acc)
-    acc = cuda.fma(d2, d2, acc)
-    acc = cuda.fma(d3, d3, acc)
-    acc = cuda.fma(d4, d4, acc)
-    acc = cuda.fma(d5, d5, acc)
-    acc = cuda.fma(d6, d6, acc)
-    return cuda.fma(d7, d7, acc)
+@lru_cache(maxsize=None)
+def _loss_kernel(tiles=TILES_PER_WARP, ahead=AHEAD):
+    """The pass over the pixels: one warp (a block of 32 threads) per item, the `tiles` tiles
+    side by side in one band of one plane. Generated.
 
+    Why so: a tile's chain (1024 dependent fmas, 4 cycles each) is the slowest path, and
+    memory must never wait for it. The warp streams the band's rows, each row's loads issued
+    `ahead` rows before it is used; each row's differences (and gradient) go out coalesced
+    and into shared memory, tile by tile; then lanes 0..tiles-1 each add their tile's part of
+    the row to their chain. So a lane's chain runs while the next rows load, one fma
+    instruction serves `tiles` tiles, and no block-wide barrier holds other warps: a block
+    is one warp, whose barrier is all the synchronisation needed (and which the simulator
+    runs; it has no syncwarp). Rows in shared memory alternate between two slots; a slot is
+    written again only after the barrier that follows its chains.
 
-@cuda.jit(cache=True)
-def _loss_kernel(pred, target, scale, grad, partials, channels, height, width, tiles_w,
-                 write_grad):
-    """One block per (image, plane, tile). Its threads compute the differences (and gradient)
-    in parallel into shared memory, packed row-major over the tile's in-image pixels; then one
-    thread runs the tile's chain of fma(d, d, acc) over them, the next eight values loaded
-    while the current eight are added (the chain, not memory, was the limit: 4 cycles per
-    fma against a shared-memory latency each eight). The planes are indexed flat (4-D
-    indexing made the kernel issue-bound on integer work, ncu); indices are uint64 (no
-    wrap-around, codegen.py)."""
-    t = cuda.blockIdx.x
-    nc = cuda.blockIdx.y
-    n = nc // channels
-    c = nc % channels
-    r0 = (t // tiles_w) * TILE_H
-    c0 = (t % tiles_w) * TILE_W
-    rows = min(TILE_H, height - r0)
-    cols = min(TILE_W, width - c0)
-    ds = cuda.shared.array(TILE_SIZE, float32)
-    tid = cuda.threadIdx.x
-    row = tid // TILE_W              # the thread's pixels: rows row + k * ROWS_PER_ROUND
-    col = tid % TILE_W
-    first = nc * height * width + (r0 + row) * width + c0 + col
-    step = ROWS_PER_ROUND * width
-    # all loads before any store: grad may be pred, so the compiler cannot move a load above
-    # an earlier store, and a loop of load-store pairs waited for memory once per pair
-    d = cuda.local.array(PER_THREAD, float32)
-    for k in range(PER_THREAD):
-        if row + k * ROWS_PER_ROUND < rows and col < cols:
-            i = uint64(first + k * step)
-            d[k] = pred[i] - target[i]
-    for k in range(PER_THREAD):
-        r = row + k * ROWS_PER_ROUND
-        if r < rows and col < cols:
-            ds[uint64(r * cols + col)] = d[k]
-            if write_grad:
-                grad[uint64(first + k * step)] = d[k] * scale
-    cuda.syncthreads()
-    if tid != 0:
-        return
-    total = rows * cols
-    groups = total // 8
-    acc = float32(0)
-    if groups > 0:
-        d0, d1, d2, d3 = ds[uint64(0)], ds[uint64(1)], ds[uint64(2)], ds[uint64(3)]
-        d4, d5, d6, d7 = ds[uint64(4)], ds[uint64(5)], ds[uint64(6)], ds[uint64(7)]
-        for g in range(1, groups):
-            i = uint64(g * 8)
-            e0, e1, e2, e3 = ds[i], ds[i + uint64(1)], ds[i + uint64(2)], ds[i + uint64(3)]
-            e4, e5, e6, e7 = ds[i + uint64(4)], ds[i + uint64(5)], ds[i + uint64(6)], \
-                ds[i + uint64(7)]
-            acc = _squares_into(acc, d0, d1, d2, d3, d4, d5, d6, d7)
-            d0, d1, d2, d3, d4, d5, d6, d7 = e0, e1, e2, e3, e4, e5, e6, e7
-        acc = _squares_into(acc, d0, d1, d2, d3, d4, d5, d6, d7)
-    for i in range(groups * 8, total):
-        d0 = ds[uint64(i)]
-        acc = cuda.fma(d0, d0, acc)
-    partials[n, c * (partials.shape[1] // channels) + t, 0] = acc
+    An earlier kernel (v21) staged a whole tile per 128-thread block and ran its chain on one
+    thread after the block's loads: memory then stood idle while the chains ran."""
+    columns = tiles * TILE_W
+    per_lane = columns // LANES
+    stride = TILE_W + ROW_PAD                  # a tile row in shared memory
+    slot = tiles * stride                      # a row of the item in shared memory
+    src = Source().kernel("pred, target, scale, grad, partials, channels, height, width, "
+                          "tiles_w, groups, bands, write_grad")
+    src("item = cuda.blockIdx.x")
+    src("lane = cuda.threadIdx.x")
+    src("group = item % groups")
+    src("band = (item // groups) % bands")
+    src("plane = item // (groups * bands)")
+    src(f"rows = min({TILE_H}, height - band * {TILE_H})")
+    src(f"cols = min({columns}, width - group * {columns})")
+    src(f"buf = cuda.shared.array({2 * slot}, float32)")
+    src(f"first = uint64((plane * height + band * {TILE_H}) * width + group * {columns} + lane)")
+    src("step = uint64(width)")
+    for i in range(per_lane):
+        src(f"ok{i} = lane + {LANES * i} < cols")
+    src(f"chain_cols = min({TILE_W}, cols - {TILE_W} * lane) if lane < {tiles} else 0")
+    src("acc = float32(0)")
+
+    def load(rows_from, regs):
+        for j in range(ahead):
+            src(f"at = first + uint64({rows_from} + {j}) * step")
+            src(f"live = {rows_from} + {j} < rows")
+            for i in range(per_lane):
+                for name, array in (("p", "pred"), ("t", "target")):
+                    src(f"{regs}{name}{j}_{i} = {array}[at + uint64({LANES * i})] "
+                        f"if live and ok{i} else float32(0)")
+
+    load("0", "cur")
+    src(f"for r in range(0, {TILE_H}, {ahead}):").indent()
+    load(f"r + {ahead}", "nxt")
+    for j in range(ahead):
+        src(f"base = uint64((r + {j}) % 2 * {slot})")
+        src(f"if r + {j} < rows:").indent()
+        src(f"at = first + uint64(r + {j}) * step")
+        for i in range(per_lane):
+            spot = (LANES * i) // TILE_W * stride + (LANES * i) % TILE_W
+            src(f"d = curp{j}_{i} - curt{j}_{i}")
+            src(f"if ok{i}:").indent()
+            src(f"buf[base + uint64({spot}) + uint64(lane)] = d")
+            src("if write_grad:").indent()
+            src(f"grad[at + uint64({LANES * i})] = d * scale").dedent().dedent()
+        src.dedent()
+        src("cuda.syncthreads()")
+        src(f"if r + {j} < rows and chain_cols > 0:").indent()
+        src(f"row = base + uint64(lane * {stride})")
+        src(f"if chain_cols == {TILE_W}:").indent()     # a full row, eight loads ahead
+        group = range(CHAIN_GROUP)
+        src(", ".join(f"a{u}" for u in group) + " = " +
+            ", ".join(f"buf[row + uint64({u})]" for u in group))
+        src(f"for k in range({CHAIN_GROUP}, {TILE_W}, {CHAIN_GROUP}):").indent()
+        src(", ".join(f"b{u}" for u in group) + " = " +
+            ", ".join(f"buf[row + uint64(k + {u})]" for u in group))
+        for u in group:
+            src(f"acc = cuda.fma(a{u}, a{u}, acc)")
+        src(", ".join(f"a{u}" for u in group) + " = " + ", ".join(f"b{u}" for u in group))
+        src.dedent()
+        for u in group:
+            src(f"acc = cuda.fma(a{u}, a{u}, acc)")
+        src.dedent()
+        src("else:").indent()
+        src("for k in range(chain_cols):").indent()
+        src("v = buf[row + uint64(k)]")
+        src("acc = cuda.fma(v, v, acc)").dedent().dedent().dedent()
+    for j in range(ahead):
+        for i in range(per_lane):
+            for name in "pt":
+                src(f"cur{name}{j}_{i} = nxt{name}{j}_{i}")
+    src.dedent()
+    src("if chain_cols > 0:").indent()
+    src("n = plane // channels")
+    src(f"tile = (plane % channels) * (partials.shape[1] // channels) + band * tiles_w "
+        f"+ group * {tiles} + lane")
+    src("partials[uint64(n), uint64(tile), uint64(0)] = acc")
+    return load_module(f"loss_{tiles}_{ahead}", src.text()).kernel
 
 
 def _operands(pred, target):
@@ -94,9 +122,10 @@ def _operands(pred, target):
     return pred, target
 
 
-def _pixel_pass(pred, target, count, out):
+def _pixel_pass(pred, target, count, out, tiles=TILES_PER_WARP, ahead=AHEAD):
     """The pass over the pixels (the gradient only with a count): (tile partials, out operand,
-    gradient array). Apart from the folds so that bench/kernels.py can time it alone."""
+    gradient array). Apart from the folds so that bench/kernels.py can time it alone (and
+    other tiles per warp or rows ahead)."""
     n, ch, h, w = pred.shape
     th, tw = tile_grid(h, w)
     partials = scratch("loss_part", (n, ch * th * tw, 1), np.float32)
@@ -104,9 +133,10 @@ def _pixel_pass(pred, target, count, out):
     out_op, grad = output("out", out, pred.shape, pred) if write_grad else (None, placeholder(1))
     scale = mse_grad_scale(count) if write_grad else np.float32(0)
     size = n * ch * h * w
-    _loss_kernel[(th * tw, n * ch), LOSS_THREADS, launch_stream()](
+    groups = -(-tw // tiles)
+    _loss_kernel(tiles, ahead)[n * ch * th * groups, LANES, launch_stream()](
         pred.device.reshape(size), target.device.reshape(size), scale, grad.reshape(grad.size),
-        partials, ch, h, w, tw, write_grad)
+        partials, ch, h, w, tw, groups, th, write_grad)
     return partials, out_op, grad
 
 

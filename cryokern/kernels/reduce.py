@@ -26,45 +26,103 @@ def _round(kc):
 
 @lru_cache(maxsize=None)
 def _fold_tiles(kcs):
-    """Step 3 for several jobs (partials, per_image) in one launch: job j's outputs in blocks
-    of kcs[j] chains (blockIdx.x counts the jobs' blocks in turn from start_j), blockIdx.y the
-    image. Generated.
+    """Step 3 for several jobs (partials, bits, per_image) in one launch: job j's outputs in
+    blocks of kcs[j] chains (blockIdx.x counts the jobs' blocks in turn from start_j),
+    blockIdx.y the image. Generated.
 
-    Why so: each output's fold is a chain of T dependent float64 additions that no schedule
-    may shorten, so a fold lasts at least T addition latencies however few partials it reads
-    (the loss's 4 chains of 1024 took 12.6 us, ncu, H200); launched one after another, a
-    layer's weight and bias folds paid that twice. A round: all the block's threads load
-    _round(kc) tiles x kc outputs (kc divides the block, so each thread's loads share one
-    output and step through the tiles by one address increment), then, with the next round's
-    loads in flight, kc threads add this round's in tile order; a full round is written out,
-    so that ptxas can issue the shared-memory loads ahead of the additions."""
-    params = [f"partials{j}, per_image{j}" for j in range(len(kcs))]
+    Why so: each output's fold is a chain of T dependent float64 additions, ~11 ns each on an
+    H100 (v22), so the loss's 4 chains of 1024 took 12 us however few partials they read. A
+    block first adds its outputs' partials in a tree (_exact_pass), and keeps that sum where
+    no addition of the chain could have rounded; only otherwise does it run the chain
+    (_fold_job), rounds of _round(kc) tiles x kc outputs: all the block's threads load them
+    (kc divides the block, so each thread's loads share one output and step through the tiles
+    by one address increment), then, with the next round's loads in flight, kc threads add
+    this round's in tile order; a full round is written out, so that ptxas can issue the
+    shared-memory loads ahead of the additions."""
+    params = [f"partials{j}, bits{j}, per_image{j}" for j in range(len(kcs))]
     params += [f"start{j}" for j in range(1, len(kcs))]
-    src = Source().kernel(", ".join(params + ["tiles"]))
+    src = Source().kernel(", ".join(params + ["tiles", "span"]))
     src("n = cuda.blockIdx.y")
     src("b = cuda.blockIdx.x")
     src("tid = cuda.threadIdx.x")
     src(f"buf = cuda.shared.array({max(_round(kc) * kc for kc in kcs)}, float32)")
+    src(f"sums = cuda.shared.array({FOLD_THREADS}, float64)")
+    src(f"tops = cuda.shared.array({FOLD_THREADS}, float32)")     # small integers, exact
+    src(f"lows = cuda.shared.array({FOLD_THREADS}, float32)")
     for j, kc in enumerate(kcs):
         if len(kcs) > 1:
             src(f"if b < start{j + 1}:" if j == 0 else
                 f"elif b < start{j + 1}:" if j + 1 < len(kcs) else "else:").indent()
-        _fold_job(src, j, kc)
+        src(f"partials, bits, per_image = partials{j}, bits{j}, per_image{j}")
+        src("outputs = per_image.shape[1]")
+        src(f"k = {f'(b - start{j})' if j else 'b'} * {kc} + tid % {kc}")
+        src("live = k < outputs")
+        src(f"row = tid // {kc}")
+        _exact_pass(src, kc)
+        src("if not exact:").indent()
+        _fold_job(src, kc)
+        src.dedent()
         if len(kcs) > 1:
             src.dedent()
     return load_module(f"fold_tiles_{'_'.join(map(str, kcs))}", src.text()).kernel
 
 
-def _fold_job(src, j, kc):
-    """Job j's fold into the kernel being written: its block b - start_j, image n."""
+def _exact_pass(src, kc):
+    """Numerics §4 step 3's fast path into the kernel being written: sets `exact` and, where
+    it is true, has written the block's outputs.
+
+    Why it gives the chain's bits: float32 partials are multiples of 2^low (the lowest set
+    bit among them) and below 2^(top+1) in magnitude; a sum of any T of them is a multiple of
+    2^low below 2^(top + 1 + ceil(log2 T)). Where that is at most 2^(low + 53), every sum is
+    a float64 (an integer below 2^53 times 2^low), so no addition rounds, in the chain's order
+    or any other, and all orders give the exact sum. -0.0 starts each partial sum: it is the
+    identity of float64 addition (a chain of -0.0 partials stays -0.0, as the chain does).
+    A non-finite partial, or a range wider than `span` = 52 - ceil(log2 T), takes the chain.
+    A subnormal counts its top as the smallest normal's: wider, so never wrongly exact."""
+    step = FOLD_THREADS // kc
+    src("total = float64(-0.0)")
+    src("top = -1000")       # no nonzero partial yet
+    src("low = 1000")
+    src("if live:").indent()
+    src("address = uint64((n * tiles + row) * outputs + k)")
+    src(f"for t in range(row, tiles, {step}):").indent()
+    src("word = int(bits[address])")
+    src("e = (word >> 23) & 255")
+    src("m = word & 8388607")
+    src("if e == 255:").indent()
+    src("top = 1000").dedent()            # inf or nan: never exact
+    src("elif e > 0:").indent()
+    src("m = m | 8388608").dedent()
+    src("else:").indent()
+    src("e = 1").dedent()
+    src("if m != 0:").indent()
+    src("low = min(low, e - 151 + cuda.ffs(m))")
+    src("top = max(top, e - 127)").dedent()
+    src("total = total + float64(partials[address])")
+    src(f"address += uint64({step} * outputs)").dedent().dedent()
+    src("sums[tid] = total")
+    src("tops[tid] = top")
+    src("lows[tid] = low")
+    half = FOLD_THREADS // 2
+    while half >= kc:
+        src("cuda.syncthreads()")
+        src(f"if tid < {half}:").indent()
+        src(f"sums[tid] = sums[tid] + sums[tid + {half}]")
+        src(f"tops[tid] = max(tops[tid], tops[tid + {half}])")
+        src(f"lows[tid] = min(lows[tid], lows[tid + {half}])").dedent()
+        half //= 2
+    src(f"exact = cuda.syncthreads_and(tid >= {kc} or not live or "
+        f"tops[tid] - lows[tid] <= span)")
+    src(f"if exact and tid < {kc} and live:").indent()
+    src("per_image[uint64(n), uint64(k)] = sums[tid]").dedent()
+
+
+def _fold_job(src, kc):
+    """The chain of numerics §4 step 3 into the kernel being written, for the outputs k of
+    image n."""
     tiles_per_round = _round(kc)
     per_thread = tiles_per_round * kc // FOLD_THREADS   # loads per thread per round
     step = FOLD_THREADS // kc                           # tiles between a thread's loads
-    src(f"partials, per_image = partials{j}, per_image{j}")
-    src("outputs = per_image.shape[1]")
-    src(f"k = {f'(b - start{j})' if j else 'b'} * {kc} + tid % {kc}")
-    src("live = k < outputs")
-    src(f"row = tid // {kc}")
     src("address = uint64((n * tiles + row) * outputs + k)")
     src(f"stride = uint64({step} * outputs)")
 
@@ -141,9 +199,10 @@ def fold_tiles(*jobs):
                          f"{[(p.shape, s.shape) for p, s in jobs]}")
     kcs = tuple(_chains(p.shape[2]) for p, _ in jobs)
     starts = np.cumsum([-(-p.shape[2] // kc) for (p, _), kc in zip(jobs, kcs)]).tolist()
-    args = [a for p, s in jobs for a in (p.reshape(p.size), s)]
+    args = [a for p, s in jobs for a in (p.reshape(p.size), p.reshape(p.size).view(np.uint32), s)]
+    span = 52 - (tiles - 1).bit_length()      # 52 - ceil(log2 tiles): see _exact_pass
     _fold_tiles(kcs)[(starts[-1], n), FOLD_THREADS, launch_stream()](*args, *starts[:-1],
-                                                                       tiles)
+                                                                       tiles, span)
 
 
 def fold_images(per_image, out32=None, out64=None):
