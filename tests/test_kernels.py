@@ -138,8 +138,8 @@ def check_weights_variant(rng, shape, variant):
     assert same_bits(got_gw, want_gw) and same_bits(got_gb, want_gb)
 
 
-# planes of 3 x 3 tiles, edge tiles among them, in three channels; and of 5 tiles across, two
-# items of one band (four tiles a warp), the second holding one partial tile
+# planes of 3 x 3 tiles, edge tiles among them, in three channels; and of 5 tiles across, three
+# items of one band (two tiles a warp), the last holding one partial tile
 LOSS_SMALL = SMALL + [(2, 3, 1, 35, 130), (1, 2, 1, 33, 300)]
 
 

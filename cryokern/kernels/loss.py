@@ -11,7 +11,8 @@ from .codegen import Source, load_module
 from .reduce import fold_partials, fold_tiles
 
 
-TILES_PER_WARP = 4     # side by side in one band: the warp's lanes 0..3 run their chains
+TILES_PER_WARP = 2     # side by side in one band, their chains on lanes 0 and 1 (v22: 4 and 1
+                       # slower)
 AHEAD = 2              # rows whose loads are in flight while the warp works on a row
 CHAIN_GROUP = 8        # shared-memory loads issued before their fmas, in a full tile row
 ROW_PAD = 4            # floats after each tile row in shared memory: the chain lanes' loads

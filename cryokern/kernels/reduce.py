@@ -111,8 +111,8 @@ def _exact_pass(src, kc):
         src(f"tops[tid] = max(tops[tid], tops[tid + {half}])")
         src(f"lows[tid] = min(lows[tid], lows[tid + {half}])").dedent()
         half //= 2
-    src(f"exact = cuda.syncthreads_and(tid >= {kc} or not live or "
-        f"tops[tid] - lows[tid] <= span)")
+    src(f"exact = cuda.syncthreads_and(1 if tid >= {kc} or not live or "
+        f"tops[tid] - lows[tid] <= span else 0)")
     src(f"if exact and tid < {kc} and live:").indent()
     src("per_image[uint64(n), uint64(k)] = sums[tid]").dedent()
 
