@@ -32,9 +32,12 @@ def _fold_tiles(kcs):
 
     Why so: each output's fold is a chain of T dependent float64 additions, ~11 ns each on an
     H100 (v22), so the loss's 4 chains of 1024 took 12 us however few partials they read. A
-    block first adds its outputs' partials in a tree (_exact_pass), and keeps that sum where
-    no addition of the chain could have rounded; only otherwise does it run the chain
-    (_fold_job), rounds of _round(kc) tiles x kc outputs: all the block's threads load them
+    block of one output (the loss's, a bias of one channel) first adds its partials in a tree
+    (_exact_pass), and keeps that sum where no addition of the chain could have rounded. A
+    block of many outputs always runs the chains (_fold_job): weight-gradient partials of
+    both signs span wide ranges, so one of a block's 32 outputs mostly fails the test, and
+    the tree's pass (a load latency per 8 tiles) only adds to the chains' time (v22).
+    The chain: rounds of _round(kc) tiles x kc outputs: all the block's threads load them
     (kc divides the block, so each thread's loads share one output and step through the tiles
     by one address increment), then, with the next round's loads in flight, kc threads add
     this round's in tile order; a full round is written out, so that ptxas can issue the
@@ -46,9 +49,10 @@ def _fold_tiles(kcs):
     src("b = cuda.blockIdx.x")
     src("tid = cuda.threadIdx.x")
     src(f"buf = cuda.shared.array({max(_round(kc) * kc for kc in kcs)}, float32)")
-    src(f"sums = cuda.shared.array({FOLD_THREADS}, float64)")
-    src(f"tops = cuda.shared.array({FOLD_THREADS}, float32)")     # small integers, exact
-    src(f"lows = cuda.shared.array({FOLD_THREADS}, float32)")
+    if 1 in kcs:
+        src(f"sums = cuda.shared.array({FOLD_THREADS}, float64)")
+        src(f"tops = cuda.shared.array({FOLD_THREADS}, float32)")     # small integers, exact
+        src(f"lows = cuda.shared.array({FOLD_THREADS}, float32)")
     for j, kc in enumerate(kcs):
         if len(kcs) > 1:
             src(f"if b < start{j + 1}:" if j == 0 else
@@ -58,10 +62,12 @@ def _fold_tiles(kcs):
         src(f"k = {f'(b - start{j})' if j else 'b'} * {kc} + tid % {kc}")
         src("live = k < outputs")
         src(f"row = tid // {kc}")
-        _exact_pass(src, kc)
-        src("if not exact:").indent()
+        if kc == 1:
+            _exact_pass(src, kc)
+            src("if not exact:").indent()
         _fold_job(src, kc)
-        src.dedent()
+        if kc == 1:
+            src.dedent()
         if len(kcs) > 1:
             src.dedent()
     return load_module(f"fold_tiles_{'_'.join(map(str, kcs))}", src.text()).kernel
