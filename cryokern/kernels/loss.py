@@ -21,22 +21,23 @@ LANES = 32
 
 
 @lru_cache(maxsize=None)
-def _loss_kernel(tiles=TILES_PER_WARP, ahead=AHEAD):
-    """The pass over the pixels: one warp (a block of 32 threads) per item, the `tiles` tiles
-    side by side in one band of one plane. Generated.
+def _loss_kernel():
+    """The pass over the pixels: one warp (a block of 32 threads) per item, TILES_PER_WARP
+    tiles side by side in one band of one plane. Generated.
 
     Why so: a tile's chain (1024 dependent fmas, 4 cycles each) is the slowest path, and
-    memory must never wait for it. The warp streams the band's rows, each row's loads issued
-    `ahead` rows before it is used; each row's differences (and gradient) go out coalesced
-    and into shared memory, tile by tile; then lanes 0..tiles-1 each add their tile's part of
-    the row to their chain. So a lane's chain runs while the next rows load, one fma
-    instruction serves `tiles` tiles, and no block-wide barrier holds other warps: a block
+    memory must never wait for it. The warp streams the band's rows, AHEAD rows a turn, the
+    next turn's rows loading while it works on this turn's; each row's differences (and gradient) go out coalesced
+    and into shared memory, tile by tile; then the first TILES_PER_WARP lanes each add their
+    tile's part of the row to their chain. So a lane's chain runs while the next rows load,
+    one fma instruction serves every tile of the item, and no block-wide barrier holds other warps: a block
     is one warp, whose barrier is all the synchronisation needed (and which the simulator
     runs; it has no syncwarp). Rows in shared memory alternate between two slots; a slot is
     written again only after the barrier that follows its chains.
 
     An earlier kernel (v21) staged a whole tile per 128-thread block and ran its chain on one
     thread after the block's loads: memory then stood idle while the chains ran."""
+    tiles, ahead = TILES_PER_WARP, AHEAD
     columns = tiles * TILE_W
     per_lane = columns // LANES
     stride = TILE_W + ROW_PAD                  # a tile row in shared memory
@@ -123,10 +124,9 @@ def _operands(pred, target):
     return pred, target
 
 
-def _pixel_pass(pred, target, count, out, tiles=TILES_PER_WARP, ahead=AHEAD):
+def _pixel_pass(pred, target, count, out):
     """The pass over the pixels (the gradient only with a count): (tile partials, out operand,
-    gradient array). Apart from the folds so that bench/kernels.py can time it alone (and
-    other tiles per warp or rows ahead)."""
+    gradient array). Apart from the folds so that bench/kernels.py can time it alone."""
     n, ch, h, w = pred.shape
     th, tw = tile_grid(h, w)
     partials = scratch("loss_part", (n, ch * th * tw, 1), np.float32)
@@ -134,8 +134,8 @@ def _pixel_pass(pred, target, count, out, tiles=TILES_PER_WARP, ahead=AHEAD):
     out_op, grad = output("out", out, pred.shape, pred) if write_grad else (None, placeholder(1))
     scale = mse_grad_scale(count) if write_grad else np.float32(0)
     size = n * ch * h * w
-    groups = -(-tw // tiles)
-    _loss_kernel(tiles, ahead)[n * ch * th * groups, LANES, launch_stream()](
+    groups = -(-tw // TILES_PER_WARP)
+    _loss_kernel()[n * ch * th * groups, LANES, launch_stream()](
         pred.device.reshape(size), target.device.reshape(size), scale, grad.reshape(grad.size),
         partials, ch, h, w, tw, groups, th, write_grad)
     return partials, out_op, grad
