@@ -35,8 +35,9 @@ def _fold_tiles(kcs):
     block of one output (the loss's, a bias of one channel) first adds its partials in a tree
     (_exact_pass), and keeps that sum where no addition of the chain could have rounded. A
     block of many outputs always runs the chains (_fold_job): weight-gradient partials of
-    both signs span wide ranges, so one of a block's 32 outputs mostly fails the test, and
-    the tree's pass (a load latency per 8 tiles) only adds to the chains' time (v22).
+    both signs span wide ranges, so one of a block's 32 outputs may well fail the test, and
+    a tree pass there (each thread's 128 tiles, a load latency each) took longer than the
+    chains (v22).
     The chain: rounds of _round(kc) tiles x kc outputs: all the block's threads load them
     (kc divides the block, so each thread's loads share one output and step through the tiles
     by one address increment), then, with the next round's loads in flight, kc threads add
@@ -63,7 +64,7 @@ def _fold_tiles(kcs):
         src("live = k < outputs")
         src(f"row = tid // {kc}")
         if kc == 1:
-            _exact_pass(src, kc)
+            _exact_pass(src)
             src("if not exact:").indent()
         _fold_job(src, kc)
         if kc == 1:
@@ -73,9 +74,10 @@ def _fold_tiles(kcs):
     return load_module(f"fold_tiles_{'_'.join(map(str, kcs))}", src.text()).kernel
 
 
-def _exact_pass(src, kc):
-    """Numerics §4 step 3's fast path into the kernel being written: sets `exact` and, where
-    it is true, has written the block's outputs.
+def _exact_pass(src):
+    """Numerics §4 step 3's fast path into the kernel being written, for a block of one output
+    (its FOLD_THREADS threads share the tiles): sets `exact` and, where it is true, has
+    written the output.
 
     Why it gives the chain's bits: float32 partials are multiples of 2^low (the lowest set
     bit among them) and below 2^(top+1) in magnitude; a sum of any T of them is a multiple of
@@ -85,13 +87,12 @@ def _exact_pass(src, kc):
     identity of float64 addition (a chain of -0.0 partials stays -0.0, as the chain does).
     A non-finite partial, or a range wider than `span` = 52 - ceil(log2 T), takes the chain.
     A subnormal counts its top as the smallest normal's: wider, so never wrongly exact."""
-    step = FOLD_THREADS // kc
     src("total = float64(-0.0)")
     src("top = -1000")       # no nonzero partial yet
     src("low = 1000")
     src("if live:").indent()
     src("address = uint64((n * tiles + row) * outputs + k)")
-    src(f"for t in range(row, tiles, {step}):").indent()
+    src(f"for t in range(row, tiles, {FOLD_THREADS}):").indent()
     src("word = int(bits[address])")
     src("e = (word >> 23) & 255")
     src("m = word & 8388607")
@@ -105,21 +106,21 @@ def _exact_pass(src, kc):
     src("low = min(low, e - 151 + cuda.ffs(m))")
     src("top = max(top, e - 127)").dedent()
     src("total = total + float64(partials[address])")
-    src(f"address += uint64({step} * outputs)").dedent().dedent()
+    src(f"address += uint64({FOLD_THREADS} * outputs)").dedent().dedent()
     src("sums[tid] = total")
     src("tops[tid] = top")
     src("lows[tid] = low")
     half = FOLD_THREADS // 2
-    while half >= kc:
+    while half >= 1:
         src("cuda.syncthreads()")
         src(f"if tid < {half}:").indent()
         src(f"sums[tid] = sums[tid] + sums[tid + {half}]")
         src(f"tops[tid] = max(tops[tid], tops[tid + {half}])")
         src(f"lows[tid] = min(lows[tid], lows[tid + {half}])").dedent()
         half //= 2
-    src(f"exact = cuda.syncthreads_and(1 if tid >= {kc} or not live or "
-        f"tops[tid] - lows[tid] <= span else 0)")
-    src(f"if exact and tid < {kc} and live:").indent()
+    src("exact = cuda.syncthreads_and(1 if tid >= 1 or not live or "
+        "tops[tid] - lows[tid] <= span else 0)")
+    src("if exact and tid < 1 and live:").indent()
     src("per_image[uint64(n), uint64(k)] = sums[tid]").dedent()
 
 
