@@ -12,7 +12,8 @@ groups=("test_kernels.py and 4x16x16x1024 and forward"
         "test_kernels.py and 4x16x16x1024 and backward_data"
         "test_kernels.py and 997x1013 and (forward or backward_data)"
         "test_kernels.py and backward_weights and (1024 or 997)"
-        "test_kernels.py and not 1024x1024 and not 997x1013 and not test_deterministic"
+        "test_kernels.py and not 1024x1024 and not 997x1013 and not test_deterministic and not (weights_variants or outputs_per_thread or outputs_must_divide)"
+        "test_kernels.py and not 1024x1024 and not 997x1013 and (weights_variants or outputs_per_thread or outputs_must_divide)"
         "not test_kernels.py and not 1024x1024 and not 997x1013 and not test_deterministic"
         "test_deterministic or ((test_loss_and_grad or over_the_prediction or stay_on_the_device or per_image_sums) and (1024 or 997))")
 pids=()
