@@ -43,7 +43,8 @@ def kernels():
             (16, 16, False, True, True, "backward-data 16->16"),
             (1, 16, False, True, True, "backward-data 16->1 layer")]:
         kernel = conv._forward_kernel(cin, cout, relu, masked, transposed)[0]
-        yield label, kernel.py_func, FORWARD_SIG, conv.forward_variant(cin, cout, transposed)[1]
+        cap = conv.forward_variant(cin, cout, transposed, masked)[1]
+        yield label, kernel.py_func, FORWARD_SIG, cap
     for cin, cout in [(1, 16), (16, 16), (16, 1)]:
         variant = conv.weights_variant(cin, cout)
         kernel = conv._weights_kernel(cin, cout, variant)[0]

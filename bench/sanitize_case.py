@@ -17,6 +17,9 @@ def dev(*shape):
 x, w, b, gy = dev(2, 3, 37, 70), dev(5, 3, 3, 3), dev(5), dev(2, 5, 37, 70)
 y = K.conv2d_forward(x, w, b, relu=True)
 gx = K.conv2d_backward_data(gy, w, relu_output=x)
+# the default network's two masked backward-data kernels (the mask read in turns), edge blocks
+K.conv2d_backward_data(dev(1, 16, 37, 70), dev(16, 16, 3, 3), relu_output=dev(1, 16, 37, 70))
+K.conv2d_backward_data(dev(1, 1, 37, 70), dev(1, 16, 3, 3), relu_output=dev(1, 16, 37, 70))
 K.relu_backward(gy, y)
 gw, gb = K.conv2d_backward_weights(gy, x)
 sse, g = K.mse_loss_and_grad(y, gy, y.size)

@@ -58,7 +58,7 @@ def forward(n, s, rng):
         variants = VARIANTS if min(cin, cout) == 1 else VARIANTS[:4]
         # warm-up of 20 launches: each variant compiles first, and after that pause the first
         # timed variant of a shape read 10-40 % slow with 3 (2026-11-26, H100)
-        for geometry, max_registers in [conv.forward_variant(cin, cout, False)] + variants:
+        for geometry, max_registers in [conv.forward_variant(cin, cout, False, False)] + variants:
             if geometry[1] * geometry[2] > 2 * cout:
                 continue
             variant = dict(geometry=geometry, max_registers=max_registers)
@@ -94,7 +94,7 @@ def backward_data(n, s, rng, cin):
     gx = cuda.device_array((n, 16, s, s), np.float32)
     want = None
     variants = VARIANTS if cin == 1 else VARIANTS[:4]
-    for geometry, max_registers in [conv.forward_variant(cin, 16, True)] + variants:
+    for geometry, max_registers in [conv.forward_variant(cin, 16, True, True)] + variants:
         variant = dict(geometry=geometry, max_registers=max_registers)
         fn = lambda: conv._launch_forward(gy, w, zero, gx, False, mask, True,
                                           **variant)

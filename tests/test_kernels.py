@@ -83,6 +83,24 @@ def test_backward_data_may_write_over_its_mask(rng, shape):
     assert same_bits(y, want)
 
 
+# backward-data's mask read in turns (conv._MaskPlan) in layouts no default layer uses: two
+# words of bits (9 x 8 outputs a thread, 40 a turn), a last turn only part full (8 outputs, 3 a
+# turn), turns that end before the input channels do (4 of 6); one block each
+@pytest.mark.parametrize("geometry,shape", [((9, 8, 1), (1, 8, 2, 13, 17)),
+                                            ((8, 1, 1), (1, 1, 3, 18, 20)),
+                                            ((4, 4, 1), (1, 4, 6, 9, 17))],
+                         ids=["two-words", "part-turn", "fewer-turns"])
+def test_backward_data_mask_plans(rng, geometry, shape):
+    n, cin, cout, h, w = shape
+    gy, wt, y = randn(rng, n, cout, h, w), randn(rng, cout, cin, 3, 3), randn(rng, n, cin, h, w)
+    y[0, 0, 0, :4] = [np.nan, -0.0, 0.0, np.inf]
+    out = poisoned((n, cin, h, w))
+    conv._launch_forward(cuda.to_device(gy), cuda.to_device(wt),
+                         cuda.to_device(np.zeros(cin, np.float32)), out, False,
+                         cuda.to_device(y), True, geometry=geometry)
+    assert same_bits(out, R.conv2d_backward_data(gy, wt, relu_output=y))
+
+
 @pytest.mark.parametrize("shape", cases(LARGE, SMALL_WEIGHTS))
 def test_backward_weights(rng, shape):
     n, cin, cout, h, w = shape

@@ -22,24 +22,131 @@ from .reduce import fold_images, fold_tiles
 # into registers while the current one is computed), each thread copies its (R+2) x 3 window
 # into registers, and every weight read from shared memory serves R fmas.
 BW, TY = 32, 4
-MASK_LOADS = 16      # backward-data's mask loads in flight per thread
 
 
-def forward_variant(cin, cout, transposed):
+def forward_variant(cin, cout, transposed, masked):
     """((R, G, GB), register cap): rows and output channels per thread, thread groups per
     block, and the cap, the fastest of bench/tune_conv.py's variants (H100, 4x1024^2, graph
     replays, 2026-11-26, with unsigned indices and backward-data's mask loads batched).
     16 -> 16: 8 rows x 8 channels x 2 groups, no cap (ptxas takes 124 registers either way,
     yet the cap at 128 ran slower: forward 0.750 -> 0.692 ms, backward-data 0.769 -> 0.750).
+    With the mask read in turns (_MaskPlan), ptxas took 132 registers, one block per SM
+    (0.99 ms): capped at 128 for two, with 56 bytes of spills, 0.69 (2026-11-27, NOTES v23);
+    from one input channel, 136 registers (0.295 ms) without the cap.
     From one input channel, the forward pass: 4 rows x all (up to 16) outputs per thread
     (0.133); backward-data (the 16 -> 1 layer's, with the ReLU mask): 8 x 8 x 2 (0.399 ->
     0.246 against 4 x 4 x 2)."""
     if cin == 1:
-        return ((8, min(cout, 8), 2) if transposed else (4, min(cout, 16), 1)), None
+        if transposed:
+            return (8, min(cout, 8), 2), (128 if masked else None)
+        return (4, min(cout, 16), 1), None
     if cout == 1:
         return (8, 1, 1), None
     g_out = min(cout, 8)
-    return (8, g_out, min(2, -(-cout // g_out))), None
+    return (8, g_out, min(2, -(-cout // g_out))), (128 if masked else None)
+
+
+class _MaskPlan:
+    """Where backward-data reads its ReLU mask: a few elements in each input-channel turn, so
+    the loads wait beside that turn's fmas, and each is kept as one bit (the epilogue then
+    loads nothing). Read all at the end, every block of a wave loaded its 64 KiB of mask at
+    the same moment, with no fmas to hide the burst: 0.06 ms of backward-data 16 -> 16's 0.75
+    (NOTES v23). The y stores may alias the mask; each element is read by the thread that
+    writes it, before it writes.
+
+    A thread's R x G outputs, row-major (k = p * G + g), go `per` to a turn, in turns
+    0 .. turns-1; per divides G or G divides per, so a turn's elements share one row base.
+    Bit (turn t, element j) is bit (turns-1-t) * span + j % span of word j // span: each turn
+    shifts the words left by span and sets its bits."""
+
+    def __init__(self, rows, g_out, cin):
+        self.rows, self.g_out = rows, g_out
+        count = rows * g_out
+        need = max(-(-count // cin), -(-count // 64))
+        self.per = next(c for c in range(need, count + 1) if g_out % c == 0 or c % g_out == 0)
+        self.turns = -(-count // self.per)
+        self.span = max(1, 64 // self.turns)
+        self.words = -(-self.per // self.span)
+        self.active_guard = self.turns < cin
+        # one turn: before the loop, beside the staging's loads (cin 1). A few elements a turn:
+        # converted at the top of the next turn (after its barrier), so they wait a whole turn
+        # of fmas; converted in the same turn, ptxas put the tests right after the loads.
+        # Many: converted at once, as a register each through the fmas is too many
+        self.in_loop = self.turns > 1
+        self.late = self.in_loop and self.per <= 8
+
+    def start(self, src, cout, ob_size):
+        """Before the turns: the words, the first element's index and how many of the thread's
+        rows are in the image (0 for a column outside it); with one turn, its elements."""
+        # channels past cout only where the blocks' channels overhang it
+        self.channel_test = cout % ob_size != 0
+        self.cout = cout
+        for q in range(self.words):
+            src(f"live{q} = uint64(0)")
+        if self.late:
+            for j in range(self.per):
+                src(f"m{j} = float32(0)")
+        src(f"mrow = h0 + cuda.threadIdx.y * {self.rows}")
+        src(f"mt = (n * {cout} + o0) * plane + mrow * width + c0 + cuda.threadIdx.x")
+        src(f"mrows = min(height - mrow, {self.rows}) if c0 + cuda.threadIdx.x < width else 0")
+        if not self.in_loop:
+            src("mr = 0")
+            if self.channel_test:
+                src("mg = o0")
+            self._elements(src)
+            self.convert(src)
+
+    def load(self, src):
+        """Turn ci's elements, then the index moves on: to the next group of channels, or at
+        the row's end to the next row's first channel."""
+        if self.active_guard:
+            src(f"if ci < {self.turns}:").indent()
+        per_row = max(1, self.g_out // self.per)        # turns a row
+        rows = max(1, self.per // self.g_out)           # rows a turn
+        src(f"mr = ci // {per_row}" if rows == 1 else f"mr = ci * {rows}")
+        if self.channel_test:
+            src(f"mg = o0 + ci % {per_row} * {self.per}")
+        self._elements(src)
+        if per_row == 1:
+            src(f"mt += {rows} * width")
+        else:
+            src(f"if ci % {per_row} == {per_row - 1}:").indent()
+            src(f"mt += width - {(per_row - 1) * self.per} * plane").dedent()
+            src("else:").indent()(f"mt += {self.per} * plane").dedent()
+        if not self.late:
+            self.convert(src)
+        if self.active_guard:
+            src.dedent()
+
+    def _elements(self, src):
+        """m0.. from row mr, channel mg on (0 outside the image). (Names apart from the
+        staging's p0, p1, ...)"""
+        for j in range(self.per):
+            dp, dg = divmod(j, self.g_out)
+            at = "mt" + (f" + {dp} * width" if dp else "") + (f" + {dg} * plane" if dg else "")
+            test = (f"mr + {dp}" if dp else "mr") + " < mrows" + (
+                f" and mg + {dg} < {self.cout}" if self.channel_test else "")
+            src(f"m{j} = mask[uint64({at})] if {test} else float32(0)")
+
+    def convert(self, src, when=None):
+        """Shift the words and set the bits of the elements in m0.. (`m > 0` decides: NaN
+        gives 0), where `when` holds."""
+        if when:
+            src(f"if {when}:").indent()
+        if self.turns > 1:      # (a shift by 64 is undefined: LLVM made the bits poison)
+            for q in range(self.words):
+                src(f"live{q} = live{q} << uint64({self.span})")
+        for j in range(self.per):
+            src(f"if m{j} > float32(0):").indent()
+            src(f"live{j // self.span} = live{j // self.span} | uint64({1 << j % self.span})")
+            src.dedent()
+        if when:
+            src.dedent()
+
+    def bit(self, p, g):
+        """(word, bit) of output (row p, channel g)."""
+        turn, j = divmod(p * self.g_out + g, self.per)
+        return j // self.span, (self.turns - 1 - turn) * self.span + j % self.span
 
 
 @lru_cache(maxsize=None)
@@ -48,7 +155,7 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
 
     Returns (kernel, block, output channels per block, rows per block)."""
     if geometry is None:
-        geometry, max_registers = forward_variant(cin, cout, transposed)
+        geometry, max_registers = forward_variant(cin, cout, transposed, masked)
     R, g_out, groups = geometry
     BH = TY * R
     XW, XH = BW + 2, BH + 2
@@ -88,6 +195,9 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
     for s_ in range(slots):
         src(f"p{s_} = x[uint64(base + off{s_})] if ok{s_} else float32(0)")
     src(f"o0 = (ob * {groups} + cuda.threadIdx.z) * {g_out}")
+    if masked:
+        plan = _MaskPlan(R, g_out, cin)
+        plan.start(src, cout, ob_size)
     for g in range(g_out):
         src(f"b{g} = b[o0 + {g}] if o0 + {g} < {cout} else float32(0)")
         for p in range(R):
@@ -102,11 +212,15 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
         else:
             src(f"xs[uint64(e{s_})] = p{s_}")
     src("cuda.syncthreads()")
+    if masked and plan.late:
+        plan.convert(src, "ci > 0" + (f" and ci <= {plan.turns}" if plan.active_guard else ""))
     src(f"if ci + 1 < {cin}:").indent()
     src("base += plane")
     for s_ in range(slots):
         src(f"p{s_} = x[uint64(base + off{s_})] if ok{s_} else float32(0)")
     src.dedent()
+    if masked and plan.in_loop:
+        plan.load(src)
     for r in range(R + 2):
         for k in range(3):
             src(f"v{r}_{k} = xs[xb + uint64({r * XW + k})]")
@@ -118,32 +232,26 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
                 for p in range(R):
                     src(f"a{p}_{g} = cuda.fma(v{p + ky}_{kx}, t, a{p}_{g})")
     src.dedent()
-    # the outputs, row by row; with the mask, each batch of rows issues all its mask loads
-    # before any store (loaded one by one beside stores that may alias the mask, they cost a
-    # thread 64 memory latencies, and backward-data ran 0.3 ms behind the forward pass)
+    if masked and plan.late and not plan.active_guard:
+        plan.convert(src)       # the last turn's (with fewer turns than channels, done in the loop)
+    # the outputs, row by row
     src("col = c0 + cuda.threadIdx.x")
     src("if col < width:").indent()
-    batch = max(1, MASK_LOADS // g_out) if masked else 1
-    for p0 in range(0, R, batch):
-        batch_rows = range(p0, min(R, p0 + batch))
-        for p in batch_rows:
-            src(f"row{p} = h0 + cuda.threadIdx.y * {R} + {p}")
-            src(f"i{p} = (n * {cout} + o0) * plane + row{p} * width + col")
+    for p in range(R):
+        src(f"row{p} = h0 + cuda.threadIdx.y * {R} + {p}")
+        src(f"i{p} = (n * {cout} + o0) * plane + row{p} * width + col")
+        src(f"if row{p} < height:").indent()
+        for g in range(g_out):
+            src(f"if o0 + {g} < {cout}:").indent()
+            src(f"v = a{p}_{g}")
+            if relu:
+                src("if v <= float32(0):").indent()("v = float32(0)").dedent()
             if masked:
-                for g in range(g_out):
-                    src(f"m{p}_{g} = mask[uint64(i{p} + {g} * plane)] "
-                        f"if row{p} < height and o0 + {g} < {cout} else float32(0)")
-        for p in batch_rows:
-            src(f"if row{p} < height:").indent()
-            for g in range(g_out):
-                src(f"if o0 + {g} < {cout}:").indent()
-                src(f"v = a{p}_{g}")
-                if relu:
-                    src("if v <= float32(0):").indent()("v = float32(0)").dedent()
-                if masked:
-                    src(f"if not m{p}_{g} > float32(0):").indent()("v = float32(0)").dedent()
-                src(f"y[uint64(i{p} + {g} * plane)] = v").dedent()
-            src.dedent()
+                word, bit = plan.bit(p, g)
+                src(f"if (live{word} & uint64({1 << bit})) == uint64(0):").indent()
+                src("v = float32(0)").dedent()
+            src(f"y[uint64(i{p} + {g} * plane)] = v").dedent()
+        src.dedent()
     module = load_module(f"conv_forward_{cin}_{cout}_{int(relu)}{int(masked)}{int(transposed)}",
                          src.text())
     return module.kernel, (BW, TY, groups), ob_size, BH
