@@ -11,6 +11,7 @@ from numba import cuda, float32
 
 from cryokern import kernels as K
 from cryokern.kernels import loss
+from cryokern.kernels.arrays import launch_stream
 from cryokern.kernels.graph import _Graph
 from step import event_times
 
@@ -93,6 +94,8 @@ def cases(n, s, rng):
     mac = lambda cin, cout: 2 * p * cin * cout * 9
     plane = 4 * p
     wp, wg, wv = dev(16, 16, 3, 3), dev(16, 16, 3, 3), dev(16, 16, 3, 3)
+    copy_n = 5 * 2304 // 2
+    copy_src, copy_dst = dev(copy_n), cuda.device_array(copy_n, np.float32)
     return [
         ("conv 1->16 forward+relu", lambda: K.conv2d_forward(x1, w1, b16, relu=True, out=o16),
          mac(1, 16), 17 * plane),
@@ -117,6 +120,10 @@ def cases(n, s, rng):
         ("relu backward 16 ch", lambda: K.relu_backward(g16, a16, out=o16), None, 48 * plane),
         ("sgd momentum 16x16x3x3", lambda: K.sgd_update(wp, wg, wv, 0.01, momentum=0.9), None,
          5 * 4 * 2304),
+        # the optimizer moves 45 KiB: launch latency, not bandwidth, bounds it; its floor is a
+        # plain copy of as many bytes, timed the same way
+        ("copy, the sgd's bytes (its floor)",
+         lambda: _copy[-(-copy_n // 256), 256, launch_stream()](copy_src, copy_dst), None, 2 * 4 * copy_n),
     ]
 
 

@@ -27,7 +27,8 @@ from .step import DEFAULT_PASS_PIXELS, OptimizerConfig, TrainStep
 EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 RUN_FILES = ("config.json", "metrics.jsonl", "last.npz", "best.npz", "loss.png")
 # options a resumed run may change; any other option given with --resume must match the run's
-RESUME_MAY_CHANGE = {"epochs", "device", "out", "resume", "force", "save_every", "pass_pixels"}
+RESUME_MAY_CHANGE = {"epochs", "device", "out", "resume", "force", "save_every", "pass_pixels",
+                     "loader_threads"}
 DEFAULT_LR = {"sgd": 0.01, "adam": 1e-3}
 
 
@@ -55,6 +56,9 @@ def build_parser():
                         "when no --val-noisy/--val-clean are given (default 0.1)")
     d.add_argument("--crop", type=int, default=0, metavar="SIZE",
                    help="train on random SIZE x SIZE crops (validation: centred crops)")
+    d.add_argument("--loader-threads", type=int, default=0, metavar="N",
+                   help="threads reading and normalizing images (default 0: one per core "
+                        "but two, at most 12)")
     d.add_argument("--normalize", choices=NORMALIZATIONS, default="per-image",
                    help="per-image: standardize each noisy image by its own mean and std and "
                         "apply the same affine map to its target (default)")
@@ -160,6 +164,7 @@ def check_options(opts):
                 (not 0 <= opts.val_fraction < 1, "--val-fraction must be in [0, 1)"),
                 (opts.save_every < 0, "--save-every must be positive"),
                 (opts.pass_pixels < 1, "--pass-pixels must be at least 1"),
+                (opts.loader_threads < 0, "--loader-threads must be positive (0: automatic)"),
                 (opts.resume and opts.force, "--resume and --force exclude each other"),
                 (opts.resume and not opts.out, "--resume needs --out DIR, the run to continue")]
     for bad, message in problems:
@@ -254,7 +259,8 @@ class Run:
             self._host_buffers[shape] = [tuple(self.backend.host_empty(shape) for _ in "xy")
                                          for _ in range(depth + 1)]
         specs = epoch_batches(subset, self.opts.batch_size, self.opts.seed, epoch, shuffle)
-        return BatchLoader(subset, specs[first:], self.opts.normalize, self._host_buffers[shape])
+        return BatchLoader(subset, specs[first:], self.opts.normalize, self._host_buffers[shape],
+                           self.opts.loader_threads or None)
 
     def train_epoch(self, epoch):
         """Each batch's upload and step are queued before the previous step's loss is read,

@@ -271,6 +271,23 @@ def test_pass_pixels_must_be_positive(tmp_path, capsys):
     assert rc == 2 and "--pass-pixels must be at least 1" in capsys.readouterr().err
 
 
+def test_loader_threads_must_not_be_negative(tmp_path, capsys):
+    rc = T.main(data_args(make_pair(tmp_path)) + TINY + ["--loader-threads", "-1", "--out",
+                                                         str(tmp_path / "r")])
+    assert rc == 2 and "--loader-threads must be positive" in capsys.readouterr().err
+
+
+def test_loader_threads_do_not_change_the_bits(tmp_path):
+    runs = []
+    for threads in ("1", "3"):
+        out = tmp_path / threads
+        assert T.main(data_args(make_pair(tmp_path)) + TINY + ["--loader-threads", threads,
+                                                               "--out", str(out)]) == 0
+        runs.append(np.load(out / "last.npz"))
+    arrays = [k for k in runs[0].files if k != "meta"]       # meta holds the options
+    assert arrays and all(np.array_equal(runs[0][k], runs[1][k]) for k in arrays)
+
+
 def test_crop_larger_than_images(tmp_path, capsys):
     rc = T.main(data_args(make_pair(tmp_path)) + TINY + ["--crop", "13", "--out", str(tmp_path / "r")])
     assert rc == 2 and "crop 13 is larger than the 12x12 images" in capsys.readouterr().err
