@@ -123,7 +123,8 @@ def cases(n, s, rng):
         # the optimizer moves 45 KiB: launch latency, not bandwidth, bounds it; its floor is a
         # plain copy of as many bytes, timed the same way
         ("copy, the sgd's bytes (its floor)",
-         lambda: _copy[-(-copy_n // 256), 256, launch_stream()](copy_src, copy_dst), None, 2 * 4 * copy_n),
+         lambda: _copy[-(-copy_n // 256), 256, launch_stream()](copy_src, copy_dst), None,
+         2 * 4 * copy_n),
     ]
 
 
