@@ -27,7 +27,7 @@ BW, TY = 32, 4
 def forward_variant(cin, cout, transposed, masked):
     """((R, G, GB), register cap): rows and output channels per thread, thread groups per
     block, and the cap, the fastest of bench/tune_conv.py's variants (H100, 4x1024^2, graph
-    replays, 2026-11-26, with unsigned indices and backward-data's mask loads batched).
+    replays, 2026-11-26, with unsigned indices; backward-data then read its mask after the fmas).
     16 -> 16: 8 rows x 8 channels x 2 groups, no cap (ptxas takes 124 registers either way,
     yet the cap at 128 ran slower: forward 0.750 -> 0.692 ms, backward-data 0.769 -> 0.750).
     With the mask read in turns (_MaskPlan), ptxas took 132 registers, one block per SM
