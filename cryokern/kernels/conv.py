@@ -59,8 +59,10 @@ class _MaskPlan:
     Bit (turn t, element j) is bit (turns-1-t) * span + j % span of word j // span: each turn
     shifts the words left by span and sets its bits."""
 
-    def __init__(self, rows, g_out, cin):
-        self.rows, self.g_out = rows, g_out
+    def __init__(self, rows, g_out, cin, cout, ob_size):
+        self.rows, self.g_out, self.cout = rows, g_out, cout
+        # channels past cout only where the blocks' channels overhang it
+        self.channel_test = cout % ob_size != 0
         count = rows * g_out
         need = max(-(-count // cin), -(-count // 64))
         self.per = next(c for c in range(need, count + 1) if g_out % c == 0 or c % g_out == 0)
@@ -75,19 +77,16 @@ class _MaskPlan:
         self.in_loop = self.turns > 1
         self.late = self.in_loop and self.per <= 8
 
-    def start(self, src, cout, ob_size):
+    def start(self, src):
         """Before the turns: the words, the first element's index and how many of the thread's
         rows are in the image (0 for a column outside it); with one turn, its elements."""
-        # channels past cout only where the blocks' channels overhang it
-        self.channel_test = cout % ob_size != 0
-        self.cout = cout
         for q in range(self.words):
             src(f"live{q} = uint64(0)")
         if self.late:
             for j in range(self.per):
                 src(f"m{j} = float32(0)")
         src(f"mrow = h0 + cuda.threadIdx.y * {self.rows}")
-        src(f"mt = (n * {cout} + o0) * plane + mrow * width + c0 + cuda.threadIdx.x")
+        src(f"mt = (n * {self.cout} + o0) * plane + mrow * width + c0 + cuda.threadIdx.x")
         src(f"mrows = min(height - mrow, {self.rows}) if c0 + cuda.threadIdx.x < width else 0")
         if not self.in_loop:
             src("mr = 0")
@@ -196,8 +195,8 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
         src(f"p{s_} = x[uint64(base + off{s_})] if ok{s_} else float32(0)")
     src(f"o0 = (ob * {groups} + cuda.threadIdx.z) * {g_out}")
     if masked:
-        plan = _MaskPlan(R, g_out, cin)
-        plan.start(src, cout, ob_size)
+        plan = _MaskPlan(R, g_out, cin, cout, ob_size)
+        plan.start(src)
     for g in range(g_out):
         src(f"b{g} = b[o0 + {g}] if o0 + {g} < {cout} else float32(0)")
         for p in range(R):

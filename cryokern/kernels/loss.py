@@ -27,12 +27,12 @@ def _loss_kernel():
 
     Why so: a tile's chain (1024 dependent fmas, 4 cycles each) is the slowest path, and
     memory must never wait for it. The warp streams the band's rows, AHEAD rows a turn, the
-    next turn's rows loading while it works on this turn's; each row's differences (and gradient) go out coalesced
-    and into shared memory, tile by tile; then the first TILES_PER_WARP lanes each add their
-    tile's part of the row to their chain. So a lane's chain runs while the next rows load,
-    one fma instruction serves every tile of the item, and no block-wide barrier holds other warps: a block
-    is one warp, whose barrier is all the synchronisation needed (and which the simulator
-    runs; it has no syncwarp). Rows in shared memory alternate between two slots; a slot is
+    next turn's rows loading while it works on this turn's; each row's differences (and
+    gradient) go out coalesced and into shared memory, tile by tile; then the first
+    TILES_PER_WARP lanes each add their tile's part of the row to their chain. So a lane's
+    chain runs while the next rows load, one fma instruction serves every tile of the item,
+    and no block-wide barrier holds other warps: a block is one warp, whose barrier is all
+    the synchronisation needed (and which the simulator runs; it has no syncwarp). Rows in shared memory alternate between two slots; a slot is
     written again only after the barrier that follows its chains.
 
     An earlier kernel (v21) staged a whole tile per 128-thread block and ran its chain on one
