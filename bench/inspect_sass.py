@@ -22,15 +22,13 @@ from numba import cuda, types
 from cryokern.kernels import conv, loss, reduce
 
 F32 = types.float32[::1]
-U32 = types.uint32[::1]
 FORWARD_SIG = (F32, types.float32[:, :, :, ::1], F32, F32, F32, types.int64, types.int64,
                types.int64)
 WEIGHTS_SIG = (F32, F32, types.float32[:, :, ::1], types.float32[:, :, ::1], types.int64,
                types.int64, types.int64)
 LOSS_SIG = (F32, F32, types.float32, F32, types.float32[:, :, ::1], types.int64, types.int64,
             types.int64, types.int64, types.int64, types.int64, types.boolean)
-FOLD_SIG = (F32, U32, types.float64[:, ::1], F32, U32, types.float64[:, ::1], types.int64,
-            types.int64, types.int64)
+FOLD_SIG = (F32, types.float64[:, ::1], F32, types.float64[:, ::1], types.int64, types.int64)
 INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,6})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
 
 

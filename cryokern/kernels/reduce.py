@@ -26,8 +26,8 @@ def _round(kc):
 
 @lru_cache(maxsize=None)
 def _fold_tiles(kcs):
-    """Step 3 for several jobs (partials, bits, per_image) in one launch: job j's outputs in
-    blocks of kcs[j] chains (blockIdx.x counts the jobs' blocks in turn from start_j),
+    """Step 3 for several jobs (partials, per_image; a one-output job also the partials' bits,
+    for _exact_pass) in one launch: job j's outputs in blocks of kcs[j] chains (blockIdx.x counts the jobs' blocks in turn from start_j),
     blockIdx.y the image. Generated.
 
     Why so: each output's fold is a chain of T dependent float64 additions, ~11 ns each on an
@@ -43,9 +43,10 @@ def _fold_tiles(kcs):
     by one address increment), then, with the next round's loads in flight, kc threads add
     this round's in tile order; a full round is written out, so that ptxas can issue the
     shared-memory loads ahead of the additions."""
-    params = [f"partials{j}, bits{j}, per_image{j}" for j in range(len(kcs))]
+    params = [f"partials{j}, bits{j}, per_image{j}" if kc == 1 else f"partials{j}, per_image{j}"
+              for j, kc in enumerate(kcs)]
     params += [f"start{j}" for j in range(1, len(kcs))]
-    src = Source().kernel(", ".join(params + ["tiles", "span"]))
+    src = Source().kernel(", ".join(params + ["tiles"] + (["span"] if 1 in kcs else [])))
     src("n = cuda.blockIdx.y")
     src("b = cuda.blockIdx.x")
     src("tid = cuda.threadIdx.x")
@@ -58,7 +59,8 @@ def _fold_tiles(kcs):
         if len(kcs) > 1:
             src(f"if b < start{j + 1}:" if j == 0 else
                 f"elif b < start{j + 1}:" if j + 1 < len(kcs) else "else:").indent()
-        src(f"partials, bits, per_image = partials{j}, bits{j}, per_image{j}")
+        src(f"partials, bits, per_image = partials{j}, bits{j}, per_image{j}" if kc == 1 else
+            f"partials, per_image = partials{j}, per_image{j}")
         src("outputs = per_image.shape[1]")
         src(f"k = {f'(b - start{j})' if j else 'b'} * {kc} + tid % {kc}")
         src("live = k < outputs")
@@ -206,10 +208,13 @@ def fold_tiles(*jobs):
                          f"{[(p.shape, s.shape) for p, s in jobs]}")
     kcs = tuple(_chains(p.shape[2]) for p, _ in jobs)
     starts = np.cumsum([-(-p.shape[2] // kc) for (p, _), kc in zip(jobs, kcs)]).tolist()
-    args = [a for p, s in jobs for a in (p.reshape(p.size), p.reshape(p.size).view(np.uint32), s)]
-    span = 52 - (tiles - 1).bit_length()      # 52 - ceil(log2 tiles): see _exact_pass
+    args = []
+    for (p, s), kc in zip(jobs, kcs):
+        flat = p.reshape(p.size)
+        args += [flat, flat.view(np.uint32), s] if kc == 1 else [flat, s]
+    span = [52 - (tiles - 1).bit_length()] if 1 in kcs else []   # 52 - ceil(log2 T): _exact_pass
     _fold_tiles(kcs)[(starts[-1], n), FOLD_THREADS, launch_stream()](*args, *starts[:-1],
-                                                                       tiles, span)
+                                                                       tiles, *span)
 
 
 def fold_images(per_image, out32=None, out64=None):
