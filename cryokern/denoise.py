@@ -1,7 +1,9 @@
 """python -m cryokern.denoise MODEL INPUT... -o OUTDIR: apply a trained checkpoint to micrographs.
 
-Each input (2-D image, stack or volume) gives OUTDIR/<its name>: the same layout, voxel size and
-origin, float32 (or float16), every image denoised as `TiledDenoiser.denoise` does it. Images
+Each input (2-D image, stack or volume) gives OUTDIR/<its name>: the input's header (space group,
+axis order, voxel size, origin, labels, extended header; see mrcwrite.KEPT_FIELDS) with a label
+added, float32 (or float16), every image denoised as `TiledDenoiser.denoise` does it, and with
+--preview an 8-bit PNG or JPEG of each image beside it (see preview.py). Images
 are streamed: the next few are read and normalized, and the previous few written, while the
 current one is on the GPU. Exit status: 0 done, 2 bad input (nothing written), 130 interrupted.
 """
@@ -10,6 +12,7 @@ import sys
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +23,8 @@ from .data import denormalize, normalization, normalize
 from .inference import DEFAULT_TILE, TiledDenoiser, load_model
 from .mrcstack import DataError, MrcStack
 from .mrcwrite import StackWriter, check_target, output_directory
+from .options import refuse
+from .preview import FORMATS, PreviewSet, jpeg_library, preview_paths
 
 EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
 READ_AHEAD = 3
@@ -31,7 +36,8 @@ def build_parser():
         description="Denoise MRC micrographs (2-D images, stacks or volumes) with a trained "
                     "cryokern checkpoint.")
     p.add_argument("model", metavar="MODEL", help="checkpoint (.npz) written by cryokern.train")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="MRC files to denoise")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="MRC files to denoise (they may also follow the options)")
     p.add_argument("-o", "--out", required=True, metavar="OUTDIR",
                    help="directory for the outputs, one per input under the input's file name")
     p.add_argument("--tile", type=int, default=DEFAULT_TILE, metavar="SIZE",
@@ -43,32 +49,41 @@ def build_parser():
                    help="write float16 (MRC mode 12) instead of float32 (mode 2)")
     p.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto",
                    help="gpu: the numba.cuda kernels; cpu: the NumPy reference (same bits, slow)")
+    p.add_argument("--preview", choices=FORMATS, metavar="FORMAT",
+                   help="also write an 8-bit png or jpg of each image beside its MRC file "
+                        "(<name>.png; stacks <name>_0000.png, ...): binned to 1024 pixels or "
+                        "fewer on the long side, clipped at the 0.5 and 99.5 percentiles; "
+                        "jpg needs Pillow")
     p.add_argument("--force", action="store_true",
                    help="replace existing outputs in OUTDIR (an input is never replaced)")
     return p
 
 
-def plan_outputs(inputs, out, force):
-    """(MrcStack, output path) per input, after checking every input and every output: bad
-    input or an output that would replace an input (or, without force, any file) is refused
-    before anything is written."""
+def plan_outputs(inputs, out, force, preview=None):
+    """(MrcStack, output path, preview paths) per input, after checking every input and every
+    output: bad input or an output that would replace an input (or, without force, any file),
+    or two outputs of one name, are refused before anything is written."""
     out = output_directory(out)
     stacks = [MrcStack(path) for path in inputs]
-    names = {}
+    plan, owners = [], {}
     for s in stacks:
-        name = Path(s.path).name
-        if name in names:
-            raise DataError(f"{s.path}: has the same file name as {names[name]}; their outputs "
-                            f"would collide in {out}")
-        names[name] = s.path
-    plan = [(s, out / Path(s.path).name) for s in stacks]
-    for _, target in plan:
-        check_target(target, inputs, force)
+        target = out / Path(s.path).name
+        previews = preview_paths(target, len(s), preview) if preview else []
+        for name in [target] + previews:
+            if name in owners:
+                raise DataError(f"{s.path}: its output {name.name} would collide with that "
+                                f"of {owners[name]} in {out}")
+            owners[name] = s.path
+        plan.append((s, target, previews))
+    for name in owners:
+        check_target(name, inputs, force)
     return plan
 
 
-def denoise_file(stack, target, denoiser, dtype=np.float32, progress=None, ahead=READ_AHEAD):
-    """Denoise every image of `stack` into the MRC file `target` (written atomically).
+def denoise_file(stack, target, denoiser, dtype=np.float32, progress=None, ahead=READ_AHEAD,
+                 previews=None):
+    """Denoise every image of `stack` into the MRC file `target` (written atomically, with the
+    input's header), and a preview of each image if `previews` (a PreviewSet) is given.
 
     Reading and normalizing, and un-normalizing and writing, cost the host several times what
     the device spends on an image, so they run on a thread pool: `ahead` images are read ahead
@@ -93,12 +108,13 @@ def denoise_file(stack, target, denoiser, dtype=np.float32, progress=None, ahead
     def write(i, affine):
         a, b = slots[i % len(slots)]
         writer.write(denormalize(a, affine, out=b), i)
+        if previews is not None:
+            previews.add(i, b)
 
     label = f"cryokern denoise {Path(denoiser.model.path).name}"
     reading, writing = {}, {}
-    with ThreadPoolExecutor(2 * ahead) as pool, \
-            StackWriter(target, n, stack.shape, dtype, stack.layout, stack.voxel_size,
-                        stack.origin, label) as writer:
+    with ThreadPoolExecutor(2 * ahead) as pool, previews or nullcontext(), \
+            StackWriter(target, n, stack.shape, dtype, label=label, like=stack) as writer:
         try:
             for i in range(min(ahead, n)):
                 reading[i] = pool.submit(read, i)
@@ -126,17 +142,18 @@ def denoise_file(stack, target, denoiser, dtype=np.float32, progress=None, ahead
 
 def main(argv=None):
     warnings.filterwarnings("ignore", message=".*GPU under-utilization")
-    opts = build_parser().parse_args(argv)
+    opts = build_parser().parse_intermixed_args(argv)
     dtype = np.float16 if opts.float16 else np.float32
     try:
-        if opts.tile < 0:
-            raise DataError("--tile must be positive (or 0 for whole images)")
+        refuse([(opts.tile < 0, f"--tile {opts.tile}: must be at least 1 (or 0: whole images)")])
+        if opts.preview == "jpg":
+            jpeg_library()
         model = load_model(opts.model)
-        plan = plan_outputs(opts.inputs, opts.out, opts.force)
+        plan = plan_outputs(opts.inputs, opts.out, opts.force, opts.preview)
         backend = get_backend({"cpu": "reference"}.get(opts.device, opts.device))
         denoiser = TiledDenoiser(model, backend, opts.tile)
         Path(opts.out).mkdir(parents=True, exist_ok=True)
-        total = sum(len(s) for s, _ in plan)
+        total = sum(len(s) for s, _, _ in plan)
         print(f"cryokern: denoising {total} images from {len(plan)} files with "
               f"{Path(model.path).name} (channels {','.join(map(str, model.network.channels))}, "
               f"normalization {model.normalize}); backend {backend.name}, tiles of "
@@ -144,9 +161,10 @@ def main(argv=None):
               flush=True)
         start = time.perf_counter()
         with tqdm(total=total, unit="img", disable=None) as bar:
-            for stack, target in plan:
+            for stack, target, previews in plan:
                 try:
-                    denoise_file(stack, target, denoiser, dtype, bar)
+                    denoise_file(stack, target, denoiser, dtype, bar,
+                                 previews=PreviewSet(previews, opts.preview) if previews else None)
                 except ValueError as e:      # float16 overflow: named by the writer
                     raise DataError(str(e)) from None
         seconds = time.perf_counter() - start

@@ -22,6 +22,7 @@ from .inference import DEFAULT_TILE, TiledDenoiser, load_model
 from .metrics import (NAMES, SSIM_MIN_SIZE, image_metrics, mean_metrics, ssim_description,
                       structural_similarity)
 from .mrcstack import DataError
+from .options import add_files, finite, refuse
 
 EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
 
@@ -31,9 +32,10 @@ def build_parser():
         prog="python -m cryokern.evaluate", allow_abbrev=False,
         description="Score a cryokern checkpoint on noisy/clean MRC pairs.")
     p.add_argument("model", metavar="MODEL", help="checkpoint (.npz) written by cryokern.train")
-    p.add_argument("--noisy", nargs="+", required=True, metavar="FILE")
-    p.add_argument("--clean", nargs="+", required=True, metavar="FILE",
-                   help="clean references, paired in order with --noisy (same counts, shapes)")
+    add_files(p, "--noisy", required=True,
+              help="noisy MRC files (several after one flag and repeated flags both add)")
+    add_files(p, "--clean", required=True,
+              help="clean references, paired in order with --noisy (same counts, shapes)")
     p.add_argument("--data-range", type=float, default=None, metavar="R",
                    help="PSNR and SSIM data range (default: each clean image's max - min)")
     p.add_argument("--json", metavar="FILE", help="write the scores as JSON ('-': stdout)")
@@ -85,10 +87,12 @@ def evaluate(opts):
     if len(opts.noisy) != len(opts.clean):
         raise DataError(f"--noisy names {len(opts.noisy)} files but --clean "
                         f"{len(opts.clean)}: they pair in order")
-    if opts.data_range is not None and opts.data_range <= 0:
-        raise DataError("--data-range must be positive")
-    if opts.tile < 0:
-        raise DataError("--tile must be positive (or 0 for whole images)")
+    refuse([(opts.data_range is not None
+             and not (finite(opts.data_range) and opts.data_range > 0),
+             f"--data-range {opts.data_range}: must be positive and finite"),
+            (opts.tile < 0, f"--tile {opts.tile}: must be at least 1 (or 0: whole images)"),
+            (opts.panel and opts.panel_images < 1,
+             f"--panel-images {opts.panel_images}: must be at least 1")])
     model = load_model(opts.model)
     images = PairedImages(list(zip(opts.noisy, opts.clean)))
     for noisy, _ in images.pairs:

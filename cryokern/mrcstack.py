@@ -89,6 +89,20 @@ class MrcStack:
         return (tuple(float(v) for v in h.origin.item()),
                 (int(h.nxstart), int(h.nystart), int(h.nzstart)))
 
+    @property
+    def axis_order(self):
+        """(mapc, mapr, maps): which axis (1 x, 2 y, 3 z) the columns, rows and sections are."""
+        h = self.header
+        return int(h.mapc), int(h.mapr), int(h.maps)
+
+    def extended_header(self):
+        """The extended header's bytes (b"" when there is none), as the file holds them."""
+        size = int(self.header.nsymbt)
+        data = os.pread(self._fd, size, HEADER_BYTES) if size else b""
+        if len(data) != size:
+            raise DataError(f"{self.path}: truncated in the extended header")
+        return data
+
     def read(self, index, out, check_finite=True):
         """Image `index` into `out` (float32, shape self.shape); NaN or Inf pixels are an error
         (unless check_finite is False: for callers that check in a pass of their own, and

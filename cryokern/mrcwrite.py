@@ -5,6 +5,10 @@ positioned writes, so a stack is never held in memory whole, and the header's st
 (min, max, mean, rms) are accumulated image by image and written last. The file is written under
 a temporary name in the destination directory and renamed into place only when complete:
 an interrupted or failed run leaves no partial output.
+
+A file made from another (`like`) keeps that file's header, every field but the mode and the
+statistics (KEPT_FIELDS: space group, axis order, voxel size, origin, the extended header's
+type and its bytes, ...) and its labels, with one label added saying what made the file.
 """
 import os
 import tempfile
@@ -13,12 +17,23 @@ from pathlib import Path
 import mrcfile
 import numpy as np
 
+from mrcfile.dtypes import HEADER_DTYPE
+from mrcfile.utils import data_shape_from_header
+
 from .imagemath import statistics
 from .mrcstack import DataError
 
 # MRC modes of the float dtypes we write
 MODES = {np.dtype(np.float32): 2, np.dtype(np.float16): 12}
 FLOAT16_MAX = float(np.finfo(np.float16).max)
+# header fields a file written like another gets from it; the others are its own: the mode and
+# statistics of the data written, the labels (kept, one added), the format's fixed fields, and
+# nsymbt, which the copied extended header sets
+_OWN_FIELDS = {"mode", "dmin", "dmax", "dmean", "rms", "nlabl", "label", "map", "machst",
+               "nsymbt", "nversion"}
+KEPT_FIELDS = tuple(n for n in HEADER_DTYPE.names if n not in _OWN_FIELDS)
+MRC2014_VERSIONS = (20140, 20141)
+MAX_LABELS = 10
 # the permissions a plainly created file gets (mkstemp's are owner-only)
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -57,23 +72,40 @@ def combine_stats(parts):
     return (min(p[3] for p in parts), max(p[4] for p in parts), mean, float(np.sqrt(m2 / count)))
 
 
+def labels_with(header, label):
+    """The header's labels with `label` (cut to 80 ASCII bytes) added. When all ten are in use,
+    the second is dropped (IMOD's convention: the first label, usually the file's origin,
+    stays)."""
+    labels = [bytes(l) for l in header.label[:min(int(header.nlabl), MAX_LABELS)]
+              if bytes(l).strip()] if header is not None else []
+    if len(labels) == MAX_LABELS:
+        del labels[1]
+    return labels + [label.encode("ascii", "replace")[:80]]
+
+
 class StackWriter:
     """An MRC file of `count` images of `shape` (ny, nx), written one image at a time.
 
-    layout: 'image' (a 2-D file; count must be 1), 'stack' or 'volume'. voxel_size (x, y, z)
-    and origin ((x, y, z), (nxstart, nystart, nzstart)) are copied into the header. Use as a
-    context manager: the file appears at `path` only if the block ends without an exception.
-    Images may be written in any order and from several threads (each to its own index).
+    layout: 'image' (a 2-D file; count must be 1), 'stack' or 'volume'. voxel_size (x, y, z),
+    origin ((x, y, z), (nxstart, nystart, nzstart)) and axis_order (mapc, mapr, maps) are
+    copied into the header. like: an MrcStack of the same images and shape whose header and
+    extended header to keep (see the module's docstring); layout, voxel_size, origin and
+    axis_order then come from it. Use as a context manager: the file appears at `path` only if
+    the block ends without an exception. Images may be written in any order and from several
+    threads (each to its own index).
     """
 
     def __init__(self, path, count, shape, dtype=np.float32, layout="stack", voxel_size=None,
-                 origin=None, label=None):
+                 origin=None, label=None, axis_order=None, like=None):
         self.path = os.fspath(path)
         self.dtype = np.dtype(dtype)
         if self.dtype not in MODES:
             raise ValueError(f"cannot write {self.dtype} MRC files (float32 or float16)")
         if layout == "image" and count != 1:
             raise ValueError("a 2-D MRC file holds one image")
+        if like is not None and (len(like), like.shape) != (count, tuple(shape)):
+            raise ValueError(f"{self.path}: {count} images of {shape} cannot keep the header of "
+                             f"{like.path} ({len(like)} of {like.shape})")
         self.count, self.shape = count, tuple(shape)
         self._stats = [None] * count
         self._next = 0
@@ -82,15 +114,19 @@ class StackWriter:
         os.close(fd)
         try:
             os.chmod(self._tmp, 0o666 & ~_UMASK)
-            self._header = self._create(layout, voxel_size, origin, label)
+            if like is None:
+                self._header = self._create(layout, voxel_size, origin, axis_order, label)
+            else:
+                self._header = self._create_like(like, label)
             self._fd = os.open(self._tmp, os.O_WRONLY)
         except BaseException:
             os.unlink(self._tmp)
             raise
-        self._offset = self._header.nbytes
+        # the data follow the header and the extended header
+        self._offset = self._header.nbytes + int(self._header.nsymbt)
         self._image_bytes = self.shape[0] * self.shape[1] * self.dtype.itemsize
 
-    def _create(self, layout, voxel_size, origin, label):
+    def _create(self, layout, voxel_size, origin, axis_order, label):
         data_shape = self.shape if layout == "image" else (self.count,) + self.shape
         with mrcfile.new_mmap(self._tmp, data_shape, mrc_mode=MODES[self.dtype],
                               overwrite=True) as mrc:
@@ -103,10 +139,35 @@ class StackWriter:
             if origin is not None:
                 (mrc.header.origin.x, mrc.header.origin.y, mrc.header.origin.z), starts = origin
                 mrc.header.nxstart, mrc.header.nystart, mrc.header.nzstart = starts
+            if axis_order is not None:
+                mrc.header.mapc, mrc.header.mapr, mrc.header.maps = axis_order
             if label:
-                mrc.add_label(label[:80])
+                self._set_labels(mrc.header, labels_with(None, label))
             mrc.reset_header_stats()
             return mrc.header.copy()
+
+    def _create_like(self, like, label):
+        """A header that is `like`'s but for the mode, statistics and labels (one added), and
+        its extended header (the bytes as they are) before the data."""
+        source = like.header
+        extended = like.extended_header()
+        with mrcfile.new_mmap(self._tmp, data_shape_from_header(source),
+                              mrc_mode=MODES[self.dtype], overwrite=True,
+                              extended_header=np.frombuffer(extended, "V1") if extended else None
+                              ) as mrc:
+            for name in KEPT_FIELDS:
+                mrc.header[name] = source[name]
+            if int(source.nversion) in MRC2014_VERSIONS:
+                mrc.header.nversion = source.nversion
+            self._set_labels(mrc.header, labels_with(source, label or "cryokern"))
+            mrc.reset_header_stats()
+            return mrc.header.copy()
+
+    @staticmethod
+    def _set_labels(header, labels):
+        header.label[:] = b""
+        header.label[:len(labels)] = labels
+        header.nlabl = len(labels)
 
     def write(self, image, index=None):
         """Write image `index` (by default the one after the last written), converted to the

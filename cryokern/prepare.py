@@ -24,6 +24,7 @@ from tqdm import tqdm
 from .data import PairedImages
 from .mrcstack import DataError, MrcStack
 from .mrcwrite import StackWriter, check_target, output_directory
+from .options import add_files, finite, refuse
 
 EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
 NOISE_MODELS = ("poisson-gaussian", "gaussian")
@@ -38,13 +39,12 @@ def build_parser():
         description="Cut micrographs into training pairs: noisy/clean MRC patch stacks split "
                     "into train and test by micrograph, with a manifest.")
     s = p.add_argument_group("sources (one of)")
-    s.add_argument("--clean", nargs="+", default=[], metavar="FILE",
-                   help="clean micrographs; alone, the noisy side is made with --noise")
-    s.add_argument("--noisy", nargs="+", default=[], metavar="FILE",
-                   help="noisy micrographs paired in order with --clean (no noise is added)")
-    s.add_argument("--even", nargs="+", default=[], metavar="FILE",
-                   help="even-frame sums, paired in order with --odd: Noise2Noise pairs")
-    s.add_argument("--odd", nargs="+", default=[], metavar="FILE")
+    add_files(s, "--clean", help="clean micrographs; alone, the noisy side is made with --noise "
+                                 "(several files after one flag and repeated flags both add)")
+    add_files(s, "--noisy", help="noisy micrographs paired in order with --clean (no noise is "
+                                 "added)")
+    add_files(s, "--even", help="even-frame sums, paired in order with --odd: Noise2Noise pairs")
+    add_files(s, "--odd", help="odd-frame sums of the same exposures, in --even's order")
     c = p.add_argument_group("patches and split")
     c.add_argument("-o", "--out", required=True, metavar="OUTDIR")
     c.add_argument("--patch", type=int, default=1024, metavar="SIZE",
@@ -168,14 +168,13 @@ class Sources:
 def check_options(opts):
     if opts.stride is None:
         opts.stride = max(1, opts.patch // 2)
-    problems = [(opts.patch < 1, "--patch must be positive"),
-                (opts.stride < 1, "--stride must be positive"),
-                (not 0 <= opts.test_fraction < 1, "--test-fraction must be in [0, 1)"),
-                (opts.dose is not None and opts.dose <= 0, "--dose must be positive"),
-                (opts.sigma is not None and opts.sigma < 0, "--sigma must not be negative")]
-    for bad, message in problems:
-        if bad:
-            raise DataError(message)
+    refuse([(opts.patch < 3, f"--patch {opts.patch}: must be at least 3"),
+            (opts.stride < 1, f"--stride {opts.stride}: must be at least 1"),
+            (not 0 <= opts.test_fraction < 1, "--test-fraction must be in [0, 1)"),
+            (opts.dose is not None and not (finite(opts.dose) and opts.dose > 0),
+             f"--dose {opts.dose}: must be positive and finite"),
+            (opts.sigma is not None and not (finite(opts.sigma) and opts.sigma >= 0),
+             f"--sigma {opts.sigma}: must be finite and not negative")])
 
 
 def prepare(opts, argv):

@@ -22,6 +22,7 @@ from .backends import get_backend
 from .data import NORMALIZATIONS, BatchLoader, PairedImages, Subset, epoch_batches, split
 from .model import Network, init_params
 from .mrcstack import DataError
+from .options import add_files, finite, refuse
 from .step import DEFAULT_PASS_PIXELS, OptimizerConfig, TrainStep
 
 EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
@@ -42,15 +43,16 @@ def build_parser():
         description="Train the cryokern denoiser. With no data options it trains on a built-in "
                     "synthetic dataset.")
     d = p.add_argument_group("data")
-    d.add_argument("--noisy", action="append", default=[], metavar="FILE",
-                   help="noisy MRC stack (repeatable; paired in order with --clean)")
-    d.add_argument("--clean", action="append", default=[], metavar="FILE",
-                   help="clean (or second noisy, Noise2Noise) MRC stack, same length and shape")
-    d.add_argument("--pairs", metavar="LIST",
-                   help="text file, one 'NOISY CLEAN' pair of paths per line (# comments; "
-                        "relative paths are relative to the list)")
-    d.add_argument("--val-noisy", action="append", default=[], metavar="FILE")
-    d.add_argument("--val-clean", action="append", default=[], metavar="FILE")
+    add_files(d, "--noisy", help="noisy MRC stacks; several after one flag and repeated flags "
+                                 "both add (the k-th noisy file pairs with the k-th --clean "
+                                 "file, in command-line order)")
+    add_files(d, "--clean", help="clean (or second noisy, Noise2Noise) MRC stacks, paired in "
+                                 "order with --noisy: same lengths and shapes")
+    add_files(d, "--pairs", metavar="LIST",
+              help="text files, one 'NOISY CLEAN' pair of paths per line (# comments; relative "
+                   "paths are relative to the list); their pairs follow --noisy/--clean's")
+    add_files(d, "--val-noisy", help="validation noisy stacks, paired in order with --val-clean")
+    add_files(d, "--val-clean")
     d.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
                    help="hold out this fraction of the training images, chosen from the seed, "
                         "when no --val-noisy/--val-clean are given (default 0.1)")
@@ -71,6 +73,9 @@ def build_parser():
     t.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
     t.add_argument("--nesterov", action="store_true")
     t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--betas", type=float, nargs=2, default=[0.9, 0.999], metavar=("B1", "B2"),
+                   help="Adam's moment decay rates (default 0.9 0.999)")
+    t.add_argument("--eps", type=float, default=1e-8, help="Adam's epsilon (default 1e-8)")
     t.add_argument("--channels", default="1,16,16,1",
                    help="channel counts, input to output (default 1,16,16,1)")
     t.add_argument("--init", choices=("pytorch", "he-normal"), default="pytorch")
@@ -125,11 +130,14 @@ def read_pairs_list(path):
 def data_pairs(opts):
     """(training pairs, validation pairs) of paths from the options; the synthetic set if none."""
     if len(opts.noisy) != len(opts.clean):
-        raise DataError(f"--noisy given {len(opts.noisy)} times but --clean {len(opts.clean)} "
-                        "times: they pair in order")
+        raise DataError(f"--noisy names {len(opts.noisy)} files but --clean {len(opts.clean)}: "
+                        "they pair in order")
     if len(opts.val_noisy) != len(opts.val_clean):
-        raise DataError("--val-noisy and --val-clean must be given the same number of times")
-    train = list(zip(opts.noisy, opts.clean)) + (read_pairs_list(opts.pairs) if opts.pairs else [])
+        raise DataError(f"--val-noisy names {len(opts.val_noisy)} files but --val-clean "
+                        f"{len(opts.val_clean)}: they pair in order")
+    train = list(zip(opts.noisy, opts.clean))
+    for path in opts.pairs:
+        train += read_pairs_list(path)
     val = list(zip(opts.val_noisy, opts.val_clean))
     if not train:
         if val:
@@ -158,18 +166,27 @@ def open_data(opts):
 
 
 def check_options(opts):
-    problems = [(opts.epochs < 1, "--epochs must be at least 1"),
-                (opts.batch_size < 1, "--batch-size must be at least 1"),
-                (opts.crop < 0, "--crop must be positive"),
-                (not 0 <= opts.val_fraction < 1, "--val-fraction must be in [0, 1)"),
-                (opts.save_every < 0, "--save-every must be positive"),
-                (opts.pass_pixels < 1, "--pass-pixels must be at least 1"),
-                (opts.loader_threads < 0, "--loader-threads must be positive (0: automatic)"),
-                (opts.resume and opts.force, "--resume and --force exclude each other"),
-                (opts.resume and not opts.out, "--resume needs --out DIR, the run to continue")]
-    for bad, message in problems:
-        if bad:
-            raise DataError(message)
+    refuse([(opts.epochs < 1, f"--epochs {opts.epochs}: must be at least 1"),
+            (opts.batch_size < 1, f"--batch-size {opts.batch_size}: must be at least 1"),
+            (opts.crop != 0 and opts.crop < 3,
+             f"--crop {opts.crop}: must be at least 3 (or 0: whole images)"),
+            (not 0 <= opts.val_fraction < 1, "--val-fraction must be in [0, 1)"),
+            (opts.lr is not None and not (finite(opts.lr) and opts.lr > 0),
+             f"--lr {opts.lr}: must be positive and finite"),
+            (not 0 <= opts.momentum < 1, f"--momentum {opts.momentum}: must be in [0, 1)"),
+            (not all(0 <= b < 1 for b in opts.betas),
+             f"--betas {' '.join(map(str, opts.betas))}: each must be in [0, 1)"),
+            (not (finite(opts.eps) and opts.eps > 0), f"--eps {opts.eps}: must be positive "
+                                                       "and finite"),
+            (not (finite(opts.weight_decay) and opts.weight_decay >= 0),
+             f"--weight-decay {opts.weight_decay}: must be finite and not negative"),
+            (opts.nesterov and (opts.optimizer != "sgd" or opts.momentum == 0),
+             "--nesterov needs --optimizer sgd and a --momentum above 0"),
+            (opts.save_every < 0, "--save-every must be positive"),
+            (opts.pass_pixels < 1, "--pass-pixels must be at least 1"),
+            (opts.loader_threads < 0, "--loader-threads must be positive (0: automatic)"),
+            (opts.resume and opts.force, "--resume and --force exclude each other"),
+            (opts.resume and not opts.out, "--resume needs --out DIR, the run to continue")])
     try:
         channels = tuple(int(c) for c in opts.channels.split(","))
         Network(channels)
@@ -225,7 +242,8 @@ class Run:
         self.network = Network(channels)
         optimizer = OptimizerConfig(opts.optimizer, opts.lr, momentum=opts.momentum
                                     if opts.optimizer == "sgd" else 0.0,
-                                    weight_decay=opts.weight_decay, nesterov=opts.nesterov)
+                                    weight_decay=opts.weight_decay, nesterov=opts.nesterov,
+                                    beta1=opts.betas[0], beta2=opts.betas[1], eps=opts.eps)
         self.position = {"epoch": 0, "batch": 0}
         self.meter = LossMeter()
         self.best = None

@@ -10,6 +10,7 @@ import mrcfile
 import numpy as np
 import pytest
 
+from conftest import bits
 from cryokern import reference as R
 from cryokern import train as T
 from cryokern.backends import Ready, get_backend
@@ -54,12 +55,12 @@ def npz(path):
 
 def test_epoch_mse_is_exact_over_a_ragged_last_batch(tmp_path):
     """The Fortran trainer's bug: 10 images of very different noise in batches of 4 (4, 4, 2).
-    With learning rate 0 the reported MSE must equal the MSE over all pixels, not a mean of
-    batch means."""
+    With a learning rate too small to change any weight's bits (a rate of 0 is refused) the
+    reported MSE must equal the MSE over all pixels, not a mean of batch means."""
     noise = np.geomspace(0.01, 10.0, 10)
     pair = make_pair(tmp_path, noise=noise)
     out = str(tmp_path / "run")
-    args = data_args(pair) + ["--out", out, "--lr", "0", "--batch-size", "4", "--epochs", "1",
+    args = data_args(pair) + ["--out", out, "--lr", "1e-30", "--batch-size", "4", "--epochs", "1",
                               "--val-fraction", "0", "--normalize", "none", "--device", "cpu"]
     assert T.main(args) == 0
     reported = metrics(out)[0]["train_mse"]
@@ -67,7 +68,10 @@ def test_epoch_mse_is_exact_over_a_ragged_last_batch(tmp_path):
     with mrcfile.open(pair[0]) as a, mrcfile.open(pair[1]) as b:
         noisy, clean = a.data[:, None].copy(), b.data[:, None].copy()
     net = Network()
-    pred = forward(get_backend("reference"), net, init_params(net, 0), noisy)
+    params = init_params(net, 0)
+    trained = npz(os.path.join(out, "last.npz"))
+    assert all(np.array_equal(bits(trained[k]), bits(v)) for k, v in params.items())
+    pred = forward(get_backend("reference"), net, params, noisy)
     sse, count = R.mse_loss(pred, clean)        # all 10 images in one pass, same arithmetic
     direct = sse / count
     assert abs(reported - direct) <= 1e-9 * direct
