@@ -6,7 +6,10 @@ Sources (every image of every input file is one micrograph):
   --even FILE... --odd FILE...  even/odd frame sums of the same exposures: Noise2Noise pairs
 A seeded --test-fraction of the micrographs (not of the patches) is held out, so no test patch
 shares a pixel with a training patch. Outputs in OUTDIR: train_noisy.mrcs, train_clean.mrcs,
-test_noisy.mrcs, test_clean.mrcs (if any micrograph is held out) and manifest.json. One
+test_noisy.mrcs, test_clean.mrcs (if any micrograph is held out) and manifest.json. The patch
+stacks keep the sources' voxel size and axis order; a source's extended header (per-image
+records of whole micrographs) describes no patch, so they have none: the manifest says so and
+lists each source's header. One
 micrograph is in memory at a time. Exit status: 0 done, 2 bad input (nothing written), 130
 interrupted.
 """
@@ -126,7 +129,13 @@ class Sources:
         opts.sigma = 0.05 if opts.sigma is None else opts.sigma
         self.opts, self.pairs = opts, pairs
         self.micrographs = [(p, i) for p, (_, clean) in enumerate(pairs) for i in range(len(clean))]
+        first = pairs[0][1]
         for noisy, clean in pairs:
+            for stack in (noisy, clean):
+                if stack is not None and stack.axis_order != first.axis_order:
+                    raise DataError(f"{stack.path}: axis order (mapc, mapr, maps) "
+                                    f"{stack.axis_order} differs from {first.axis_order} of "
+                                    f"{first.path}; the patch stacks have one header")
             if min(clean.shape) < opts.patch:
                 raise DataError(f"{clean.path}: images are {clean.shape[0]}x{clean.shape[1]}, "
                                 f"smaller than --patch {opts.patch}")
@@ -162,7 +171,18 @@ class Sources:
         noisy, clean = self.pairs[p]
         first, second = ("even", "odd") if self.kind == "even/odd" else ("noisy", "clean")
         return {"id": number, first: noisy.path if noisy else None, second: clean.path,
-                "image": i, "shape": list(clean.shape), "split": split, "patches": patches}
+                "image": i, "shape": list(clean.shape), "split": split, "patches": patches,
+                "source_header": source_header(clean)}
+
+
+def source_header(stack):
+    """A source's header as far as its patches are concerned, for the manifest: the patch
+    stacks keep only the first source's voxel size and axis order."""
+    h = stack.header
+    return {"voxel_size": stack.voxel_size, "axis_order": stack.axis_order,
+            "space_group": int(h.ispg), "origin": stack.origin[0],
+            "exttyp": bytes(h.exttyp).decode("ascii", "replace"),
+            "extended_header_bytes": int(h.nsymbt)}
 
 
 def check_options(opts):
@@ -208,6 +228,12 @@ def prepare(opts, argv):
                 "source": sources.kind, "patch": opts.patch, "stride": opts.stride,
                 "seed": opts.seed, "test_fraction": opts.test_fraction,
                 "both_directions": opts.both_directions, "voxel_size": first.voxel_size,
+                "header": {"kept": {"voxel_size": first.voxel_size,
+                                    "axis_order": first.axis_order},
+                           "extended_header": None,
+                           "note": "patch stacks have no extended header (a source's describes "
+                                   "whole micrographs, not patches), space group 0 and origin "
+                                   "0; each micrograph's source_header lists its own"},
                 "noise": None, "micrographs": [],
                 "splits": {s: {"noisy": targets[s]["noisy"].name,
                                "clean": targets[s]["clean"].name,
@@ -226,7 +252,8 @@ def prepare(opts, argv):
     with ExitStack() as files:
         writers = {s: {side: files.enter_context(StackWriter(
             path, totals[s], (opts.patch, opts.patch), np.float32, "stack", first.voxel_size,
-            label=f"cryokern prepare {s} {side}")) for side, path in targets[s].items()}
+            label=f"cryokern prepare {s} {side}", axis_order=first.axis_order))
+            for side, path in targets[s].items()}
             for s in splits}
         for number in tqdm(range(count), unit="micrograph", disable=None):
             split = "test" if test[number] else "train"
