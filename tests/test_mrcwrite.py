@@ -73,3 +73,38 @@ def test_an_input_is_never_a_target_even_with_force(tmp_path):
         check_target(src, [], force=False)
     check_target(src, [], force=True)
     check_target(tmp_path / "new.mrc", [src], force=False)
+
+
+def test_a_file_written_like_another_keeps_its_header_and_extended_header(tmp_path, rng):
+    """Data placed after the extended header (nsymbt bytes), every header field but the mode,
+    statistics and labels kept, one label added."""
+    src = str(tmp_path / "src.mrcs")
+    extended = bytes(range(256)) * 3 + b"tail"
+    with mrcfile.new(src) as mrc:
+        mrc.set_data(rng.integers(0, 60000, (2, 5, 6)).astype(np.uint16))
+        mrc.set_extended_header(np.frombuffer(extended, "V1"))
+        mrc.header.exttyp = b"SERI"
+        mrc.header.mapc, mrc.header.mapr = 2, 1
+        mrc.header.origin = (1.0, 2.0, 3.0)
+        mrc.voxel_size = (0.5, 0.75, 1.0)
+    images = rng.standard_normal((2, 5, 6)).astype(np.float32)
+    path = str(tmp_path / "out.mrcs")
+    with StackWriter(path, 2, (5, 6), label="made by a test", like=MrcStack(src)) as w:
+        w.write(images[1], 1)
+        w.write(images[0], 0)
+    assert mrcfile.validate(path, print_file=open(os.devnull, "w"))
+    assert os.path.getsize(path) == 1024 + len(extended) + images.nbytes
+    with mrcfile.open(src) as a, mrcfile.open(path) as b:
+        assert np.array_equal(b.data, images) and bytes(b.extended_header) == extended
+        for field in ("exttyp", "nsymbt", "mapc", "mapr", "maps", "ispg", "origin", "cella",
+                      "mx", "my", "mz", "nxstart"):
+            assert b.header[field].tolist() == a.header[field].tolist(), field
+        assert b.header.mode == 2 and b.get_labels() == a.get_labels() + ["made by a test"]
+
+
+def test_labels_are_ascii_and_at_most_80_bytes(tmp_path):
+    path = str(tmp_path / "l.mrc")
+    with StackWriter(path, 1, (3, 3), layout="image", label="modèle " + "x" * 100) as w:
+        w.write(np.zeros((3, 3), np.float32))
+    with mrcfile.open(path) as mrc:
+        assert mrc.get_labels() == [("mod?le " + "x" * 100)[:80]]

@@ -150,3 +150,30 @@ def test_prepared_pairs_train(tmp_path, rng):
                        "--val-clean", str(out / "test_clean.mrcs"), "--epochs", "1",
                        "--device", "cpu", "--out", str(run)]) == 0
     assert (run / "best.npz").exists()
+
+
+def test_patches_keep_voxel_size_and_axis_order_and_have_no_extended_header(tmp_path, capsys):
+    from test_headers import build_variants
+    variants = build_variants(tmp_path)
+    out = tmp_path / "out"
+    assert main(["--clean", variants["fei1"], "-o", str(out), "--patch", "8", "--noise",
+                 "gaussian", "--test-fraction", "0.34"]) == 0
+    m = manifest(out)
+    assert m["header"]["extended_header"] is None and "no extended header" in m["header"]["note"]
+    assert m["micrographs"][0]["source_header"]["exttyp"] == "FEI1"
+    assert m["micrographs"][0]["source_header"]["extended_header_bytes"] == 3 * 768 + 256
+    for name in ("train_noisy", "train_clean", "test_noisy", "test_clean"):
+        assert mrcfile.validate(out / f"{name}.mrcs", print_file=open(os.devnull, "w"))
+        with mrcfile.open(out / f"{name}.mrcs", header_only=True) as mrc:
+            assert (mrc.header.nsymbt, mrc.header.ispg) == (0, 0)
+            assert mrc.voxel_size.x == pytest.approx(1.06)
+    assert main(["--clean", variants["swapped_axes"], "-o", str(tmp_path / "axes"), "--patch",
+                 "8", "--noise", "gaussian"]) == 0
+    with mrcfile.open(tmp_path / "axes" / "train_clean.mrcs", header_only=True) as mrc:
+        assert (mrc.header.mapc, mrc.header.mapr, mrc.header.maps) == (2, 1, 3)
+    assert manifest(tmp_path / "axes")["header"]["kept"]["axis_order"] == [2, 1, 3]
+    capsys.readouterr()
+    assert main(["--clean", variants["fei1"], variants["swapped_axes"], "-o",
+                 str(tmp_path / "mixed"), "--patch", "8", "--noise", "gaussian"]) == 2
+    err = capsys.readouterr().err
+    assert "swapped_axes.mrcs: axis order (mapc, mapr, maps) (2, 1, 3) differs" in err
