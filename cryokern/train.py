@@ -136,7 +136,9 @@ def data_pairs(opts):
         raise DataError(f"--val-noisy names {len(opts.val_noisy)} files but --val-clean "
                         f"{len(opts.val_clean)}: they pair in order")
     train = list(zip(opts.noisy, opts.clean))
-    for path in opts.pairs:
+    # a run saved before --pairs took several lists holds one path, or None
+    lists = [opts.pairs] if isinstance(opts.pairs, str) else opts.pairs or []
+    for path in lists:
         train += read_pairs_list(path)
     val = list(zip(opts.val_noisy, opts.val_clean))
     if not train:

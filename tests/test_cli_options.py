@@ -64,6 +64,12 @@ def test_train_file_options_pair_in_command_line_order(stacks, tmp_path):
     lists = T.build_parser().parse_args(["--pairs", str(tmp_path / "one.txt"), "--pairs",
                                          str(tmp_path / "two.txt")])
     assert T.data_pairs(lists)[0] == stacks
+    # the options of a run saved when --pairs took one list (resumed runs read them)
+    saved = T.build_parser().parse_args([])
+    saved.pairs = str(tmp_path / "two.txt")
+    assert T.data_pairs(saved)[0] == stacks[1:]
+    saved.pairs, saved.noisy, saved.clean = None, noisy, clean
+    assert T.data_pairs(saved)[0] == stacks
 
 
 def test_train_uses_every_file_of_repeated_flags(stacks, tmp_path):
