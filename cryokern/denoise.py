@@ -49,7 +49,7 @@ def build_parser():
                    help="write float16 (MRC mode 12) instead of float32 (mode 2)")
     p.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto",
                    help="gpu: the numba.cuda kernels; cpu: the NumPy reference (same bits, slow)")
-    p.add_argument("--preview", choices=FORMATS, metavar="FORMAT",
+    p.add_argument("--preview", choices=FORMATS,
                    help="also write an 8-bit png or jpg of each image beside its MRC file "
                         "(<name>.png; stacks <name>_0000.png, ...): binned to 1024 pixels or "
                         "fewer on the long side, clipped at the 0.5 and 99.5 percentiles; "

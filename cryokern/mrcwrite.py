@@ -6,9 +6,11 @@ positioned writes, so a stack is never held in memory whole, and the header's st
 a temporary name in the destination directory and renamed into place only when complete:
 an interrupted or failed run leaves no partial output.
 
-A file made from another (`like`) keeps that file's header, every field but the mode and the
+A file made from another (`like`) keeps that file's header: every field but the mode and the
 statistics (KEPT_FIELDS: space group, axis order, voxel size, origin, the extended header's
-type and its bytes, ...) and its labels, with one label added saying what made the file.
+type, ...), the extended header's bytes, and the labels, with one label added saying what made
+the file; nversion stays if it is an MRC2014 one (else mrcfile's current one, so that the file
+validates).
 """
 import os
 import tempfile
@@ -16,7 +18,6 @@ from pathlib import Path
 
 import mrcfile
 import numpy as np
-
 from mrcfile.dtypes import HEADER_DTYPE
 from mrcfile.utils import data_shape_from_header
 
@@ -76,8 +77,8 @@ def labels_with(header, label):
     """The header's labels with `label` (cut to 80 ASCII bytes) added. When all ten are in use,
     the second is dropped (IMOD's convention: the first label, usually the file's origin,
     stays)."""
-    labels = [bytes(l) for l in header.label[:min(int(header.nlabl), MAX_LABELS)]
-              if bytes(l).strip()] if header is not None else []
+    used = 0 if header is None else min(max(int(header.nlabl), 0), MAX_LABELS)
+    labels = [bytes(l) for l in header.label[:used] if bytes(l).strip()] if used else []
     if len(labels) == MAX_LABELS:
         del labels[1]
     return labels + [label.encode("ascii", "replace")[:80]]

@@ -28,11 +28,19 @@ def bin_factor(shape, size=PREVIEW_SIZE):
 
 
 def binned(image, factor):
-    """Means of factor x factor blocks, in float64 (narrower blocks at the far edges)."""
+    """Means of factor x factor blocks, in float64 (narrower blocks at the far edges). Whole
+    blocks are summed through reshaped views (contiguous passes over the image), the edge
+    strips apart."""
     h, w = image.shape
-    rows, cols = np.arange(0, h, factor), np.arange(0, w, factor)
-    sums = np.add.reduceat(np.add.reduceat(image, rows, axis=0, dtype=np.float64), cols, axis=1)
-    counts = np.outer(np.diff(np.append(rows, h)), np.diff(np.append(cols, w)))
+    fh, fw = h - h % factor, w - w % factor
+    rows = image[:fh].reshape(fh // factor, factor, w).sum(axis=1, dtype=np.float64)
+    if fh < h:
+        rows = np.vstack([rows, image[fh:].sum(axis=0, dtype=np.float64)])
+    sums = rows[:, :fw].reshape(len(rows), fw // factor, factor).sum(axis=2)
+    if fw < w:
+        sums = np.hstack([sums, rows[:, fw:].sum(axis=1, keepdims=True)])
+    counts = np.outer([factor] * (fh // factor) + ([h - fh] if fh < h else []),
+                      [factor] * (fw // factor) + ([w - fw] if fw < w else []))
     return sums / counts
 
 
