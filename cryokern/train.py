@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from . import checkpoint, synthetic
-from .backends import get_backend
+from . import checkpoint, precompile, synthetic
+from .backends import get_backend, gpu_available
 from .data import NORMALIZATIONS, BatchLoader, PairedImages, Subset, epoch_batches, split
 from .model import Network, init_params
 from .mrcstack import DataError
@@ -215,6 +215,12 @@ class LossMeter:
                    -math.inf if d["hi"] is None else d["hi"], d["seconds"])
 
 
+def optimizer_config(opts):
+    return OptimizerConfig(opts.optimizer, opts.lr, momentum=opts.momentum
+                           if opts.optimizer == "sgd" else 0.0,
+                           weight_decay=opts.weight_decay, nesterov=opts.nesterov)
+
+
 class Run:
     """One training run: the step, the data, the run directory and its checkpoints."""
 
@@ -223,9 +229,7 @@ class Run:
         self.out = Path(opts.out)
         self.description = description
         self.network = Network(channels)
-        optimizer = OptimizerConfig(opts.optimizer, opts.lr, momentum=opts.momentum
-                                    if opts.optimizer == "sgd" else 0.0,
-                                    weight_decay=opts.weight_decay, nesterov=opts.nesterov)
+        optimizer = optimizer_config(opts)
         self.position = {"epoch": 0, "batch": 0}
         self.meter = LossMeter()
         self.best = None
@@ -425,6 +429,7 @@ def start(opts, explicit):
         channels = check_options(opts)
     if opts.lr is None:
         opts.lr = DEFAULT_LR[opts.optimizer]
+    compiling = start_compiling(opts, channels)
     train, val, description = open_data(opts)
     if resume_from is not None and description != resume_from[2]["data"]:
         raise DataError(f"{opts.out}: the data differ from those the run was trained on")
@@ -448,7 +453,16 @@ def start(opts, explicit):
     print(f"cryokern: training on {len(train)} images ({'x'.join(map(str, train.image_shape))})"
           f"{f', validating on {len(val)}' if val is not None else ''}; backend {backend.name}; "
           f"run directory {out}", flush=True)
+    compiling.wait()
     return Run(opts, channels, backend, train, val, description, resume_from)
+
+
+def start_compiling(opts, channels):
+    """The GPU kernels of the network, compiling in worker processes while the data are opened
+    (precompile.py); nothing to do for the reference."""
+    if opts.device == "cpu" or not gpu_available():
+        return precompile.Ready()
+    return precompile.start(channels, optimizer_config(opts))
 
 
 def main(argv=None):
