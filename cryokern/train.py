@@ -31,7 +31,7 @@ RUN_FILES = ("config.json", "metrics.jsonl", "last.npz", "best.npz", "loss.png")
 RESUME_MAY_CHANGE = {"epochs", "device", "out", "resume", "force", "save_every", "pass_pixels",
                      "loader_threads", "keep_epochs"}
 DEFAULT_LR = {"sgd": 0.01, "adam": 1e-3}
-PLOT_EVERY_S = 5.0              # loss.png is redrawn at most this often, and after the last epoch
+PLOT_EVERY_S = 5.0              # loss.png is drawn at most this often, and after the last epoch
 VAL_KEPT_BYTES = 256 << 20      # a validation set up to this size stays on the device
 
 
@@ -254,7 +254,7 @@ class Run:
         # set kept on the device, the next epoch's loader reading during the epoch's end
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
         self._writing = None
-        self._plotted_at, self._plotted_epoch = -math.inf, None
+        self._plotted_at, self._plotted_epoch = time.monotonic(), None   # first after PLOT_EVERY_S
         self._val_batches = None
         self._next_loader = None
 

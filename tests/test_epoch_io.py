@@ -83,7 +83,7 @@ def test_keep_epochs_must_not_be_negative(tmp_path, capsys):
     assert "--keep-epochs" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("every, drawn", [(1e9, [0, 2]), (0.0, [0, 1, 2])])
+@pytest.mark.parametrize("every, drawn", [(1e9, [2]), (0.0, [0, 1, 2])])
 def test_the_plot_is_redrawn_at_most_every_few_seconds_and_at_the_end(tmp_path, monkeypatch,
                                                                      every, drawn):
     calls = []
