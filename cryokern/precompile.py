@@ -41,6 +41,7 @@ HEAVY = ("conv2d_forward", "conv2d_backward_data", "conv2d_backward_weights",
          "mse_loss_and_grad")
 HOST_JOB = ("imagemath",)
 RECORD_SHAPE = (1, 1, 8, 8)     # a batch for the recording: its size selects no kernel
+WORKER_DEADLINE_S = 600         # a worker lost (killed) never answers: give up on it after this
 
 
 def _describe(value):
@@ -187,7 +188,8 @@ class Compiling:
         """Block until every job is done; print how long they took. A failed worker costs
         only time: the training process then compiles what is missing itself."""
         try:
-            timings = [r.get() for r in self.results]
+            deadline = self.started + WORKER_DEADLINE_S
+            timings = [r.get(max(0.0, deadline - time.perf_counter())) for r in self.results]
         except Exception as e:          # noqa: BLE001 (any failure: fall back, say why)
             print(f"cryokern: compiling in worker processes failed ({type(e).__name__}: {e}); "
                   "the kernels compile at their first launch instead", flush=True)
