@@ -7,7 +7,7 @@ loss.png every epoch as the command does them. End to end: training images per s
 the first and the last epoch's printed lines (start-up and compiling excluded, everything an
 epoch does included). In epoch: metrics.jsonl's images_per_s (the training loop alone), median.
 Step only: this tree's training step on a device-resident batch, pipelined as train runs it.
-Usage: python bench/short_epochs.py [--tree DIR ...] [--epochs 60] [--cache DIR] [--json FILE]
+Usage: python bench/short_epochs.py [--tree DIR ...] [--epochs N ...] [--cache DIR] [--json FILE]
   --cache: the kernels' caches, laid out as bench/first_step.py leaves them (CACHE/cryokern,
   CACHE/numba), so that no run compiles inside the timing.
 """
@@ -86,7 +86,8 @@ def main():
     ap.add_argument("--train", type=int, default=32)
     ap.add_argument("--val", type=int, default=3)
     ap.add_argument("--size", type=int, default=1024)
-    ap.add_argument("--epochs", type=int, default=60)
+    ap.add_argument("--epochs", type=int, nargs="*", default=[60],
+                    help="epochs per run: one for all trees, or one per --tree")
     ap.add_argument("--cache")
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -110,23 +111,22 @@ def main():
     from cryokern.backends import gpu_available
     step = step_only(4, args.size) if gpu_available() else float("nan")
     rows = []
-    for i, tree in enumerate(args.tree):
-        e2e, in_epoch, total = train_run(tree, data, args.epochs,
-                                         os.path.join(args.dir, f"run{i}"), env)
-        rows.append({"tree": tree, "end_to_end": round(e2e, 1), "in_epoch": round(in_epoch, 1),
+    epochs = args.epochs * len(args.tree) if len(args.epochs) == 1 else args.epochs
+    for i, (tree, n) in enumerate(zip(args.tree, epochs)):
+        e2e, in_epoch, total = train_run(tree, data, n, os.path.join(args.dir, f"run{i}"), env)
+        rows.append({"tree": tree, "epochs": n, "end_to_end": round(e2e, 1), "in_epoch": round(in_epoch, 1),
                      "step_only": round(step, 1), "ratio": round(e2e / step, 3),
                      "command_s": round(total, 1)})
     print(f"\n{time.strftime('%Y-%m-%d %H:%M')}  {args.train} + {args.val} images of "
-          f"{args.size}^2, batch 4, {args.epochs} epochs; {plots}")
-    print(f"{'tree':40s} {'end-to-end':>10s} {'in epoch':>9s} {'step only':>9s} {'ratio':>6s} "
+          f"{args.size}^2, batch 4; {plots}")
+    print(f"{'tree':40s} {'epochs':>6s} {'end-to-end':>10s} {'in epoch':>9s} {'step only':>9s} {'ratio':>6s} "
           f"{'command s':>9s}")
     for r in rows:
-        print(f"{r['tree'][-40:]:40s} {r['end_to_end']:10.1f} {r['in_epoch']:9.1f} "
+        print(f"{r['tree'][-40:]:40s} {r['epochs']:6d} {r['end_to_end']:10.1f} {r['in_epoch']:9.1f} "
               f"{r['step_only']:9.1f} {r['ratio']:6.3f} {r['command_s']:9.1f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"date": time.strftime("%Y-%m-%d %H:%M"), "epochs": args.epochs,
-                       "plots": plots, "rows": rows}, f, indent=1)
+            json.dump({"date": time.strftime("%Y-%m-%d %H:%M"), "plots": plots, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
