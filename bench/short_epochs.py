@@ -114,19 +114,21 @@ def main():
     epochs = args.epochs * len(args.tree) if len(args.epochs) == 1 else args.epochs
     for i, (tree, n) in enumerate(zip(args.tree, epochs)):
         e2e, in_epoch, total = train_run(tree, data, n, os.path.join(args.dir, f"run{i}"), env)
-        rows.append({"tree": tree, "epochs": n, "end_to_end": round(e2e, 1), "in_epoch": round(in_epoch, 1),
-                     "step_only": round(step, 1), "ratio": round(e2e / step, 3),
-                     "command_s": round(total, 1)})
+        rows.append({"tree": tree, "epochs": n, "end_to_end": round(e2e, 1),
+                     "in_epoch": round(in_epoch, 1), "step_only": round(step, 1),
+                     "ratio": round(e2e / step, 3), "command_s": round(total, 1)})
     print(f"\n{time.strftime('%Y-%m-%d %H:%M')}  {args.train} + {args.val} images of "
           f"{args.size}^2, batch 4; {plots}")
-    print(f"{'tree':40s} {'epochs':>6s} {'end-to-end':>10s} {'in epoch':>9s} {'step only':>9s} {'ratio':>6s} "
-          f"{'command s':>9s}")
+    print(f"{'tree':40s} {'epochs':>6s} {'end-to-end':>10s} {'in epoch':>9s} "
+          f"{'step only':>9s} {'ratio':>6s} {'command s':>9s}")
     for r in rows:
-        print(f"{r['tree'][-40:]:40s} {r['epochs']:6d} {r['end_to_end']:10.1f} {r['in_epoch']:9.1f} "
-              f"{r['step_only']:9.1f} {r['ratio']:6.3f} {r['command_s']:9.1f}")
+        print(f"{r['tree'][-40:]:40s} {r['epochs']:6d} {r['end_to_end']:10.1f} "
+              f"{r['in_epoch']:9.1f} {r['step_only']:9.1f} {r['ratio']:6.3f} "
+              f"{r['command_s']:9.1f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"date": time.strftime("%Y-%m-%d %H:%M"), "plots": plots, "rows": rows}, f, indent=1)
+            json.dump({"date": time.strftime("%Y-%m-%d %H:%M"), "plots": plots, "rows": rows},
+                      f, indent=1)
 
 
 if __name__ == "__main__":
