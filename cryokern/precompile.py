@@ -20,13 +20,17 @@ that; entries of the same signature are). One more job compiles the data loader'
 A marker file per network and kernel sources says that all jobs once succeeded with this cache:
 later runs start no workers.
 """
+import atexit
+import base64
 import hashlib
 import json
-import multiprocessing
 import os
-import signal
+import pickle
+import subprocess
 import sys
+import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +45,6 @@ HEAVY = ("conv2d_forward", "conv2d_backward_data", "conv2d_backward_weights",
          "mse_loss_and_grad")
 HOST_JOB = ("imagemath",)
 RECORD_SHAPE = (1, 1, 8, 8)     # a batch for the recording: its size selects no kernel
-WORKER_DEADLINE_S = 600         # a worker lost (killed) never answers: give up on it after this
 
 
 def _describe(value):
@@ -171,39 +174,60 @@ def _sources_digest():
 
 
 class Compiling:
-    """Workers compiling a network's kernels; wait() before the first step."""
+    """Worker processes compiling a network's kernels; wait() before the first step.
+
+    Plain `python -m cryokern.precompile` processes, not multiprocessing's: those re-import
+    the parent's main script, which (unguarded by `if __name__ == "__main__"`) would start a
+    training run in every worker. Each gets its share of the jobs pickled on its command line,
+    runs in a session of its own (Ctrl-C is the parent's to handle) and prints its jobs'
+    seconds; workers still running when the parent exits (bad data, Ctrl-C) are killed."""
 
     def __init__(self, job_list, marker, processes):
-        self.jobs, self.marker = job_list, marker
+        self.marker = marker
         self.started = time.perf_counter()
-        context = multiprocessing.get_context("spawn")  # never fork a process that uses CUDA
-        # daemonic workers: a run that stops before wait() (bad data) leaves none behind;
-        # Ctrl-C is the parent's to handle
-        self.pool = context.Pool(processes, initializer=signal.signal,
-                                 initargs=(signal.SIGINT, signal.SIG_IGN))
-        self.results = [self.pool.apply_async(run_job, (job,)) for job in job_list]
-        self.pool.close()
+        self.shares = [job_list[i::processes] for i in range(processes)]
+        path = [p or os.getcwd() for p in sys.path]     # cryokern as the parent found it
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
+        self.errors = [tempfile.TemporaryFile() for _ in self.shares]   # never a full pipe
+        self.workers = [subprocess.Popen(
+            [sys.executable, "-m", "cryokern.precompile",
+             base64.b64encode(pickle.dumps(share)).decode()],
+            env=env, stdout=subprocess.PIPE, stderr=errors, start_new_session=True)
+            for share, errors in zip(self.shares, self.errors)]
+        atexit.register(self.stop)
+
+    def stop(self):
+        for worker in self.workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
 
     def wait(self):
-        """Block until every job is done; print how long they took. A failed worker costs
+        """Block until every worker is done; print how long it took. A failed worker costs
         only time: the training process then compiles what is missing itself."""
         try:
-            deadline = self.started + WORKER_DEADLINE_S
-            timings = [r.get(max(0.0, deadline - time.perf_counter())) for r in self.results]
-        except Exception as e:          # noqa: BLE001 (any failure: fall back, say why)
-            print(f"cryokern: compiling in worker processes failed ({type(e).__name__}: {e}); "
-                  "the kernels compile at their first launch instead", flush=True)
-            return
+            outputs = [worker.communicate()[0] for worker in self.workers]
         finally:
-            self.pool.terminate()       # done or failed: nothing left for the workers
-            self.pool.join()
+            self.stop()
+            atexit.unregister(self.stop)
+        failed = [(w, e) for w, e in zip(self.workers, self.errors) if w.returncode != 0]
+        if failed:
+            worker, errors = failed[0]
+            errors.seek(0)
+            lines = errors.read().decode(errors="replace").strip().splitlines()
+            last = lines[-1] if lines else "no message"
+            print(f"cryokern: compiling in worker processes failed (exit status "
+                  f"{worker.returncode}: {last}); the kernels compile at their first launch "
+                  "instead", flush=True)
+            return
         seconds = time.perf_counter() - self.started
-        slowest = max(timings)
-        slowest_job = self.jobs[timings.index(slowest)]
+        timings = [(t, job) for share, out in zip(self.shares, outputs)
+                   for t, job in zip(json.loads(out.decode().splitlines()[-1]), share)]
+        slowest, slowest_job = max(timings, key=lambda tj: tj[0])
         print(f"cryokern: compiled in {seconds:.1f} s (longest: {label(slowest_job)}, "
               f"{slowest:.1f} s)", flush=True)
         self.marker.parent.mkdir(parents=True, exist_ok=True)
-        self.marker.write_text(json.dumps({"jobs": [label(j) for j in self.jobs],
+        self.marker.write_text(json.dumps({"jobs": [label(job) for _, job in timings],
                                            "seconds": round(seconds, 1)}) + "\n")
 
 
@@ -232,3 +256,13 @@ def start(channels, optimizer, processes=None):
           f"({len(job_list)} jobs in {processes} processes, first run only; cached under "
           f"{cache_root()})", flush=True)
     return Compiling(job_list, marker, processes)
+
+
+def main(encoded_jobs):
+    """A worker: run the pickled jobs in turn, print their seconds (JSON) on stdout."""
+    warnings.filterwarnings("ignore", message=".*GPU under-utilization")
+    print(json.dumps([run_job(job) for job in pickle.loads(base64.b64decode(encoded_jobs))]))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

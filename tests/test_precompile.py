@@ -1,5 +1,10 @@
 """Parallel precompilation: the jobs compile exactly the kernels a training step launches, the
 workers run them, and the generated sources are written once (numba's cache keys on them)."""
+import os
+import signal
+import subprocess
+import sys
+
 import numpy as np
 
 from cryokern import precompile
@@ -65,7 +70,30 @@ def test_workers_fill_and_mark_the_cache(tmp_path, monkeypatch, capsys):
     failing = tmp_path / "kernels" / "ready-failing.json"
     precompile.Compiling([(("no_such_kernel", (), ()),)], failing, 1).wait()
     assert not failing.exists()
-    assert "failed (AttributeError" in capsys.readouterr().out
+    assert "failed (exit status 1: AttributeError" in capsys.readouterr().out
+
+
+def test_workers_left_running_are_killed(tmp_path, monkeypatch):
+    monkeypatch.setenv("CRYOKERN_CACHE", str(tmp_path))
+    compiling = precompile.Compiling([precompile.HOST_JOB], tmp_path / "marker", 1)
+    compiling.stop()                                 # as at exit, before wait()
+    assert [w.returncode for w in compiling.workers] == [-signal.SIGKILL]
+
+
+def test_an_unguarded_main_script_runs_once(tmp_path):
+    """Workers do not re-import the parent's main script (multiprocessing's spawn would, and
+    a script calling train.main() at top level would start a run in each worker)."""
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import pathlib\n"
+        "from cryokern import precompile\n"
+        f"runs = pathlib.Path({str(tmp_path / 'runs')!r})\n"
+        "runs.write_text(runs.read_text() + 'x' if runs.exists() else 'x')\n"
+        f"precompile.Compiling([precompile.HOST_JOB], pathlib.Path({str(tmp_path / 'm')!r}), 1)"
+        ".wait()\n")
+    subprocess.run([sys.executable, str(script)], check=True, timeout=120,
+                   env=dict(os.environ, CRYOKERN_CACHE=str(tmp_path)))
+    assert (tmp_path / "runs").read_text() == "x" and (tmp_path / "m").exists()
 
 
 def test_a_source_written_by_another_process_is_not_replaced(tmp_path, monkeypatch):
