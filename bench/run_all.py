@@ -1,9 +1,9 @@
 """Every benchmark in one command: kernels, training step beside PyTorch, I/O and end-to-end,
-denoising 4096x4096 micrographs.
+denoising 4096x4096 micrographs, the cold start and short epochs.
 
 On a machine without a CUDA GPU it times the NumPy reference's training step instead and says
 which GPU parts it skipped. Usage: python bench/run_all.py [--quick]  (--quick: no I/O and
-denoise benchmarks, which write several GiB of stacks)
+denoise benchmarks, which write several GiB of stacks, nor the cold start and short epochs)
 """
 import argparse
 import os
@@ -48,7 +48,8 @@ def main():
         return 0
     # the step also in passes of 2 images of 1024^2 (less memory; the same bits)
     runs = [["kernels.py"], ["step.py"], ["step.py", "--pass-pixels", "2097152"]] + \
-        ([] if args.quick else [["train_io.py"], ["denoise.py"]])
+        ([] if args.quick else [["train_io.py"], ["denoise.py"], ["first_step.py"],
+                                ["short_epochs.py"]])
     status = 0
     for script, *options in runs:
         print(f"\n=== bench/{' '.join([script] + options)}", flush=True)

@@ -5,7 +5,10 @@ Arrays: `layers.{i}.weight` (OIHW float32), `layers.{i}.bias`, the optimizer's b
 a 0-d string array holding JSON (network, layouts, optimizer, position, options). The file is
 written to a temporary name in the same directory, fsynced, renamed over the old one and the
 directory fsynced: a crash or a full disk mid-write leaves the previous checkpoint intact.
+Several names for one state (an epoch's file, best.npz, last.npz) are one file written once,
+hard links renamed into place.
 """
+import io
 import json
 import os
 import tempfile
@@ -18,27 +21,60 @@ VERSION = 1
 LAYOUT = {"weight": "OIHW", "bias": "O", "images": "NCHW"}
 
 
-def save(path, params, optimizer_state, meta):
+def encode(params, optimizer_state, meta):
+    """The checkpoint file's bytes."""
     arrays = dict(params)
     arrays.update({f"optimizer.{k}": v for k, v in optimizer_state.items()})
     meta = dict(meta, format=FORMAT, version=VERSION, layout=LAYOUT)
     arrays["meta"] = np.array(json.dumps(meta, sort_keys=True))
-    directory = os.path.dirname(os.path.abspath(path))
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def save(path, params, optimizer_state, meta):
+    write([path], encode(params, optimizer_state, meta))
+
+
+def write(paths, data):
+    """`data` under every path (all in one directory): written and fsynced once, then each
+    name made a hard link to it by a rename over the old file, and the directory fsynced once.
+    Each name holds its old file or the whole new one at any moment. (Where hard links are
+    not supported, each name gets a copy of its own.)"""
+    directory = os.path.dirname(os.path.abspath(paths[0]))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        for path in paths:
+            _replace_with(tmp, path, data)
+    finally:
         os.unlink(tmp)
-        raise
     dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _replace_with(tmp, path, data):
+    """Rename a second name of `tmp` (a hard link, else a fsynced copy) over `path`."""
+    link = f"{tmp}.link"
+    try:
+        try:
+            os.link(tmp, link)
+        except OSError:
+            with open(link, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(link, path)
+    except BaseException:
+        if os.path.exists(link):
+            os.unlink(link)
+        raise
 
 
 def load(path):

@@ -11,14 +11,15 @@ import resource
 import sys
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from . import checkpoint, synthetic
-from .backends import get_backend
+from . import checkpoint, precompile, synthetic
+from .backends import get_backend, gpu_available
 from .data import NORMALIZATIONS, BatchLoader, PairedImages, Subset, epoch_batches, split
 from .model import Network, init_params
 from .mrcstack import DataError
@@ -29,8 +30,10 @@ EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 RUN_FILES = ("config.json", "metrics.jsonl", "last.npz", "best.npz", "loss.png")
 # options a resumed run may change; any other option given with --resume must match the run's
 RESUME_MAY_CHANGE = {"epochs", "device", "out", "resume", "force", "save_every", "pass_pixels",
-                     "loader_threads"}
+                     "loader_threads", "keep_epochs"}
 DEFAULT_LR = {"sgd": 0.01, "adam": 1e-3}
+PLOT_EVERY_S = 5.0              # loss.png is drawn at most this often, and after the last epoch
+VAL_KEPT_BYTES = 256 << 20      # a validation set up to this size stays on the device
 
 
 class Diverged(Exception):
@@ -90,6 +93,8 @@ def build_parser():
                    help="run directory (default runs/YYYYmmdd-HHMMSS)")
     o.add_argument("--save-every", type=int, default=0, metavar="N",
                    help="also write DIR/last.npz every N steps")
+    o.add_argument("--keep-epochs", type=int, default=0, metavar="K",
+                   help="keep only the newest K epoch_NNNN.npz files (default 0: keep all)")
     o.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its newest checkpoint")
     o.add_argument("--force", action="store_true",
@@ -185,6 +190,7 @@ def check_options(opts):
             (opts.nesterov and (opts.optimizer != "sgd" or opts.momentum == 0),
              "--nesterov needs --optimizer sgd and a --momentum above 0"),
             (opts.save_every < 0, "--save-every must be positive"),
+            (opts.keep_epochs < 0, "--keep-epochs must be positive (0: keep all)"),
             (opts.pass_pixels < 1, "--pass-pixels must be at least 1"),
             (opts.loader_threads < 0, "--loader-threads must be positive (0: automatic)"),
             (opts.resume and opts.force, "--resume and --force exclude each other"),
@@ -234,6 +240,13 @@ class LossMeter:
                    -math.inf if d["hi"] is None else d["hi"], d["seconds"])
 
 
+def optimizer_config(opts):
+    return OptimizerConfig(opts.optimizer, opts.lr, momentum=opts.momentum
+                           if opts.optimizer == "sgd" else 0.0,
+                           weight_decay=opts.weight_decay, nesterov=opts.nesterov,
+                           beta1=opts.betas[0], beta2=opts.betas[1], eps=opts.eps)
+
+
 class Run:
     """One training run: the step, the data, the run directory and its checkpoints."""
 
@@ -242,10 +255,7 @@ class Run:
         self.out = Path(opts.out)
         self.description = description
         self.network = Network(channels)
-        optimizer = OptimizerConfig(opts.optimizer, opts.lr, momentum=opts.momentum
-                                    if opts.optimizer == "sgd" else 0.0,
-                                    weight_decay=opts.weight_decay, nesterov=opts.nesterov,
-                                    beta1=opts.betas[0], beta2=opts.betas[1], eps=opts.eps)
+        optimizer = optimizer_config(opts)
         self.position = {"epoch": 0, "batch": 0}
         self.meter = LossMeter()
         self.best = None
@@ -259,8 +269,20 @@ class Run:
                               pass_pixels=opts.pass_pixels)
         self.uploads = backend.uploads()
         self._host_buffers = {}
+        # per-epoch work kept small beside a short epoch (a few dozen images): checkpoints
+        # written by a thread, loss.png redrawn at most every PLOT_EVERY_S, a small validation
+        # set kept on the device, the next epoch's loader reading during the epoch's end
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
+        self._writing = None
+        self._plotted_at, self._plotted_epoch = time.monotonic(), None   # first after PLOT_EVERY_S
+        self._val_batches = None
+        self._next_loader = None
 
-    def save(self, name):
+    def save(self, *names, epoch=None):
+        """The state now under every name (one file, hard-linked: checkpoint.write), written
+        on the writer thread while training goes on. The previous write is finished first,
+        so files appear in order and its error (a full disk) is raised here. With `epoch`
+        (its number, from 1), epoch files beyond --keep-epochs are deleted after the write."""
         meta = {"network": {"channels": list(self.network.channels)},
                 "optimizer": asdict(self.step.optimizer), "step": self.step.step,
                 "epoch": self.position["epoch"], "position": self.position,
@@ -270,7 +292,25 @@ class Run:
         params = self.step.host_params()
         if not all(np.isfinite(a).all() for a in params.values()):
             raise Diverged(f"the weights became NaN or Inf at step {self.step.step}")
-        checkpoint.save(self.out / name, params, self.step.host_state(), meta)
+        data = checkpoint.encode(params, self.step.host_state(), meta)
+        self.finish_writing()
+        self._writing = self._writer.submit(self._write, [self.out / n for n in names], data,
+                                            epoch)
+
+    def _write(self, paths, data, epoch):
+        checkpoint.write(paths, data)
+        keep = self.opts.keep_epochs
+        if keep and epoch is not None:
+            for path in self.out.glob("epoch_*.npz"):
+                number = path.stem[len("epoch_"):]
+                if number.isdigit() and int(number) <= epoch - keep:
+                    path.unlink(missing_ok=True)
+
+    def finish_writing(self):
+        """Wait for the checkpoint being written; raise its error."""
+        if self._writing is not None:
+            writing, self._writing = self._writing, None
+            writing.result()
 
     def batches(self, subset, epoch, first, shuffle, depth=3):
         """A loader over the epoch's batches from batch `first` on, `depth` batches ahead."""
@@ -289,7 +329,9 @@ class Run:
         done = self.position["batch"] * opts.batch_size
         bar = tqdm(total=len(self.train), initial=min(done, len(self.train)), unit="img",
                    desc=f"epoch {epoch + 1}/{opts.epochs}", disable=None, leave=False)
-        loader = self.batches(self.train, epoch, self.position["batch"], shuffle=True)
+        loader, self._next_loader = self._next_loader, None
+        if loader is None:
+            loader = self.batches(self.train, epoch, self.position["batch"], shuffle=True)
         start = time.perf_counter() - self.meter.seconds
         queued = None
 
@@ -323,6 +365,12 @@ class Run:
 
     def validate(self):
         meter = LossMeter()
+        if self._val_batches is not None:
+            for noisy, clean, lo, hi in self._val_batches:
+                meter.add(*self.step.loss(noisy, clean), lo, hi)
+            return meter
+        keep = len(self.val) * 2 * 4 * math.prod(self.val.image_shape) <= VAL_KEPT_BYTES
+        kept = []
         loader = self.batches(self.val, 0, 0, shuffle=False)
         try:
             for noisy, clean, lo, hi in loader:
@@ -330,8 +378,13 @@ class Run:
                 self.uploads.used()
                 self.uploads.copied()
                 meter.add(sse, count, lo, hi)
+                if keep:
+                    kept.append((self.backend.to_device(noisy), self.backend.to_device(clean),
+                                 lo, hi))
         finally:
             loader.close()
+        if keep:
+            self._val_batches = kept
         return meter
 
     def end_epoch(self, epoch):
@@ -340,6 +393,8 @@ class Run:
         record["images_per_s"] = len(self.train) / self.meter.seconds
         if self.val is not None:
             record.update(self.validate().summary("val"))
+        if epoch + 1 < self.opts.epochs:        # reads while the epoch's end is written
+            self._next_loader = self.batches(self.train, epoch + 1, 0, shuffle=True)
         if not math.isfinite(record.get("val_mse", 0.0)):
             raise Diverged(f"the validation loss became {record['val_mse']} after epoch {epoch + 1}")
         record["peak_rss_mib"] = peak_rss_mib()
@@ -350,22 +405,34 @@ class Run:
         improved = self.best is None or score < self.best
         if improved:
             self.best = score
-        self.save(f"epoch_{epoch + 1:04d}.npz")
-        if improved:
-            self.save("best.npz")
-        self.save("last.npz")
-        plot_losses(self.out)
+        self.save(f"epoch_{epoch + 1:04d}.npz", *(["best.npz"] if improved else []), "last.npz",
+                  epoch=epoch + 1)
+        if time.monotonic() - self._plotted_at >= PLOT_EVERY_S:
+            self.plot(epoch)
         return record
 
+    def plot(self, epoch):
+        plot_losses(self.out)
+        self._plotted_at, self._plotted_epoch = time.monotonic(), epoch
+
     def run(self):
-        for epoch in range(self.position["epoch"], self.opts.epochs):
-            self.train_epoch(epoch)
-            record = self.end_epoch(epoch)
-            val = f"  val mse {record['val_mse']:.6g} ({record['val_psnr']:.2f} dB)" \
-                if "val_mse" in record else ""
-            print(f"epoch {epoch + 1}/{self.opts.epochs}  train mse {record['train_mse']:.6g} "
-                  f"({record['train_psnr']:.2f} dB){val}  {record['images_per_s']:.1f} images/s",
-                  flush=True)
+        try:
+            for epoch in range(self.position["epoch"], self.opts.epochs):
+                self.train_epoch(epoch)
+                record = self.end_epoch(epoch)
+                val = f"  val mse {record['val_mse']:.6g} ({record['val_psnr']:.2f} dB)" \
+                    if "val_mse" in record else ""
+                print(f"epoch {epoch + 1}/{self.opts.epochs}  train mse "
+                      f"{record['train_mse']:.6g} ({record['train_psnr']:.2f} dB){val}  "
+                      f"{record['images_per_s']:.1f} images/s", flush=True)
+            if self._plotted_epoch != self.opts.epochs - 1 and \
+                    self.position["epoch"] == self.opts.epochs:
+                self.plot(self.opts.epochs - 1)
+        finally:
+            if self._next_loader is not None:
+                self._next_loader.close()
+            self.finish_writing()
+            self._writer.shutdown()
 
 
 def peak_rss_mib():
@@ -445,6 +512,7 @@ def start(opts, explicit):
         channels = check_options(opts)
     if opts.lr is None:
         opts.lr = DEFAULT_LR[opts.optimizer]
+    compiling = start_compiling(opts, channels)
     train, val, description = open_data(opts)
     if resume_from is not None and description != resume_from[2]["data"]:
         raise DataError(f"{opts.out}: the data differ from those the run was trained on")
@@ -468,7 +536,16 @@ def start(opts, explicit):
     print(f"cryokern: training on {len(train)} images ({'x'.join(map(str, train.image_shape))})"
           f"{f', validating on {len(val)}' if val is not None else ''}; backend {backend.name}; "
           f"run directory {out}", flush=True)
+    compiling.wait()
     return Run(opts, channels, backend, train, val, description, resume_from)
+
+
+def start_compiling(opts, channels):
+    """The GPU kernels of the network, compiling in worker processes while the data are opened
+    (precompile.py); nothing to do for the reference."""
+    if opts.device == "cpu" or not gpu_available():
+        return precompile.Ready()
+    return precompile.start(channels, optimizer_config(opts))
 
 
 def main(argv=None):

@@ -37,6 +37,12 @@ def _announce_compiling(directory):
         _announced = True
 
 
+def mark_announced():
+    """Say nothing about compiling (a precompiling worker: its parent has said it)."""
+    global _announced
+    _announced = True
+
+
 def load_module(name, source):
     """Import `source` as a module (saved as <cache>/kernels/<name>_<hash>.py)."""
     digest = hashlib.sha256(source.encode()).hexdigest()[:16]
@@ -44,15 +50,28 @@ def load_module(name, source):
     path = directory / f"{name}_{digest}.py"
     if not path.exists():
         _announce_compiling(directory.parent)
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".py", dir=directory)
-        with os.fdopen(fd, "w") as f:
-            f.write(source)
-        os.replace(tmp, path)
+        _write_once(directory, path, source)
     spec = importlib.util.spec_from_file_location(f"cryokern_generated_{name}_{digest}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _write_once(directory, path, source):
+    """Write `path` unless another process has: linked from a complete temporary file, never
+    replaced. numba's cache index keys on the source file's mtime and size, so a second
+    writer replacing the file (the same text, a new mtime) would invalidate the kernels that
+    the precompiling workers (precompile.py) had just cached from it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".py", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(source)
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(tmp)
 
 
 class Source:

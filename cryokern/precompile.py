@@ -1,0 +1,268 @@
+"""The GPU kernels a training run needs, compiled at once in worker processes before its first step.
+
+Why: numba compiles a kernel at its first launch, one after another in the training process:
+89 s for the default network on a cold cache (H200 host, 16 cores), 47-72 s for each new
+channel list. Each kernel is a compilation of its own, so workers compile them side by side
+while the training process opens and checks its data. They fill the caches the training process
+then loads from: codegen.py's generated sources under the cache root (written once, never
+replaced: numba's index keys on the file's mtime and size) and numba's `cache=True` index and
+data files beside them (or under $NUMBA_CACHE_DIR).
+
+Which kernels: a TrainStep is run once (a step and a validation loss) on a backend that records
+the operations it is asked for instead of computing them. Each distinct operation is a job that
+a worker replays through the same `cryokern.kernels` function on small zero device arrays, so it
+compiles the very kernels and argument types that the step launches: the kernels are chosen by
+channel counts and flags alone, never by image or batch size. The few small kernels outside the
+generated modules (image folds, optimizer updates) are one job, so no two workers write entries
+of different signatures into one numba index at once (numba's index update is not safe for
+that; entries of the same signature are). One more job compiles the data loader's image math.
+
+A marker file per network and kernel sources says that all jobs once succeeded with this cache:
+later runs start no workers.
+"""
+import atexit
+import base64
+import hashlib
+import json
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from .backends import Backend
+from .cachedir import cache_root
+from .model import Network, init_params
+from .step import TrainStep
+
+# operations whose kernels are generated per channel count: a job each, the rest share one
+HEAVY = ("conv2d_forward", "conv2d_backward_data", "conv2d_backward_weights",
+         "mse_loss_and_grad")
+HOST_JOB = ("imagemath",)
+RECORD_SHAPE = (1, 1, 8, 8)     # a batch for the recording: its size selects no kernel
+
+
+def _describe(value):
+    """A picklable, comparable stand-in for an operation's argument."""
+    if isinstance(value, np.ndarray):
+        return ("array", value.shape, value.dtype.str)
+    if isinstance(value, tuple):
+        return ("tuple", tuple(_describe(v) for v in value))
+    if isinstance(value, np.generic):
+        return ("scalar", value.dtype.str, value.item())
+    return ("value", value)
+
+
+class _RecordingOps:
+    """The kernel functions' names; each call is recorded as (name, args, kwargs) described,
+    and returns its `out` (the next layer's input)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        def record(*args, **kwargs):
+            self.calls.append((name, tuple(_describe(a) for a in args),
+                               tuple(sorted((k, _describe(v)) for k, v in kwargs.items()))))
+            return kwargs.get("out")
+        return record
+
+
+def step_operations(channels, optimizer):
+    """The distinct kernel operations (name, args, kwargs) of one training step and one
+    validation loss of the network `channels` with `optimizer` (an OptimizerConfig)."""
+    ops = _RecordingOps()
+    backend = Backend("record", ops, to_device=lambda a: np.array(a, np.float32),
+                      to_host=lambda a: a, empty=lambda shape: np.zeros(shape, np.float32))
+    network = Network(tuple(channels))
+    step = TrainStep(backend, network, init_params(network, 0), optimizer)
+    x = np.zeros(RECORD_SHAPE, np.float32)
+    step.launch(x, x)
+    step.loss(x, x)
+    return list(dict.fromkeys(ops.calls))
+
+
+def jobs(channels, optimizer):
+    """The operations grouped into jobs, longest first (a job is a tuple of operations, or
+    HOST_JOB): one per generated-kernel operation, one for the rest, and the image math."""
+    operations = step_operations(channels, optimizer)
+    heavy = [(op,) for op in operations if op[0] in HEAVY]
+    heavy.sort(key=lambda job: -_size(job[0]))
+    light = tuple(op for op in operations if op[0] not in HEAVY)
+    return heavy + ([light] if light else []) + [HOST_JOB]
+
+
+def _size(operation):
+    """Elements of an operation's array arguments: grows with its channel counts, as the
+    generated kernel's length does (a proxy for its compile time)."""
+    return sum(int(np.prod(a[1])) for a in operation[1] if a[0] == "array")
+
+
+def label(job):
+    """'conv2d_forward 16->16', 'image math', ... for the progress line."""
+    if job == HOST_JOB:
+        return "image math"
+    if len(job) > 1:
+        return "+".join(sorted({op[0] for op in job}))
+    name, args, _ = job[0]
+    shapes = [a[1] for a in args if a[0] == "array"]
+    if name == "conv2d_forward":
+        return f"{name} {shapes[0][1]}->{shapes[1][0]}"
+    if name == "conv2d_backward_data":
+        return f"{name} {shapes[0][1]}->{shapes[1][1]}"
+    if name == "conv2d_backward_weights":
+        return f"{name} {shapes[1][1]}->{shapes[0][1]}"
+    return name
+
+
+def _materialize(description):
+    """Zero arrays on the device (and scalars) for a described argument."""
+    from numba import cuda
+    kind = description[0]
+    if kind == "array":
+        return cuda.to_device(np.zeros(description[1], np.dtype(description[2])))
+    if kind == "tuple":
+        return tuple(_materialize(d) for d in description[1])
+    if kind == "scalar":
+        return np.dtype(description[1]).type(description[2])
+    return description[1]
+
+
+def run_job(job):
+    """Compile one job's kernels in this process (by running them); returns its seconds."""
+    start = time.perf_counter()
+    if job == HOST_JOB:
+        from . import imagemath
+        image = np.ones((8, 8), np.float32)
+        out = np.empty_like(image)
+        imagemath.statistics(image)
+        imagemath.sum_and_range(image)
+        imagemath.standardize(image, 0.0, 1.0, out)
+        imagemath.standardize_with_range(image, 0.0, 1.0, out)
+        imagemath.destandardize(image, 0.0, 1.0, out)
+    else:
+        from numba import cuda
+
+        from . import kernels
+        from .kernels import codegen
+        codegen.mark_announced()        # the parent's line says what is compiled
+        for name, args, kwargs in job:
+            getattr(kernels, name)(*(_materialize(a) for a in args),
+                                   **{k: _materialize(v) for k, v in kwargs})
+        cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def _sources_digest():
+    """What the generated kernels and their numba caches depend on: the kernel sources, the
+    contract's constants, the image math, numba's versions and cache directory."""
+    import numba
+    import numba_cuda
+    package = Path(__file__).parent
+    h = hashlib.sha256()
+    for path in sorted(package.glob("kernels/*.py")) + [package / "contract.py",
+                                                        package / "imagemath.py"]:
+        h.update(path.name.encode() + path.read_bytes())
+    h.update(f"{numba.__version__} {numba_cuda.__version__} {sys.version_info[:2]} "
+             f"{os.environ.get('NUMBA_CACHE_DIR', '')} {os.path.realpath(package)}".encode())
+    return h
+
+
+class Compiling:
+    """Worker processes compiling a network's kernels; wait() before the first step.
+
+    Plain `python -m cryokern.precompile` processes, not multiprocessing's: those re-import
+    the parent's main script, which (unguarded by `if __name__ == "__main__"`) would start a
+    training run in every worker. Each gets its share of the jobs pickled on its command line,
+    runs in a session of its own (Ctrl-C is the parent's to handle) and prints its jobs'
+    seconds; workers still running when the parent exits (bad data, Ctrl-C) are killed."""
+
+    def __init__(self, job_list, marker, processes):
+        self.marker = marker
+        self.started = time.perf_counter()
+        self.shares = [job_list[i::processes] for i in range(processes)]
+        path = [p or os.getcwd() for p in sys.path]     # cryokern as the parent found it
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
+        self.errors = [tempfile.TemporaryFile() for _ in self.shares]   # never a full pipe
+        self.workers = [subprocess.Popen(
+            [sys.executable, "-m", "cryokern.precompile",
+             base64.b64encode(pickle.dumps(share)).decode()],
+            env=env, stdout=subprocess.PIPE, stderr=errors, start_new_session=True)
+            for share, errors in zip(self.shares, self.errors)]
+        atexit.register(self.stop)
+
+    def stop(self):
+        for worker in self.workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+
+    def wait(self):
+        """Block until every worker is done; print how long it took. A failed worker costs
+        only time: the training process then compiles what is missing itself."""
+        try:
+            outputs = [worker.communicate()[0] for worker in self.workers]
+        finally:
+            self.stop()
+            atexit.unregister(self.stop)
+        failed = [(w, e) for w, e in zip(self.workers, self.errors) if w.returncode != 0]
+        if failed:
+            worker, errors = failed[0]
+            errors.seek(0)
+            lines = errors.read().decode(errors="replace").strip().splitlines()
+            last = lines[-1] if lines else "no message"
+            print(f"cryokern: compiling in worker processes failed (exit status "
+                  f"{worker.returncode}: {last}); the kernels compile at their first launch "
+                  "instead", flush=True)
+            return
+        seconds = time.perf_counter() - self.started
+        timings = [(t, job) for share, out in zip(self.shares, outputs)
+                   for t, job in zip(json.loads(out.decode().splitlines()[-1]), share)]
+        slowest, slowest_job = max(timings, key=lambda tj: tj[0])
+        print(f"cryokern: compiled in {seconds:.1f} s (longest: {label(slowest_job)}, "
+              f"{slowest:.1f} s)", flush=True)
+        self.marker.parent.mkdir(parents=True, exist_ok=True)
+        self.marker.write_text(json.dumps({"jobs": [label(job) for _, job in timings],
+                                           "seconds": round(seconds, 1)}) + "\n")
+
+
+class Ready:
+    """Nothing being compiled."""
+
+    def wait(self):
+        pass
+
+
+def start(channels, optimizer, processes=None):
+    """Start compiling the kernels of network `channels` with `optimizer` in worker processes
+    and return the handle to wait() on; a no-op handle when an earlier run compiled them, or
+    in numba's CUDA simulator (which compiles nothing)."""
+    from numba import config
+    if config.ENABLE_CUDASIM:
+        return Ready()
+    job_list = jobs(channels, optimizer)
+    h = _sources_digest()
+    h.update(repr(job_list).encode())
+    marker = cache_root() / "kernels" / f"ready-{h.hexdigest()[:16]}.json"
+    if marker.exists():
+        return Ready()
+    processes = min(len(job_list), processes or os.cpu_count() or 1)
+    print(f"cryokern: compiling the GPU kernels of {','.join(map(str, channels))} "
+          f"({len(job_list)} jobs in {processes} processes, first run only; cached under "
+          f"{cache_root()})", flush=True)
+    return Compiling(job_list, marker, processes)
+
+
+def main(encoded_jobs):
+    """A worker: run the pickled jobs in turn, print their seconds (JSON) on stdout."""
+    warnings.filterwarnings("ignore", message=".*GPU under-utilization")
+    print(json.dumps([run_job(job) for job in pickle.loads(base64.b64decode(encoded_jobs))]))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

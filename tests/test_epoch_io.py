@@ -1,0 +1,106 @@
+"""The per-epoch work of `train`, kept small: one checkpoint file per state (hard links),
+--keep-epochs, loss.png redrawn at most every few seconds, validation kept on the device."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from cryokern import checkpoint
+from cryokern import train as T
+from test_train import TINY, data_args, make_pair, metrics, npz
+
+RUN = TINY + ["--batch-size", "4", "--val-fraction", "0.3"]
+
+
+def run(tmp_path, *extra, name="run"):
+    out = tmp_path / name
+    assert T.main(data_args(make_pair(tmp_path)) + RUN + ["--out", str(out)] + list(extra)) == 0
+    return out
+
+
+def test_several_names_are_one_file_written_once(tmp_path):
+    paths = [tmp_path / n for n in ("epoch_0001.npz", "best.npz", "last.npz")]
+    checkpoint.write(paths, b"state one")
+    assert [p.read_bytes() for p in paths] == [b"state one"] * 3
+    assert len({p.stat().st_ino for p in paths}) == 1
+    checkpoint.write(paths[1:], b"state two")         # renamed over: the old file is intact
+    assert paths[0].read_bytes() == b"state one"
+    assert paths[2].read_bytes() == b"state two"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths)
+
+
+def test_a_failed_write_leaves_the_old_files_and_no_temporaries(tmp_path, monkeypatch):
+    paths = [tmp_path / "best.npz", tmp_path / "last.npz"]
+    checkpoint.write(paths, b"old")
+    replace = os.replace
+
+    def fail_on_last(src, dst):
+        if str(dst).endswith("last.npz"):
+            raise OSError(28, "No space left on device")
+        replace(src, dst)
+    monkeypatch.setattr(os, "replace", fail_on_last)
+    with pytest.raises(OSError):
+        checkpoint.write(paths, b"new")
+    assert paths[0].read_bytes() == b"new" and paths[1].read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.npz", "last.npz"]
+
+
+def test_without_hard_links_each_name_gets_a_copy(tmp_path, monkeypatch):
+    def no_links(src, dst):
+        raise OSError(1, "Operation not permitted")
+    monkeypatch.setattr(os, "link", no_links)
+    paths = [tmp_path / "a.npz", tmp_path / "b.npz"]
+    checkpoint.write(paths, b"data")
+    assert [p.read_bytes() for p in paths] == [b"data"] * 2
+    assert paths[0].stat().st_ino != paths[1].stat().st_ino
+
+
+def test_one_serialization_per_epoch_and_best_is_the_best_epoch(tmp_path, monkeypatch):
+    encoded = []
+    encode = checkpoint.encode
+    monkeypatch.setattr(checkpoint, "encode", lambda *a: encoded.append(1) or encode(*a))
+    out = run(tmp_path, "--epochs", "4", "--lr", "0.05")
+    assert len(encoded) == 4
+    records = metrics(out)
+    best = min(records, key=lambda r: r["val_mse"])["epoch"]
+    assert (out / "best.npz").read_bytes() == (out / f"epoch_{best:04d}.npz").read_bytes()
+    assert (out / "last.npz").read_bytes() == (out / "epoch_0004.npz").read_bytes()
+    meta = json.loads(str(npz(out / "best.npz")["meta"]))
+    assert meta["epoch"] == best and meta["best_mse"] == records[best - 1]["val_mse"]
+
+
+def test_keep_epochs_keeps_the_newest_files(tmp_path):
+    out = run(tmp_path, "--epochs", "4", "--keep-epochs", "2")
+    assert sorted(p.name for p in out.glob("epoch_*.npz")) == ["epoch_0003.npz", "epoch_0004.npz"]
+    assert (out / "last.npz").read_bytes() == (out / "epoch_0004.npz").read_bytes()
+    assert "layers.0.weight" in npz(out / "best.npz")      # a link outlives its epoch file
+
+
+def test_keep_epochs_must_not_be_negative(tmp_path, capsys):
+    assert T.main(data_args(make_pair(tmp_path)) + RUN + ["--out", str(tmp_path / "r"),
+                                                          "--keep-epochs", "-1"]) == 2
+    assert "--keep-epochs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("every, drawn", [(1e9, [2]), (0.0, [0, 1, 2])])
+def test_the_plot_is_redrawn_at_most_every_few_seconds_and_at_the_end(tmp_path, monkeypatch,
+                                                                     every, drawn):
+    calls = []
+    monkeypatch.setattr(T, "PLOT_EVERY_S", every)
+    monkeypatch.setattr(T, "plot_losses", lambda out: calls.append(len(metrics(out)) - 1))
+    run(tmp_path, "--epochs", "3")
+    assert calls == drawn
+
+
+def test_validation_kept_on_the_device_changes_no_bit(tmp_path, monkeypatch):
+    kept = run(tmp_path, "--epochs", "3", name="kept")
+    monkeypatch.setattr(T, "VAL_KEPT_BYTES", 0)           # read from the files every epoch
+    streamed = run(tmp_path, "--epochs", "3", name="streamed")
+    timing = ("images_per_s", "peak_rss_mib")
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in timing} for r in rs]
+    assert strip(metrics(kept)) == strip(metrics(streamed))
+    a, b = npz(kept / "last.npz"), npz(streamed / "last.npz")
+    for k in a:
+        if k != "meta":
+            assert np.array_equal(a[k].view(np.uint32), b[k].view(np.uint32)), k

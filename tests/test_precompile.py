@@ -1,0 +1,109 @@
+"""Parallel precompilation: the jobs compile exactly the kernels a training step launches, the
+workers run them, and the generated sources are written once (numba's cache keys on them)."""
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+
+from cryokern import precompile
+from cryokern.backends import get_backend
+from cryokern.kernels import codegen, conv, loss, reduce
+from cryokern.model import Network, init_params
+from cryokern.step import OptimizerConfig, TrainStep
+
+SGD = OptimizerConfig("sgd", lr=0.1, momentum=0.9)
+
+
+def _generated(cache):
+    return sorted(p.name for p in (cache / "kernels").glob("*.py"))
+
+
+def _forget_loaded_kernels():
+    """The generators' in-process caches, so that a second pass loads (and writes) again."""
+    for generator in (conv._forward_kernel, conv._weights_kernel, loss._loss_kernel,
+                      reduce._fold_tiles):
+        generator.cache_clear()
+
+
+def test_jobs_compile_the_kernels_a_step_launches(tmp_path, monkeypatch):
+    """Every generated kernel module of a real step and validation loss (another batch and
+    image size) comes from the jobs, and no other; the jobs run through the kernel functions."""
+    channels, optimizer = (1, 2, 1), OptimizerConfig("adam", 1e-3)
+    monkeypatch.setenv("CRYOKERN_CACHE", str(tmp_path / "jobs"))
+    _forget_loaded_kernels()
+    job_list = precompile.jobs(channels, optimizer)
+    assert job_list[-1] == precompile.HOST_JOB
+    for job in job_list[:-1]:
+        assert precompile.run_job(job) >= 0
+    monkeypatch.setenv("CRYOKERN_CACHE", str(tmp_path / "step"))
+    _forget_loaded_kernels()
+    network = Network(channels)
+    step = TrainStep(get_backend("gpu"), network, init_params(network, 0), optimizer)
+    x = np.random.default_rng(0).random((2, 1, 5, 7), np.float32)
+    step(x, x)
+    step.loss(x, x)
+    assert _generated(tmp_path / "jobs") == _generated(tmp_path / "step")
+    assert len(_generated(tmp_path / "step")) > 0
+
+
+def test_one_job_per_generated_operation_and_one_for_the_rest():
+    job_list = precompile.jobs((1, 16, 16, 1), SGD)
+    labels = [precompile.label(job) for job in job_list]
+    assert sorted(labels[:9]) == sorted(
+        [f"conv2d_forward {a}->{b}" for a, b in ((1, 16), (16, 16), (16, 1))] +
+        [f"conv2d_backward_weights {a}->{b}" for a, b in ((1, 16), (16, 16), (16, 1))] +
+        ["conv2d_backward_data 16->16", "conv2d_backward_data 1->16", "mse_loss_and_grad"])
+    assert labels[9:] == ["sgd_update+sum_images", "image math"]
+    assert labels[0].endswith("16->16")          # the longest compiles start first
+
+
+def test_workers_fill_and_mark_the_cache(tmp_path, monkeypatch, capsys):
+    """Spawned workers run the jobs; the marker is written after all succeeded, not after a
+    failure (which only costs time: the run compiles at first launch)."""
+    monkeypatch.setenv("CRYOKERN_CACHE", str(tmp_path))
+    marker = tmp_path / "kernels" / "ready-test.json"
+    precompile.Compiling([precompile.HOST_JOB], marker, 1).wait()
+    assert marker.exists()
+    assert "compiled in" in capsys.readouterr().out
+    failing = tmp_path / "kernels" / "ready-failing.json"
+    precompile.Compiling([(("no_such_kernel", (), ()),)], failing, 1).wait()
+    assert not failing.exists()
+    assert "failed (exit status 1: AttributeError" in capsys.readouterr().out
+
+
+def test_workers_left_running_are_killed(tmp_path, monkeypatch):
+    monkeypatch.setenv("CRYOKERN_CACHE", str(tmp_path))
+    compiling = precompile.Compiling([precompile.HOST_JOB], tmp_path / "marker", 1)
+    compiling.stop()                                 # as at exit, before wait()
+    assert [w.returncode for w in compiling.workers] == [-signal.SIGKILL]
+
+
+def test_an_unguarded_main_script_runs_once(tmp_path):
+    """Workers do not re-import the parent's main script (multiprocessing's spawn would, and
+    a script calling train.main() at top level would start a run in each worker)."""
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import pathlib\n"
+        "from cryokern import precompile\n"
+        f"runs = pathlib.Path({str(tmp_path / 'runs')!r})\n"
+        "runs.write_text(runs.read_text() + 'x' if runs.exists() else 'x')\n"
+        f"precompile.Compiling([precompile.HOST_JOB], pathlib.Path({str(tmp_path / 'm')!r}), 1)"
+        ".wait()\n")
+    subprocess.run([sys.executable, str(script)], check=True, timeout=120,
+                   env=dict(os.environ, CRYOKERN_CACHE=str(tmp_path)))
+    assert (tmp_path / "runs").read_text() == "x" and (tmp_path / "m").exists()
+
+
+def test_a_source_written_by_another_process_is_not_replaced(tmp_path, monkeypatch):
+    """A concurrent writer of the same source leaves the first file (its mtime: numba's key)."""
+    monkeypatch.setenv("CRYOKERN_CACHE", str(tmp_path))
+    text = codegen.Source()("x = 1").text()
+    codegen.load_module("probe", text)
+    path, = (tmp_path / "kernels").glob("probe_*.py")
+    before = path.stat()
+    codegen._write_once(path.parent, path, text)     # as a racing process would
+    after = path.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert [p.name for p in path.parent.iterdir()] == [path.name]   # no temporary left
