@@ -53,7 +53,8 @@ from cryokern import train as T
 from cryokern.backends import get_backend
 from cryokern.data import PairedImages, Subset
 from cryokern.inference import Model, TiledDenoiser
-from cryokern.metrics import FIT_NAMES, HIGHPASS_SIGMA, affine_fit, fitted_metrics, gaussian_blur
+from cryokern.metrics import (FIT_NAMES, HIGHPASS_SIGMA, affine_fit, fitted_metrics, gaussian_blur,
+                              pearson)
 from cryokern.model import Network
 from cryokern.simulate import Simulator
 
@@ -175,7 +176,7 @@ def train_cryokern(opts, channels, backend, pairs, budget):
     warm = time.perf_counter() - start
     run = new_run(options, channels, backend, pairs, opts.crop)
     start = time.perf_counter()
-    epoch = 0
+    epoch, last_mse = 0, None
     while time.perf_counter() - start < budget:
         run.train_epoch(epoch)           # ends when its last step's loss is back
         last_mse = run.meter.mse
@@ -185,6 +186,7 @@ def train_cryokern(opts, channels, backend, pairs, budget):
     model = Model(f"cryokern {channels}", run.network, run.step.host_params(), options.normalize)
     return model, {"train_s": seconds, "warm_up_s": warm, "steps": run.step.step,
                    "epochs": epoch, "images": epoch * len(run.train),
+                   "images_per_s": epoch * len(run.train) / seconds,
                    "last_epoch_train_mse": last_mse,
                    "optimizer": {"kind": options.optimizer, "lr": options.lr,
                                  "momentum": options.momentum},
@@ -286,8 +288,8 @@ def score(outputs, test):
 def best_gaussian(test):
     """The sigma (from GAUSSIAN_SIGMAS) whose blur of the noisy halves has the best mean r."""
     def mean_r(sigma):
-        return np.mean([fitted_metrics(gaussian_blur(m.even, sigma), m.truth,
-                                       ssim=False)["pearson"] for m in test])
+        return np.mean([pearson(gaussian_blur(m.even, sigma), m.truth.astype(np.float64))
+                        for m in test])
     rs = {sigma: float(mean_r(sigma)) for sigma in GAUSSIAN_SIGMAS}
     best = max(rs, key=rs.get)
     return best, rs
@@ -417,6 +419,9 @@ def main(argv=None):
                 denoise = topaz_denoiser(torch, model)
                 record("topaz U-Net, scratch", [denoise(m.even) for m in test],
                        {"training": extra})
+            report["notes"].append(f"Topaz: torch {torch.__version__} with its defaults "
+                                   f"(cuDNN TF32 convolutions allowed: "
+                                   f"{torch.backends.cudnn.allow_tf32})")
             attempt("topaz pretrained (unet_L2_v0.2.2)", pretrained)
             attempt("topaz U-Net, scratch", scratch)
         t = time.perf_counter()
@@ -424,7 +429,8 @@ def main(argv=None):
             warmer.join()
         if warmers:
             report["notes"].append(f"cryokern kernels compiled in {len(warmers)} background "
-                                   f"processes (while the steps above ran); waited "
+                                   f"processes (while the steps above ran; exit codes "
+                                   f"{[w.exitcode for w in warmers]}); waited "
                                    f"{time.perf_counter() - t:.0f} s more for them")
         pairs = [(str(dirs["even"] / n), str(dirs["odd"] / n)) for n in names] + \
                 [(str(dirs["odd"] / n), str(dirs["even"] / n)) for n in names]
