@@ -30,8 +30,9 @@ Topaz's methods run when torch and topaz import (e.g. PYTHONPATH with a trimmed 
 they run on the GPU and are skipped otherwise.
 
 Writes OUT/quality.json (settings, device, date, per-image and mean scores, training steps and
-seconds), OUT/quality.png (noisy | each method | truth, a crop of the first test micrograph,
-each output affinely fitted to the truth and shown on the truth's range) and prints a table.
+seconds), OUT/quality.png (noisy | each method | truth, a crop of the first test micrograph; each
+output affinely fitted to the truth and shown on the truth's range, the noisy half on its own)
+and prints a table.
 Usage: python bench/quality.py [--budget-s 60] [--nets 1,16,16,1 1,32,32,32,32,32,32,1] [--out DIR]
 """
 import argparse
@@ -43,6 +44,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -143,8 +145,8 @@ def warm_up(channels, opts_dict, image_shape, size):
     """Compile (and cache) every kernel a network's training and inference use: one epoch of
     a throwaway run on random images of the training shape, and one forward pass of a test
     micrograph's size. Run in a subprocess per network, so networks compile in parallel."""
-    import argparse as _argparse
-    opts = _argparse.Namespace(**opts_dict)
+    quiet_numba()
+    opts = argparse.Namespace(**opts_dict)
     backend = get_backend("gpu")
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as d:
@@ -313,13 +315,14 @@ def write_panel(path, test, outputs, crop):
     c = min(crop, h, w)
     y0, x0 = (h - c) // 2, (w - c) // 2
     window = (slice(y0, y0 + c), slice(x0, x0 + c))
-    panels = [("noisy (even half)", affine_fit(m.even, m.truth))]
+    panels = [("noisy (even half; own range)", m.even)]
     panels += [(name, affine_fit(images[0], m.truth)) for name, images in outputs.items()
                if name != "noisy"]
     panels.append(("ground truth", m.truth))
-    lo, hi = np.percentile(m.truth[window], [0.5, 99.5])
+    truth_range = np.percentile(m.truth[window], [0.5, 99.5])
     fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.3))
-    for ax, (name, image) in zip(np.atleast_1d(axes), panels):
+    for k, (ax, (name, image)) in enumerate(zip(np.atleast_1d(axes), panels)):
+        lo, hi = np.percentile(m.even[window], [0.5, 99.5]) if k == 0 else truth_range
         ax.imshow(image[window], cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
         ax.set_title(name, fontsize=8)
         ax.axis("off")
@@ -348,7 +351,12 @@ def print_table(report, file=None):
         print(f"note: {note}", file=file)
 
 
+def quiet_numba():
+    warnings.filterwarnings("ignore", message=".*GPU under-utilization")
+
+
 def main(argv=None):
+    quiet_numba()
     opts = build_parser().parse_args(argv)
     nets = [parse_net(spec) for spec in opts.nets]
     out = Path(opts.out)
