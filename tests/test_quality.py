@@ -33,3 +33,14 @@ def test_quality_benchmark_at_toy_size(tmp_path, capsys):
 def test_nets_must_be_channel_lists():
     with pytest.raises(SystemExit, match="give channel counts like 1,16,16,1"):
         quality.parse_net("unet")
+
+
+def test_topaz_is_skipped_with_a_reason_where_it_cannot_run():
+    try:
+        import torch
+        if torch.cuda.is_available():
+            pytest.skip("torch with a GPU is here: Topaz can run")
+    except ImportError:
+        pass
+    topaz, why_not = quality.import_topaz()
+    assert topaz is None and why_not
