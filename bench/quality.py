@@ -56,7 +56,7 @@ from cryokern.backends import get_backend
 from cryokern.data import PairedImages, Subset
 from cryokern.inference import Model, TiledDenoiser
 from cryokern.metrics import (FIT_NAMES, HIGHPASS_SIGMA, affine_fit, fitted_metrics, gaussian_blur,
-                              pearson)
+                              mean_metrics, pearson)
 from cryokern.model import Network
 from cryokern.simulate import Simulator
 
@@ -283,8 +283,7 @@ def topaz_denoiser(torch, model):
 def score(outputs, test):
     """Per-image fitted_metrics and their means."""
     images = [fitted_metrics(out, m.truth) for out, m in zip(outputs, test)]
-    return {"mean": {n: float(np.mean([s[n] for s in images])) for n in FIT_NAMES},
-            "images": images}
+    return {"mean": mean_metrics(images, FIT_NAMES), "images": images}
 
 
 def best_gaussian(test):
