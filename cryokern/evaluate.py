@@ -2,7 +2,9 @@
 
 Each noisy image is denoised as `cryokern.denoise` does it and compared with its clean image,
 beside the noisy image's own scores (the baseline): MSE, RMSE, MAE, PSNR, SSIM and Pearson r per
-image and their means over images, in the images' own units. Prints a table, writes JSON
+image and their means over images, in the images' own units, and the ground-truth scores that
+bench/quality.py reports (cryokern.metrics.fitted_metrics: PSNR and SSIM after a least-squares
+affine fit to the clean image, Pearson r of high-passed images). Prints the tables, writes JSON
 (--json) and a PNG panel of a few images (--panel, needs matplotlib).
 Exit status: 0 done, 2 bad input, 130 interrupted.
 """
@@ -19,8 +21,8 @@ from tqdm import tqdm
 from .backends import get_backend
 from .data import PairedImages
 from .inference import DEFAULT_TILE, TiledDenoiser, load_model
-from .metrics import (NAMES, SSIM_MIN_SIZE, image_metrics, mean_metrics, ssim_description,
-                      structural_similarity)
+from .metrics import (FIT_NAMES, HIGHPASS_SIGMA, NAMES, SSIM_MIN_SIZE, image_metrics,
+                      mean_metrics, ssim_description, structural_similarity)
 from .mrcstack import DataError
 from .options import add_files, finite, refuse
 
@@ -123,20 +125,29 @@ def evaluate(opts):
             "data_range": opts.data_range if opts.data_range is not None
             else "per image: the clean image's max - min",
             "ssim": ssim_description(),
+            "fit": "least-squares affine fit of each image to its clean image before psnr_fit "
+                   "and ssim_fit (cryokern.metrics)",
+            "highpass_sigma_px": HIGHPASS_SIGMA,
             "mean": {"denoised": mean_metrics([r["denoised"] for r in records]),
                      "noisy": mean_metrics([r["noisy"] for r in records])}}
 
 
 def print_table(report, file=None):
-    columns = [n for n in NAMES if n != "rmse"]
-    print("each score: noisy -> denoised, against the clean image", file=file)
-    print(f"{'image':<28}" + "".join(f"{n:>22}" for n in columns), file=file)
     rows = [(f"{Path(r['noisy_file']).name}:{r['image']}", r["noisy"], r["denoised"])
             for r in report["images"]]
     rows.append(("mean", report["mean"]["noisy"], report["mean"]["denoised"]))
-    for name, before, after in rows:
-        print(f"{name[-28:]:<28}" + "".join(f"{fmt(before[n]) + ' -> ' + fmt(after[n]):>22}"
-                                            for n in columns), file=file)
+    for title, columns in (
+            ("each score: noisy -> denoised, against the clean image",
+             [n for n in NAMES if n not in FIT_NAMES or n == "pearson"]),
+            ("after a least-squares affine fit to the clean image; r of images high-passed "
+             f"(minus a Gaussian blur of sigma {report['highpass_sigma_px']:g} px)",
+             [n for n in FIT_NAMES if n != "pearson"])):
+        columns = [n for n in columns if n != "rmse"]
+        print(title, file=file)
+        print(f"{'image':<28}" + "".join(f"{n:>22}" for n in columns), file=file)
+        for name, before, after in rows:
+            print(f"{name[-28:]:<28}" + "".join(f"{fmt(before[n]) + ' -> ' + fmt(after[n]):>22}"
+                                                for n in columns), file=file)
 
 
 def main(argv=None):

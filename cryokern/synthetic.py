@@ -1,9 +1,14 @@
-"""The built-in synthetic dataset, so that `python -m cryokern.train` works with no data.
+"""The built-in demo dataset, so that `python -m cryokern.train` works with no data and shows
+whether the network denoises.
 
-Particle-like clean images (elliptical Gaussian blobs of random size, orientation and density
-on a flat background) and noisy observations with Poisson (shot) noise at a low dose plus
-Gaussian read noise, as MRC stacks. Generated deterministically on first use into a cache
-directory ($CRYOKERN_CACHE, else $XDG_CACHE_HOME/cryokern, else ~/.cache/cryokern) and reused.
+Simulated micrographs (cryokern.simulate: random proteins through a 300 kV CTF, ice, Poisson
+noise at 40 e-/Å²) of SIZE² pixels of PIXEL_SIZE Å, i.e. micrographs binned to where a
+particle is 25-40 pixels across: small enough that the NumPy reference trains on them in well
+under a minute, large enough to hold a particle. Noise2Noise pairs (even half -> odd half) for
+training and validation, and the validation images' ground truth, against which `train` scores
+the noisy input and the network before and after training. Generated deterministically on
+first use into the cache root ($CRYOKERN_CACHE, else $XDG_CACHE_HOME/cryokern, else
+~/.cache/cryokern) and reused.
 """
 import os
 import tempfile
@@ -12,37 +17,19 @@ import mrcfile
 import numpy as np
 
 from .cachedir import cache_root
+from .inference import TiledDenoiser
+from .metrics import fitted_metrics
+from .simulate import Simulator
 
-VERSION = "synthetic-v1"
-SIZE = 64                 # pixels per side: small enough to train in about a minute on a CPU
-TRAIN, VAL = 48, 16       # images
-DOSE = 20.0               # expected photons per unit of clean density
-READ_NOISE = 0.05         # Gaussian sigma, in units of clean density
-SEED = 20261124
+VERSION = "simulated-v1"
+SIZE = 40                 # pixels per side
+PIXEL_SIZE = 4.0          # Å per pixel
+TRAIN, VAL = 48, 8        # micrographs
+SEED = 20261130
 
 
 def cache_dir():
     return cache_root() / VERSION
-
-
-def particles(rng, n, size):
-    """n clean images: 4 to 9 blobs each, densities in (0.3, 1), on a 0.1 background."""
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
-    images = np.full((n, size, size), 0.1)
-    for img in images:
-        for _ in range(rng.integers(4, 10)):
-            cy, cx = rng.uniform(4, size - 4, 2)
-            sy, sx = rng.uniform(1.5, 5.0, 2)
-            t = rng.uniform(0, np.pi)
-            dy, dx = yy - cy, xx - cx
-            u = (dy * np.cos(t) + dx * np.sin(t)) / sy
-            v = (-dy * np.sin(t) + dx * np.cos(t)) / sx
-            img += rng.uniform(0.3, 1.0) * np.exp(-0.5 * (u * u + v * v))
-    return images
-
-
-def observe(rng, clean):
-    return rng.poisson(clean * DOSE) / DOSE + rng.normal(0.0, READ_NOISE, clean.shape)
 
 
 def _write(path, data):
@@ -51,22 +38,44 @@ def _write(path, data):
     with mrcfile.new(tmp, overwrite=True) as mrc:
         mrc.set_data(data.astype(np.float32))
         mrc.set_image_stack()
-        mrc.voxel_size = 1.0
+        mrc.voxel_size = PIXEL_SIZE
     os.replace(tmp, path)
 
 
 def dataset():
-    """{'train': (noisy, clean), 'val': (noisy, clean)} paths, generated if missing."""
+    """{'train': (noisy, clean), 'val': (noisy, clean), 'val_truth': path}, generated if
+    missing: noisy is each micrograph's even half, clean its odd half (Noise2Noise)."""
     d = cache_dir()
     files = {split: (d / f"{split}_noisy.mrcs", d / f"{split}_clean.mrcs")
              for split in ("train", "val")}
-    if all(p.exists() for pair in files.values() for p in pair):
+    files["val_truth"] = d / "val_truth.mrcs"
+    paths = [files["val_truth"], *files["train"], *files["val"]]
+    if all(p.exists() for p in paths):
         return files
     d.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(SEED)
-    for split, n in (("train", TRAIN), ("val", VAL)):
-        clean = particles(rng, n, SIZE)
-        noisy = observe(rng, clean)
-        _write(files[split][1], clean)
-        _write(files[split][0], noisy)
+    simulator = Simulator(SEED, (SIZE, SIZE), PIXEL_SIZE)
+    micrographs = [simulator.micrograph(i) for i in range(TRAIN + VAL)]
+    for split, part in (("train", micrographs[:TRAIN]), ("val", micrographs[TRAIN:])):
+        _write(files[split][0], np.stack([m.even for m in part]))
+        _write(files[split][1], np.stack([m.odd for m in part]))
+    _write(files["val_truth"], np.stack([m.truth for m in micrographs[TRAIN:]]))
     return files
+
+
+def truth_scores(models, backend):
+    """{name: (mean Pearson r, mean PSNR in dB)} of the validation images against their
+    ground truth (cryokern.metrics.fitted_metrics: PSNR after the least-squares affine fit),
+    for the noisy input and for each of `models` ({name: inference.Model}) applied to it."""
+    files = dataset()
+    with mrcfile.open(files["val"][0]) as noisy, mrcfile.open(files["val_truth"]) as truth:
+        pairs = list(zip(noisy.data.copy(), truth.data.copy()))
+    outputs = {"noisy input": [n for n, _ in pairs]}
+    for name, model in models.items():
+        denoiser = TiledDenoiser(model, backend, tile=0)
+        outputs[name] = [denoiser.denoise(n) for n, _ in pairs]
+    scores = {}
+    for name, images in outputs.items():
+        m = [fitted_metrics(image, t, ssim=False) for image, (_, t) in zip(images, pairs)]
+        scores[name] = (float(np.mean([s["pearson"] for s in m])),
+                        float(np.mean([s["psnr_fit"] for s in m])))
+    return scores

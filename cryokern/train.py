@@ -1,4 +1,5 @@
-"""python -m cryokern.train: train the denoiser on MRC stacks (or the built-in synthetic data).
+"""python -m cryokern.train: train the denoiser on MRC stacks (or the built-in simulated data,
+whose ground truth it then scores the network against).
 
 Exit status: 0 done, 2 bad input (one line naming the file and the problem; nothing written
 over), 3 the loss became NaN or Inf (the last good checkpoint is kept), 130 interrupted.
@@ -21,6 +22,7 @@ from tqdm import tqdm
 from . import checkpoint, precompile, synthetic
 from .backends import get_backend, gpu_available
 from .data import NORMALIZATIONS, BatchLoader, PairedImages, Subset, epoch_batches, split
+from .inference import Model
 from .model import Network, init_params
 from .mrcstack import DataError
 from .options import add_files, finite, refuse
@@ -435,6 +437,20 @@ class Run:
             self._writer.shutdown()
 
 
+def print_demo_scores(run):
+    """What the demo is for: how close its validation images come to their ground truth, as
+    the noisy input, and denoised by the network before and after training."""
+    net, opts = run.network, run.opts
+    models = {f"{when} training": Model(f"weights {when} training", net, params, opts.normalize)
+              for when, params in (("before", init_params(net, opts.seed, opts.init)),
+                                   ("after", run.step.host_params()))}
+    scores = synthetic.truth_scores(models, run.backend)
+    print(f"validation images against their ground truth (simulated; mean of {synthetic.VAL}; "
+          "PSNR after a least-squares affine fit):")
+    for name, (r, psnr) in scores.items():
+        print(f"  {name:<16} Pearson r {r:.3f}   PSNR {psnr:.2f} dB")
+
+
 def peak_rss_mib():
     """This process's peak resident memory. Linux's VmHWM, not getrusage's ru_maxrss: after
     fork and exec, ru_maxrss starts from the parent's peak, which says nothing about us."""
@@ -558,6 +574,8 @@ def main(argv=None):
     try:
         run = start(opts, explicit_options(parser, argv))
         run.run()
+        if not (run.opts.noisy or run.opts.pairs):
+            print_demo_scores(run)
     except DataError as e:
         print(f"cryokern.train: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -9,7 +9,7 @@ import pytest
 from conftest import write_mrc
 from cryokern import checkpoint
 from cryokern.evaluate import main
-from cryokern.metrics import image_metrics, mean_metrics
+from cryokern.metrics import fitted_metrics, gaussian_blur, image_metrics, mean_metrics
 from cryokern.model import Network, init_params
 from float64_math import ssim64
 
@@ -25,6 +25,38 @@ def test_metrics_match_their_definitions(rng):
     assert m["psnr"] == pytest.approx(10 * math.log10(4.0 / np.mean(d ** 2)), rel=1e-12)
     assert m["pearson"] == pytest.approx(np.corrcoef(image.ravel(), clean.ravel())[0, 1], rel=1e-10)
     assert m["ssim"] == pytest.approx(ssim64(image, clean, 2.0), rel=1e-9)
+
+
+def test_gaussian_blur_equals_scipys_mirrored_gaussian(rng):
+    from scipy.ndimage import gaussian_filter      # scipy comes with scikit-image
+    x = rng.random((40, 50))
+    for sigma in (1.5, 20.0):
+        assert np.abs(gaussian_blur(x, sigma) -
+                      gaussian_filter(x, sigma, mode="reflect", truncate=8)).max() < 2e-5
+
+
+def test_fitted_scores_ignore_units_and_offset_and_match_their_definitions(rng):
+    """After the least-squares fit, a*x + b scores as x; the fitted MSE is var(t) (1 - r^2)."""
+    truth = rng.random((40, 50))
+    image = truth + 0.5 * rng.standard_normal(truth.shape)
+    m = fitted_metrics(image, truth)
+    assert fitted_metrics(3.0 * image - 7.0, truth) == pytest.approx(m, rel=1e-9)
+    r = np.corrcoef(image.ravel(), truth.ravel())[0, 1]
+    mse = truth.var() * (1 - r * r)
+    rng_t = truth.max() - truth.min()
+    assert m["pearson"] == pytest.approx(r, rel=1e-10)
+    assert m["psnr_fit"] == pytest.approx(10 * math.log10(rng_t ** 2 / mse), rel=1e-9)
+    fitted = truth.mean() + r * truth.std() / image.std() * (image - image.mean())
+    assert m["ssim_fit"] == pytest.approx(ssim64(fitted, truth, rng_t), rel=1e-9)
+
+
+def test_highpassed_r_looks_past_slow_variation(rng):
+    """A slow wave (period 600 px, 7x the detail's spread) ruins r but not the high-passed r."""
+    truth = rng.random((200, 200))
+    yy, xx = np.mgrid[:200, :200]
+    wave = 2.0 * np.cos(2 * np.pi * (yy + 0.5 * xx) / 600)
+    m = fitted_metrics(truth + wave, truth, ssim=False)
+    assert m["pearson"] < 0.3 and m["pearson_highpass"] > 0.95 and m["ssim_fit"] is None
 
 
 def test_metrics_of_an_exact_match_and_of_a_constant_image(rng):
@@ -55,14 +87,17 @@ def test_report_has_per_image_and_mean_scores_and_a_panel(tmp_path, files, capsy
     r = json.loads(report.read_text())
     assert len(r["images"]) == 3 and r["ssim"]["sigma"] == 1.5
     assert r["data_range"].startswith("per image")
+    assert r["highpass_sigma_px"] == 20.0
     for kind in ("denoised", "noisy"):
-        for name in ("mse", "psnr", "ssim", "pearson"):
+        for name in ("mse", "psnr", "ssim", "pearson", "psnr_fit", "ssim_fit",
+                     "pearson_highpass"):
             assert r["mean"][kind][name] == pytest.approx(
                 np.mean([i[kind][name] for i in r["images"]]))
     first = r["images"][0]
     assert first["image"] == 0 and first["noisy_file"] == noisy
     assert panel.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "mean" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "mean" in out and "pearson_highpass" in out and "affine fit" in out
 
 
 def test_a_fixed_data_range_is_used_and_stated(tmp_path, files, capsys):

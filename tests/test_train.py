@@ -12,9 +12,11 @@ import pytest
 
 from conftest import bits
 from cryokern import reference as R
+from cryokern import synthetic
 from cryokern import train as T
 from cryokern.backends import Ready, get_backend
 from cryokern.data import PairedImages, Subset, epoch_batches
+from cryokern.metrics import fitted_metrics
 from cryokern.mrcstack import MrcStack
 from cryokern.model import Network, forward, init_params
 from cryokern.step import TrainStep
@@ -84,17 +86,36 @@ def test_epoch_mse_is_exact_over_a_ragged_last_batch(tmp_path):
     assert abs(np.mean(batch_means) - direct) > 0.1 * direct
 
 
-def test_default_data_is_the_synthetic_set(tmp_path, monkeypatch):
+def test_default_data_is_the_simulated_set(tmp_path, monkeypatch):
     monkeypatch.setenv("CRYOKERN_CACHE", str(tmp_path / "cache"))
     opts = T.build_parser().parse_args([])
     train, val = T.data_pairs(opts)
     stacks = [MrcStack(p) for p in train[0] + val[0]]
-    assert [len(s) for s in stacks] == [48, 48, 16, 16]
+    assert [len(s) for s in stacks] == [synthetic.TRAIN] * 2 + [synthetic.VAL] * 2
+    assert len(MrcStack(str(synthetic.dataset()["val_truth"]))) == synthetic.VAL
     first = stacks[0].read(0, np.empty(stacks[0].shape, np.float32)).copy()
     for f in tmp_path.glob("cache/*/*"):
         f.unlink()
     T.data_pairs(opts)   # regenerated: the same bits
     assert np.array_equal(MrcStack(train[0][0]).read(0, np.empty_like(first)), first)
+
+
+def test_demo_scores_the_network_against_the_ground_truth(tmp_path, monkeypatch, capsys):
+    """With no data options, train ends by scoring the validation images against their truth:
+    the noisy input's scores equal fitted_metrics' on the files."""
+    monkeypatch.setenv("CRYOKERN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(synthetic, "SIZE", 16)
+    monkeypatch.setattr(synthetic, "TRAIN", 4)
+    monkeypatch.setattr(synthetic, "VAL", 2)
+    assert T.main(TINY + ["--epochs", "1", "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split("Pearson")[0].strip(): line for line in out.splitlines()
+             if "Pearson r" in line}
+    assert set(lines) == {"noisy input", "before training", "after training"}
+    files = synthetic.dataset()
+    with mrcfile.open(files["val"][0]) as a, mrcfile.open(files["val_truth"]) as b:
+        r = np.mean([fitted_metrics(x, t, ssim=False)["pearson"] for x, t in zip(a.data, b.data)])
+    assert f"Pearson r {r:.3f}" in lines["noisy input"]
 
 
 def test_run_directory_contents(tmp_path):
