@@ -79,6 +79,11 @@ def bits(a, dtype=np.float32):
     return np.ascontiguousarray(a).view(f"u{a.dtype.itemsize}")
 
 
+def ident(shape):
+    """A test id for a shape: (1, 16, 16, 33, 20) -> '1x16x16x33x20'."""
+    return "x".join(map(str, shape))
+
+
 def write_mrc(path, data, voxel_size=1.0, layout="stack"):
     """An MRC file of `data` (2-D image, or 3-D as 'stack' or 'volume'); returns its path."""
     import mrcfile

@@ -3,11 +3,12 @@
 Why: float32 partials of ordinary data (standard-normal values, sums of a few hundred of them)
 add exactly in float64, so every order of addition gives the same bits and a test on them
 cannot tell the contract's left fold from a reversed, pairwise or tile-dropping one. Here each
-column (one output of one image) holds a large value B and, later or earlier, -B, among small
-values of full 24-bit mantissas over a range of exponents: what the small values lose to
-rounding while B is in the running sum depends on when they are added. Each column is drawn
-until its left fold differs from its reversed and its pairwise fold (`differs_in_order`), and
-the tests assert that again, so the data cannot silently go easy.
+column (one output of one image) holds a large value B and, later or earlier, about -B, among
+small values of full 24-bit mantissas over a range of exponents: what the small values lose
+to rounding while B is in the running sum depends on when they are added (for the loss, whose
+partials are squares, one large square per image). Each column is drawn until its left fold
+differs from its reversed and its pairwise fold (`differs_in_order`), and the tests assert that
+again, so the data cannot silently go easy.
 """
 import numpy as np
 
@@ -107,7 +108,8 @@ def order_sensitive_squares(rng, images, tiles):
     tile holds one nonzero difference d) give a float64 total (tiles, then images, each a left
     fold) that differs from the totals with the tiles folded reversed or pairwise, or the
     images so. Squares have one sign, so the orders differ through rounding alone: each image
-    holds one square near 2^(40..46) (a different one per image) among squares of 2^-8 .. 2^12."""
+    holds one square of 2^40 .. 2^48 (a different binade per image) among squares of
+    2^-8 .. 2^12."""
     if tiles < 3 or images < 3:
         raise ValueError("a fold of fewer than 3 values is the same in every order")
     for _ in range(1000):
@@ -115,7 +117,8 @@ def order_sensitive_squares(rng, images, tiles):
         d[np.arange(images), rng.integers(0, tiles, images)] = \
             rng.uniform(1, 2, images) * np.exp2(20 + rng.choice(4, images, replace=False))
         d = d.astype(np.float32)
-        if (total_in_other_orders(d * d) != total_in_other_orders(d * d)[0])[1:].all():
+        totals = total_in_other_orders(d * d)
+        if (totals[1:] != totals[0]).all():
             return d
     raise AssertionError("no order-sensitive squares in 1000 draws")
 

@@ -1,17 +1,17 @@
 """Numerics §4 steps 3-5 (float64 folds over tiles, then images) on data where the order decides
 the bits: the kernels' folds, the reference's, and whole reductions (weight gradients, loss).
 
-Each test first asserts that its data tells the contract's left fold from the reversed and the
+The tests assert that their data tells the contract's left fold from the reversed and the
 pairwise one (fold_data), so that a fold in another order, one that drops or repeats a tile,
 or one that starts from the wrong value gives other bits here (test_sharpness plants such
-bugs and checks that these tests fail).
+bugs and checks that these tests fail); -0.0 partials are a case of their own.
 """
 import numpy as np
 import pytest
 from numba import cuda
 
 import contract_loops as loops
-from conftest import bits
+from conftest import bits, ident
 from fold_data import (differs_in_order, left_fold, order_sensitive_partials,
                        order_sensitive_squares, order_sensitive_sums, total_in_other_orders)
 from cryokern import kernels as K
@@ -19,9 +19,6 @@ from cryokern import reference as R
 from cryokern.contract import TILE_H, TILE_W, tile_grid
 from cryokern.kernels.reduce import fold_tiles
 from cryokern.reference import reduce as reference_reduce
-
-ident = lambda s: "x".join(map(str, s))
-
 
 def fold_on_device(*jobs):
     """fold_tiles over host partials (N, T, K); the per-image float64 sums, on the host."""
@@ -101,7 +98,8 @@ def test_sum_images_is_the_left_fold_over_images(rng, dtype):
     assert differs_in_order(sums, 0, dtype).all()
     want = bits(left_fold(sums, 0).astype(dtype), dtype)
     out = cuda.to_device(np.full(40, np.nan, dtype))
-    assert np.array_equal(bits(K.sum_images(cuda.to_device(sums), out).copy_to_host(), dtype), want)
+    got = K.sum_images(cuda.to_device(sums), out).copy_to_host()
+    assert np.array_equal(bits(got, dtype), want)
     assert np.array_equal(bits(R.sum_images(sums, np.zeros(40, dtype)), dtype), want)
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from numba import cuda
 
-from conftest import bits
+from conftest import bits, ident
 from contract_loops import fold_tiles_then_images
 from cryokern import kernels as K
 from cryokern import reference as R
@@ -50,10 +50,6 @@ def same_bits(got, want):
     return np.array_equal(bits(got), bits(want))
 
 
-def ident(shape):
-    return "x".join(map(str, shape))
-
-
 def cases(gpu_only, small=SMALL, flags=None, small_last_flag=()):
     """Small shapes (simulator and GPU) and large ones (GPU only); with `flags`, every small
     shape runs with each flag, and the large ones and `small_last_flag` with the last flag only
@@ -67,7 +63,8 @@ def cases(gpu_only, small=SMALL, flags=None, small_last_flag=()):
 
 
 @pytest.mark.parametrize("shape,relu", cases(LARGE + LARGE_MANY_OUTPUTS, flags=[False, True],
-                                              small_last_flag=FORWARD_SEAMS + MANY_OUTPUTS_FORWARD))
+                                              small_last_flag=FORWARD_SEAMS +
+                                              MANY_OUTPUTS_FORWARD))
 def test_forward(rng, shape, relu):
     n, cin, cout, h, w = shape
     x, wt, b = randn(rng, n, cin, h, w), randn(rng, cout, cin, 3, 3), randn(rng, cout)

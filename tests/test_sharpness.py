@@ -13,11 +13,10 @@ import zlib
 
 import numpy as np
 import pytest
-from numba import cuda
 
 import test_fold_order as folds
 import test_kernels as kernel_tests
-from conftest import REAL_GPU, bits
+from conftest import REAL_GPU, bits, ident
 from fold_data import left_fold, pairwise_fold
 from cryokern import reference as R
 from cryokern.kernels import conv, reduce
@@ -83,16 +82,15 @@ def reverse_each_full_round(source):
     return chain.sub(lambda m: "".join(reversed(m.group(0).splitlines(True))), source)
 
 
-@pytest.mark.parametrize("edit, caught_by", [
-    (drop_last_tile_of_each_full_round, "1x512x1"),
-    (reverse_each_full_round, "2x600x40")], ids=["drop-a-tile", "reversed-rounds"])
+@pytest.mark.parametrize("edit, caught_by", [(drop_last_tile_of_each_full_round, (1, 512, 1)),
+                                             (reverse_each_full_round, (2, 600, 40))],
+                         ids=["drop-a-tile", "reversed-rounds"])
 def test_a_wrong_fold_in_the_kernel_is_caught(mutate_kernels, edit, caught_by):
     mutate_kernels(edit)
-    shape = tuple(map(int, caught_by.split("x")))
-    node = f"test_fold_order.py::test_fold_tiles_is_the_left_fold_over_tiles[{caught_by}]"
-    assert verdict(folds.test_fold_tiles_is_the_left_fold_over_tiles, node, shape) == "failed"
+    node = f"test_fold_order.py::test_fold_tiles_is_the_left_fold_over_tiles[{ident(caught_by)}]"
+    assert verdict(folds.test_fold_tiles_is_the_left_fold_over_tiles, node, caught_by) == "failed"
     for shape in OLD_FOLD_SHAPES:
-        node = f"test_kernels.py::test_fold_tiles[{'x'.join(map(str, shape))}]"
+        node = f"test_kernels.py::test_fold_tiles[{ident(shape)}]"
         assert verdict(old_fold_tiles_test, node, shape) == "passed"
 
 
@@ -118,7 +116,7 @@ def old_reference_results():
     their kind of data (standard normal): what the kernels were compared with."""
     rng = np.random.default_rng(0)
     out = []
-    for n, cin, cout, h, w in kernel_tests.SMALL_WEIGHTS:
+    for n, cin, cout, h, w in kernel_tests.SMALL_WEIGHTS + [(2, 16, 16, 13, 17)]:
         gy = rng.standard_normal((n, cout, h, w)).astype(np.float32)
         x = rng.standard_normal((n, cin, h, w)).astype(np.float32)
         out += [bits(a) for a in R.conv2d_backward_weights(gy, x)]
@@ -174,7 +172,7 @@ def old_convolution_verdicts():
     """test_forward and test_backward_data over the small shapes the suite had (one block row
     in the 8-row geometries, at most 16 output channels), with ReLU and mask (the flag
     changes only the epilogue, not the staging these bugs are in)."""
-    return {verdict(test, f"test_kernels.py::{test.__name__}[{kernel_tests.ident(s)}-True]",
+    return {verdict(test, f"test_kernels.py::{test.__name__}[{ident(s)}-True]",
                     s, True)
             for test in (kernel_tests.test_forward, kernel_tests.test_backward_data)
             for s in kernel_tests.SMALL}
@@ -186,6 +184,6 @@ def old_convolution_verdicts():
     ids=["row-seam", "channel-blocks"])
 def test_a_wrong_block_seam_is_caught(mutate_kernels, edit, test, caught_by):
     mutate_kernels(edit)
-    node = f"test_kernels.py::{test.__name__}[{kernel_tests.ident(caught_by)}-True]"
+    node = f"test_kernels.py::{test.__name__}[{ident(caught_by)}-True]"
     assert verdict(test, node, caught_by, True) == "failed"
     assert old_convolution_verdicts() == {"passed"}
