@@ -2,7 +2,9 @@
 # The GPU acceptance run: parity tests (large cases split over parallel processes, since the
 # NumPy reference is slow and single-threaded), compute-sanitizer on every kernel, then the
 # step benchmark alone on a quiet machine. Logs go to ${OUT:-/tmp/gpu_acceptance}.
+# CRYOKERN_REQUIRE_TORCH=1: the step's comparison with PyTorch fails, not skips, without torch.
 set -u
+export CRYOKERN_REQUIRE_TORCH=1
 out=${OUT:-/tmp/gpu_acceptance}; mkdir -p "$out"
 nvidia-smi -L
 python3 -c "import numba, numpy, torch; print('numba', numba.__version__, 'numpy', numpy.__version__, 'torch', torch.__version__)"

@@ -2,28 +2,40 @@
 
 Outputs are poisoned with NaN before each launch, so an element the kernel never wrote fails.
 """
-import math
-
 import numpy as np
 import pytest
 from numba import cuda
 
-from conftest import bits
+from conftest import bits, ident
 from contract_loops import fold_tiles_then_images
 from cryokern import kernels as K
 from cryokern import reference as R
 from cryokern.contract import tile_grid
 from cryokern.kernels import conv
 from cryokern.kernels.arrays import is_device_array
-from cryokern.kernels.reduce import fold_tiles
 
 # (N, Cin, Cout, H, W): single pixels, odd shapes, several blocks with edge blocks; for weight
-# gradients also several reduction tiles (16 x 64) and the default 16 -> 16 layer
+# gradients also several reduction tiles (16 x 64) and the default 1 -> 16 and 16 -> 1 layers
 SMALL = [(2, 3, 5, 13, 17), (1, 1, 2, 1, 1), (1, 2, 1, 2, 3), (1, 1, 2, 18, 66)]
-SMALL_WEIGHTS = SMALL + [(1, 2, 3, 18, 66), (2, 16, 16, 13, 17), (1, 1, 16, 18, 66),
-                         (1, 16, 1, 17, 67)]
+SMALL_WEIGHTS = SMALL + [(1, 2, 3, 18, 66), (1, 1, 16, 18, 66), (1, 16, 1, 17, 67)]
+# the default network's generated kernels over a few blocks, each block reading its halo
+# across a seam from its neighbours: forward 1 -> 16 (blocks of 16 x 32 pixels) and 16 -> 1
+# (32 x 32) over 2 x 2 blocks, 16 -> 16 (32 x 32; the simulator's costliest) over two block
+# rows, the seam no 8-row geometry had crossed; backward-data (masked, as the step runs it)
+# of 16 -> 1 (the kernel 1 -> 16) over 2 x 2 blocks, of 16 -> 16 over two block rows
+FORWARD_SEAMS = [(1, 1, 16, 17, 33), (1, 16, 16, 33, 20), (1, 16, 1, 33, 33)]
+BACKWARD_SEAMS = [(1, 16, 1, 33, 33), (1, 16, 16, 33, 20)]
+# more than 16 output channels, so several blocks of output channels (16 a block; the last
+# one part full): forward from one input channel and from two (the 8-row geometry of wider
+# layers); backward-data of layers with 17 and 33 input channels
+MANY_OUTPUTS_FORWARD = [(1, 1, 17, 5, 7), (1, 1, 33, 5, 7), (1, 2, 17, 5, 7)]
+MANY_OUTPUTS_BACKWARD = [(1, 17, 1, 5, 7), (1, 33, 2, 5, 7)]
 LARGE = [(4, 16, 16, 1024, 1024), (3, 16, 16, 997, 1013), (2, 1, 16, 256, 256),
          (2, 16, 1, 256, 256)]
+# the layers of --channels 1,32,32,1, and odd counts (3 blocks of output channels, the last
+# holding one)
+LARGE_MANY_OUTPUTS = [(2, 1, 32, 100, 150), (2, 32, 32, 100, 150), (2, 32, 1, 100, 150),
+                      (2, 17, 33, 67, 131)]
 
 def randn(rng, *shape):
     return rng.standard_normal(shape).astype(np.float32)
@@ -38,19 +50,21 @@ def same_bits(got, want):
     return np.array_equal(bits(got), bits(want))
 
 
-def cases(gpu_only, small=SMALL, flags=None):
+def cases(gpu_only, small=SMALL, flags=None, small_last_flag=()):
     """Small shapes (simulator and GPU) and large ones (GPU only); with `flags`, every small
-    shape runs with each flag and the large ones with the last flag only (the reference is slow)."""
-    ident = lambda s: "x".join(map(str, s))
+    shape runs with each flag, and the large ones and `small_last_flag` with the last flag only
+    (the reference, or the simulator, is slow)."""
     if flags is None:
         return [pytest.param(s, id=ident(s)) for s in small] + \
                [pytest.param(s, id=ident(s), marks=pytest.mark.gpu) for s in gpu_only]
+    last = lambda s, *marks: pytest.param(s, flags[-1], id=f"{ident(s)}-{flags[-1]}", marks=marks)
     return [pytest.param(s, f, id=f"{ident(s)}-{f}") for s in small for f in flags] + \
-           [pytest.param(s, flags[-1], id=f"{ident(s)}-{flags[-1]}", marks=pytest.mark.gpu)
-            for s in gpu_only]
+           [last(s) for s in small_last_flag] + [last(s, pytest.mark.gpu) for s in gpu_only]
 
 
-@pytest.mark.parametrize("shape,relu", cases(LARGE, flags=[False, True]))
+@pytest.mark.parametrize("shape,relu", cases(LARGE + LARGE_MANY_OUTPUTS, flags=[False, True],
+                                              small_last_flag=FORWARD_SEAMS +
+                                              MANY_OUTPUTS_FORWARD))
 def test_forward(rng, shape, relu):
     n, cin, cout, h, w = shape
     x, wt, b = randn(rng, n, cin, h, w), randn(rng, cout, cin, 3, 3), randn(rng, cout)
@@ -59,7 +73,9 @@ def test_forward(rng, shape, relu):
     assert same_bits(out, R.conv2d_forward(x, wt, b, relu=relu))
 
 
-@pytest.mark.parametrize("shape,masked", cases(LARGE, flags=[False, True]))
+@pytest.mark.parametrize("shape,masked", cases(LARGE + LARGE_MANY_OUTPUTS, flags=[False, True],
+                                                small_last_flag=BACKWARD_SEAMS +
+                                                MANY_OUTPUTS_BACKWARD))
 def test_backward_data(rng, shape, masked):
     n, cin, cout, h, w = shape
     gy, wt, y = randn(rng, n, cout, h, w), randn(rng, cout, cin, 3, 3), randn(rng, n, cin, h, w)
@@ -101,7 +117,7 @@ def test_backward_data_mask_plans(rng, geometry, shape):
     assert same_bits(out, R.conv2d_backward_data(gy, wt, relu_output=y))
 
 
-@pytest.mark.parametrize("shape", cases(LARGE, SMALL_WEIGHTS))
+@pytest.mark.parametrize("shape", cases(LARGE + LARGE_MANY_OUTPUTS, SMALL_WEIGHTS))
 def test_backward_weights(rng, shape):
     n, cin, cout, h, w = shape
     gy, x = randn(rng, n, cout, h, w), randn(rng, n, cin, h, w)
@@ -109,6 +125,16 @@ def test_backward_weights(rng, shape):
     K.conv2d_backward_weights(cuda.to_device(gy), cuda.to_device(x), out=(gw, gb))
     want_gw, want_gb = R.conv2d_backward_weights(gy, x)
     assert same_bits(gw, want_gw) and same_bits(gb, want_gb)
+
+
+# the weight-gradient kernels as conv2d_backward_weights builds them, their partials folded
+# on the host (in the simulator, folding 16 x 16 x 9 outputs costs more than the kernel):
+# 16 -> 16 over edge tiles of two images, and over two full-width tiles (the written-out
+# branch) between edge columns; 17 and 33 output channels
+@pytest.mark.parametrize("shape", [(2, 16, 16, 13, 17), (1, 16, 16, 2, 130), (1, 2, 17, 5, 7),
+                                   (1, 2, 33, 18, 66)], ids=ident)
+def test_backward_weights_kernels(rng, shape):
+    check_weights_variant(rng, shape, conv.weights_variant(*shape[1:3]))
 
 
 # ways of building the weight-gradient kernel (conv.WeightsVariant) that no default layer uses:
@@ -124,8 +150,7 @@ WEIGHTS_VARIANTS = [conv.WeightsVariant(32, None, False, True, False),
 
 
 @pytest.mark.parametrize("variant", WEIGHTS_VARIANTS, ids=lambda v: "-".join(map(str, v)))
-@pytest.mark.parametrize("shape", [(1, 16, 1, 17, 67), (1, 2, 3, 18, 66)],
-                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", [(1, 16, 1, 17, 67), (1, 2, 3, 18, 66)], ids=ident)
 def test_backward_weights_variants(rng, shape, variant):
     check_weights_variant(rng, shape, variant)
 
@@ -246,7 +271,7 @@ def test_per_image_sums_in_two_calls_equal_one_call(rng, shape):
     assert total.copy_to_host()[0] == want_sse
     ref_sums = np.zeros(n)
     R.mse_loss_and_grad(pred, target, count, image_sums=ref_sums)
-    assert np.array_equal(ref_sums, sums.copy_to_host())
+    assert np.array_equal(bits(ref_sums, np.float64), bits(sums.copy_to_host(), np.float64))
     assert R.sum_images(ref_sums, np.zeros(1))[0] == want_sse
 
 
@@ -306,63 +331,3 @@ def test_deterministic(rng, kernel):
     first = run()
     assert all(np.array_equal(np.asarray(first).view(np.uint8), np.asarray(run()).view(np.uint8))
                for _ in range(3))
-
-
-def _left_fold_over_tiles(partials):
-    want = partials[:, 0].astype(np.float64)
-    for t in range(1, partials.shape[1]):
-        want = want + partials[:, t]
-    return want
-
-
-@pytest.mark.parametrize("shape", [(2, 600, 40), (1, 512, 1), (1, 300, 1), (3, 5, 7)],
-                         ids=lambda s: "x".join(map(str, s)))
-def test_fold_tiles(rng, shape):
-    """Full and partial rounds of staged tiles, a partial block of outputs, one output, few
-    tiles: each image's float64 left fold over tiles, starting from tile 0's partial (a -0.0
-    stays -0.0)."""
-    partials = randn(rng, *shape)
-    partials[0, :, 0] = -0.0
-    got = cuda.to_device(np.full((shape[0], shape[2]), np.nan))
-    fold_tiles((cuda.to_device(partials), got))
-    got = got.copy_to_host()
-    assert np.signbit(got[0, 0])
-    assert np.array_equal(got.view(np.uint64), _left_fold_over_tiles(partials).view(np.uint64))
-
-
-@pytest.mark.parametrize("values", [
-    (2.0 ** 53, 1.0, -1.0),        # the chain rounds 2^53 + 1 (a tree would not): the chain
-    (2.0 ** 50, 1.0, -1.0),        # 52 - ceil(log2 3) = 50 bits: no sum can round, a tree
-    (2.0 ** 51, 1.0, -1.0),        # 51 bits: one could, so the chain
-    (np.inf, 1.0, -1.0), (np.nan, 1.0, 2.0),
-    (1e-45, 3e-45, 1.0)])          # subnormals, counted as wide as the smallest normal
-def test_fold_tiles_adds_in_another_order_only_where_nothing_rounds(values):
-    """The fold adds in a tree only where no addition of the chain can round, and runs the
-    chain otherwise: each case gives the chain's bits. In the first, the orders differ."""
-    partials = np.array(values, np.float32).reshape(1, len(values), 1)
-    got = cuda.to_device(np.full((1, 1), 0.5))
-    fold_tiles((cuda.to_device(partials), got))
-    want = _left_fold_over_tiles(partials)
-    assert np.array_equal(got.copy_to_host().view(np.uint64), want.view(np.uint64))
-    if values[0] == 2.0 ** 53:
-        assert want[0, 0] != math.fsum(values)     # the exact sum: the case tells orders apart
-
-
-def test_fold_tiles_jobs_in_one_launch(rng):
-    """Three jobs of different output counts (several blocks, one, a single output) share a
-    launch; each gets its own fold."""
-    parts = [randn(rng, 2, 300, k) for k in (72, 16, 1)]
-    got = [cuda.to_device(np.full((2, p.shape[2]), np.nan)) for p in parts]
-    fold_tiles(*[(cuda.to_device(p), g) for p, g in zip(parts, got)])
-    for p, g in zip(parts, got):
-        want = _left_fold_over_tiles(p)
-        assert np.array_equal(g.copy_to_host().view(np.uint64), want.view(np.uint64))
-
-
-def test_fold_tiles_rejects_jobs_of_other_shapes(rng):
-    """Jobs of one launch must share images and tiles; a mismatch is named, nothing launched."""
-    a = cuda.to_device(randn(rng, 2, 300, 4))
-    b = cuda.to_device(randn(rng, 2, 200, 4))
-    sums = [cuda.to_device(np.zeros((2, 4))) for _ in range(2)]
-    with pytest.raises(ValueError, match="differ in images or tiles"):
-        fold_tiles((a, sums[0]), (b, sums[1]))
