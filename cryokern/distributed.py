@@ -58,6 +58,10 @@ class Single:
     def gather_rows(self, arrays, images):
         pass
 
+    def for_backend(self, backend):
+        """The communicator that gathers `backend`'s arrays."""
+        return self
+
     def minmax(self, lo, hi):
         return lo, hi
 
@@ -93,6 +97,9 @@ class Mpi(Single):
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.local_rank = self.comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
 
+    def for_backend(self, backend):
+        return Nccl(self) if backend.name == "gpu" else self
+
     def gather_rows(self, arrays, images):
         """Each array's rows (N blocks of ceil(B / N) rows, this rank's block filled) gathered
         in place, bytes unchanged."""
@@ -119,11 +126,16 @@ class Nccl(Mpi):
     """Ranks on GPUs: device arrays gathered by NCCL on the kernels' stream, device to device;
     launch, host collectives and aborts through MPI. Each rank uses the GPU of its local rank."""
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, host):
+        self.MPI, self.comm = host.MPI, host.comm
+        self.rank, self.size, self.local_rank = host.rank, host.size, host.local_rank
         os.environ["NCCL_NVLS_ENABLE"] = "0"
-        import cupy
-        from cupy.cuda import nccl
+        try:
+            import cupy
+            from cupy.cuda import nccl
+        except ImportError:
+            raise RuntimeError("several ranks on GPUs exchange through NCCL, which needs CuPy: "
+                               "pip install cryokern[cu12] or [cu13]") from None
         from numba import cuda
         self.nccl = nccl
         device = self.local_rank % len(cuda.gpus)
@@ -148,14 +160,15 @@ class Nccl(Mpi):
         finally:
             self.nccl.groupEnd()
 
+    def for_backend(self, backend):
+        return self
+
     def abort(self, status):
         self.device_comm.abort()
         super().abort(status)
 
 
-def world(device):
-    """The communicator of this process: Single unless a launcher started several ranks; then
-    Nccl for the GPU backend ('gpu'), Mpi for a CPU one."""
-    if launched_size() <= 1:
-        return Single()
-    return Nccl() if device == "gpu" else Mpi()
+def world():
+    """The communicator of this process: Single unless a launcher started several ranks, then
+    Mpi (for_backend gives the one that gathers the backend's arrays)."""
+    return Single() if launched_size() <= 1 else Mpi()

@@ -592,6 +592,7 @@ def start(opts, explicit, comm=None):
         rank, message = failed[0]
         raise DataError(message if len(failed) == comm.size else f"(rank {rank}) {message}")
     backend = get_backend({"cpu": "reference"}.get(opts.device, opts.device))
+    comm = comm.for_backend(backend)
     if comm.rank == 0:
         write_run_directory(opts, channels, backend, description, resume_from)
         print(f"cryokern: training on {len(train)} images "
@@ -638,8 +639,7 @@ def main(argv=None):
     warnings.filterwarnings("ignore", message=".*GPU under-utilization")
     parser = build_parser()
     opts = parser.parse_args(argv)
-    on_gpu = opts.device == "gpu" or (opts.device == "auto" and gpu_available())
-    comm = distributed.world("gpu" if on_gpu else "cpu")
+    comm = distributed.world()
     if opts.out is None and not opts.resume:
         opts.out = comm.agree(time.strftime("runs/%Y%m%d-%H%M%S"))[0]
     agreed = True       # until training starts, every rank meets the same errors

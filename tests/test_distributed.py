@@ -1,0 +1,127 @@
+"""Data-parallel training on the CPU backend under mpiexec (mpi4py and MPICH from pip, the
+test extra): N ranks end with the checkpoint one process ends with, bit for bit; faults stop
+every rank."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import mrcfile
+import numpy as np
+import pytest
+
+from cryokern.data import PairedImages, Subset, epoch_batches
+from cryokern.distributed import block
+from test_train import data_args, make_pair, npz
+
+pytest.importorskip("mpi4py")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
+pytestmark = pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec (pip install mpich)")
+
+# 11 images, 2 held out: batches of 4, 4 and 1 (on 3 ranks, 2 of them get no image of the last
+# batch, and one no validation image); Adam, crops, a checkpoint every step
+ARGS = ["--device", "cpu", "--channels", "1,4,4,1", "--batch-size", "4", "--val-fraction",
+        "0.2", "--optimizer", "adam", "--crop", "8", "--save-every", "1"]
+
+
+def train(ranks, args, script=("-m", "cryokern.train"), timeout=120):
+    """cryokern.train on `ranks` ranks (1: a plain process, no MPI); the finished process."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [ROOT, os.path.join(ROOT, "tests"), os.environ.get("PYTHONPATH", "")]))
+    launch = [MPIEXEC, "-n", str(ranks)] if ranks > 1 else []
+    return subprocess.run(launch + [sys.executable, *script, *args], env=env, timeout=timeout,
+                          capture_output=True, text=True)
+
+
+def checkpoint(out):
+    """last.npz's arrays, and its meta without the options (which hold --out)."""
+    arrays = npz(os.path.join(out, "last.npz"))
+    meta = json.loads(str(arrays.pop("meta")))
+    meta.pop("options")
+    return arrays, meta
+
+
+def assert_same_checkpoint(out, want):
+    got_arrays, got_meta = checkpoint(out)
+    want_arrays, want_meta = want
+    assert sorted(got_arrays) == sorted(want_arrays)
+    for k, v in want_arrays.items():
+        assert got_arrays[k].tobytes() == v.tobytes(), k
+    assert got_meta == want_meta
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("one_rank")
+    pair = make_pair(tmp, n=11)
+    out = str(tmp / "run")
+    done = train(1, data_args(pair) + ARGS + ["--epochs", "2", "--out", out])
+    assert done.returncode == 0, done.stderr
+    return pair, checkpoint(out)
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_ranks_end_with_the_checkpoint_of_one_process(tmp_path, one_rank, ranks):
+    pair, want = one_rank
+    out = str(tmp_path / "run")
+    done = train(ranks, data_args(pair) + ARGS + ["--epochs", "2", "--out", out])
+    assert done.returncode == 0, done.stderr
+    assert_same_checkpoint(out, want)
+    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["ranks"] for r in records] == [ranks, ranks]
+    assert done.stdout.count("done: checkpoints") == 1      # rank 0 alone reports
+
+
+def test_killed_rank_stops_all_and_a_resume_on_other_ranks_ends_identical(tmp_path, one_rank):
+    """Rank 1 of 2 SIGKILLed in the second epoch: every rank ends, non-zero, in seconds; the
+    last checkpoint is whole, and resuming it on 3 ranks ends as the one-process run does."""
+    pair, want = one_rank
+    out = str(tmp_path / "run")
+    started = time.monotonic()
+    done = train(2, ["1", "4", "kill"] + data_args(pair) + ARGS + ["--epochs", "2", "--out", out],
+                 script=(os.path.join(ROOT, "tests", "rank_fault.py"),), timeout=60)
+    assert done.returncode != 0
+    assert time.monotonic() - started < 60
+    arrays, meta = checkpoint(out)
+    assert meta["step"] in (2, 3, 4)
+    resumed = train(3, ["--resume", "--out", out])
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_checkpoint(out, want)
+
+
+def test_a_raising_rank_stops_all_with_one_line_naming_it(tmp_path, one_rank):
+    pair, _ = one_rank
+    out = str(tmp_path / "run")
+    done = train(3, ["2", "1", "raise"] + data_args(pair) + ARGS + ["--epochs", "1", "--out", out],
+                 script=(os.path.join(ROOT, "tests", "rank_fault.py"),), timeout=60)
+    assert done.returncode == 1
+    ours = [line for line in done.stderr.splitlines() if line.startswith("cryokern.train")]
+    assert ours == ["cryokern.train: failed: RuntimeError: injected fault before step 2 "
+                    "[rank 2 of 3]"]
+
+
+def test_bad_image_read_by_one_rank_exits_2_with_one_line(tmp_path):
+    """An image of NaNs that only rank 1 reads (in its block of the first batch)."""
+    noisy, clean = make_pair(tmp_path, n=8)
+    subset = Subset(PairedImages([(noisy, clean)]), np.arange(8))
+    first = epoch_batches(subset, 4, 0, 0)[0]
+    bad = int(first.indices[block(4, 2, 1)[0]])
+    with mrcfile.open(noisy, mode="r+") as mrc:
+        mrc.data[bad] = np.nan
+    done = train(2, ["--noisy", noisy, "--clean", clean, "--device", "cpu", "--channels",
+                     "1,4,4,1", "--val-fraction", "0", "--epochs", "1",
+                     "--out", str(tmp_path / "run")], timeout=60)
+    assert done.returncode == 2
+    ours = [line for line in done.stderr.splitlines() if line.startswith("cryokern.train")]
+    assert len(ours) == 1 and noisy in ours[0] and ours[0].endswith("[rank 1 of 2]"), ours
+    assert not os.path.exists(tmp_path / "run" / "last.npz")
+
+
+def test_bad_input_every_rank_sees_is_reported_once(tmp_path):
+    done = train(2, ["--noisy", str(tmp_path / "missing.mrcs"), "--clean", "x.mrcs",
+                     "--device", "cpu", "--out", str(tmp_path / "run")], timeout=60)
+    assert done.returncode == 2
+    assert len(done.stderr.strip().splitlines()) == 1 and "missing.mrcs" in done.stderr
