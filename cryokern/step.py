@@ -103,9 +103,10 @@ class TrainStep:
         return self._sums[images]
 
     def _mine(self, sums, images, n):
-        """The rows of this rank's n images in `sums`."""
+        """The rows of this rank's n images in `sums` (none: a rank without images of a
+        ragged batch runs no pass)."""
         first = self.comm.offset(images)
-        return {name: a[first:first + n] for name, a in sums.items()}
+        return {name: a[first:first + n] for name, a in sums.items()} if n else {}
 
     def _fold(self, sums, images, outs):
         """Every rank's rows gathered, then each of `outs` (name -> array) the fold of its
