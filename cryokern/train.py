@@ -32,7 +32,7 @@ EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 RUN_FILES = ("config.json", "metrics.jsonl", "last.npz", "best.npz", "loss.png")
 # options a resumed run may change; any other option given with --resume must match the run's
 RESUME_MAY_CHANGE = {"epochs", "device", "out", "resume", "force", "save_every", "pass_pixels",
-                     "loader_threads", "keep_epochs"}
+                     "loader_threads", "keep_epochs", "gpus"}
 DEFAULT_LR = {"sgd": 0.01, "adam": 1e-3}
 PLOT_EVERY_S = 5.0              # loss.png is drawn at most this often, and after the last epoch
 VAL_KEPT_BYTES = 256 << 20      # a validation set up to this size stays on the device
@@ -90,6 +90,9 @@ def build_parser():
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto",
                    help="gpu: the numba.cuda kernels; cpu: the NumPy reference (same bits)")
+    t.add_argument("--gpus", type=int, default=1, metavar="N",
+                   help="train on N GPUs of this node, one process each, with the bits of one "
+                        "(see README 'Many GPUs and nodes'; with --device cpu, N processes)")
     o = p.add_argument_group("output")
     o.add_argument("--out", metavar="DIR",
                    help="run directory (default runs/YYYYmmdd-HHMMSS)")
@@ -634,11 +637,25 @@ def start_compiling(opts, channels):
     return precompile.start(channels, optimizer_config(opts))
 
 
+def launch_ranks(argv, gpus):
+    """--gpus N: this command again as N ranks (distributed.launch), without --gpus."""
+    if gpus < 1 or distributed.launched_size() > 1:
+        print(f"cryokern.train: error: --gpus {gpus}: " + (
+            "must be at least 1" if gpus < 1 else "ranks started by mpiexec or srun take no "
+            "--gpus"), file=sys.stderr)
+        return EXIT_BAD_INPUT
+    rest = [a for a, before in zip(argv, [None] + argv[:-1])
+            if a != "--gpus" and before != "--gpus" and not a.startswith("--gpus=")]
+    return distributed.launch("cryokern.train", rest, gpus)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     warnings.filterwarnings("ignore", message=".*GPU under-utilization")
     parser = build_parser()
     opts = parser.parse_args(argv)
+    if opts.gpus != 1:
+        return launch_ranks(argv, opts.gpus)
     comm = distributed.world()
     if opts.out is None and not opts.resume:
         opts.out = comm.agree(time.strftime("runs/%Y%m%d-%H%M%S"))[0]

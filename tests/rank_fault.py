@@ -1,6 +1,7 @@
-"""python tests/rank_fault.py RANK STEP ACTION TRAIN-ARGS...: cryokern.train, where rank RANK,
-before step STEP + 1, is killed (ACTION 'kill', SIGKILL: as the OOM killer would) or raises
-(ACTION 'raise'). For the fault tests of test_distributed.py, run under mpiexec."""
+"""python -m rank_fault RANK STEP ACTION TRAIN-ARGS... (tests/ on the path): cryokern.train,
+where rank RANK, before step STEP + 1, is killed (ACTION 'kill', SIGKILL: as the OOM killer
+would) or raises (ACTION 'raise'). For the fault tests of test_distributed.py, as ranks started
+by mpiexec or distributed.launch."""
 import os
 import signal
 import sys
@@ -24,5 +25,5 @@ def main():
 
 
 if __name__ == "__main__":
-    assert distributed.launched_size() > 1, "run under mpiexec"
+    assert distributed.launched_size() > 1, "run as ranks (mpiexec, distributed.launch)"
     sys.exit(main())

@@ -1,6 +1,6 @@
-"""Data-parallel training on the CPU backend under mpiexec (mpi4py and MPICH from pip, the
-test extra): N ranks end with the checkpoint one process ends with, bit for bit; faults stop
-every rank."""
+"""Data-parallel training on the CPU backend, ranks started by mpiexec (mpi4py and MPICH from
+pip, the test extra) or by train's own --gpus N (no MPI): N ranks end with the checkpoint one
+process ends with, bit for bit; faults stop every rank."""
 import json
 import os
 import shutil
@@ -16,10 +16,18 @@ from cryokern.data import PairedImages, Subset, epoch_batches
 from cryokern.distributed import block
 from test_train import data_args, make_pair, npz
 
-pytest.importorskip("mpi4py")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
-pytestmark = pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec (pip install mpich)")
+try:
+    import mpi4py  # noqa: F401
+except ImportError:
+    MPIEXEC = None
+MPI = pytest.param("mpiexec", marks=pytest.mark.skipif(
+    MPIEXEC is None, reason="no mpi4py and mpiexec (pip install mpi4py mpich)"))
+FAULT = "rank_fault"        # tests/rank_fault.py, as a module
+# what --gpus N does, for a module other than cryokern.train
+LAUNCH = "import sys; from cryokern import distributed; " \
+         "sys.exit(distributed.launch(sys.argv[1], sys.argv[3:], int(sys.argv[2])))"
 
 # 11 images, 2 held out: batches of 4, 4 and 1 (on 3 ranks, 2 of them get no image of the last
 # batch, and one no validation image); Adam, crops, a checkpoint every step
@@ -27,13 +35,19 @@ ARGS = ["--device", "cpu", "--channels", "1,4,4,1", "--batch-size", "4", "--val-
         "0.2", "--optimizer", "adam", "--crop", "8", "--save-every", "1"]
 
 
-def train(ranks, args, script=("-m", "cryokern.train"), timeout=120):
-    """cryokern.train on `ranks` ranks (1: a plain process, no MPI); the finished process."""
+def train(ranks, args, via="mpiexec", module="cryokern.train", timeout=120):
+    """`python -m module args` on `ranks` ranks started by mpiexec or by --gpus ('gpus'), or
+    as one plain process; the finished process."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [ROOT, os.path.join(ROOT, "tests"), os.environ.get("PYTHONPATH", "")]))
-    launch = [MPIEXEC, "-n", str(ranks)] if ranks > 1 else []
-    return subprocess.run(launch + [sys.executable, *script, *args], env=env, timeout=timeout,
-                          capture_output=True, text=True)
+    command = [sys.executable, "-m", module] + args
+    if ranks > 1 and via == "mpiexec":
+        command = [MPIEXEC, "-n", str(ranks)] + command
+    elif ranks > 1 and module == "cryokern.train":
+        command = command[:3] + ["--gpus", str(ranks)] + args
+    elif ranks > 1:
+        command = [sys.executable, "-c", LAUNCH, module, str(ranks)] + args
+    return subprocess.run(command, env=env, timeout=timeout, capture_output=True, text=True)
 
 
 def checkpoint(out):
@@ -63,11 +77,11 @@ def one_rank(tmp_path_factory):
     return pair, checkpoint(out)
 
 
-@pytest.mark.parametrize("ranks", [2, 3])
-def test_ranks_end_with_the_checkpoint_of_one_process(tmp_path, one_rank, ranks):
+@pytest.mark.parametrize("via, ranks", [(MPI, 2), (MPI, 3), ("gpus", 3)])
+def test_ranks_end_with_the_checkpoint_of_one_process(tmp_path, one_rank, via, ranks):
     pair, want = one_rank
     out = str(tmp_path / "run")
-    done = train(ranks, data_args(pair) + ARGS + ["--epochs", "2", "--out", out])
+    done = train(ranks, data_args(pair) + ARGS + ["--epochs", "2", "--out", out], via)
     assert done.returncode == 0, done.stderr
     assert_same_checkpoint(out, want)
     records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
@@ -75,35 +89,39 @@ def test_ranks_end_with_the_checkpoint_of_one_process(tmp_path, one_rank, ranks)
     assert done.stdout.count("done: checkpoints") == 1      # rank 0 alone reports
 
 
-def test_killed_rank_stops_all_and_a_resume_on_other_ranks_ends_identical(tmp_path, one_rank):
+@pytest.mark.parametrize("via", [MPI, "gpus"])
+def test_killed_rank_stops_all_and_a_resume_on_other_ranks_ends_identical(tmp_path, one_rank,
+                                                                         via):
     """Rank 1 of 2 SIGKILLed in the second epoch: every rank ends, non-zero, in seconds; the
     last checkpoint is whole, and resuming it on 3 ranks ends as the one-process run does."""
     pair, want = one_rank
     out = str(tmp_path / "run")
     started = time.monotonic()
     done = train(2, ["1", "4", "kill"] + data_args(pair) + ARGS + ["--epochs", "2", "--out", out],
-                 script=(os.path.join(ROOT, "tests", "rank_fault.py"),), timeout=60)
+                 via, module=FAULT, timeout=60)
     assert done.returncode != 0
     assert time.monotonic() - started < 60
     arrays, meta = checkpoint(out)
     assert meta["step"] in (2, 3, 4)
-    resumed = train(3, ["--resume", "--out", out])
+    resumed = train(3, ["--resume", "--out", out], via)
     assert resumed.returncode == 0, resumed.stderr
     assert_same_checkpoint(out, want)
 
 
-def test_a_raising_rank_stops_all_with_one_line_naming_it(tmp_path, one_rank):
+@pytest.mark.parametrize("via", [MPI, "gpus"])
+def test_a_raising_rank_stops_all_with_one_line_naming_it(tmp_path, one_rank, via):
     pair, _ = one_rank
     out = str(tmp_path / "run")
     done = train(3, ["2", "1", "raise"] + data_args(pair) + ARGS + ["--epochs", "1", "--out", out],
-                 script=(os.path.join(ROOT, "tests", "rank_fault.py"),), timeout=60)
+                 via, module=FAULT, timeout=60)
     assert done.returncode == 1
     ours = [line for line in done.stderr.splitlines() if line.startswith("cryokern.train")]
     assert ours == ["cryokern.train: failed: RuntimeError: injected fault before step 2 "
                     "[rank 2 of 3]"]
 
 
-def test_bad_image_read_by_one_rank_exits_2_with_one_line(tmp_path):
+@pytest.mark.parametrize("via", [MPI, "gpus"])
+def test_bad_image_read_by_one_rank_exits_2_with_one_line(tmp_path, via):
     """An image of NaNs that only rank 1 reads (in its block of the first batch)."""
     noisy, clean = make_pair(tmp_path, n=8)
     subset = Subset(PairedImages([(noisy, clean)]), np.arange(8))
@@ -113,15 +131,16 @@ def test_bad_image_read_by_one_rank_exits_2_with_one_line(tmp_path):
         mrc.data[bad] = np.nan
     done = train(2, ["--noisy", noisy, "--clean", clean, "--device", "cpu", "--channels",
                      "1,4,4,1", "--val-fraction", "0", "--epochs", "1",
-                     "--out", str(tmp_path / "run")], timeout=60)
+                     "--out", str(tmp_path / "run")], via, timeout=60)
     assert done.returncode == 2
     ours = [line for line in done.stderr.splitlines() if line.startswith("cryokern.train")]
     assert len(ours) == 1 and noisy in ours[0] and ours[0].endswith("[rank 1 of 2]"), ours
     assert not os.path.exists(tmp_path / "run" / "last.npz")
 
 
-def test_bad_input_every_rank_sees_is_reported_once(tmp_path):
+@pytest.mark.parametrize("via", [MPI, "gpus"])
+def test_bad_input_every_rank_sees_is_reported_once(tmp_path, via):
     done = train(2, ["--noisy", str(tmp_path / "missing.mrcs"), "--clean", "x.mrcs",
-                     "--device", "cpu", "--out", str(tmp_path / "run")], timeout=60)
+                     "--device", "cpu", "--out", str(tmp_path / "run")], via, timeout=60)
     assert done.returncode == 2
     assert len(done.stderr.strip().splitlines()) == 1 and "missing.mrcs" in done.stderr
