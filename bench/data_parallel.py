@@ -1,13 +1,14 @@
 """Data-parallel training beside one process: the same checkpoint bits, and images/s.
 
 Writes a noisy/clean MRC pair of random blobs, trains on it in one process and on N ranks
-started by a launcher (mpiexec, mpirun, srun), compares every array of the two last.npz byte
-for byte, and prints each run's training images/s (metrics.jsonl of the last epoch: the first
-holds the warm-up). The default sizes give a ragged last batch in which the last rank holds no
-image, and a validation batch split unevenly.
+started by each launcher given (train's own --gpus N: 'gpus'; or a command that takes -n N:
+mpiexec, mpirun, srun), compares every array of each last.npz with the one process's byte for
+byte, and prints each run's training images/s (metrics.jsonl of the last epoch: the first holds
+the warm-up). The default sizes give a ragged last batch in which the last rank holds no image,
+and a validation batch split unevenly.
 
-    python bench/data_parallel.py --ranks 2 --launcher "mpirun --allow-run-as-root" \\
-        --device gpu --out /tmp/dp
+    python bench/data_parallel.py --ranks 2 --launcher gpus \\
+        --launcher "mpirun --allow-run-as-root" --device gpu --out /tmp/dp
 """
 import argparse
 import json
@@ -38,16 +39,27 @@ def write_pair(directory, images, size, seed=0):
     return paths
 
 
-def train(launch, args, out):
+def train(launcher, ranks, args, out):
+    """One run (launcher None: one process); its figures, or None if it failed."""
+    command = [sys.executable, "-m", "cryokern.train"] + args + ["--out", out, "--force"]
+    if launcher == "gpus":
+        command += ["--gpus", str(ranks)]
+    elif launcher:
+        command = shlex.split(launcher) + ["-n", str(ranks)] + command
     started = time.perf_counter()
-    done = subprocess.run(launch + [sys.executable, "-m", "cryokern.train"] + args +
-                          ["--out", out, "--force"], capture_output=True, text=True)
+    name = launcher or "one process"
+    try:
+        done = subprocess.run(command, capture_output=True, text=True)
+    except OSError as e:
+        print(f"{name} failed: {e}", file=sys.stderr)
+        return None
     seconds = time.perf_counter() - started
     if done.returncode != 0:
-        sys.exit(f"{' '.join(launch) or 'one process'} failed ({done.returncode}):\n"
-                 f"{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+        print(f"{name} failed ({done.returncode}):\n{done.stdout[-2000:]}\n"
+              f"{done.stderr[-3000:]}", file=sys.stderr)
+        return None
     records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-    return {"wall_s": round(seconds, 1), "ranks": records[-1]["ranks"],
+    return {"launcher": name, "wall_s": round(seconds, 1), "ranks": records[-1]["ranks"],
             "images_per_s": round(records[-1]["images_per_s"], 1)}
 
 
@@ -63,7 +75,9 @@ def arrays(out):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ranks", type=int, default=2)
-    p.add_argument("--launcher", default="mpiexec", help="command that takes -n N")
+    p.add_argument("--launcher", action="append",
+                   help="'gpus' (train --gpus N) or a command that takes -n N; repeatable "
+                        "(default: gpus)")
     p.add_argument("--device", default="gpu")
     p.add_argument("--size", type=int, default=512, help="image side (pixels)")
     p.add_argument("--images", type=int, default=67,
@@ -77,23 +91,36 @@ def main():
     args = ["--noisy", noisy, "--clean", clean, "--device", opts.device, "--batch-size",
             str(opts.batch_size), "--epochs", str(opts.epochs)]
     one = os.path.join(opts.out, "ranks1")
-    many = os.path.join(opts.out, f"ranks{opts.ranks}")
-    results = [train([], args, one),
-               train(shlex.split(opts.launcher) + ["-n", str(opts.ranks)], args, many)]
-    (a, meta_a), (b, meta_b) = arrays(one), arrays(many)
-    same = sorted(a) == sorted(b) and all(a[k].tobytes() == b[k].tobytes() for k in a)
+    results = [train(None, 1, args, one)]
+    if results[0] is None:
+        return 1
+    want, want_meta = arrays(one)
+    for k, launcher in enumerate(opts.launcher or ["gpus"]):
+        out = os.path.join(opts.out, f"launcher{k}")
+        result = train(launcher, opts.ranks, args, out)
+        if result is None:
+            results.append({"launcher": launcher, "failed": True})
+            continue
+        got, got_meta = arrays(out)
+        result["identical_arrays"] = sorted(got) == sorted(want) and all(
+            got[a].tobytes() == want[a].tobytes() for a in want)
+        result["identical_meta"] = got_meta == want_meta
+        results.append(result)
     report = {"device": opts.device, "size": opts.size, "images": opts.images,
-              "batch_size": opts.batch_size, "epochs": opts.epochs, "runs": results,
-              "arrays": len(a), "identical_arrays": same, "identical_meta": meta_a == meta_b,
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+              "batch_size": opts.batch_size, "epochs": opts.epochs, "arrays": len(want),
+              "runs": results, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     with open(os.path.join(opts.out, "data_parallel.json"), "w") as f:
         json.dump(report, f, indent=2)
-    print(f"{'ranks':>5} {'images/s (last epoch)':>22} {'wall s':>7}")
+    print(f"{opts.size}^2 images, batch {opts.batch_size}, {opts.device}; last.npz has "
+          f"{len(want)} arrays")
+    print(f"{'launcher':<40} {'ranks':>5} {'images/s':>9} {'wall s':>7}  last.npz vs 1 rank")
     for r in results:
-        print(f"{r['ranks']:>5} {r['images_per_s']:>22} {r['wall_s']:>7}")
-    print(f"last.npz: {len(a)} arrays {'identical' if same else 'DIFFERENT'}; meta "
-          f"{'identical' if meta_a == meta_b else 'DIFFERENT'}")
-    return 0 if same and meta_a == meta_b else 1
+        same = "-" if r is results[0] else "FAILED" if r.get("failed") else \
+            "identical" if r["identical_arrays"] and r["identical_meta"] else "DIFFERENT"
+        print(f"{r['launcher']:<40} {r.get('ranks', '-'):>5} {r.get('images_per_s', '-'):>9} "
+              f"{r.get('wall_s', '-'):>7}  {same}")
+    ok = all(r.get("identical_arrays") and r.get("identical_meta") for r in results[1:])
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -185,8 +185,9 @@ class Nccl(Single):
 
     def gather_rows(self, arrays, images):
         from .kernels.arrays import launch_stream
-        stream = launch_stream()
-        handle = int(stream.handle) if stream else 0
+        stream = launch_stream()        # 0 (legacy default) or a numba stream
+        handle = getattr(stream, "handle", 0)
+        handle = int(getattr(handle, "value", handle) or 0)     # ctypes or cuda.bindings
         per = -(-images // self.size)
         self.nccl.groupStart()
         try:

@@ -144,3 +144,21 @@ def test_bad_input_every_rank_sees_is_reported_once(tmp_path, via):
                      "--device", "cpu", "--out", str(tmp_path / "run")], via, timeout=60)
     assert done.returncode == 2
     assert len(done.stderr.strip().splitlines()) == 1 and "missing.mrcs" in done.stderr
+
+
+@pytest.mark.gpu
+def test_two_gpus_end_with_the_checkpoint_of_one_gpu(tmp_path):
+    """--gpus 2 on a node with two GPUs (NCCL through CuPy): 11 images of 37 x 70, batches of
+    4, 4 and 1 (rank 1 has no image of the last), the bits of one GPU."""
+    from numba import cuda
+    if len(cuda.gpus) < 2:
+        pytest.skip("needs two GPUs")
+    pytest.importorskip("cupy")
+    pair = make_pair(tmp_path, n=11, shape=(37, 70))
+    args = data_args(pair) + ["--device", "gpu", "--batch-size", "4", "--val-fraction", "0.2",
+                              "--epochs", "2"]
+    outs = [str(tmp_path / f"gpus{n}") for n in (1, 2)]
+    for ranks, out in zip((1, 2), outs):
+        done = train(ranks, args + ["--out", out], "gpus", timeout=300)
+        assert done.returncode == 0, done.stderr
+    assert_same_checkpoint(outs[1], checkpoint(outs[0]))
