@@ -27,6 +27,8 @@ import time
 
 import numpy as np
 
+from .mrcstack import DataError
+
 # (rank, size, local rank) variables of the launchers: MPICH's hydra, Open MPI, SLURM's srun
 _LAUNCHERS = (("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
               ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
@@ -53,7 +55,7 @@ def block(images, size, rank):
 class Single:
     """One process: every collective is the identity. The collectives of host communicators
     are written once here over allgather(); subclasses give allgather and abort."""
-    rank, size, local_rank = 0, 1, 0
+    rank, size, local_rank, local_size = 0, 1, 0, 1
 
     def allgather(self, obj):
         """Every rank's `obj` (picklable), in rank order."""
@@ -80,8 +82,27 @@ class Single:
             a[...] = np.concatenate(self.allgather(a[first:first + per]))
 
     def for_backend(self, backend):
-        """The communicator that gathers `backend`'s arrays."""
-        return Nccl(self) if backend.name == "gpu" and self.size > 1 else self
+        """The communicator that gathers `backend`'s arrays: NCCL's for GPU ranks."""
+        if backend.name != "gpu" or self.size == 1:
+            return self
+        return Nccl(self, self.gpu())
+
+    def gpu(self):
+        """This rank's GPU: the one of its local rank where each rank sees the node's GPUs,
+        the only one where it sees one (srun --gpus-per-task=1). Ranks sharing a GPU are
+        refused on every rank alike (DataError), before NCCL starts."""
+        import socket
+
+        from numba import cuda
+        gpus = len(cuda.gpus)
+        device = self.local_rank if self.local_size <= gpus else 0
+        where = (socket.gethostname(), getattr(cuda.gpus[device], "uuid", device))
+        placed = self.agree(where)
+        if len(set(placed)) < len(placed):
+            shared = max(set(placed), key=placed.count)
+            raise DataError(f"{placed.count(shared)} ranks on {shared[0]} share a GPU "
+                            f"({gpus} visible to each): each rank needs a GPU of its own")
+        return device
 
     def minmax(self, lo, hi):
         """(min of lo, max of hi) over the ranks."""
@@ -118,7 +139,8 @@ class Mpi(Single):
         self.MPI = MPI
         self.comm = MPI.COMM_WORLD
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
-        self.local_rank = self.comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
+        node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
+        self.local_rank, self.local_size = node.Get_rank(), node.Get_size()
 
     def allgather(self, obj):
         return self.comm.allgather(obj)
@@ -140,7 +162,7 @@ class Hub(Single):
     def __init__(self, rank, size, address):
         from multiprocessing.connection import Client
         host, port, key = address.rsplit(":", 2)
-        self.rank, self.size, self.local_rank = rank, size, rank
+        self.rank, self.size, self.local_rank, self.local_size = rank, size, rank, size
         self.connection = Client((host, int(port)), authkey=bytes.fromhex(key))
         self.connection.send(rank)
 
@@ -159,22 +181,22 @@ class Hub(Single):
 
 class Nccl(Single):
     """Ranks on GPUs: device arrays gathered by NCCL on the kernels' stream, device to device;
-    host collectives and aborts through the host communicator. Each rank uses the GPU of its
-    local rank."""
+    host collectives and aborts through the host communicator. Each rank uses `device`
+    (Single.gpu)."""
 
-    def __init__(self, host):
+    def __init__(self, host, device):
         self.host = host
-        self.rank, self.size, self.local_rank = host.rank, host.size, host.local_rank
+        self.rank, self.size = host.rank, host.size
+        self.local_rank, self.local_size = host.local_rank, host.local_size
         os.environ["NCCL_NVLS_ENABLE"] = "0"
         try:
             import cupy
             from cupy.cuda import nccl
-        except ImportError:
-            raise RuntimeError("several ranks on GPUs exchange through NCCL, which needs CuPy: "
-                               "pip install cryokern[cu12] or [cu13]") from None
+        except ImportError:     # the same on every rank: reported once, exit status 2
+            raise DataError("several ranks on GPUs exchange through NCCL, which needs CuPy: "
+                            "pip install cryokern[cu12] or [cu13]") from None
         from numba import cuda
         self.nccl = nccl
-        device = self.local_rank % len(cuda.gpus)
         cuda.select_device(device)
         cupy.cuda.Device(device).use()
         uid = host.allgather(nccl.get_unique_id() if self.rank == 0 else None)[0]

@@ -162,3 +162,20 @@ def test_two_gpus_end_with_the_checkpoint_of_one_gpu(tmp_path):
         done = train(ranks, args + ["--out", out], "gpus", timeout=300)
         assert done.returncode == 0, done.stderr
     assert_same_checkpoint(outs[1], checkpoint(outs[0]))
+
+
+def test_more_gpu_ranks_than_gpus_is_refused_once(tmp_path):
+    """Two GPU ranks on a node with one GPU (numba's simulator has one): exit 2, one line,
+    before any rank touches NCCL, nothing written."""
+    from numba import cuda
+    if len(cuda.gpus) >= 2:
+        pytest.skip("this node has two GPUs")
+    pair = make_pair(tmp_path, n=4)
+    done = train(2, data_args(pair) + ["--device", "gpu", "--out", str(tmp_path / "run")],
+                 "gpus", timeout=60)
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("cryokern.train: error: 2 ranks on ") and \
+        lines[0].endswith("share a GPU (1 visible to each): each rank needs a GPU of its own"), \
+        done.stderr
+    assert not os.path.exists(tmp_path / "run")
