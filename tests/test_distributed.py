@@ -179,3 +179,18 @@ def test_more_gpu_ranks_than_gpus_is_refused_once(tmp_path):
         lines[0].endswith("share a GPU (1 visible to each): each rank needs a GPU of its own"), \
         done.stderr
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_blocks_put_every_image_at_its_own_row():
+    """The gathered buffer has N blocks of ceil(B/N) rows; rank r's images start at row
+    r * ceil(B/N). Images 0..B-1 must land in rows 0..B-1 for every B and N, which is why
+    the fold over the first B rows is the one process's."""
+    for images in range(1, 10):
+        for size in range(1, 6):
+            rows = []
+            for rank in range(size):
+                first, stop = block(images, size, rank)
+                per = -(-images // size)
+                rows += [rank * per + k for k in range(stop - first)]
+                assert first <= stop
+            assert rows == list(range(images)), (images, size)
