@@ -3,6 +3,7 @@
 Everything a batch holds is a function of (seed, epoch, batch index) alone, so a run resumed
 mid-epoch sees exactly the batches the uninterrupted run saw. See README "Data" for the options.
 """
+import math
 import os
 import queue
 import threading
@@ -249,8 +250,8 @@ class BatchLoader:
             noisy, clean, n, jobs = item
             ranges = [job.result() for job in jobs]
             previous = (noisy, clean)
-            yield (noisy[:n], clean[:n], min(lo for lo, _ in ranges),
-                   max(hi for _, hi in ranges))
+            yield (noisy[:n], clean[:n], min((lo for lo, _ in ranges), default=math.inf),
+                   max((hi for _, hi in ranges), default=-math.inf))
 
     def close(self):
         """Stop the thread and the jobs not yet started; wait for those running, which write

@@ -3,6 +3,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .backends import Eager
+from .distributed import Single
 from .model import Network, forward
 
 # A batch runs in passes of at most this many pixels (whole images, at least one per pass),
@@ -43,11 +45,16 @@ class TrainStep:
     Buffers are allocated the first time a batch shape is seen and reused after that, so steady
     training allocates nothing per step; the only value returned to the host is the loss SSE,
     which launch() leaves on its way so that the host need not wait for it.
+
+    With a communicator of several ranks (distributed.py), x holds this rank's block of a
+    batch of `images` images; every rank gets every image's per-image sums and folds them all,
+    so that each holds the parameters one process would.
     """
 
     def __init__(self, backend, network: Network, params, optimizer: OptimizerConfig,
-                 state=None, step=0, pass_pixels=DEFAULT_PASS_PIXELS):
+                 state=None, step=0, pass_pixels=DEFAULT_PASS_PIXELS, comm=None):
         self.backend = backend
+        self.comm = comm or Single()
         self.pass_pixels = pass_pixels
         self.network = network
         self.optimizer = optimizer
@@ -66,7 +73,8 @@ class TrainStep:
         self._workspaces = {}
         self._sums = {}
         self._sse = None
-        self._recorder = backend.recorder()
+        # a recording would hold the collective too: not done yet, so ranks launch eagerly
+        self._recorder = backend.recorder() if self.comm.size == 1 else Eager()
 
     def _passes(self, shape):
         """(first, stop) image ranges: the batch in passes of at most pass_pixels pixels."""
@@ -83,14 +91,29 @@ class TrainStep:
                                        for c in self.network.channels[1:]]
         return self._workspaces[shape]
 
-    def _image_sums(self, n):
-        """float64 per-image sums of the loss and of every gradient, for a batch of n images."""
-        if n not in self._sums:
+    def _image_sums(self, images):
+        """float64 per-image sums of the loss and of every gradient, for a batch of `images`
+        images: comm.rows(images) rows, this rank's images from comm.offset(images) on."""
+        if images not in self._sums:
+            rows = self.comm.rows(images)
             shapes = self.network.param_shapes()
-            self._sums[n] = {name: self.backend.empty64((n,) + shape)
-                             for name, shape in shapes.items()}
-            self._sums[n]["loss"] = self.backend.empty64((n,))
-        return self._sums[n]
+            self._sums[images] = {name: self.backend.empty64((rows,) + shape)
+                                  for name, shape in shapes.items()}
+            self._sums[images]["loss"] = self.backend.empty64((rows,))
+        return self._sums[images]
+
+    def _mine(self, sums, images, n):
+        """The rows of this rank's n images in `sums` (none: a rank without images of a
+        ragged batch runs no pass)."""
+        first = self.comm.offset(images)
+        return {name: a[first:first + n] for name, a in sums.items()} if n else {}
+
+    def _fold(self, sums, images, outs):
+        """Every rank's rows gathered, then each of `outs` (name -> array) the fold of its
+        sums over the batch's images in image order (numerics §4)."""
+        self.comm.gather_rows([sums[name] for name in outs], images)
+        for name, out in outs.items():
+            self.backend.sum_images(sums[name][:images], out)
 
     def _check(self, x, target):
         net = self.network
@@ -112,14 +135,17 @@ class TrainStep:
                                        image_sums=sums["loss"][first:stop])
         return acts
 
-    def loss(self, x, target):
-        """(sse, count) of the network's output on a batch, without a step (validation)."""
+    def loss(self, x, target, images=None):
+        """(sse, count) of the network's output on a batch of `images` images (default: x's),
+        of which x holds this rank's, without a step (validation)."""
         self._check(x, target)
-        count = int(np.prod(target.shape))
-        sums = self._image_sums(x.shape[0])
+        images = x.shape[0] if images is None else images
+        count = images * int(np.prod(target.shape[1:]))
+        sums = self._image_sums(images)
+        mine = self._mine(sums, images, x.shape[0])
         for first, stop in self._passes(x.shape):
-            self._loss_sums(x, target, count, sums, first, stop)
-        self.backend.sum_images(sums["loss"], self._sse_scalar())
+            self._loss_sums(x, target, count, mine, first, stop)
+        self._fold(sums, images, {"loss": self._sse_scalar()})
         return self.backend.fetch(self._sse).result(), count
 
     def _sse_scalar(self):
@@ -132,8 +158,9 @@ class TrainStep:
         pending, count = self.launch(x, target)
         return pending.result(), count
 
-    def launch(self, x, target):
-        """Queue one step on a batch; returns (pending, count), where pending.result() is the
+    def launch(self, x, target, images=None):
+        """Queue one step on a batch of `images` images (default: x's), of which x holds this
+        rank's; returns (pending, count), where pending.result() is the
         sse of the loss before the update. Only result() waits: the training loop queues the
         next step before it asks, so the device need not wait for the host between steps.
 
@@ -141,16 +168,18 @@ class TrainStep:
         graph: one launch instead of ~24). Adam's update is launched as it is, since its
         scalars change every step; SGD's are constant and recorded with the rest."""
         self._check(x, target)
-        count = int(np.prod(target.shape))
+        images = x.shape[0] if images is None else images
+        count = images * int(np.prod(target.shape[1:]))
         self._sse_scalar()
         recorded_update = self.optimizer.kind == "sgd"
-        self._recorder.run((x, target), lambda: self._queue(x, target, count, recorded_update))
+        self._recorder.run((x, target),
+                           lambda: self._queue(x, target, images, count, recorded_update))
         self.step += 1
         if not recorded_update:
             self._update()
         return self.backend.fetch(self._sse), count
 
-    def _queue(self, x, target, count, update):
+    def _queue(self, x, target, images, count, update):
         """Forward, loss, backward (and the update if `update`): kernel launches only.
 
         The batch runs in passes of at most pass_pixels pixels, so that the activations of one
@@ -163,20 +192,19 @@ class TrainStep:
         element is read, by the same thread), and an activation is written over only after its
         last reader, the weight gradient of the layer it feeds, has run."""
         be, net = self.backend, self.network
-        sums = self._image_sums(x.shape[0])
+        sums = self._image_sums(images)
+        mine = self._mine(sums, images, x.shape[0])
         for first, stop in self._passes(x.shape):
-            acts = self._loss_sums(x, target, count, sums, first, stop)
+            acts = self._loss_sums(x, target, count, mine, first, stop)
             grad = acts[1:]
             for i in reversed(range(net.depth)):
                 weight, bias = f"layers.{i}.weight", f"layers.{i}.bias"
                 be.conv2d_backward_weights(grad[i], acts[i], image_sums=(
-                    sums[weight][first:stop], sums[bias][first:stop]))
+                    mine[weight][first:stop], mine[bias][first:stop]))
                 if i > 0:
                     be.conv2d_backward_data(grad[i], self.params[weight], relu_output=acts[i],
                                             out=grad[i - 1])
-        be.sum_images(sums["loss"], self._sse)
-        for name, g in self.grads.items():
-            be.sum_images(sums[name], g)
+        self._fold(sums, images, dict(self.grads, loss=self._sse))
         if update:
             self._update()
 

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from . import checkpoint, precompile, synthetic
+from . import checkpoint, distributed, precompile, synthetic
 from .backends import get_backend, gpu_available
-from .data import NORMALIZATIONS, BatchLoader, PairedImages, Subset, epoch_batches, split
+from .data import NORMALIZATIONS, BatchLoader, BatchSpec, PairedImages, Subset, epoch_batches, split
 from .inference import Model
 from .model import Network, init_params
 from .mrcstack import DataError
@@ -32,7 +32,7 @@ EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 RUN_FILES = ("config.json", "metrics.jsonl", "last.npz", "best.npz", "loss.png")
 # options a resumed run may change; any other option given with --resume must match the run's
 RESUME_MAY_CHANGE = {"epochs", "device", "out", "resume", "force", "save_every", "pass_pixels",
-                     "loader_threads", "keep_epochs"}
+                     "loader_threads", "keep_epochs", "gpus"}
 DEFAULT_LR = {"sgd": 0.01, "adam": 1e-3}
 PLOT_EVERY_S = 5.0              # loss.png is drawn at most this often, and after the last epoch
 VAL_KEPT_BYTES = 256 << 20      # a validation set up to this size stays on the device
@@ -90,6 +90,9 @@ def build_parser():
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto",
                    help="gpu: the numba.cuda kernels; cpu: the NumPy reference (same bits)")
+    t.add_argument("--gpus", type=int, default=1, metavar="N",
+                   help="train on N GPUs of this node, one process each, with the bits of one "
+                        "(see README 'Many GPUs and nodes'; with --device cpu, N processes)")
     o = p.add_argument_group("output")
     o.add_argument("--out", metavar="DIR",
                    help="run directory (default runs/YYYYmmdd-HHMMSS)")
@@ -252,8 +255,13 @@ def optimizer_config(opts):
 class Run:
     """One training run: the step, the data, the run directory and its checkpoints."""
 
-    def __init__(self, opts, channels, backend, train, val, description, resume_from=None):
+    def __init__(self, opts, channels, backend, train, val, description, resume_from=None,
+                 comm=None):
         self.opts, self.backend, self.train, self.val = opts, backend, train, val
+        # ranks (distributed.py): each reads and steps on its block of every batch, all hold
+        # the same state; rank 0 alone writes files and prints
+        self.comm = comm or distributed.Single()
+        self.lead = self.comm.rank == 0
         self.out = Path(opts.out)
         self.description = description
         self.network = Network(channels)
@@ -268,7 +276,7 @@ class Run:
             step, self.position, self.best = meta["step"], meta["position"], meta["best_mse"]
             self.meter = LossMeter.from_json(meta["partial"])
         self.step = TrainStep(backend, self.network, params, optimizer, state, step,
-                              pass_pixels=opts.pass_pixels)
+                              pass_pixels=opts.pass_pixels, comm=self.comm)
         self.uploads = backend.uploads()
         self._host_buffers = {}
         # per-epoch work kept small beside a short epoch (a few dozen images): checkpoints
@@ -284,7 +292,9 @@ class Run:
         """The state now under every name (one file, hard-linked: checkpoint.write), written
         on the writer thread while training goes on. The previous write is finished first,
         so files appear in order and its error (a full disk) is raised here. With `epoch`
-        (its number, from 1), epoch files beyond --keep-epochs are deleted after the write."""
+        (its number, from 1), epoch files beyond --keep-epochs are deleted after the write.
+        Every rank comes here (the meter's range is agreed); rank 0 writes."""
+        self.agree_range(self.meter)
         meta = {"network": {"channels": list(self.network.channels)},
                 "optimizer": asdict(self.step.optimizer), "step": self.step.step,
                 "epoch": self.position["epoch"], "position": self.position,
@@ -294,6 +304,8 @@ class Run:
         params = self.step.host_params()
         if not all(np.isfinite(a).all() for a in params.values()):
             raise Diverged(f"the weights became NaN or Inf at step {self.step.step}")
+        if not self.lead:
+            return
         data = checkpoint.encode(params, self.step.host_state(), meta)
         self.finish_writing()
         self._writing = self._writer.submit(self._write, [self.out / n for n in names], data,
@@ -314,13 +326,39 @@ class Run:
             writing, self._writing = self._writing, None
             writing.result()
 
+    def agree_range(self, meter):
+        """The meter's target range over every rank's images (each rank saw its own)."""
+        meter.lo, meter.hi = self.comm.minmax(meter.lo, meter.hi)
+
+    def batch_images(self, subset, batch):
+        """The number of images of batch `batch` of an epoch, over all ranks."""
+        return min(self.opts.batch_size, len(subset) - batch * self.opts.batch_size)
+
+    def my_block(self, spec):
+        """This rank's images of a batch."""
+        a, b = self.comm.block(len(spec.indices))
+        return BatchSpec(spec.indices[a:b], spec.corners[a:b])
+
+    def on_device(self, noisy, clean):
+        """A batch block's device arrays (uploaded; an empty block stays as it is)."""
+        return self.uploads.put(noisy, clean) if len(noisy) else (noisy, clean)
+
+    def uploaded(self, noisy, *calls):
+        """The uploads' bookkeeping calls, for a block that was uploaded."""
+        if len(noisy):
+            for call in calls:
+                call()
+
     def batches(self, subset, epoch, first, shuffle, depth=3):
-        """A loader over the epoch's batches from batch `first` on, `depth` batches ahead."""
-        shape = (self.opts.batch_size, 1) + subset.image_shape
+        """A loader over this rank's blocks of the epoch's batches from batch `first` on,
+        `depth` batches ahead."""
+        a, b = self.comm.block(self.opts.batch_size)
+        shape = (max(1, b - a), 1) + subset.image_shape
         if shape not in self._host_buffers:
             self._host_buffers[shape] = [tuple(self.backend.host_empty(shape) for _ in "xy")
                                          for _ in range(depth + 1)]
-        specs = epoch_batches(subset, self.opts.batch_size, self.opts.seed, epoch, shuffle)
+        specs = [self.my_block(s) for s in epoch_batches(subset, self.opts.batch_size,
+                                                          self.opts.seed, epoch, shuffle)]
         return BatchLoader(subset, specs[first:], self.opts.normalize, self._host_buffers[shape],
                            self.opts.loader_threads or None)
 
@@ -330,7 +368,8 @@ class Run:
         opts = self.opts
         done = self.position["batch"] * opts.batch_size
         bar = tqdm(total=len(self.train), initial=min(done, len(self.train)), unit="img",
-                   desc=f"epoch {epoch + 1}/{opts.epochs}", disable=None, leave=False)
+                   desc=f"epoch {epoch + 1}/{opts.epochs}", disable=None if self.lead else True,
+                   leave=False)
         loader, self._next_loader = self._next_loader, None
         if loader is None:
             loader = self.batches(self.train, epoch, self.position["batch"], shuffle=True)
@@ -348,13 +387,14 @@ class Run:
             bar.set_postfix(mse=f"{self.meter.mse:.4g}")
 
         try:
-            for noisy, clean, lo, hi in loader:
-                pending, count = self.step.launch(*self.uploads.put(noisy, clean))
-                self.uploads.used()
+            for batch, (noisy, clean, lo, hi) in enumerate(loader, self.position["batch"]):
+                images = self.batch_images(self.train, batch)
+                pending, count = self.step.launch(*self.on_device(noisy, clean), images)
+                self.uploaded(noisy, self.uploads.used)
                 if queued is not None:
                     account(*queued)
-                queued = (pending, count, lo, hi, self.step.step, len(noisy))
-                self.uploads.copied()            # the loader may refill noisy and clean now
+                queued = (pending, count, lo, hi, self.step.step, images)
+                self.uploaded(noisy, self.uploads.copied)   # the loader may refill the block now
                 if opts.save_every and self.step.step % opts.save_every == 0:
                     account(*queued)
                     queued = None
@@ -368,30 +408,38 @@ class Run:
     def validate(self):
         meter = LossMeter()
         if self._val_batches is not None:
-            for noisy, clean, lo, hi in self._val_batches:
-                meter.add(*self.step.loss(noisy, clean), lo, hi)
+            for noisy, clean, lo, hi, images in self._val_batches:
+                meter.add(*self.step.loss(noisy, clean, images), lo, hi)
+            self.agree_range(meter)
             return meter
         keep = len(self.val) * 2 * 4 * math.prod(self.val.image_shape) <= VAL_KEPT_BYTES
         kept = []
         loader = self.batches(self.val, 0, 0, shuffle=False)
         try:
-            for noisy, clean, lo, hi in loader:
-                sse, count = self.step.loss(*self.uploads.put(noisy, clean))
-                self.uploads.used()
-                self.uploads.copied()
+            for batch, (noisy, clean, lo, hi) in enumerate(loader):
+                images = self.batch_images(self.val, batch)
+                sse, count = self.step.loss(*self.on_device(noisy, clean), images)
+                self.uploaded(noisy, self.uploads.used, self.uploads.copied)
                 meter.add(sse, count, lo, hi)
                 if keep:
-                    kept.append((self.backend.to_device(noisy), self.backend.to_device(clean),
-                                 lo, hi))
+                    kept.append(self.on_device_kept(noisy, clean) + (lo, hi, images))
         finally:
             loader.close()
         if keep:
             self._val_batches = kept
+        self.agree_range(meter)
         return meter
+
+    def on_device_kept(self, noisy, clean):
+        if not len(noisy):
+            return noisy.copy(), clean.copy()
+        return self.backend.to_device(noisy), self.backend.to_device(clean)
 
     def end_epoch(self, epoch):
         record = {"epoch": epoch + 1, "step": self.step.step}
+        self.agree_range(self.meter)
         record.update(self.meter.summary("train"))
+        record["ranks"] = self.comm.size
         record["images_per_s"] = len(self.train) / self.meter.seconds
         if self.val is not None:
             record.update(self.validate().summary("val"))
@@ -401,8 +449,9 @@ class Run:
             raise Diverged(f"the validation loss became {record['val_mse']} after epoch {epoch + 1}")
         record["peak_rss_mib"] = peak_rss_mib()
         score = record["val_mse"] if self.val is not None else record["train_mse"]
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.lead:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
         self.position, self.meter = {"epoch": epoch + 1, "batch": 0}, LossMeter()
         improved = self.best is None or score < self.best
         if improved:
@@ -414,7 +463,8 @@ class Run:
         return record
 
     def plot(self, epoch):
-        plot_losses(self.out)
+        if self.lead:
+            plot_losses(self.out)
         self._plotted_at, self._plotted_epoch = time.monotonic(), epoch
 
     def run(self):
@@ -424,9 +474,10 @@ class Run:
                 record = self.end_epoch(epoch)
                 val = f"  val mse {record['val_mse']:.6g} ({record['val_psnr']:.2f} dB)" \
                     if "val_mse" in record else ""
-                print(f"epoch {epoch + 1}/{self.opts.epochs}  train mse "
-                      f"{record['train_mse']:.6g} ({record['train_psnr']:.2f} dB){val}  "
-                      f"{record['images_per_s']:.1f} images/s", flush=True)
+                if self.lead:
+                    print(f"epoch {epoch + 1}/{self.opts.epochs}  train mse "
+                          f"{record['train_mse']:.6g} ({record['train_psnr']:.2f} dB){val}  "
+                          f"{record['images_per_s']:.1f} images/s", flush=True)
             if self._plotted_epoch != self.opts.epochs - 1 and \
                     self.position["epoch"] == self.opts.epochs:
                 self.plot(self.opts.epochs - 1)
@@ -520,19 +571,46 @@ def resumed_options(opts, explicit, meta):
     return saved
 
 
-def start(opts, explicit):
-    channels = check_options(opts)
-    resume_from = prepare_out(opts)
-    if resume_from is not None:
-        opts = resumed_options(opts, explicit, resume_from[2])
+def start(opts, explicit, comm=None):
+    """Every rank checks the options and reads the inputs; a problem any rank finds stops all
+    (the same DataError on every rank) before rank 0 writes anything into the run directory."""
+    comm = comm or distributed.Single()
+    try:
         channels = check_options(opts)
-    if opts.lr is None:
-        opts.lr = DEFAULT_LR[opts.optimizer]
-    compiling = start_compiling(opts, channels)
-    train, val, description = open_data(opts)
-    if resume_from is not None and description != resume_from[2]["data"]:
-        raise DataError(f"{opts.out}: the data differ from those the run was trained on")
+        resume_from = prepare_out(opts)
+        if resume_from is not None:
+            opts = resumed_options(opts, explicit, resume_from[2])
+            channels = check_options(opts)
+        if opts.lr is None:
+            opts.lr = DEFAULT_LR[opts.optimizer]
+        compiling = start_compiling(opts, channels)
+        train, val, description = open_data(opts)
+        if resume_from is not None and description != resume_from[2]["data"]:
+            raise DataError(f"{opts.out}: the data differ from those the run was trained on")
+        error = None
+    except DataError as e:
+        error = str(e)
+    failed = [(rank, e) for rank, e in enumerate(comm.agree(error)) if e is not None]
+    if failed:
+        rank, message = failed[0]
+        raise DataError(message if len(failed) == comm.size else f"(rank {rank}) {message}")
     backend = get_backend({"cpu": "reference"}.get(opts.device, opts.device))
+    comm = comm.for_backend(backend)
+    if comm.rank == 0:
+        write_run_directory(opts, channels, backend, description, resume_from)
+        print(f"cryokern: training on {len(train)} images "
+              f"({'x'.join(map(str, train.image_shape))})"
+              f"{f', validating on {len(val)}' if val is not None else ''}; backend "
+              f"{backend.name}{f' on {comm.size} ranks' if comm.size > 1 else ''}; "
+              f"run directory {opts.out}", flush=True)
+    compiling.wait()
+    comm.barrier()
+    return Run(opts, channels, backend, train, val, description, resume_from, comm)
+
+
+def write_run_directory(opts, channels, backend, description, resume_from):
+    """The run directory made (or cleared with --force, or its metrics cut back to the
+    checkpoint resumed from) and config.json written."""
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     if opts.force:
@@ -549,11 +627,6 @@ def start(opts, explicit):
     tmp = out / ".config.json.tmp"
     tmp.write_text(json.dumps(config, indent=2) + "\n")
     os.replace(tmp, out / "config.json")
-    print(f"cryokern: training on {len(train)} images ({'x'.join(map(str, train.image_shape))})"
-          f"{f', validating on {len(val)}' if val is not None else ''}; backend {backend.name}; "
-          f"run directory {out}", flush=True)
-    compiling.wait()
-    return Run(opts, channels, backend, train, val, description, resume_from)
 
 
 def start_compiling(opts, channels):
@@ -564,31 +637,50 @@ def start_compiling(opts, channels):
     return precompile.start(channels, optimizer_config(opts))
 
 
+def launch_ranks(argv, gpus):
+    """--gpus N: this command again as N ranks (distributed.launch), without --gpus."""
+    if gpus < 1 or distributed.launched_size() > 1:
+        print(f"cryokern.train: error: --gpus {gpus}: " + (
+            "must be at least 1" if gpus < 1 else "ranks started by mpiexec or srun take no "
+            "--gpus"), file=sys.stderr)
+        return EXIT_BAD_INPUT
+    rest = [a for a, before in zip(argv, [None] + argv[:-1])
+            if a != "--gpus" and before != "--gpus" and not a.startswith("--gpus=")]
+    return distributed.launch("cryokern.train", rest, gpus)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     warnings.filterwarnings("ignore", message=".*GPU under-utilization")
     parser = build_parser()
     opts = parser.parse_args(argv)
+    if opts.gpus != 1:
+        return launch_ranks(argv, opts.gpus)
+    comm = distributed.world()
     if opts.out is None and not opts.resume:
-        opts.out = time.strftime("runs/%Y%m%d-%H%M%S")
+        opts.out = comm.agree(time.strftime("runs/%Y%m%d-%H%M%S"))[0]
+    agreed = True       # until training starts, every rank meets the same errors
     try:
-        run = start(opts, explicit_options(parser, argv))
+        run = start(opts, explicit_options(parser, argv), comm)
+        agreed = False  # from here a rank may fail alone (its own images): it stops them all
         run.run()
-        if not (run.opts.noisy or run.opts.pairs):
+        if comm.rank == 0 and not (run.opts.noisy or run.opts.pairs):
             print_demo_scores(run)
     except DataError as e:
-        print(f"cryokern.train: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except Diverged as e:
-        print(f"cryokern.train: stopped: {e}; the last good checkpoint is kept in {opts.out}",
-              file=sys.stderr)
-        return EXIT_DIVERGED
+        return comm.stop(EXIT_BAD_INPUT, f"cryokern.train: error: {e}", agreed)
+    except Diverged as e:   # the same bits on every rank: they all stop here
+        return comm.stop(EXIT_DIVERGED, f"cryokern.train: stopped: {e}; the last good "
+                                        f"checkpoint is kept in {opts.out}", agreed=True)
     except KeyboardInterrupt:
-        print(f"cryokern.train: interrupted; continue with --resume --out {opts.out}",
-              file=sys.stderr)
-        return EXIT_INTERRUPTED
-    print(f"done: checkpoints in {opts.out} (best.npz, last.npz); peak resident memory "
-          f"{peak_rss_mib():.0f} MiB")
+        return comm.stop(EXIT_INTERRUPTED, f"cryokern.train: interrupted; continue with "
+                                           f"--resume --out {opts.out}", agreed)
+    except Exception as e:
+        if comm.size == 1:
+            raise
+        return comm.stop(1, f"cryokern.train: failed: {type(e).__name__}: {e}", agreed=False)
+    if comm.rank == 0:
+        print(f"done: checkpoints in {opts.out} (best.npz, last.npz); peak resident memory "
+              f"{peak_rss_mib():.0f} MiB")
     return 0
 
 

@@ -152,10 +152,10 @@ def interrupt_at(monkeypatch, step):
     """Make the training step raise KeyboardInterrupt (as Ctrl-C would) before step `step`+1."""
     original = TrainStep.launch
 
-    def launch(self, x, target):
+    def launch(self, x, target, images=None):
         if self.step == step:
             raise KeyboardInterrupt
-        return original(self, x, target)
+        return original(self, x, target, images)
     monkeypatch.setattr(TrainStep, "launch", launch)
 
 
@@ -214,8 +214,8 @@ def test_sigkilled_run_resumes_bit_identical(tmp_path, uninterrupted):
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     original = TrainStep.launch
 
-    def launch(self, x, target):
-        pending, count = original(self, x, target)
+    def launch(self, x, target, images=None):
+        pending, count = original(self, x, target, images)
         return (Ready(float("nan")) if self.step == 4 else pending), count
     monkeypatch.setattr(TrainStep, "launch", launch)
     out = tmp_path / "run"

@@ -1,0 +1,196 @@
+"""Data-parallel training on the CPU backend, ranks started by mpiexec (mpi4py and MPICH from
+pip, the test extra) or by train's own --gpus N (no MPI): N ranks end with the checkpoint one
+process ends with, bit for bit; faults stop every rank."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import mrcfile
+import numpy as np
+import pytest
+
+from cryokern.data import PairedImages, Subset, epoch_batches
+from cryokern.distributed import block
+from test_train import data_args, make_pair, npz
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
+try:
+    import mpi4py  # noqa: F401
+except ImportError:
+    MPIEXEC = None
+MPI = pytest.param("mpiexec", marks=pytest.mark.skipif(
+    MPIEXEC is None, reason="no mpi4py and mpiexec (pip install mpi4py mpich)"))
+FAULT = "rank_fault"        # tests/rank_fault.py, as a module
+# what --gpus N does, for a module other than cryokern.train
+LAUNCH = "import sys; from cryokern import distributed; " \
+         "sys.exit(distributed.launch(sys.argv[1], sys.argv[3:], int(sys.argv[2])))"
+
+# 11 images, 2 held out: batches of 4, 4 and 1 (on 3 ranks, 2 of them get no image of the last
+# batch, and one no validation image); Adam, crops, a checkpoint every step
+ARGS = ["--device", "cpu", "--channels", "1,4,4,1", "--batch-size", "4", "--val-fraction",
+        "0.2", "--optimizer", "adam", "--crop", "8", "--save-every", "1"]
+
+
+def train(ranks, args, via="mpiexec", module="cryokern.train", timeout=120):
+    """`python -m module args` on `ranks` ranks started by mpiexec or by --gpus ('gpus'), or
+    as one plain process; the finished process."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [ROOT, os.path.join(ROOT, "tests"), os.environ.get("PYTHONPATH", "")]))
+    command = [sys.executable, "-m", module] + args
+    if ranks > 1 and via == "mpiexec":
+        command = [MPIEXEC, "-n", str(ranks)] + command
+    elif ranks > 1 and module == "cryokern.train":
+        command = command[:3] + ["--gpus", str(ranks)] + args
+    elif ranks > 1:
+        command = [sys.executable, "-c", LAUNCH, module, str(ranks)] + args
+    return subprocess.run(command, env=env, timeout=timeout, capture_output=True, text=True)
+
+
+def checkpoint(out):
+    """last.npz's arrays, and its meta without the options (which hold --out)."""
+    arrays = npz(os.path.join(out, "last.npz"))
+    meta = json.loads(str(arrays.pop("meta")))
+    meta.pop("options")
+    return arrays, meta
+
+
+def assert_same_checkpoint(out, want):
+    got_arrays, got_meta = checkpoint(out)
+    want_arrays, want_meta = want
+    assert sorted(got_arrays) == sorted(want_arrays)
+    for k, v in want_arrays.items():
+        assert got_arrays[k].tobytes() == v.tobytes(), k
+    assert got_meta == want_meta
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("one_rank")
+    pair = make_pair(tmp, n=11)
+    out = str(tmp / "run")
+    done = train(1, data_args(pair) + ARGS + ["--epochs", "2", "--out", out])
+    assert done.returncode == 0, done.stderr
+    return pair, checkpoint(out)
+
+
+@pytest.mark.parametrize("via, ranks", [(MPI, 2), (MPI, 3), ("gpus", 3)])
+def test_ranks_end_with_the_checkpoint_of_one_process(tmp_path, one_rank, via, ranks):
+    pair, want = one_rank
+    out = str(tmp_path / "run")
+    done = train(ranks, data_args(pair) + ARGS + ["--epochs", "2", "--out", out], via)
+    assert done.returncode == 0, done.stderr
+    assert_same_checkpoint(out, want)
+    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["ranks"] for r in records] == [ranks, ranks]
+    assert done.stdout.count("done: checkpoints") == 1      # rank 0 alone reports
+
+
+@pytest.mark.parametrize("via", [MPI, "gpus"])
+def test_killed_rank_stops_all_and_a_resume_on_other_ranks_ends_identical(tmp_path, one_rank,
+                                                                         via):
+    """Rank 1 of 2 SIGKILLed in the second epoch: every rank ends, non-zero, in seconds; the
+    last checkpoint is whole, and resuming it on 3 ranks ends as the one-process run does."""
+    pair, want = one_rank
+    out = str(tmp_path / "run")
+    started = time.monotonic()
+    done = train(2, ["1", "4", "kill"] + data_args(pair) + ARGS + ["--epochs", "2", "--out", out],
+                 via, module=FAULT, timeout=60)
+    assert done.returncode != 0
+    assert time.monotonic() - started < 60
+    arrays, meta = checkpoint(out)
+    assert meta["step"] in (2, 3, 4)
+    resumed = train(3, ["--resume", "--out", out], via)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_checkpoint(out, want)
+
+
+@pytest.mark.parametrize("via", [MPI, "gpus"])
+def test_a_raising_rank_stops_all_with_one_line_naming_it(tmp_path, one_rank, via):
+    pair, _ = one_rank
+    out = str(tmp_path / "run")
+    done = train(3, ["2", "1", "raise"] + data_args(pair) + ARGS + ["--epochs", "1", "--out", out],
+                 via, module=FAULT, timeout=60)
+    assert done.returncode == 1
+    ours = [line for line in done.stderr.splitlines() if line.startswith("cryokern.train")]
+    assert ours == ["cryokern.train: failed: RuntimeError: injected fault before step 2 "
+                    "[rank 2 of 3]"]
+
+
+@pytest.mark.parametrize("via", [MPI, "gpus"])
+def test_bad_image_read_by_one_rank_exits_2_with_one_line(tmp_path, via):
+    """An image of NaNs that only rank 1 reads (in its block of the first batch)."""
+    noisy, clean = make_pair(tmp_path, n=8)
+    subset = Subset(PairedImages([(noisy, clean)]), np.arange(8))
+    first = epoch_batches(subset, 4, 0, 0)[0]
+    bad = int(first.indices[block(4, 2, 1)[0]])
+    with mrcfile.open(noisy, mode="r+") as mrc:
+        mrc.data[bad] = np.nan
+    done = train(2, ["--noisy", noisy, "--clean", clean, "--device", "cpu", "--channels",
+                     "1,4,4,1", "--val-fraction", "0", "--epochs", "1",
+                     "--out", str(tmp_path / "run")], via, timeout=60)
+    assert done.returncode == 2
+    ours = [line for line in done.stderr.splitlines() if line.startswith("cryokern.train")]
+    assert len(ours) == 1 and noisy in ours[0] and ours[0].endswith("[rank 1 of 2]"), ours
+    assert not os.path.exists(tmp_path / "run" / "last.npz")
+
+
+@pytest.mark.parametrize("via", [MPI, "gpus"])
+def test_bad_input_every_rank_sees_is_reported_once(tmp_path, via):
+    done = train(2, ["--noisy", str(tmp_path / "missing.mrcs"), "--clean", "x.mrcs",
+                     "--device", "cpu", "--out", str(tmp_path / "run")], via, timeout=60)
+    assert done.returncode == 2
+    assert len(done.stderr.strip().splitlines()) == 1 and "missing.mrcs" in done.stderr
+
+
+@pytest.mark.gpu
+def test_two_gpus_end_with_the_checkpoint_of_one_gpu(tmp_path):
+    """--gpus 2 on a node with two GPUs (NCCL through CuPy): 11 images of 37 x 70, batches of
+    4, 4 and 1 (rank 1 has no image of the last), the bits of one GPU."""
+    from numba import cuda
+    if len(cuda.gpus) < 2:
+        pytest.skip("needs two GPUs")
+    pytest.importorskip("cupy")
+    pair = make_pair(tmp_path, n=11, shape=(37, 70))
+    args = data_args(pair) + ["--device", "gpu", "--batch-size", "4", "--val-fraction", "0.2",
+                              "--epochs", "2"]
+    outs = [str(tmp_path / f"gpus{n}") for n in (1, 2)]
+    for ranks, out in zip((1, 2), outs):
+        done = train(ranks, args + ["--out", out], "gpus", timeout=300)
+        assert done.returncode == 0, done.stderr
+    assert_same_checkpoint(outs[1], checkpoint(outs[0]))
+
+
+def test_more_gpu_ranks_than_gpus_is_refused_once(tmp_path):
+    """Two GPU ranks on a node with one GPU (numba's simulator has one): exit 2, one line,
+    before any rank touches NCCL, nothing written."""
+    from numba import cuda
+    if len(cuda.gpus) >= 2:
+        pytest.skip("this node has two GPUs")
+    pair = make_pair(tmp_path, n=4)
+    done = train(2, data_args(pair) + ["--device", "gpu", "--out", str(tmp_path / "run")],
+                 "gpus", timeout=60)
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("cryokern.train: error: 2 ranks on ") and \
+        lines[0].endswith("share a GPU (1 visible to each): each rank needs a GPU of its own"), \
+        done.stderr
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_blocks_put_every_image_at_its_own_row():
+    """The gathered buffer has N blocks of ceil(B/N) rows; rank r's images start at row
+    r * ceil(B/N). Images 0..B-1 must land in rows 0..B-1 for every B and N, which is why
+    the fold over the first B rows is the one process's."""
+    for images in range(1, 10):
+        for size in range(1, 6):
+            rows = []
+            for rank in range(size):
+                first, stop = block(images, size, rank)
+                per = -(-images // size)
+                rows += [rank * per + k for k in range(stop - first)]
+                assert first <= stop
+            assert rows == list(range(images)), (images, size)
