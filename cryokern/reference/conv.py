@@ -1,17 +1,12 @@
-"""3x3 'same' convolutions and the ReLU mask, as fixed float32 fma chains (docs/numerics.md)."""
+"""3x3 'same' convolutions with their ReLU/LeakyReLU epilogues and masks, as fixed float32 fma
+chains (docs/numerics.md)."""
 import numpy as np
 
 from ..contract import TILE_H, TILE_W, tile_grid
+from .activation import activate, mask_gradient
+from .arrays import f32_array as _f32, finish as _finish
 from .fma import fma32
 from .reduce import fold_images, in_image_mask, per_image, tile_chain, tile_view
-
-
-def _f32(name, a, ndim):
-    a = np.asarray(a)
-    if a.dtype != np.float32 or a.ndim != ndim:
-        raise TypeError(f"{name} must be a float32 array with {ndim} dimensions, "
-                        f"got {a.dtype} with shape {a.shape}")
-    return a
 
 
 def _check_weights(w, cin):
@@ -19,20 +14,9 @@ def _check_weights(w, cin):
         raise ValueError(f"weights of shape {w.shape} do not fit {cin} input channels (OIHW, 3x3)")
 
 
-def _finish(result, out):
-    if out is None:
-        return result
-    out[...] = result
-    return out
-
-
-def apply_relu(a):
-    """v if v > 0 else +0 (NaN propagates, -0 becomes +0)."""
-    return np.where(a <= 0, np.float32(0), a)
-
-
-def conv2d_forward(x, w, b, relu=False, out=None):
-    """y[n,o] = chain from b[o] of fma over ci, ky, kx (ascending) of x[n,ci,h+ky-1,w+kx-1]*w[o,ci,ky,kx]."""
+def conv2d_forward(x, w, b, relu=False, out=None, leaky_slope=None):
+    """y[n,o] = chain from b[o] of fma over ci, ky, kx (ascending) of x[n,ci,h+ky-1,w+kx-1]*w[o,ci,ky,kx],
+    then ReLU or LeakyReLU (numerics §9a) if asked."""
     x = _f32("x", x, 4)
     w = _f32("w", w, 4)
     b = _f32("b", b, 1)
@@ -48,28 +32,33 @@ def conv2d_forward(x, w, b, relu=False, out=None):
                 acc = fma32(xp[:, ci:ci + 1, ky:ky + h, kx:kx + wd],
                             w[None, :, ci, ky, kx, None, None], acc)
     acc = np.broadcast_to(acc, (n, w.shape[0], h, wd))
-    return _finish(apply_relu(acc) if relu else np.array(acc), out)
+    return _finish(np.array(activate(acc, relu, leaky_slope)), out)
 
 
 def relu_backward(gy, y, out=None):
     """gy where the forward output y > 0, else +0."""
     gy = _f32("gy", gy, 4)
     y = _f32("y", y, 4)
-    return _finish(np.where(y > 0, gy, np.float32(0)), out)
+    return _finish(mask_gradient(gy, y), out)
 
 
-def conv2d_backward_data(gy, w, relu_output=None, out=None):
+def conv2d_backward_data(gy, w, relu_output=None, out=None, leaky_slope=None):
     """dL/dx: the forward chain applied to gy with the flipped, transposed kernel, from +0.
 
     For input channel ci the chain runs over o ascending, then ky and kx descending, of
     gy[n,o,h+1-ky,w+1-kx] * w[o,ci,ky,kx]. With relu_output, the result is masked by
-    relu_output > 0 (relu_backward folded in).
+    relu_output > 0 (relu_backward folded in; with leaky_slope, leaky_relu_backward).
     """
     w = _f32("w", w, 4)
+    if leaky_slope is not None and relu_output is None:
+        raise ValueError("leaky_slope needs relu_output, the activation's stored output")
     flipped = np.ascontiguousarray(w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
     gx = conv2d_forward(gy, flipped, np.zeros(flipped.shape[0], np.float32))
     if relu_output is not None:
-        gx = relu_backward(gx, relu_output)
+        relu_output = _f32("relu_output", relu_output, 4)
+        if relu_output.shape != gx.shape:
+            raise ValueError(f"relu_output has shape {relu_output.shape}, expected {gx.shape}")
+        gx = mask_gradient(gx, relu_output, leaky_slope)
     return _finish(gx, out)
 
 
