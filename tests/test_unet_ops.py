@@ -204,3 +204,132 @@ def test_layout_operations(rng):
         not padded[:, :, :, 5:].any() and same_bits(R.crop(padded, 4, 5), a)
     assert bits(padded[:, :, 4:]).max() == 0                 # +0, not -0
     assert same_bits(R.add(a, a), a * f32(2))
+
+
+# --- GPU kernels against the reference, bit for bit ----------------------------------------------
+
+from numba import cuda  # noqa: E402  (conftest has chosen the simulator by now)
+
+from cryokern import kernels as K  # noqa: E402
+
+# (N, C, H, W), even sides: one window; an odd number of windows a row; several 256-thread
+# blocks with a partial last one (2 x 3 x 9 x 17 = 918 windows); large ones on the GPU only
+POOL_SMALL = [(1, 1, 2, 2), (1, 2, 6, 10), (2, 3, 18, 34)]
+POOL_LARGE = [(2, 48, 512, 768), (3, 5, 998, 1014)]
+
+
+def shape_cases(small, large):
+    ident = lambda s: "x".join(map(str, s))
+    return [pytest.param(s, id=ident(s)) for s in small] + \
+           [pytest.param(s, id=ident(s), marks=pytest.mark.gpu) for s in large]
+
+
+def awkward(rng, *shape):
+    """Values with many ties, both zeros and some NaN: every branch of the selection."""
+    v = rng.integers(-2, 3, shape).astype(np.float32)
+    v[rng.random(shape) < 0.2] = -0.0
+    v[rng.random(shape) < 0.02] = np.nan
+    return v
+
+
+def poisoned(shape):
+    return cuda.to_device(np.full(shape, np.nan, np.float32))
+
+
+def dev(a):
+    return cuda.to_device(a)
+
+
+def same_device_bits(got, want):
+    return same_bits(got.copy_to_host(), want)
+
+
+@pytest.mark.parametrize("shape", shape_cases(POOL_SMALL, POOL_LARGE))
+def test_pool_kernels_equal_reference(rng, shape):
+    n, c, h, w = shape
+    x = awkward(rng, *shape)
+    gy, add = randn(rng, n, c, h // 2, w // 2), randn(rng, *shape)
+    out = poisoned((n, c, h // 2, w // 2))
+    K.maxpool2x2_forward(dev(x), out=out)
+    assert same_device_bits(out, R.maxpool2x2_forward(x))
+    out = poisoned(shape)
+    K.maxpool2x2_backward(dev(gy), dev(x), out=out)
+    assert same_device_bits(out, R.maxpool2x2_backward(gy, x))
+    shared = dev(add)           # as the step runs it: out = add, masked by the pool's input
+    K.maxpool2x2_backward(dev(gy), dev(x), out=shared, add=shared, relu_output=dev(x),
+                          leaky_slope=0.1)
+    assert same_device_bits(shared, R.maxpool2x2_backward(gy, x, add=add, relu_output=x,
+                                                          leaky_slope=0.1))
+    out = poisoned(shape)
+    K.maxpool2x2_backward(dev(gy), dev(x), out=out, relu_output=dev(x))
+    assert same_device_bits(out, R.maxpool2x2_backward(gy, x, relu_output=x))
+
+
+@pytest.mark.parametrize("shape", shape_cases(POOL_SMALL, POOL_LARGE))
+def test_upsample_kernels_equal_reference(rng, shape):
+    n, c, h, w = shape
+    x, gy = randn(rng, n, c, h // 2, w // 2), randn(rng, *shape)
+    y = awkward(rng, n, c, h // 2, w // 2)
+    out = poisoned(shape)
+    K.upsample2x_forward(dev(x), out=out)
+    assert same_device_bits(out, R.upsample2x_forward(x))
+    out = poisoned(x.shape)
+    K.upsample2x_backward(dev(gy), out=out)
+    assert same_device_bits(out, R.upsample2x_backward(gy))
+    shared = dev(y)             # as the step runs it: over the mask
+    K.upsample2x_backward(dev(gy), out=shared, relu_output=shared, leaky_slope=0.1)
+    assert same_device_bits(shared, R.upsample2x_backward(gy, relu_output=y, leaky_slope=0.1))
+
+
+@pytest.mark.parametrize("shape", shape_cases(POOL_SMALL[1:], POOL_LARGE[1:]))
+def test_leaky_kernels_equal_reference(rng, shape):
+    x, gy = randn(rng, *shape), randn(rng, *shape)
+    x.ravel()[:3] = [-0.0, 0.0, -1e-45]
+    y = R.leaky_relu(x)
+    out = poisoned(shape)
+    K.leaky_relu(dev(x), out=out)
+    assert same_device_bits(out, y)
+    out = poisoned(shape)
+    K.leaky_relu_backward(dev(gy), dev(y), out=out)
+    assert same_device_bits(out, R.leaky_relu_backward(gy, y))
+
+
+@pytest.mark.parametrize("shape", shape_cases([(2, 3, 5, 7)], [(2, 48, 511, 767)]))
+def test_layout_kernels_equal_reference(rng, shape):
+    n, c, h, w = shape
+    a, b = randn(rng, *shape), randn(rng, n, 2, h, w)
+    out = poisoned((n, c + 2, h, w))
+    K.concat_channels(dev(a), dev(b), out=out)
+    assert same_device_bits(out, R.concat_channels(a, b))
+    cat = R.concat_channels(a, b)
+    parts = poisoned(a.shape), poisoned(b.shape)
+    K.split_channels(dev(cat), c, out=parts)
+    assert same_device_bits(parts[0], a) and same_device_bits(parts[1], b)
+    out = poisoned((n, c, h + 3, w + 1))
+    K.pad_zeros(dev(a), h + 3, w + 1, out=out)
+    assert same_device_bits(out, R.pad_zeros(a, h + 3, w + 1))
+    out = poisoned((n, c, h - 1, w - 2))
+    K.crop(dev(a), h - 1, w - 2, out=out)
+    assert same_device_bits(out, R.crop(a, h - 1, w - 2))
+    out = poisoned(shape)
+    K.add(dev(a), dev(a[::-1].copy()), out=out)
+    assert same_device_bits(out, R.add(a, a[::-1].copy()))
+
+
+# conv with the LeakyReLU epilogue (N, Cin, Cout, H, W): several blocks and edge blocks
+CONV_SMALL = [(2, 3, 5, 13, 17), (1, 1, 2, 18, 66), (1, 2, 1, 2, 3)]
+CONV_LARGE = [(2, 48, 48, 256, 384), (2, 96, 48, 131, 197), (2, 1, 48, 256, 256)]
+
+
+@pytest.mark.parametrize("shape", shape_cases(CONV_SMALL, CONV_LARGE))
+def test_conv_leaky_kernels_equal_reference(rng, shape):
+    n, cin, cout, h, w = shape
+    x, wt, b = randn(rng, n, cin, h, w), randn(rng, cout, cin, 3, 3), randn(rng, cout)
+    out = poisoned((n, cout, h, w))
+    K.conv2d_forward(dev(x), dev(wt), dev(b), leaky_slope=0.1, out=out)
+    assert same_device_bits(out, R.conv2d_forward(x, wt, b, leaky_slope=0.1))
+    gy, y = randn(rng, n, cout, h, w), R.leaky_relu(randn(rng, n, cin, h, w))
+    shared = dev(y)             # as the step runs it: the gradient over the activation
+    K.conv2d_backward_data(dev(gy), dev(wt), relu_output=shared, out=shared, leaky_slope=0.1)
+    assert same_device_bits(shared, R.conv2d_backward_data(gy, wt, relu_output=y,
+                                                           leaky_slope=0.1))

@@ -9,7 +9,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 from numba import cuda, float32
 
-from ..contract import TILE_H, TILE_W, tile_grid
+from ..contract import TILE_H, TILE_W, leaky_slope as leaky_slope_f32, tile_grid
 from .arrays import (Operand, as_device_array, launch_stream, output, placeholder, result,
                      scratch)
 from .codegen import Source, load_module
@@ -149,10 +149,16 @@ class _MaskPlan:
 
 
 @lru_cache(maxsize=None)
-def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_registers=None):
+def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_registers=None,
+                    leaky_slope=None):
     """Numerics section 1 (transposed=False) or 2 (w read as w'[ci,o,2-a,2-b]), generated.
+    With leaky_slope (a float32), the epilogue is LeakyReLU's (§9a): its activation, or with
+    `masked` its gradient mask. The slope is written into the source as a float32 constant.
 
     Returns (kernel, block, output channels per block, rows per block)."""
+    if relu and leaky_slope is not None:
+        raise ValueError("relu and leaky_slope exclude each other")
+    slope = None if leaky_slope is None else f"float32({float(leaky_slope)!r})"
     if geometry is None:
         geometry, max_registers = forward_variant(cin, cout, transposed, masked)
     R, g_out, groups = geometry
@@ -245,23 +251,26 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
             src(f"v = a{p}_{g}")
             if relu:
                 src("if v <= float32(0):").indent()("v = float32(0)").dedent()
+            if slope and not masked:
+                src("if not (v > float32(0)):").indent()(f"v = v * {slope}").dedent()
             if masked:
                 word, bit = plan.bit(p, g)
                 src(f"if (live{word} & uint64({1 << bit})) == uint64(0):").indent()
-                src("v = float32(0)").dedent()
+                src(f"v = v * {slope}" if slope else "v = float32(0)").dedent()
             src(f"y[uint64(i{p} + {g} * plane)] = v").dedent()
         src.dedent()
-    module = load_module(f"conv_forward_{cin}_{cout}_{int(relu)}{int(masked)}{int(transposed)}",
-                         src.text())
+    leaky = "" if slope is None else f"_leaky{np.float32(leaky_slope).view(np.uint32):08x}"
+    module = load_module(f"conv_forward_{cin}_{cout}_{int(relu)}{int(masked)}{int(transposed)}"
+                         f"{leaky}", src.text())
     return module.kernel, (BW, TY, groups), ob_size, BH
 
 
-def _launch_forward(x, w, b, y, relu, mask, transposed, **variant):
+def _launch_forward(x, w, b, y, relu, mask, transposed, leaky_slope=None, **variant):
     """`variant` (geometry, max_registers) is for bench/tune_conv.py."""
     n, cin, h, wd = x.shape
     cout = y.shape[1]
     kernel, block, ob_size, BH = _forward_kernel(cin, cout, relu, mask is not None, transposed,
-                                                 **variant)
+                                                 leaky_slope=leaky_slope, **variant)
     n_oblocks = -(-cout // ob_size)
     grid = (-(-wd // BW), -(-h // BH), n * n_oblocks)
     flat_mask = placeholder(1) if mask is None else mask.reshape(mask.size)
@@ -275,19 +284,25 @@ def _check_conv(x, w, cin_axis):
                          "(OIHW, 3x3)")
 
 
-def conv2d_forward(x, w, b, relu=False, out=None):
-    """Forward convolution with fused bias and optional ReLU (numerics §1)."""
+def conv2d_forward(x, w, b, relu=False, out=None, leaky_slope=None):
+    """Forward convolution with fused bias and optional ReLU or LeakyReLU (numerics §1, §9a)."""
+    slope = None if leaky_slope is None else leaky_slope_f32(leaky_slope)
     x, w, b = Operand("x", x, 4), Operand("w", w, 4), Operand("b", b, 1)
     _check_conv(x, w, 1)
     if b.shape != (w.shape[0],):
         raise ValueError(f"bias of shape {b.shape} does not fit {w.shape[0]} output channels")
     out_op, y = output("out", out, (x.shape[0], w.shape[0]) + x.shape[2:], x)
-    _launch_forward(x.device, w.device, b.device, y, relu, None, transposed=False)
+    _launch_forward(x.device, w.device, b.device, y, relu, None, transposed=False,
+                    leaky_slope=slope)
     return result(out_op, y, x)
 
 
-def conv2d_backward_data(gy, w, relu_output=None, out=None):
-    """Gradient w.r.t. the input, with the ReLU mask of relu_output folded in (numerics §2)."""
+def conv2d_backward_data(gy, w, relu_output=None, out=None, leaky_slope=None):
+    """Gradient w.r.t. the input, with the ReLU (or, with leaky_slope, LeakyReLU) mask of
+    relu_output folded in (numerics §2, §9a)."""
+    if leaky_slope is not None and relu_output is None:
+        raise ValueError("leaky_slope needs relu_output, the activation's stored output")
+    slope = None if leaky_slope is None else leaky_slope_f32(leaky_slope)
     gy, w = Operand("gy", gy, 4), Operand("w", w, 4)
     _check_conv(gy, w, 0)
     shape = (gy.shape[0], w.shape[1]) + gy.shape[2:]
@@ -298,7 +313,7 @@ def conv2d_backward_data(gy, w, relu_output=None, out=None):
             raise ValueError(f"relu_output has shape {mask.shape}, expected {shape}")
     out_op, gx = output("out", out, shape, gy)
     _launch_forward(gy.device, w.device, _zero_bias(w.shape[1]), gx, False,
-                    None if mask is None else mask.device, transposed=True)
+                    None if mask is None else mask.device, transposed=True, leaky_slope=slope)
     return result(out_op, gx, gy)
 
 
