@@ -2,9 +2,10 @@
 small-image batch (64x256x256), and the U-Net's operations at 48 channels (unet_cases), beside
 the device's fp32 FMA rate and copy bandwidth measured here in the same run. Compute-bound
 kernels report TFLOP/s (2 FLOP per multiply-add) and their fraction of the FMA rate;
-memory-bound ones report GB/s (bytes they must move) and their fraction of the copy bandwidth. Each kernel call (with its float64 folds) is recorded as a CUDA
-graph and the replays are timed, as the training step runs them: numba's host time per launch
-(0.2-0.3 ms) would otherwise be the figure of every short kernel. Usage: python bench/kernels.py
+memory-bound ones report GB/s (bytes they must move) and their fraction of the copy bandwidth.
+Each kernel call (with its float64 folds) is recorded as a CUDA graph and the replays are
+timed, as the training step runs them: numba's host time per launch (0.2-0.3 ms) would
+otherwise be the figure of every short kernel. Usage: python bench/kernels.py
 """
 import numpy as np
 from numba import cuda, float32

@@ -131,3 +131,91 @@ def test_reference_step_gradient_equals_finite_differences(residual):
             value[i] = keep
             fd[i] = (up - down) / (2 * eps)
         assert rel_err(trainer.grads[name], fd) < 1e-4, name
+
+
+# --- the GPU backend against the reference, bit for bit ------------------------------------------
+
+def steps_equal_reference(net, opt, shape, steps=2, seed=4):
+    params = init_params(net, seed=seed)
+    gpu = TrainStep(get_backend("gpu"), net, params, opt)
+    ref = TrainStep(get_backend("reference"), net, params, opt)
+    for step in range(steps):
+        noisy, clean = batch(seed + step, shape)
+        assert gpu(noisy, clean) == ref(noisy, clean), step
+    for name, value in ref.host_params().items():
+        assert np.array_equal(bits(gpu.host_params()[name]), bits(value)), name
+    for name, value in ref.host_state().items():
+        assert np.array_equal(bits(gpu.host_state()[name]), bits(value)), name
+
+
+OPTIMIZERS = [pytest.param(OptimizerConfig("sgd", lr=0.05, momentum=0.9), id="sgd"),
+              pytest.param(OptimizerConfig("adam", lr=1e-3), id="adam")]
+
+
+@pytest.mark.parametrize("opt,residual,shape,steps", [
+    pytest.param(OptimizerConfig("sgd", lr=0.05, momentum=0.9), False, (1, 1, 7, 10), 1,
+                 id="sgd-plain"),
+    pytest.param(OptimizerConfig("sgd", lr=0.05, momentum=0.9), True, (1, 1, 7, 10), 1,
+                 id="sgd-residual"),
+    pytest.param(OptimizerConfig("adam", lr=1e-3), False, (1, 1, 7, 10), 1, id="adam-plain"),
+    pytest.param(OptimizerConfig("adam", lr=1e-3), True, (2, 1, 7, 10), 1,
+                 id="adam-residual-2-images")])
+def test_gpu_steps_equal_reference_small(opt, residual, shape, steps):
+    """Simulator-sized (a step of one image takes about a minute there, of two about two: the
+    simulator runs every thread of every block): two levels, padding (7 x 10 -> 8 x 12)."""
+    steps_equal_reference(UNet((2, 3, 4), residual=residual), opt, shape, steps=steps)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("opt,residual,widths,shape,steps", [
+    pytest.param(OptimizerConfig("sgd", lr=0.05, momentum=0.9), False, (8, 12, 16, 16),
+                 (2, 1, 512, 768), 1, id="sgd-plain-512x768"),
+    pytest.param(OptimizerConfig("adam", lr=1e-3), True, (8, 12, 16, 16), (2, 1, 131, 197), 2,
+                 id="adam-residual-odd"),
+    pytest.param(OptimizerConfig("adam", lr=1e-3), True, (48, 48, 48, 48), (2, 1, 64, 96), 1,
+                 id="adam-residual-48-wide"),
+    pytest.param(OptimizerConfig("sgd", lr=0.05), False, (48, 48, 48, 48), (1, 1, 45, 70), 2,
+                 id="sgd-plain-48-wide-odd")])
+def test_gpu_steps_equal_reference(opt, residual, widths, shape, steps):
+    """Three levels: block and tile seams of every kernel at every level, padded odd sides,
+    and the U-Net's 48-channel layers (the reference's speed bounds the sizes)."""
+    steps_equal_reference(UNet(widths, residual=residual), opt, shape, steps=steps)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_one_step_matches_pytorch_float64(residual):
+    """The GPU step's loss and gradients within 1e-5 (relative) of PyTorch's float64 autograd
+    of the same U-Net (padded odd sides)."""
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    net = UNet((8, 12, 16, 16), residual=residual)
+    params = init_params(net, seed=5)
+    noisy, clean = batch(7, (2, 1, 67, 91))
+    trainer = TrainStep(get_backend("gpu"), net, params, OptimizerConfig("sgd", lr=0.0))
+    sse, count = trainer(noisy, clean)
+    t = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in params.items()}
+    h, w = noisy.shape[2:]
+    hp, wp = net.padded_size(h, w)
+    x = F.pad(torch.tensor(noisy, dtype=torch.float64), (0, wp - w, 0, hp - h))
+
+    def conv(prefix, a, leaky=True):
+        y = F.conv2d(a, t[f"{prefix}.weight"], t[f"{prefix}.bias"], padding=1)
+        return F.leaky_relu(y, net.leaky_slope) if leaky else y
+
+    skips, a = [], x
+    for level in range(net.levels + 1):
+        if level > 0:
+            a = F.max_pool2d(a, 2)
+        a = conv(f"enc.{level}.conv1", conv(f"enc.{level}.conv0", a))
+        skips.append(a)
+    for level in reversed(range(net.levels)):
+        a = torch.cat([F.interpolate(a, scale_factor=2, mode="nearest"), skips[level]], dim=1)
+        a = conv(f"dec.{level}.conv1", conv(f"dec.{level}.conv0", a))
+    y = conv("out", a, leaky=False) + (x if residual else 0)
+    loss = ((y[:, :, :h, :w] - torch.tensor(clean, dtype=torch.float64)) ** 2).mean()
+    loss.backward()
+    assert abs(sse / count - loss.item()) / loss.item() < 1e-5
+    for name, g in trainer.grads.items():
+        want = t[name].grad.numpy()
+        assert rel_err(trainer.backend.to_host(g), want) < 1e-5, name
