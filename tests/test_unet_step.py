@@ -219,3 +219,15 @@ def test_one_step_matches_pytorch_float64(residual):
     for name, g in trainer.grads.items():
         want = t[name].grad.numpy()
         assert rel_err(trainer.backend.to_host(g), want) < 1e-5, name
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_gpu_forward_equals_reference(residual):
+    """model.forward allocating its own arrays, on the GPU backend (one level, padded 5 x 7)."""
+    net = UNet((2, 3), residual=residual)
+    params = init_params(net, seed=6)
+    x, _ = batch(2, (1, 1, 5, 7))
+    gpu = get_backend("gpu")
+    got = forward(gpu, net, {k: gpu.to_device(v) for k, v in params.items()}, gpu.to_device(x))
+    want = forward(get_backend("reference"), net, params, x)
+    assert got.shape == x.shape and np.array_equal(bits(gpu.to_host(got)), bits(want))
