@@ -10,9 +10,11 @@ NO_MASK, RELU_MASK, LEAKY_MASK = 0, 1, 2
 THREADS = 256
 
 
-@cuda.jit(device=True, inline=True)
+@cuda.jit(device=True)
 def masked(g, y, mode, slope):
-    """§9b: g where y > 0; elsewhere +0 (RELU_MASK) or slope * g (LEAKY_MASK); g (NO_MASK)."""
+    """§9b: g where y > 0; elsewhere +0 (RELU_MASK) or slope * g (LEAKY_MASK); g (NO_MASK).
+    (pool.py and upsample.py call it: numba's on-disk cache keys their kernels on their own
+    files, so after editing this function, clear the cache or touch those files.)"""
     if mode == NO_MASK or y > float32(0):
         return g
     if mode == RELU_MASK:

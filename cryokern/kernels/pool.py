@@ -15,7 +15,7 @@ def pooled_shape(shape):
     return n, c, h // 2, w // 2
 
 
-@cuda.jit(device=True, inline=True)
+@cuda.jit(device=True)
 def selected(v0, v1, v2, v3):
     """0..3: the window's first NaN in row-major order, else its first maximum."""
     k = 0
@@ -52,7 +52,7 @@ def _forward(x, y, half_w, width, count):
             y[i] = v3
 
 
-@cuda.jit(device=True, inline=True)
+@cuda.jit(device=True)
 def _element(g, e, a, has_add, m, mode, slope):
     """One element's gradient: add first, then the mask (§10, §9b)."""
     if has_add:
