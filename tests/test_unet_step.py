@@ -133,6 +133,27 @@ def test_reference_step_gradient_equals_finite_differences(residual):
         assert rel_err(trainer.grads[name], fd) < 1e-4, name
 
 
+def test_reference_steps_in_passes_equal_one_pass_and_loss_equals_forward():
+    """Passes of one image give the bits of one pass (per-image float64 sums, numerics §4);
+    the validation loss is the loss of the forward pass's output."""
+    net = UNet((2, 3, 4), residual=True)
+    params = init_params(net, seed=8)
+    be = get_backend("reference")
+    opt = OptimizerConfig("adam", lr=1e-2)
+    whole = TrainStep(be, net, params, opt)
+    split = TrainStep(be, net, params, opt, pass_pixels=7 * 10)
+    for step in range(2):
+        noisy, clean = batch(10 + step, (3, 1, 7, 10))
+        assert whole(noisy, clean) == split(noisy, clean)
+    for name, value in whole.host_params().items():
+        assert np.array_equal(bits(split.host_params()[name]), bits(value)), name
+    noisy, clean = batch(20, (3, 1, 7, 10))
+    pred = forward(be, net, whole.host_params(), noisy)
+    assert whole.loss(noisy, clean) == be.mse_loss(pred, clean)
+    with pytest.raises(ValueError, match="does not fit"):
+        whole(noisy, clean[:, :, :6])
+
+
 # --- the GPU backend against the reference, bit for bit ------------------------------------------
 
 def steps_equal_reference(net, opt, shape, steps=2, seed=4):
