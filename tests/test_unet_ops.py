@@ -333,3 +333,35 @@ def test_conv_leaky_kernels_equal_reference(rng, shape):
     K.conv2d_backward_data(dev(gy), dev(wt), relu_output=shared, out=shared, leaky_slope=0.1)
     assert same_device_bits(shared, R.conv2d_backward_data(gy, wt, relu_output=y,
                                                            leaky_slope=0.1))
+
+
+# convolutions of a concatenation without the copy (N, Ca, Cb, Cout, H, W): x2's channels
+# after x's forward and in the weight gradients, the input gradient split into two arrays;
+# the third case takes the weight gradients' precomputed-address path (Cin * Cout >= 64)
+TWO_SMALL = [(2, 2, 3, 4, 13, 17), (1, 1, 1, 2, 18, 66), (1, 5, 3, 8, 5, 7)]
+TWO_LARGE = [(2, 48, 48, 48, 256, 384), (2, 16, 8, 8, 131, 197)]
+
+
+@pytest.mark.parametrize("shape", shape_cases(TWO_SMALL, TWO_LARGE))
+def test_conv_of_two_inputs_equals_conv_of_concatenation(rng, shape):
+    n, ca, cb, cout, h, w = shape
+    xa, xb = randn(rng, n, ca, h, w), randn(rng, n, cb, h, w)
+    wt, b, gy = randn(rng, cout, ca + cb, 3, 3), randn(rng, cout), randn(rng, n, cout, h, w)
+    cat = np.concatenate([xa, xb], axis=1)
+    want = R.conv2d_forward(cat, wt, b, leaky_slope=0.1)
+    assert same_bits(R.conv2d_forward(xa, wt, b, leaky_slope=0.1, x2=xb), want)
+    out = poisoned((n, cout, h, w))
+    K.conv2d_forward(dev(xa), dev(wt), dev(b), leaky_slope=0.1, out=out, x2=dev(xb))
+    assert same_device_bits(out, want)
+    gx = R.conv2d_backward_data(gy, wt)
+    ga, gb = R.conv2d_backward_data(gy, wt, split=ca)
+    assert same_bits(ga, gx[:, :ca]) and same_bits(gb, gx[:, ca:])
+    parts = poisoned(xa.shape), poisoned(xb.shape)
+    K.conv2d_backward_data(dev(gy), dev(wt), out=parts, split=ca)
+    assert same_device_bits(parts[0], ga) and same_device_bits(parts[1], gb)
+    gw, gbias = R.conv2d_backward_weights(gy, cat)
+    got = R.conv2d_backward_weights(gy, xa, x2=xb)
+    assert same_bits(got[0], gw) and same_bits(got[1], gbias)
+    outs = poisoned(gw.shape), poisoned(gbias.shape)
+    K.conv2d_backward_weights(dev(gy), dev(xa), out=outs, x2=dev(xb))
+    assert same_device_bits(outs[0], gw) and same_device_bits(outs[1], gbias)
