@@ -134,8 +134,8 @@ def unet_cases(n, s, rng, width=48):
     dev = lambda *shape: cuda.to_device(rng.standard_normal(shape).astype(np.float32))
     empty = lambda *shape: cuda.device_array(shape, np.float32)
     c, c2, h = width, 2 * width, s // 2
-    a, g, cat = dev(n, c, s, s), dev(n, c, s, s), dev(n, c2, s, s)
-    o, half, ghalf = empty(n, c, s, s), dev(n, c, h, h), dev(n, c, h, h)
+    a, g = dev(n, c, s, s), dev(n, c, s, s)
+    o, o2, half, ghalf = empty(n, c, s, s), empty(n, c, s, s), dev(n, c, h, h), dev(n, c, h, h)
     w_cc, w_2c, b = dev(c, c, 3, 3), dev(c, c2, 3, 3), dev(c)
     gw_cc, gw_2c, gb = empty(c, c, 3, 3), empty(c, c2, 3, 3), empty(c)
     p = s * s * n
@@ -144,18 +144,20 @@ def unet_cases(n, s, rng, width=48):
     return [
         (f"conv {c}->{c} forward+leaky",
          lambda: K.conv2d_forward(a, w_cc, b, leaky_slope=0.1, out=o), mac(c, c), 2 * c * plane),
-        (f"conv {c2}->{c} forward+leaky",
-         lambda: K.conv2d_forward(cat, w_2c, b, leaky_slope=0.1, out=o), mac(c2, c),
+        (f"conv {c}+{c}->{c} forward+leaky (concatenation)",
+         lambda: K.conv2d_forward(a, w_2c, b, leaky_slope=0.1, out=o, x2=g), mac(c2, c),
          3 * c * plane),
         (f"conv {c}->{c} backward-data+leaky mask",
          lambda: K.conv2d_backward_data(g, w_cc, relu_output=a, leaky_slope=0.1, out=o),
          mac(c, c), 3 * c * plane),
-        (f"conv {c}->{c2} backward-data (into concat)",
-         lambda: K.conv2d_backward_data(g, w_2c, out=cat), mac(c2, c), 3 * c * plane),
+        (f"conv {c}->{c}+{c} backward-data (concatenation)",
+         lambda: K.conv2d_backward_data(g, w_2c, out=(o, o2), split=c), mac(c2, c),
+         3 * c * plane),
         (f"conv {c}->{c} weight grads", lambda: K.conv2d_backward_weights(g, a, out=(gw_cc, gb)),
          mac(c, c), 2 * c * plane),
-        (f"conv {c2}->{c} weight grads",
-         lambda: K.conv2d_backward_weights(g, cat, out=(gw_2c, gb)), mac(c2, c), 3 * c * plane),
+        (f"conv {c}+{c}->{c} weight grads (concatenation)",
+         lambda: K.conv2d_backward_weights(g, a, out=(gw_2c, gb), x2=o), mac(c2, c),
+         3 * c * plane),
         (f"maxpool fwd {c} ch", lambda: K.maxpool2x2_forward(a, out=half), None,
          c * plane * 5 // 4),
         (f"maxpool bwd+add+mask {c} ch",
@@ -166,7 +168,6 @@ def unet_cases(n, s, rng, width=48):
         (f"upsample bwd+mask {c} ch",
          lambda: K.upsample2x_backward(g, out=ghalf, relu_output=half, leaky_slope=0.1), None,
          c * plane * 6 // 4),
-        (f"concat {c}+{c} ch", lambda: K.concat_channels(a, g, out=cat), None, 4 * c * plane),
         (f"leaky backward {c} ch", lambda: K.leaky_relu_backward(g, a, out=o), None,
          3 * c * plane),
     ]

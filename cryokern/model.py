@@ -112,8 +112,9 @@ class UNet:
     def activation_shapes(self, n, height, width):
         """{name: shape} of one forward pass's arrays on a batch of n images (numerics §14):
         "input" (padded, only where padding is needed), enc.{l}.{0,1} (each convolution's
-        output), pool.{l} (level l's input, l >= 1), up.{l}, cat.{l}, dec.{l}.{0,1}, "out" (the
-        network's output on the padded grid) and "pred" (cropped, only where padding is)."""
+        output), pool.{l} (level l's input, l >= 1), up.{l}, dec.{l}.{0,1}, "out" (the
+        network's output on the padded grid) and "pred" (cropped, only where padding is). The
+        concatenation is not an array: dec.{l}.conv0 reads up.{l} and enc.{l}.1."""
         hp, wp = self.padded_size(height, width)
         shapes = {}
         if (hp, wp) != (height, width):
@@ -127,7 +128,6 @@ class UNet:
         for level in reversed(range(self.levels)):
             size = (hp >> level, wp >> level)
             shapes[f"up.{level}"] = (n, w[level + 1]) + size
-            shapes[f"cat.{level}"] = (n, w[level + 1] + w[level]) + size
             shapes[f"dec.{level}.0"] = shapes[f"dec.{level}.1"] = (n, w[level]) + size
         shapes["out"] = (n, self.out_channels, hp, wp)
         if (hp, wp) != (height, width):
@@ -188,9 +188,9 @@ def unet_forward(backend, net, params, x, acts=None):
         acts = {name: backend.empty(shape) for name, shape in shapes.items()}
     slope = net.leaky_slope
 
-    def conv(prefix, source, target, leaky=True):
+    def conv(prefix, source, target, leaky=True, skip=None):
         backend.conv2d_forward(source, params[f"{prefix}.weight"], params[f"{prefix}.bias"],
-                               out=acts[target], leaky_slope=slope if leaky else None)
+                               out=acts[target], leaky_slope=slope if leaky else None, x2=skip)
 
     source = x
     if "input" in shapes:
@@ -203,9 +203,8 @@ def unet_forward(backend, net, params, x, acts=None):
         conv(f"enc.{level}.conv1", acts[f"enc.{level}.0"], f"enc.{level}.1")
     for level in reversed(range(net.levels)):
         backend.upsample2x_forward(acts[net.level_output(level)], out=acts[f"up.{level}"])
-        backend.concat_channels(acts[f"up.{level}"], acts[f"enc.{level}.1"],
-                                out=acts[f"cat.{level}"])
-        conv(f"dec.{level}.conv0", acts[f"cat.{level}"], f"dec.{level}.0")
+        conv(f"dec.{level}.conv0", acts[f"up.{level}"], f"dec.{level}.0",
+             skip=acts[f"enc.{level}.1"])
         conv(f"dec.{level}.conv1", acts[f"dec.{level}.0"], f"dec.{level}.1")
     conv("out", acts["dec.0.1"], "out", leaky=False)
     if net.residual:

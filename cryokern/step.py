@@ -253,9 +253,9 @@ class _UNetPass:
         """From the loss gradient over the prediction (the residual passes it on unchanged)."""
         be, net, slope = self.backend, self.network, self.network.leaky_slope
 
-        def weights(prefix, g, x):
-            be.conv2d_backward_weights(g, x, image_sums=(sums[f"{prefix}.weight"],
-                                                         sums[f"{prefix}.bias"]))
+        def weights(prefix, g, x, skip=None):
+            be.conv2d_backward_weights(g, x, x2=skip, image_sums=(sums[f"{prefix}.weight"],
+                                                                  sums[f"{prefix}.bias"]))
 
         def data(prefix, g, out, masked=True):
             be.conv2d_backward_data(g, self.params[f"{prefix}.weight"],
@@ -268,13 +268,12 @@ class _UNetPass:
         weights("out", g, acts["dec.0.1"])
         data("out", g, acts["dec.0.1"])
         for level in range(net.levels):
-            d0, d1, cat = (acts[f"dec.{level}.0"], acts[f"dec.{level}.1"], acts[f"cat.{level}"])
+            d0, d1, up = (acts[f"dec.{level}.0"], acts[f"dec.{level}.1"], acts[f"up.{level}"])
             weights(f"dec.{level}.conv1", d1, d0)
             data(f"dec.{level}.conv1", d1, d0)
-            weights(f"dec.{level}.conv0", d0, cat)
-            data(f"dec.{level}.conv0", d0, cat, masked=False)
-            up = acts[f"up.{level}"]
-            be.split_channels(cat, up.shape[1], out=(up, acts[f"skip.{level}"]))
+            weights(f"dec.{level}.conv0", d0, up, skip=acts[f"enc.{level}.1"])
+            be.conv2d_backward_data(d0, self.params[f"dec.{level}.conv0.weight"],
+                                    out=(up, acts[f"skip.{level}"]), split=up.shape[1])
             below = acts[net.level_output(level)]
             be.upsample2x_backward(up, out=below, relu_output=below, leaky_slope=slope)
         for level in reversed(range(net.levels + 1)):

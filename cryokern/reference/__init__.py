@@ -6,7 +6,7 @@ from .activation import leaky_relu, leaky_relu_backward
 from .conv import (conv2d_backward_data, conv2d_backward_weights, conv2d_forward,
                    relu_backward)
 from .fma import fma32
-from .layout import add, concat_channels, crop, pad_zeros, split_channels
+from .layout import add, crop, pad_zeros
 from .loss import mse_grad, mse_loss, mse_loss_and_grad
 from .optim import adam_update, sgd_update
 from .pool import maxpool2x2_backward, maxpool2x2_forward
@@ -16,5 +16,5 @@ from .upsample import upsample2x_backward, upsample2x_forward
 __all__ = ["fma32", "conv2d_forward", "conv2d_backward_data", "conv2d_backward_weights",
            "relu_backward", "leaky_relu", "leaky_relu_backward", "maxpool2x2_forward",
            "maxpool2x2_backward", "upsample2x_forward", "upsample2x_backward",
-           "concat_channels", "split_channels", "pad_zeros", "crop", "add", "mse_loss",
+           "pad_zeros", "crop", "add", "mse_loss",
            "mse_grad", "mse_loss_and_grad", "sgd_update", "adam_update", "sum_images"]

@@ -1,30 +1,9 @@
-"""Copies that arrange activations for the U-Net: channel concatenation and its split, zero
-padding to the pooling grid and the crop back, and the residual's sum (numerics §12, §13)."""
+"""Copies that fit images to the U-Net's pooling grid, zero padding and the crop back, and the
+residual's sum (numerics §12, §13). (Concatenation needs no copy: the convolutions read two
+arrays.)"""
 import numpy as np
 
 from .arrays import f32_array, finish, same_shape
-
-
-def concat_channels(a, b, out=None):
-    """(N, Ca + Cb, H, W): a's channels, then b's."""
-    a = f32_array("a", a, 4)
-    b = f32_array("b", b, 4)
-    if a.shape[0] != b.shape[0] or a.shape[2:] != b.shape[2:]:
-        raise ValueError(f"a {a.shape} and b {b.shape} differ in batch or image size")
-    return finish(np.concatenate([a, b], axis=1), out)
-
-
-def split_channels(g, channels, out=None):
-    """(g[:, :channels], g[:, channels:]), copied; `out` a pair of arrays to write them into."""
-    g = f32_array("g", g, 4)
-    if not 0 < channels < g.shape[1]:
-        raise ValueError(f"cannot split {g.shape[1]} channels after channel {channels}")
-    parts = np.array(g[:, :channels]), np.array(g[:, channels:])
-    if out is None:
-        return parts
-    for o, p in zip(out, parts):
-        o[...] = p
-    return out
 
 
 def pad_zeros(x, height, width, out=None):
