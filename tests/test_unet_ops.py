@@ -3,8 +3,10 @@ finite differences and the contract's literal rules, then the GPU kernels agains
 reference, bit for bit (simulator at small sizes, GPU at sizes crossing every block seam)."""
 import numpy as np
 import pytest
+from numba import cuda
 
 from conftest import bits
+from cryokern import kernels as K
 from cryokern import reference as R
 from float64_math import conv64, rel_err
 
@@ -203,10 +205,6 @@ def test_layout_operations(rng):
 
 
 # --- GPU kernels against the reference, bit for bit ----------------------------------------------
-
-from numba import cuda  # noqa: E402  (conftest has chosen the simulator by now)
-
-from cryokern import kernels as K  # noqa: E402
 
 # (N, C, H, W), even sides: one window; an odd number of windows a row; several 256-thread
 # blocks with a partial last one (2 x 3 x 9 x 17 = 918 windows); large ones on the GPU only
