@@ -22,8 +22,9 @@ from .transfer import Uploads, fetch
 
 __all__ = ["conv2d_forward", "conv2d_backward_data", "conv2d_backward_weights", "relu_backward",
            "leaky_relu", "leaky_relu_backward", "maxpool2x2_forward", "maxpool2x2_backward",
-           "upsample2x_forward", "upsample2x_backward", "pad_zeros", "crop", "add", "mse_loss", "mse_grad", "mse_loss_and_grad", "sgd_update",
-           "adam_update", "sum_images", "gpu_backend"]
+           "upsample2x_forward", "upsample2x_backward", "pad_zeros", "crop", "add", "mse_loss",
+           "mse_grad", "mse_loss_and_grad", "sgd_update", "adam_update", "sum_images",
+           "gpu_backend"]
 
 
 def _to_device(a):

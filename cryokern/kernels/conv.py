@@ -280,7 +280,8 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
             src(f"if o0 + {g} < {out_first}:").indent()
             src(f"y[uint64((n * {out_first} + o0 + {g}) * plane + i{p})] = v").dedent()
             src("else:").indent()
-            src(f"y2[uint64((n * {cout - out_first} + o0 + {g} - {out_first}) * plane + i{p})] = v")
+            src(f"y2[uint64((n * {cout - out_first} + o0 + {g} - {out_first}) * plane "
+                f"+ i{p})] = v")
             src.dedent().dedent()
         src.dedent()
     leaky = "" if slope is None else f"_leaky{np.float32(leaky_slope).view(np.uint32):08x}"
@@ -310,9 +311,11 @@ def _launch_forward(x, w, b, y, relu, mask, transposed, leaky_slope=None, x2=Non
         kernel[grid, block, launch_stream()](x.reshape(x.size), w, b, flat_mask,
                                              y.reshape(y.size), h, wd, n_oblocks)
         return
-    flat = lambda a, other: (other if a is None else a).reshape((other if a is None else a).size)
-    kernel[grid, block, launch_stream()](x.reshape(x.size), flat(x2, x), w, b, flat_mask,
-                                         y.reshape(y.size), flat(y2, y), h, wd, n_oblocks)
+    x2 = x if x2 is None else x2        # the kernel takes both pairs; an unused one is not read
+    y2 = y if y2 is None else y2
+    kernel[grid, block, launch_stream()](x.reshape(x.size), x2.reshape(x2.size), w, b,
+                                         flat_mask, y.reshape(y.size), y2.reshape(y2.size), h,
+                                         wd, n_oblocks)
 
 
 def _check_conv(x, w, cin_axis, channels=None):

@@ -26,9 +26,9 @@ def _concatenated(x, x2):
 
 
 def conv2d_forward(x, w, b, relu=False, out=None, leaky_slope=None, x2=None):
-    """y[n,o] = chain from b[o] of fma over ci, ky, kx (ascending) of x[n,ci,h+ky-1,w+kx-1]*w[o,ci,ky,kx],
-    then ReLU or LeakyReLU (numerics §9a) if asked. With x2, x is the concatenation of x's
-    channels and x2's (§12)."""
+    """y[n,o] = chain from b[o] of fma over ci, ky, kx (ascending) of
+    x[n,ci,h+ky-1,w+kx-1] * w[o,ci,ky,kx], then ReLU or LeakyReLU (numerics §9a) if asked.
+    With x2, x is the concatenation of x's channels and x2's (§12)."""
     x = _concatenated(x, x2)
     w = _f32("w", w, 4)
     b = _f32("b", b, 1)
