@@ -1,10 +1,11 @@
 """Kernel microbenchmarks: every kernel of the step at the default sizes (4x1024x1024) and at a
-small-image batch (64x256x256), beside the device's fp32 FMA rate and copy bandwidth measured
-here in the same run. Compute-bound kernels report TFLOP/s (2 FLOP per multiply-add) and their
-fraction of the FMA rate; memory-bound ones report GB/s (bytes they must move) and their
-fraction of the copy bandwidth. Each kernel call (with its float64 folds) is recorded as a CUDA
-graph and the replays are timed, as the training step runs them: numba's host time per launch
-(0.2-0.3 ms) would otherwise be the figure of every short kernel. Usage: python bench/kernels.py
+small-image batch (64x256x256), and the U-Net's operations at 48 channels (unet_cases), beside
+the device's fp32 FMA rate and copy bandwidth measured here in the same run. Compute-bound
+kernels report TFLOP/s (2 FLOP per multiply-add) and their fraction of the FMA rate;
+memory-bound ones report GB/s (bytes they must move) and their fraction of the copy bandwidth.
+Each kernel call (with its float64 folds) is recorded as a CUDA graph and the replays are
+timed, as the training step runs them: numba's host time per launch (0.2-0.3 ms) would
+otherwise be the figure of every short kernel. Usage: python bench/kernels.py
 """
 import numpy as np
 from numba import cuda, float32
@@ -128,6 +129,50 @@ def cases(n, s, rng):
     ]
 
 
+def unet_cases(n, s, rng, width=48):
+    """(name, fn, flop, bytes): the U-Net's operations at `width` channels (numerics §9-12)."""
+    dev = lambda *shape: cuda.to_device(rng.standard_normal(shape).astype(np.float32))
+    empty = lambda *shape: cuda.device_array(shape, np.float32)
+    c, c2, h = width, 2 * width, s // 2
+    a, g = dev(n, c, s, s), dev(n, c, s, s)
+    o, o2, half, ghalf = empty(n, c, s, s), empty(n, c, s, s), dev(n, c, h, h), dev(n, c, h, h)
+    w_cc, w_2c, b = dev(c, c, 3, 3), dev(c, c2, 3, 3), dev(c)
+    gw_cc, gw_2c, gb = empty(c, c, 3, 3), empty(c, c2, 3, 3), empty(c)
+    p = s * s * n
+    mac = lambda cin, cout: 2 * p * cin * cout * 9
+    plane = 4 * p                                    # bytes of one full-resolution channel
+    return [
+        (f"conv {c}->{c} forward+leaky",
+         lambda: K.conv2d_forward(a, w_cc, b, leaky_slope=0.1, out=o), mac(c, c), 2 * c * plane),
+        (f"conv {c}+{c}->{c} forward+leaky (concatenation)",
+         lambda: K.conv2d_forward(a, w_2c, b, leaky_slope=0.1, out=o, x2=g), mac(c2, c),
+         3 * c * plane),
+        (f"conv {c}->{c} backward-data+leaky mask",
+         lambda: K.conv2d_backward_data(g, w_cc, relu_output=a, leaky_slope=0.1, out=o),
+         mac(c, c), 3 * c * plane),
+        (f"conv {c}->{c}+{c} backward-data (concatenation)",
+         lambda: K.conv2d_backward_data(g, w_2c, out=(o, o2), split=c), mac(c2, c),
+         3 * c * plane),
+        (f"conv {c}->{c} weight grads", lambda: K.conv2d_backward_weights(g, a, out=(gw_cc, gb)),
+         mac(c, c), 2 * c * plane),
+        (f"conv {c}+{c}->{c} weight grads (concatenation)",
+         lambda: K.conv2d_backward_weights(g, a, out=(gw_2c, gb), x2=o), mac(c2, c),
+         3 * c * plane),
+        (f"maxpool fwd {c} ch", lambda: K.maxpool2x2_forward(a, out=half), None,
+         c * plane * 5 // 4),
+        (f"maxpool bwd+add+mask {c} ch",
+         lambda: K.maxpool2x2_backward(ghalf, a, out=o, add=g, relu_output=a, leaky_slope=0.1),
+         None, c * plane * 13 // 4),
+        (f"upsample fwd {c} ch", lambda: K.upsample2x_forward(half, out=o), None,
+         c * plane * 5 // 4),
+        (f"upsample bwd+mask {c} ch",
+         lambda: K.upsample2x_backward(g, out=ghalf, relu_output=half, leaky_slope=0.1), None,
+         c * plane * 6 // 4),
+        (f"leaky backward {c} ch", lambda: K.leaky_relu_backward(g, a, out=o), None,
+         3 * c * plane),
+    ]
+
+
 def main():
     name = cuda.get_current_device().name
     name = name.decode() if isinstance(name, bytes) else name
@@ -141,7 +186,7 @@ def main():
     print(f"{'kernel':34s} {'batch':>11s} {'median ms':>10s} {'TFLOP/s':>8s} {'GB/s':>7s} "
           f"{'of peak':>8s}")
     for n, s in ((4, 1024), (64, 256)):
-        for label, fn, flop, nbytes in cases(n, s, rng):
+        for label, fn, flop, nbytes in cases(n, s, rng) + unet_cases(n, s, rng):
             fn()                                # compile and allocate, then record
             med, _, _ = event_times(_Graph(fn, stream).launch, 20)
             secs = med * 1e-3

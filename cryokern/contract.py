@@ -45,3 +45,15 @@ def adam_scalars(step, lr, beta1, beta2, eps):
     bias2 = 1.0 - b2 ** step
     return (f32(b1), f32(1.0 - b1), f32(b2), f32(1.0 - b2), f32(math.sqrt(bias2)),
             f32(eps), f32(-float(lr) / bias1))
+
+
+DEFAULT_LEAKY_SLOPE = 0.1
+
+
+def leaky_slope(slope=DEFAULT_LEAKY_SLOPE):
+    """LeakyReLU's negative slope as float32, rounded once; finite and > 0, so that the sign of
+    the stored output decides the backward pass (numerics §9a)."""
+    s = f32(slope)
+    if not (np.isfinite(s) and s > 0):
+        raise ValueError(f"LeakyReLU slope must be finite and > 0 in float32, got {slope!r}")
+    return s

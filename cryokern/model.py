@@ -1,9 +1,17 @@
-"""The denoising network: its shape, named parameters, initialization and forward pass."""
+"""The denoising networks: their shapes, named parameters, initialization and forward passes.
+
+Two architectures: `Network`, the seed's chain of 3x3 convolutions with ReLU (the Fortran
+original's network), and `UNet`, the multi-scale network of numerics §9-14.
+"""
 from dataclasses import dataclass
 
 import numpy as np
 
+from .contract import DEFAULT_LEAKY_SLOPE, leaky_slope as leaky_slope_f32
+
 DEFAULT_CHANNELS = (1, 16, 16, 1)
+# The Noise2Noise paper's U-Net (Lehtinen et al. 2018): 48 channels, five poolings
+DEFAULT_UNET_WIDTHS = (48,) * 6
 
 
 @dataclass(frozen=True)
@@ -24,16 +32,111 @@ class Network:
     def relu_after(self, layer):
         return layer < self.depth - 1
 
+    def convolutions(self):
+        """[(name prefix, cin, cout)] in layer order."""
+        return [(f"layers.{i}", cin, cout)
+                for i, (cin, cout) in enumerate(zip(self.channels, self.channels[1:]))]
+
     def param_shapes(self):
         """{name: shape}, in layer order: layers.{i}.weight (OIHW) then layers.{i}.bias."""
-        shapes = {}
-        for i, (cin, cout) in enumerate(zip(self.channels, self.channels[1:])):
-            shapes[f"layers.{i}.weight"] = (cout, cin, 3, 3)
-            shapes[f"layers.{i}.bias"] = (cout,)
-        return shapes
+        return conv_param_shapes(self.convolutions())
 
     def param_count(self):
         return sum(int(np.prod(s)) for s in self.param_shapes().values())
+
+
+def conv_param_shapes(convolutions):
+    shapes = {}
+    for prefix, cin, cout in convolutions:
+        shapes[f"{prefix}.weight"] = (cout, cin, 3, 3)
+        shapes[f"{prefix}.bias"] = (cout,)
+    return shapes
+
+
+@dataclass(frozen=True)
+class UNet:
+    """A U-Net of 3x3 'same' convolutions (numerics §14).
+
+    `widths[l]` channels at level l (full resolution is level 0), `levels = len(widths) - 1`
+    poolings; the last entry is the bottom level's. Encoder level l: two convolutions with
+    LeakyReLU (enc.{l}.conv0, enc.{l}.conv1), then 2x2 max-pooling (not after the bottom,
+    enc.{levels}). Decoder level l = levels-1 .. 0: x2 nearest upsampling of the level below's
+    output, concatenated (upsampled first) with enc.{l}'s output, then two convolutions with
+    LeakyReLU to widths[l] channels (dec.{l}.conv0, dec.{l}.conv1). Last, a linear convolution
+    to out_channels (out), plus the input with `residual`. Sides that are not multiples of
+    2**levels are padded with zeros at the bottom and right and the output cropped (§13)."""
+    widths: tuple = DEFAULT_UNET_WIDTHS
+    in_channels: int = 1
+    out_channels: int = 1
+    residual: bool = False
+    leaky_slope: float = DEFAULT_LEAKY_SLOPE
+
+    def __post_init__(self):
+        widths = tuple(int(c) for c in self.widths)
+        if len(widths) < 2 or min(widths) < 1 or min(self.in_channels, self.out_channels) < 1:
+            raise ValueError(f"a U-Net needs at least two positive widths (one pooling) and "
+                             f"positive in/out channels, got {self.widths}")
+        if self.residual and self.in_channels != self.out_channels:
+            raise ValueError("the residual needs as many output channels as input channels")
+        object.__setattr__(self, "widths", widths)
+        object.__setattr__(self, "leaky_slope", float(leaky_slope_f32(self.leaky_slope)))
+
+    @property
+    def levels(self):
+        return len(self.widths) - 1
+
+    def padded_size(self, height, width):
+        """The sides rounded up to multiples of 2**levels (§13)."""
+        m = 1 << self.levels
+        return -(-height // m) * m, -(-width // m) * m
+
+    def convolutions(self):
+        """[(name prefix, cin, cout)] in the order of the forward pass."""
+        w, convs = self.widths, []
+        for level in range(self.levels + 1):
+            cin = self.in_channels if level == 0 else w[level - 1]
+            convs += [(f"enc.{level}.conv0", cin, w[level]),
+                      (f"enc.{level}.conv1", w[level], w[level])]
+        for level in reversed(range(self.levels)):
+            convs += [(f"dec.{level}.conv0", w[level + 1] + w[level], w[level]),
+                      (f"dec.{level}.conv1", w[level], w[level])]
+        return convs + [("out", w[0], self.out_channels)]
+
+    def param_shapes(self):
+        """{name: shape} in forward order: {prefix}.weight (OIHW) then {prefix}.bias."""
+        return conv_param_shapes(self.convolutions())
+
+    def param_count(self):
+        return sum(int(np.prod(s)) for s in self.param_shapes().values())
+
+    def activation_shapes(self, n, height, width):
+        """{name: shape} of one forward pass's arrays on a batch of n images (numerics §14):
+        "input" (padded, only where padding is needed), enc.{l}.{0,1} (each convolution's
+        output), pool.{l} (level l's input, l >= 1), up.{l}, dec.{l}.{0,1}, "out" (the
+        network's output on the padded grid) and "pred" (cropped, only where padding is). The
+        concatenation is not an array: dec.{l}.conv0 reads up.{l} and enc.{l}.1."""
+        hp, wp = self.padded_size(height, width)
+        shapes = {}
+        if (hp, wp) != (height, width):
+            shapes["input"] = (n, self.in_channels, hp, wp)
+        w = self.widths
+        for level in range(self.levels + 1):
+            size = (hp >> level, wp >> level)
+            if level > 0:
+                shapes[f"pool.{level}"] = (n, w[level - 1]) + size
+            shapes[f"enc.{level}.0"] = shapes[f"enc.{level}.1"] = (n, w[level]) + size
+        for level in reversed(range(self.levels)):
+            size = (hp >> level, wp >> level)
+            shapes[f"up.{level}"] = (n, w[level + 1]) + size
+            shapes[f"dec.{level}.0"] = shapes[f"dec.{level}.1"] = (n, w[level]) + size
+        shapes["out"] = (n, self.out_channels, hp, wp)
+        if (hp, wp) != (height, width):
+            shapes["pred"] = (n, self.out_channels, height, width)
+        return shapes
+
+    def level_output(self, level):
+        """The name of the array the decoder of `level` upsamples: the level below's output."""
+        return f"enc.{level + 1}.1" if level + 1 == self.levels else f"dec.{level + 1}.1"
 
 
 def init_params(network, seed, scheme="pytorch"):
@@ -44,7 +147,7 @@ def init_params(network, seed, scheme="pytorch"):
     """
     rng = np.random.default_rng(seed)
     params = {}
-    for i, (cin, cout) in enumerate(zip(network.channels, network.channels[1:])):
+    for prefix, cin, cout in network.convolutions():
         fan_in = cin * 9
         shape = (cout, cin, 3, 3)
         if scheme == "pytorch":
@@ -56,18 +159,57 @@ def init_params(network, seed, scheme="pytorch"):
             b = np.zeros(cout)
         else:
             raise ValueError(f"unknown initialization {scheme!r}: use 'pytorch' or 'he-normal'")
-        params[f"layers.{i}.weight"] = w.astype(np.float32)
-        params[f"layers.{i}.bias"] = b.astype(np.float32)
+        params[f"{prefix}.weight"] = w.astype(np.float32)
+        params[f"{prefix}.bias"] = b.astype(np.float32)
     return params
 
 
 def forward(backend, network, params, x, outs=None):
     """The network's output for a batch x (N, C0, H, W) on `backend`; params already there.
-    With `outs` (one buffer per layer, e.g. kept for the backward pass or reused between
-    calls), layer i writes into outs[i]."""
+    With `outs` (chain: one buffer per layer; U-Net: a dict of the arrays named by
+    activation_shapes), e.g. kept for the backward pass or reused between calls, the layers
+    write there."""
+    if isinstance(network, UNet):
+        return unet_forward(backend, network, params, x, outs)
     y = x
     for i in range(network.depth):
         y = backend.conv2d_forward(y, params[f"layers.{i}.weight"], params[f"layers.{i}.bias"],
                                    relu=network.relu_after(i),
                                    out=None if outs is None else outs[i])
     return y
+
+
+def unet_forward(backend, net, params, x, acts=None):
+    """The U-Net's forward pass (numerics §14) into `acts` (allocated when None); returns its
+    output: acts["pred"] where the image was padded, else acts["out"]."""
+    n, _, height, width = x.shape
+    shapes = net.activation_shapes(n, height, width)
+    if acts is None:
+        acts = {name: backend.empty(shape) for name, shape in shapes.items()}
+    slope = net.leaky_slope
+
+    def conv(prefix, source, target, leaky=True, skip=None):
+        backend.conv2d_forward(source, params[f"{prefix}.weight"], params[f"{prefix}.bias"],
+                               out=acts[target], leaky_slope=slope if leaky else None, x2=skip)
+
+    source = x
+    if "input" in shapes:
+        source = backend.pad_zeros(x, *shapes["input"][2:], out=acts["input"])
+    for level in range(net.levels + 1):
+        if level > 0:
+            backend.maxpool2x2_forward(acts[f"enc.{level - 1}.1"], out=acts[f"pool.{level}"])
+            source = acts[f"pool.{level}"]
+        conv(f"enc.{level}.conv0", source, f"enc.{level}.0")
+        conv(f"enc.{level}.conv1", acts[f"enc.{level}.0"], f"enc.{level}.1")
+    for level in reversed(range(net.levels)):
+        backend.upsample2x_forward(acts[net.level_output(level)], out=acts[f"up.{level}"])
+        conv(f"dec.{level}.conv0", acts[f"up.{level}"], f"dec.{level}.0",
+             skip=acts[f"enc.{level}.1"])
+        conv(f"dec.{level}.conv1", acts[f"dec.{level}.0"], f"dec.{level}.1")
+    conv("out", acts["dec.0.1"], "out", leaky=False)
+    if net.residual:
+        inputs = acts["input"] if "input" in shapes else x
+        backend.add(acts["out"], inputs, out=acts["out"])
+    if "pred" in shapes:
+        return backend.crop(acts["out"], height, width, out=acts["pred"])
+    return acts["out"]

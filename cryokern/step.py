@@ -5,7 +5,7 @@ import numpy as np
 
 from .backends import Eager
 from .distributed import Single
-from .model import Network, forward
+from .model import UNet, forward, unet_forward
 
 # A batch runs in passes of at most this many pixels (whole images, at least one per pass),
 # so that the activations of a pass are held, not the batch's: 8M pixels are ~1 GiB of the
@@ -51,7 +51,7 @@ class TrainStep:
     so that each holds the parameters one process would.
     """
 
-    def __init__(self, backend, network: Network, params, optimizer: OptimizerConfig,
+    def __init__(self, backend, network, params, optimizer: OptimizerConfig,
                  state=None, step=0, pass_pixels=DEFAULT_PASS_PIXELS, comm=None):
         self.backend = backend
         self.comm = comm or Single()
@@ -70,6 +70,8 @@ class TrainStep:
         state = state or {}
         self.state = {s: backend.to_device(state[s]) if s in state else backend.zeros(shape)
                       for k, shape in shapes.items() for s in optimizer.state_names(k)}
+        self._layers = (_UNetPass if isinstance(network, UNet) else _ChainPass)(
+            backend, network, self.params)
         self._workspaces = {}
         self._sums = {}
         self._sse = None
@@ -83,12 +85,10 @@ class TrainStep:
         return [(a, min(n, a + per)) for a in range(0, n, per)]
 
     def _workspace(self, shape):
-        """The activations acts[1..depth] of one pass, allocated once per batch shape."""
+        """The arrays of one pass, allocated once per batch shape."""
         if shape not in self._workspaces:
-            n, _, h, w = shape
-            per = self._passes(shape)[0][1]
-            self._workspaces[shape] = [self.backend.empty((per, c, h, w))
-                                       for c in self.network.channels[1:]]
+            _, _, h, w = shape
+            self._workspaces[shape] = self._layers.workspace(self._passes(shape)[0][1], h, w)
         return self._workspaces[shape]
 
     def _image_sums(self, images):
@@ -116,22 +116,19 @@ class TrainStep:
             self.backend.sum_images(sums[name][:images], out)
 
     def _check(self, x, target):
-        net = self.network
-        if x.shape[1] != net.channels[0] or \
-                tuple(target.shape) != tuple(x.shape[:1]) + (net.channels[-1],) + tuple(x.shape[2:]):
-            raise ValueError(f"batch {x.shape} -> {target.shape} does not fit channels {net.channels}")
-
-    def _forward(self, x, first, stop):
-        """Images first..stop-1 of x through the network, into the workspace."""
-        acts = [x[first:stop]] + [a[:stop - first] for a in self._workspace(tuple(x.shape))]
-        forward(self.backend, self.network, self.params, acts[0], outs=acts[1:])
-        return acts
+        cin, cout = self._layers.channels()
+        if x.shape[1] != cin or \
+                tuple(target.shape) != tuple(x.shape[:1]) + (cout,) + tuple(x.shape[2:]):
+            raise ValueError(f"batch {x.shape} -> {target.shape} does not fit the network's "
+                             f"{cin} input and {cout} output channels")
 
     def _loss_sums(self, x, target, count, sums, first, stop):
         """Forward and loss of images first..stop-1: their loss sums, and their loss gradient
-        over the prediction; returns the activations."""
-        acts = self._forward(x, first, stop)
-        self.backend.mse_loss_and_grad(acts[-1], target[first:stop], count, out=acts[-1],
+        over the prediction; returns the pass's activations."""
+        acts = self._layers.forward(x[first:stop],
+                                    self._workspace(tuple(x.shape)), stop - first)
+        pred = self._layers.prediction(acts)
+        self.backend.mse_loss_and_grad(pred, target[first:stop], count, out=pred,
                                        image_sums=sums["loss"][first:stop])
         return acts
 
@@ -190,20 +187,13 @@ class TrainStep:
         gradient overwrites the prediction and layer i's input gradient overwrites its ReLU
         output, which both kernels allow (each output element is written after its own input
         element is read, by the same thread), and an activation is written over only after its
-        last reader, the weight gradient of the layer it feeds, has run."""
-        be, net = self.backend, self.network
+        last reader, the weight gradient of the layer it feeds, has run. (The U-Net: the same
+        rule, _UNetPass.backward.)"""
         sums = self._image_sums(images)
         mine = self._mine(sums, images, x.shape[0])
         for first, stop in self._passes(x.shape):
             acts = self._loss_sums(x, target, count, mine, first, stop)
-            grad = acts[1:]
-            for i in reversed(range(net.depth)):
-                weight, bias = f"layers.{i}.weight", f"layers.{i}.bias"
-                be.conv2d_backward_weights(grad[i], acts[i], image_sums=(
-                    mine[weight][first:stop], mine[bias][first:stop]))
-                if i > 0:
-                    be.conv2d_backward_data(grad[i], self.params[weight], relu_output=acts[i],
-                                            out=grad[i - 1])
+            self._layers.backward(acts, {name: a[first:stop] for name, a in mine.items()})
         self._fold(sums, images, dict(self.grads, loss=self._sse))
         if update:
             self._update()
@@ -226,3 +216,103 @@ class TrainStep:
 
     def host_state(self):
         return {k: self.backend.to_host(v) for k, v in self.state.items()}
+
+
+class _ChainPass:
+    """The chain's part of a pass: its activations, forward and backward (numerics §8)."""
+
+    def __init__(self, backend, network, params):
+        self.backend, self.network, self.params = backend, network, params
+
+    def channels(self):
+        return self.network.channels[0], self.network.channels[-1]
+
+    def workspace(self, per, h, w):
+        """acts[1..depth] for passes of up to `per` images."""
+        return [self.backend.empty((per, c, h, w)) for c in self.network.channels[1:]]
+
+    def forward(self, x, workspace, m):
+        acts = [x] + [a[:m] for a in workspace]
+        forward(self.backend, self.network, self.params, acts[0], outs=acts[1:])
+        return acts
+
+    def prediction(self, acts):
+        return acts[-1]
+
+    def backward(self, acts, sums):
+        """From the loss gradient over the prediction: grad[i] is acts[i + 1]'s buffer."""
+        be, grad = self.backend, acts[1:]
+        for i in reversed(range(self.network.depth)):
+            weight, bias = f"layers.{i}.weight", f"layers.{i}.bias"
+            be.conv2d_backward_weights(grad[i], acts[i], image_sums=(sums[weight], sums[bias]))
+            if i > 0:
+                be.conv2d_backward_data(grad[i], self.params[weight], relu_output=acts[i],
+                                        out=grad[i - 1])
+
+
+class _UNetPass:
+    """The U-Net's part of a pass (numerics §14). Every gradient is written over the array it
+    is the gradient of, after that array's last reader has run, except the skip connections'
+    (skip.{l}: their gradient waits in its own array from the decoder to the encoder)."""
+
+    def __init__(self, backend, network, params):
+        self.backend, self.network, self.params = backend, network, params
+
+    def channels(self):
+        return self.network.in_channels, self.network.out_channels
+
+    def workspace(self, per, h, w):
+        shapes = self.network.activation_shapes(per, h, w)
+        for level in range(self.network.levels):
+            shapes[f"skip.{level}"] = shapes[f"enc.{level}.1"]
+        return {name: self.backend.empty(shape) for name, shape in shapes.items()}
+
+    def forward(self, x, workspace, m):
+        acts = {name: a[:m] for name, a in workspace.items()}
+        acts.setdefault("input", x)
+        unet_forward(self.backend, self.network, self.params, x, acts)
+        return acts
+
+    def prediction(self, acts):
+        return acts["pred"] if "pred" in acts else acts["out"]
+
+    def backward(self, acts, sums):
+        """From the loss gradient over the prediction (the residual passes it on unchanged)."""
+        be, net, slope = self.backend, self.network, self.network.leaky_slope
+
+        def weights(prefix, g, x, skip=None):
+            be.conv2d_backward_weights(g, x, x2=skip, image_sums=(sums[f"{prefix}.weight"],
+                                                                  sums[f"{prefix}.bias"]))
+
+        def data(prefix, g, out, masked=True):
+            be.conv2d_backward_data(g, self.params[f"{prefix}.weight"],
+                                    relu_output=out if masked else None, out=out,
+                                    leaky_slope=slope if masked else None)
+
+        g = acts["out"]
+        if "pred" in acts:
+            be.pad_zeros(acts["pred"], *g.shape[2:], out=g)
+        weights("out", g, acts["dec.0.1"])
+        data("out", g, acts["dec.0.1"])
+        for level in range(net.levels):
+            d0, d1, up = (acts[f"dec.{level}.0"], acts[f"dec.{level}.1"], acts[f"up.{level}"])
+            weights(f"dec.{level}.conv1", d1, d0)
+            data(f"dec.{level}.conv1", d1, d0)
+            weights(f"dec.{level}.conv0", d0, up, skip=acts[f"enc.{level}.1"])
+            be.conv2d_backward_data(d0, self.params[f"dec.{level}.conv0.weight"],
+                                    out=(up, acts[f"skip.{level}"]), split=up.shape[1])
+            below = acts[net.level_output(level)]
+            be.upsample2x_backward(up, out=below, relu_output=below, leaky_slope=slope)
+        for level in reversed(range(net.levels + 1)):
+            e0, g1 = acts[f"enc.{level}.0"], acts[f"enc.{level}.1"]
+            if level < net.levels:
+                skip = acts[f"skip.{level}"]
+                be.maxpool2x2_backward(acts[f"pool.{level + 1}"], g1, out=skip, add=skip,
+                                       relu_output=g1, leaky_slope=slope)
+                g1 = skip
+            weights(f"enc.{level}.conv1", g1, e0)
+            data(f"enc.{level}.conv1", g1, e0)
+            source = acts[f"pool.{level}"] if level > 0 else acts["input"]
+            weights(f"enc.{level}.conv0", e0, source)
+            if level > 0:
+                data(f"enc.{level}.conv0", e0, source, masked=False)

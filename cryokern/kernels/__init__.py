@@ -7,18 +7,24 @@ kind it was given; in-place functions update NumPy arguments in place too.
 import numpy as np
 from numba import cuda
 
+from .activation import leaky_relu, leaky_relu_backward
 from .arrays import as_device_array, is_device_array
 from .conv import (conv2d_backward_data, conv2d_backward_weights, conv2d_forward,
                    relu_backward)
+from .layout import add, crop, pad_zeros
 from .loss import mse_grad, mse_loss, mse_loss_and_grad
 from .optim import adam_update, sgd_update
+from .pool import maxpool2x2_backward, maxpool2x2_forward
 from .reduce import sum_images
+from .upsample import upsample2x_backward, upsample2x_forward
 from .graph import Recorder
 from .transfer import Uploads, fetch
 
 __all__ = ["conv2d_forward", "conv2d_backward_data", "conv2d_backward_weights", "relu_backward",
-           "mse_loss", "mse_grad", "mse_loss_and_grad", "sgd_update", "adam_update",
-           "sum_images", "gpu_backend"]
+           "leaky_relu", "leaky_relu_backward", "maxpool2x2_forward", "maxpool2x2_backward",
+           "upsample2x_forward", "upsample2x_backward", "pad_zeros", "crop", "add", "mse_loss",
+           "mse_grad", "mse_loss_and_grad", "sgd_update", "adam_update", "sum_images",
+           "gpu_backend"]
 
 
 def _to_device(a):

@@ -9,7 +9,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 from numba import cuda, float32
 
-from ..contract import TILE_H, TILE_W, tile_grid
+from ..contract import TILE_H, TILE_W, leaky_slope as leaky_slope_f32, tile_grid
 from .arrays import (Operand, as_device_array, launch_stream, output, placeholder, result,
                      scratch)
 from .codegen import Source, load_module
@@ -149,10 +149,23 @@ class _MaskPlan:
 
 
 @lru_cache(maxsize=None)
-def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_registers=None):
+def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_registers=None,
+                    leaky_slope=None, first=None):
     """Numerics section 1 (transposed=False) or 2 (w read as w'[ci,o,2-a,2-b]), generated.
+    With leaky_slope (a float32), the epilogue is LeakyReLU's (§9a): its activation, or with
+    `masked` its gradient mask. The slope is written into the source as a float32 constant.
+    With `first`, the channels are in two arrays, `first` of them in the first (numerics §12:
+    a convolution of a concatenation, without the copy): the input channels (x, then x2)
+    forward, the output channels (y, then y2) transposed; the kernel then takes x2 and y2.
 
     Returns (kernel, block, output channels per block, rows per block)."""
+    if relu and leaky_slope is not None:
+        raise ValueError("relu and leaky_slope exclude each other")
+    if first is not None and masked:
+        raise ValueError("a mask is not read for outputs in two arrays")
+    slope = None if leaky_slope is None else f"float32({float(leaky_slope)!r})"
+    in_first = None if transposed else first       # input channels in x, the rest in x2
+    out_first = first if transposed else None      # output channels in y, the rest in y2
     if geometry is None:
         geometry, max_registers = forward_variant(cin, cout, transposed, masked)
     R, g_out, groups = geometry
@@ -162,7 +175,8 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
     threads = BW * TY * groups
     nx = XW * XH
     slots = -(-nx // threads)
-    src = Source().kernel("x, w, b, mask, y, height, width, n_oblocks", max_registers)
+    src = Source().kernel("x, w, b, mask, y, height, width, n_oblocks" if first is None else
+                          "x, x2, w, b, mask, y, y2, height, width, n_oblocks", max_registers)
     src(f"tid = (cuda.threadIdx.z * {TY} + cuda.threadIdx.y) * {BW} + cuda.threadIdx.x")
     src("n = cuda.blockIdx.z // n_oblocks")
     src("ob = cuda.blockIdx.z % n_oblocks")
@@ -190,7 +204,7 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
         src("cc = c0 + c - 1")
         src(f"ok{s_} = e{s_} < {nx} and hh >= 0 and hh < height and cc >= 0 and cc < width")
         src(f"off{s_} = hh * width + cc")
-    src(f"base = n * {cin} * plane")
+    src(f"base = n * {cin if in_first is None else in_first} * plane")
     for s_ in range(slots):
         src(f"p{s_} = x[uint64(base + off{s_})] if ok{s_} else float32(0)")
     src(f"o0 = (ob * {groups} + cuda.threadIdx.z) * {g_out}")
@@ -213,11 +227,17 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
     src("cuda.syncthreads()")
     if masked and plan.late:
         plan.convert(src, "ci > 0" + (f" and ci <= {plan.turns}" if plan.active_guard else ""))
-    src(f"if ci + 1 < {cin}:").indent()
+    src(f"if ci + 1 < {cin if in_first is None else in_first}:").indent()
     src("base += plane")
     for s_ in range(slots):
         src(f"p{s_} = x[uint64(base + off{s_})] if ok{s_} else float32(0)")
     src.dedent()
+    if in_first is not None:            # the next channel is x2's
+        src(f"elif ci + 1 < {cin}:").indent()
+        src(f"base2 = (n * {cin - in_first} + ci + 1 - {in_first}) * plane")
+        for s_ in range(slots):
+            src(f"p{s_} = x2[uint64(base2 + off{s_})] if ok{s_} else float32(0)")
+        src.dedent()
     if masked and plan.in_loop:
         plan.load(src)
     for r in range(R + 2):
@@ -238,58 +258,127 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
     src("if col < width:").indent()
     for p in range(R):
         src(f"row{p} = h0 + cuda.threadIdx.y * {R} + {p}")
-        src(f"i{p} = (n * {cout} + o0) * plane + row{p} * width + col")
+        if out_first is None:
+            src(f"i{p} = (n * {cout} + o0) * plane + row{p} * width + col")
+        else:
+            src(f"i{p} = row{p} * width + col")
         src(f"if row{p} < height:").indent()
         for g in range(g_out):
             src(f"if o0 + {g} < {cout}:").indent()
             src(f"v = a{p}_{g}")
             if relu:
                 src("if v <= float32(0):").indent()("v = float32(0)").dedent()
+            if slope and not masked:
+                src("if not (v > float32(0)):").indent()(f"v = v * {slope}").dedent()
             if masked:
                 word, bit = plan.bit(p, g)
                 src(f"if (live{word} & uint64({1 << bit})) == uint64(0):").indent()
-                src("v = float32(0)").dedent()
-            src(f"y[uint64(i{p} + {g} * plane)] = v").dedent()
+                src(f"v = v * {slope}" if slope else "v = float32(0)").dedent()
+            if out_first is None:
+                src(f"y[uint64(i{p} + {g} * plane)] = v").dedent()
+                continue
+            src(f"if o0 + {g} < {out_first}:").indent()
+            src(f"y[uint64((n * {out_first} + o0 + {g}) * plane + i{p})] = v").dedent()
+            src("else:").indent()
+            src(f"y2[uint64((n * {cout - out_first} + o0 + {g} - {out_first}) * plane "
+                f"+ i{p})] = v")
+            src.dedent().dedent()
         src.dedent()
-    module = load_module(f"conv_forward_{cin}_{cout}_{int(relu)}{int(masked)}{int(transposed)}",
-                         src.text())
+    leaky = "" if slope is None else f"_leaky{np.float32(leaky_slope).view(np.uint32):08x}"
+    two = "" if first is None else f"_first{first}"
+    module = load_module(f"conv_forward_{cin}_{cout}_{int(relu)}{int(masked)}{int(transposed)}"
+                         f"{leaky}{two}", src.text())
     return module.kernel, (BW, TY, groups), ob_size, BH
 
 
-def _launch_forward(x, w, b, y, relu, mask, transposed, **variant):
-    """`variant` (geometry, max_registers) is for bench/tune_conv.py."""
+def _launch_forward(x, w, b, y, relu, mask, transposed, leaky_slope=None, x2=None, y2=None,
+                    **variant):
+    """`variant` (geometry, max_registers) is for bench/tune_conv.py. With x2 (forward) or y2
+    (transposed), the input or output channels continue in that second array."""
     n, cin, h, wd = x.shape
     cout = y.shape[1]
+    first = None
+    if x2 is not None:
+        first, cin = cin, cin + x2.shape[1]
+    if y2 is not None:
+        first, cout = cout, cout + y2.shape[1]
     kernel, block, ob_size, BH = _forward_kernel(cin, cout, relu, mask is not None, transposed,
-                                                 **variant)
+                                                 leaky_slope=leaky_slope, first=first, **variant)
     n_oblocks = -(-cout // ob_size)
     grid = (-(-wd // BW), -(-h // BH), n * n_oblocks)
     flat_mask = placeholder(1) if mask is None else mask.reshape(mask.size)
-    kernel[grid, block, launch_stream()](x.reshape(x.size), w, b, flat_mask, y.reshape(y.size),
-                                         h, wd, n_oblocks)
+    if first is None:
+        kernel[grid, block, launch_stream()](x.reshape(x.size), w, b, flat_mask,
+                                             y.reshape(y.size), h, wd, n_oblocks)
+        return
+    x2 = x if x2 is None else x2        # the kernel takes both pairs; an unused one is not read
+    y2 = y if y2 is None else y2
+    kernel[grid, block, launch_stream()](x.reshape(x.size), x2.reshape(x2.size), w, b,
+                                         flat_mask, y.reshape(y.size), y2.reshape(y2.size), h,
+                                         wd, n_oblocks)
 
 
-def _check_conv(x, w, cin_axis):
-    if w.shape[2:] != (3, 3) or w.shape[cin_axis] != x.shape[1]:
-        raise ValueError(f"weights of shape {w.shape} do not fit {x.shape[1]} input channels "
+def _check_conv(x, w, cin_axis, channels=None):
+    channels = x.shape[1] if channels is None else channels
+    if w.shape[2:] != (3, 3) or w.shape[cin_axis] != channels:
+        raise ValueError(f"weights of shape {w.shape} do not fit {channels} input channels "
                          "(OIHW, 3x3)")
 
 
-def conv2d_forward(x, w, b, relu=False, out=None):
-    """Forward convolution with fused bias and optional ReLU (numerics §1)."""
+def _second_input(x, x2):
+    """x2 as an Operand beside x (same batch and image size), or None; and the channels of
+    both together."""
+    if x2 is None:
+        return None, x.shape[1]
+    x2 = Operand("x2", x2, 4)
+    if x2.shape[0] != x.shape[0] or x2.shape[2:] != x.shape[2:]:
+        raise ValueError(f"x {x.shape} and x2 {x2.shape} differ in batch or image size")
+    return x2, x.shape[1] + x2.shape[1]
+
+
+def conv2d_forward(x, w, b, relu=False, out=None, leaky_slope=None, x2=None):
+    """Forward convolution with fused bias and optional ReLU or LeakyReLU (numerics §1, §9a);
+    with x2, of x's channels followed by x2's (their concatenation, not copied: §12)."""
+    slope = None if leaky_slope is None else leaky_slope_f32(leaky_slope)
     x, w, b = Operand("x", x, 4), Operand("w", w, 4), Operand("b", b, 1)
-    _check_conv(x, w, 1)
+    x2, cin = _second_input(x, x2)
+    _check_conv(x, w, 1, cin)
     if b.shape != (w.shape[0],):
         raise ValueError(f"bias of shape {b.shape} does not fit {w.shape[0]} output channels")
     out_op, y = output("out", out, (x.shape[0], w.shape[0]) + x.shape[2:], x)
-    _launch_forward(x.device, w.device, b.device, y, relu, None, transposed=False)
+    _launch_forward(x.device, w.device, b.device, y, relu, None, transposed=False,
+                    leaky_slope=slope, x2=None if x2 is None else x2.device)
     return result(out_op, y, x)
 
 
-def conv2d_backward_data(gy, w, relu_output=None, out=None):
-    """Gradient w.r.t. the input, with the ReLU mask of relu_output folded in (numerics §2)."""
+def _backward_data_split(gy, w, channels, out):
+    """conv2d_backward_data's gradient of a concatenation: the input channels below
+    `channels` into one array, the rest into another (no mask)."""
+    n, _, h, wd = gy.shape
+    cin = w.shape[1]
+    if not 0 < channels < cin:
+        raise ValueError(f"cannot split {cin} input channels after channel {channels}")
+    shapes = (n, channels, h, wd), (n, cin - channels, h, wd)
+    parts = [output(f"out[{k}]", None if out is None else out[k], shape, gy)
+             for k, shape in enumerate(shapes)]
+    _launch_forward(gy.device, w.device, _zero_bias(cin), parts[0][1], False, None,
+                    transposed=True, y2=parts[1][1])
+    return tuple(result(op, dev, gy) for op, dev in parts)
+
+
+def conv2d_backward_data(gy, w, relu_output=None, out=None, leaky_slope=None, split=None):
+    """Gradient w.r.t. the input, with the ReLU (or, with leaky_slope, LeakyReLU) mask of
+    relu_output folded in (numerics §2, §9a). With `split` (and no mask), the gradient of a
+    concatenation: a pair, input channels below `split` and the rest (`out` a pair too)."""
+    if leaky_slope is not None and relu_output is None:
+        raise ValueError("leaky_slope needs relu_output, the activation's stored output")
+    slope = None if leaky_slope is None else leaky_slope_f32(leaky_slope)
     gy, w = Operand("gy", gy, 4), Operand("w", w, 4)
     _check_conv(gy, w, 0)
+    if split is not None:
+        if relu_output is not None:
+            raise ValueError("the gradient of a concatenation is not masked")
+        return _backward_data_split(gy, w, split, out)
     shape = (gy.shape[0], w.shape[1]) + gy.shape[2:]
     mask = None
     if relu_output is not None:
@@ -298,7 +387,7 @@ def conv2d_backward_data(gy, w, relu_output=None, out=None):
             raise ValueError(f"relu_output has shape {mask.shape}, expected {shape}")
     out_op, gx = output("out", out, shape, gy)
     _launch_forward(gy.device, w.device, _zero_bias(w.shape[1]), gx, False,
-                    None if mask is None else mask.device, transposed=True)
+                    None if mask is None else mask.device, transposed=True, leaky_slope=slope)
     return result(out_op, gx, gy)
 
 
@@ -387,8 +476,10 @@ def weights_variant(cin, cout):
 
 
 @lru_cache(maxsize=None)
-def _weights_kernel(cin, cout, variant):
-    """Numerics section 4a, generated: (kernel, threads per block)."""
+def _weights_kernel(cin, cout, variant, first=None):
+    """Numerics section 4a, generated: (kernel, threads per block). With `first`, the input
+    channels are in two arrays, `first` of them in x and the rest in `xtwo` (a concatenation,
+    §12), which the kernel then takes after x (x0, x1, x2 name the rows a thread holds)."""
     threads, max_registers, precompute, unroll, prefetch, split, go = variant
     if go is None:
         go = 4 if cout % 4 == 0 and cin * cout >= 64 else 1
@@ -398,7 +489,8 @@ def _weights_kernel(cin, cout, variant):
     workers = cout // go * cin * (3 // held)   # threads that hold chains; the rest only stage
     threads = max(threads, -(-(workers + cout) // 32) * 32)
     g_total, x_total = cout * TILE_W, cin * XROW
-    src = Source().kernel("gy, x, gw_part, gb_part, height, width, tiles_w", max_registers)
+    src = Source().kernel("gy, x, gw_part, gb_part, height, width, tiles_w" if first is None else
+                          "gy, x, xtwo, gw_part, gb_part, height, width, tiles_w", max_registers)
     src("n = cuda.blockIdx.y")
     src("t = cuda.blockIdx.x")
     src(f"r0 = (t // tiles_w) * {TILE_H}")
@@ -444,12 +536,29 @@ def _weights_kernel(cin, cout, variant):
         stage_stores(total, store, "p")
 
     def load_x(i, guard, name):
+        if first is not None:
+            load_x_of_two(i, guard, name)
+            return
         if precompute:
             src(f"{name}{i} = x[uint64(xa{i} + q * width)] if qin and xv{i} else float32(0)")
             return
         src(f"col = c0 + e % {XROW} - 1")
         src(f"{name}{i} = x[uint64(xbase + (e // {XROW}) * plane + q * width + col)] "
             f"if qin and col >= 0 and col < width{guard} else float32(0)")
+
+    def load_x_of_two(i, guard, name):
+        """Channel ch = e // XROW from x (ch < first) or xtwo, whose images hold cin - first."""
+        if not precompute:
+            src(f"col = c0 + e % {XROW} - 1")
+            src(f"ch = e // {XROW}")
+            src(f"xa{i} = (n * {first} + ch) * plane + col if ch < {first} else "
+                f"(n * {cin - first} + ch - {first}) * plane + col")
+            src(f"xf{i} = ch < {first}")
+            src(f"xv{i} = col >= 0 and col < width{guard}")
+        src(f"{name}{i} = float32(0)")
+        src(f"if qin and xv{i}:").indent()
+        src(f"{name}{i} = x[uint64(xa{i} + q * width)] if xf{i} else "
+            f"xtwo[uint64(xa{i} + q * width)]").dedent()
 
     def load_gy(i, guard, name):
         if precompute:
@@ -473,7 +582,13 @@ def _weights_kernel(cin, cout, variant):
         for i in range(-(-x_total // threads)):
             src(f"e = tid + {i * threads}")
             src(f"col = c0 + e % {XROW} - 1")
-            src(f"xa{i} = xbase + (e // {XROW}) * plane + col")
+            if first is None:
+                src(f"xa{i} = xbase + (e // {XROW}) * plane + col")
+            else:
+                src(f"ch = e // {XROW}")
+                src(f"xa{i} = (n * {first} + ch) * plane + col if ch < {first} else "
+                    f"(n * {cin - first} + ch - {first}) * plane + col")
+                src(f"xf{i} = ch < {first}")
             src(f"xv{i} = col >= 0 and col < width and e < {x_total}")
             src(f"xi{i} = (e // {XROW}) * {XS_STRIDE} + e % {XROW}")
         for i in range(-(-g_total // threads)):
@@ -590,19 +705,21 @@ def _weights_kernel(cin, cout, variant):
     src.dedent()
     src(f"elif tid < {workers + cout}:").indent()
     src(f"gb_part[n, t, tid - {workers}] = bias").dedent()
-    module = load_module(f"conv_weights_{cin}_{cout}", src.text())
+    module = load_module(f"conv_weights_{cin}_{cout}" + ("" if first is None else
+                                                          f"_first{first}"), src.text())
     return module.kernel, threads
 
 
-def conv2d_backward_weights(gy, x, out=None, image_sums=None):
+def conv2d_backward_weights(gy, x, out=None, image_sums=None, x2=None):
     """(gw, gb): per-tile float32 chains, folded in float64 per image, then in image order.
     With image_sums (float64 device arrays (N, Co, Ci, 3, 3) and (N, Co)), the per-image sums
-    are left there for sum_images() and image_sums is returned."""
+    are left there for sum_images() and image_sums is returned. With x2, the input is x's
+    channels followed by x2's (their concatenation, not copied)."""
     gy, x = Operand("gy", gy, 4), Operand("x", x, 4)
     n, cout, h, wd = gy.shape
     if x.shape[0] != n or x.shape[2:] != (h, wd):
         raise ValueError(f"gy {gy.shape} and x {x.shape} differ in batch or image size")
-    cin = x.shape[1]
+    x2, cin = _second_input(x, x2)
     if image_sums is not None:
         sw, sb = (as_device_array(a) for a in image_sums)
         if sw.shape != (n, cout, cin, 3, 3) or sb.shape != (n, cout) or \
@@ -616,10 +733,11 @@ def conv2d_backward_weights(gy, x, out=None, image_sums=None):
     th, tw = tile_grid(h, wd)
     gw_part = scratch("gw_part", (n, th * tw, cout * cin * 9), np.float32)
     gb_part = scratch("gb_part", (n, th * tw, cout), np.float32)
-    kernel, threads = _weights_kernel(cin, cout, weights_variant(cin, cout))
-    kernel[(th * tw, n), threads, launch_stream()](
-        gy.device.reshape(gy.device.size), x.device.reshape(x.device.size), gw_part, gb_part,
-        h, wd, tw)
+    flat = lambda a: a.device.reshape(a.device.size)
+    kernel, threads = _weights_kernel(cin, cout, weights_variant(cin, cout),
+                                      None if x2 is None else x.shape[1])
+    inputs = (flat(x),) if x2 is None else (flat(x), flat(x2))
+    kernel[(th * tw, n), threads, launch_stream()](flat(gy), *inputs, gw_part, gb_part, h, wd, tw)
     fold_tiles((gw_part, sw), (gb_part, sb))
     if image_sums is not None:
         return image_sums

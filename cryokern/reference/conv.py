@@ -1,17 +1,12 @@
-"""3x3 'same' convolutions and the ReLU mask, as fixed float32 fma chains (docs/numerics.md)."""
+"""3x3 'same' convolutions with their ReLU/LeakyReLU epilogues and masks, as fixed float32 fma
+chains (docs/numerics.md)."""
 import numpy as np
 
 from ..contract import TILE_H, TILE_W, tile_grid
+from .activation import activate, mask_gradient
+from .arrays import f32_array as _f32, finish as _finish
 from .fma import fma32
 from .reduce import fold_images, in_image_mask, per_image, tile_chain, tile_view
-
-
-def _f32(name, a, ndim):
-    a = np.asarray(a)
-    if a.dtype != np.float32 or a.ndim != ndim:
-        raise TypeError(f"{name} must be a float32 array with {ndim} dimensions, "
-                        f"got {a.dtype} with shape {a.shape}")
-    return a
 
 
 def _check_weights(w, cin):
@@ -19,21 +14,22 @@ def _check_weights(w, cin):
         raise ValueError(f"weights of shape {w.shape} do not fit {cin} input channels (OIHW, 3x3)")
 
 
-def _finish(result, out):
-    if out is None:
-        return result
-    out[...] = result
-    return out
-
-
-def apply_relu(a):
-    """v if v > 0 else +0 (NaN propagates, -0 becomes +0)."""
-    return np.where(a <= 0, np.float32(0), a)
-
-
-def conv2d_forward(x, w, b, relu=False, out=None):
-    """y[n,o] = chain from b[o] of fma over ci, ky, kx (ascending) of x[n,ci,h+ky-1,w+kx-1]*w[o,ci,ky,kx]."""
+def _concatenated(x, x2):
+    """x, or x's channels followed by x2's (numerics §12)."""
     x = _f32("x", x, 4)
+    if x2 is None:
+        return x
+    x2 = _f32("x2", x2, 4)
+    if x2.shape[0] != x.shape[0] or x2.shape[2:] != x.shape[2:]:
+        raise ValueError(f"x {x.shape} and x2 {x2.shape} differ in batch or image size")
+    return np.concatenate([x, x2], axis=1)
+
+
+def conv2d_forward(x, w, b, relu=False, out=None, leaky_slope=None, x2=None):
+    """y[n,o] = chain from b[o] of fma over ci, ky, kx (ascending) of
+    x[n,ci,h+ky-1,w+kx-1] * w[o,ci,ky,kx], then ReLU or LeakyReLU (numerics §9a) if asked.
+    With x2, x is the concatenation of x's channels and x2's (§12)."""
+    x = _concatenated(x, x2)
     w = _f32("w", w, 4)
     b = _f32("b", b, 1)
     n, cin, h, wd = x.shape
@@ -48,39 +44,54 @@ def conv2d_forward(x, w, b, relu=False, out=None):
                 acc = fma32(xp[:, ci:ci + 1, ky:ky + h, kx:kx + wd],
                             w[None, :, ci, ky, kx, None, None], acc)
     acc = np.broadcast_to(acc, (n, w.shape[0], h, wd))
-    return _finish(apply_relu(acc) if relu else np.array(acc), out)
+    return _finish(np.array(activate(acc, relu, leaky_slope)), out)
 
 
 def relu_backward(gy, y, out=None):
     """gy where the forward output y > 0, else +0."""
     gy = _f32("gy", gy, 4)
     y = _f32("y", y, 4)
-    return _finish(np.where(y > 0, gy, np.float32(0)), out)
+    return _finish(mask_gradient(gy, y), out)
 
 
-def conv2d_backward_data(gy, w, relu_output=None, out=None):
+def conv2d_backward_data(gy, w, relu_output=None, out=None, leaky_slope=None, split=None):
     """dL/dx: the forward chain applied to gy with the flipped, transposed kernel, from +0.
 
     For input channel ci the chain runs over o ascending, then ky and kx descending, of
     gy[n,o,h+1-ky,w+1-kx] * w[o,ci,ky,kx]. With relu_output, the result is masked by
-    relu_output > 0 (relu_backward folded in).
+    relu_output > 0 (relu_backward folded in; with leaky_slope, leaky_relu_backward).
+    With `split` (no mask), the gradient of a concatenation: the pair of its input channels
+    below `split` and the rest (`out` a pair too).
     """
     w = _f32("w", w, 4)
+    if leaky_slope is not None and relu_output is None:
+        raise ValueError("leaky_slope needs relu_output, the activation's stored output")
     flipped = np.ascontiguousarray(w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
     gx = conv2d_forward(gy, flipped, np.zeros(flipped.shape[0], np.float32))
     if relu_output is not None:
-        gx = relu_backward(gx, relu_output)
-    return _finish(gx, out)
+        relu_output = _f32("relu_output", relu_output, 4)
+        if relu_output.shape != gx.shape:
+            raise ValueError(f"relu_output has shape {relu_output.shape}, expected {gx.shape}")
+        gx = mask_gradient(gx, relu_output, leaky_slope)
+    if split is None:
+        return _finish(gx, out)
+    if relu_output is not None:
+        raise ValueError("the gradient of a concatenation is not masked")
+    if not 0 < split < gx.shape[1]:
+        raise ValueError(f"cannot split {gx.shape[1]} input channels after channel {split}")
+    parts = np.array(gx[:, :split]), np.array(gx[:, split:])
+    return parts if out is None else tuple(_finish(p, o) for p, o in zip(parts, out))
 
 
-def conv2d_backward_weights(gy, x, out=None, image_sums=None):
+def conv2d_backward_weights(gy, x, out=None, image_sums=None, x2=None):
     """(dL/dw, dL/db), each a tiled float32 chain per image, combined in float64 (contract §4).
 
     With `image_sums` (float64 arrays (N, Co, Ci, 3, 3) and (N, Co)), each image's float64 sum
     is written there instead and image_sums is returned: sum_images() finishes the sum, so a
-    batch may be run in several passes with the same bits."""
+    batch may be run in several passes with the same bits. With x2, x is the concatenation of
+    x's channels and x2's (§12)."""
     gy = _f32("gy", gy, 4)
-    x = _f32("x", x, 4)
+    x = _concatenated(x, x2)
     n, cout, h, wd = gy.shape
     if x.shape[0] != n or x.shape[2:] != (h, wd):
         raise ValueError(f"gy {gy.shape} and x {x.shape} differ in batch or image size")
