@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import checkpoint, synthetic
-from .backends import get_backend
+from .backends import DEVICE_HELP, DEVICES, get_backend
 from .data import NORMALIZATIONS, BatchLoader, PairedImages, Subset, epoch_batches, split
 from .model import Network, init_params
 from .mrcstack import DataError
@@ -78,8 +78,7 @@ def build_parser():
                    help="run each batch in passes of at most N pixels (whole images): less "
                         "device memory, a little slower, the same bits (default 8388608)")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto",
-                   help="gpu: the numba.cuda kernels; cpu: the NumPy reference (same bits)")
+    t.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
     o = p.add_argument_group("output")
     o.add_argument("--out", metavar="DIR",
                    help="run directory (default runs/YYYYmmdd-HHMMSS)")
@@ -428,7 +427,7 @@ def start(opts, explicit):
     train, val, description = open_data(opts)
     if resume_from is not None and description != resume_from[2]["data"]:
         raise DataError(f"{opts.out}: the data differ from those the run was trained on")
-    backend = get_backend({"cpu": "reference"}.get(opts.device, opts.device))
+    backend = get_backend(opts.device)
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     if opts.force:

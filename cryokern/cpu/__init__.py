@@ -1,0 +1,24 @@
+"""The reference's operations compiled for the CPU (numba @njit), with the reference's bits.
+
+Same function names and signatures as `cryokern.reference` (docs/numerics.md is the contract
+both follow); arrays are NumPy arrays. Where the reference spends its time emulating the exact
+fma in float64 over whole arrays, this calls the CPU's fma instruction (fma.py) in loops that
+run independent outputs on all cores and in SIMD lanes.
+"""
+from .conv import (conv2d_backward_data, conv2d_backward_weights, conv2d_forward,
+                   relu_backward)
+from .loss import mse_grad, mse_loss, mse_loss_and_grad
+from .optim import adam_update, sgd_update
+from .reduce import sum_images
+
+__all__ = ["conv2d_forward", "conv2d_backward_data", "conv2d_backward_weights", "relu_backward",
+           "mse_loss", "mse_grad", "mse_loss_and_grad", "sgd_update", "adam_update",
+           "sum_images", "cpu_backend"]
+
+
+def cpu_backend():
+    """The Backend of this package: NumPy arrays, computed by compiled loops."""
+    import sys
+
+    from ..backends import host_backend
+    return host_backend("cpu", sys.modules[__name__])

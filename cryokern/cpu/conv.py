@@ -1,0 +1,212 @@
+"""3x3 'same' convolutions, the ReLU mask and the weight gradients, compiled for the CPU.
+
+The chains and tile orders are the contract's (docs/numerics.md §1-4); the loops are arranged
+so that only independent outputs run side by side: rows of output images on the cores and
+columns of a row in SIMD lanes (convolutions), tiles on the cores and the (o, ci, ky, kx)
+chains of a tile in SIMD lanes (weight gradients), each chain visiting its terms in the
+contract's order.
+"""
+import numpy as np
+from numba import njit, prange
+
+from ..contract import TILE_H, TILE_W, tile_grid
+from .arrays import Output, operand, same_elements
+from .fma import fma32
+from .reduce import compiled_tile_grid, finish_reduction, fold_tiles
+
+ZERO = np.float32(0)
+
+
+@njit(cache=True, inline="always")
+def _row_taps(acc, above, here, below, w, o, ci):
+    """acc[j] = chain over ky, kx (ascending) of fma(row_ky[j + kx - 1], w[o, ci, ky, kx]),
+    reading +0 left and right of the rows (the taps still take part in the chain)."""
+    width = acc.size
+    last = width - 1
+    rows = (above, here, below)
+    for j in range(width):
+        a = acc[j]
+        for ky in range(3):
+            src = rows[ky]
+            a = fma32(src[j - 1] if j > 0 else ZERO, w[o, ci, ky, 0], a)
+            a = fma32(src[j], w[o, ci, ky, 1], a)
+            a = fma32(src[j + 1] if j < last else ZERO, w[o, ci, ky, 2], a)
+        acc[j] = a
+
+
+@njit(cache=True, inline="always")
+def _store_row(acc, dst, relu, mask):
+    """The finished row: as it is, through ReLU (+0 where v <= 0: NaN stays, -0 becomes +0),
+    or masked by a ReLU output (mask may be dst itself: each element is read, then written)."""
+    for j in range(acc.size):
+        v = acc[j]
+        if mask is not None:
+            dst[j] = v if mask[j] > ZERO else ZERO
+        elif relu:
+            dst[j] = ZERO if v <= ZERO else v
+        else:
+            dst[j] = v
+
+
+@njit(parallel=True, cache=True)
+def _conv_rows(x, w, b, relu, mask, out):
+    """out[n, o, h] for every image row on the cores; within a row, the columns' chains side
+    by side: chain from b[o] over ci, ky, kx (numerics §1), then ReLU or the mask."""
+    n, cin, h, width = x.shape
+    cout = w.shape[0]
+    zero_row = np.zeros(width, np.float32)
+    for job in prange(n * h):
+        img = job // h
+        row = job - img * h
+        acc = np.empty(width, np.float32)
+        for o in range(cout):
+            acc[:] = b[o]
+            for ci in range(cin):
+                above = x[img, ci, row - 1] if row > 0 else zero_row
+                below = x[img, ci, row + 1] if row + 1 < h else zero_row
+                _row_taps(acc, above, x[img, ci, row], below, w, o, ci)
+            _store_row(acc, out[img, o, row], relu, None if mask is None else mask[img, o, row])
+
+
+def _check_conv(x, w, cin_axis):
+    if w.shape[2:] != (3, 3) or w.shape[cin_axis] != x.shape[1]:
+        raise ValueError(f"weights of shape {w.shape} do not fit {x.shape[1]} input channels "
+                         f"(OIHW, 3x3)")
+
+
+def conv2d_forward(x, w, b, relu=False, out=None):
+    """y[n,o] = chain from b[o] of fma over ci, ky, kx (ascending) of x[n,ci,h+ky-1,w+kx-1]*w[o,ci,ky,kx]."""
+    x, w, b = operand("x", x, 4), operand("w", w, 4), operand("b", b, 1)
+    _check_conv(x, w, 1)
+    if b.shape != (w.shape[0],):
+        raise ValueError(f"bias of shape {b.shape} does not fit {w.shape[0]} output channels")
+    n, _, h, width = x.shape
+    dst = Output(out, (n, w.shape[0], h, width), inputs=(x, w, b))
+    _conv_rows(x, w, b, bool(relu), None, dst.array)
+    return dst.done()
+
+
+def conv2d_backward_data(gy, w, relu_output=None, out=None):
+    """dL/dx: the forward chain applied to gy with the flipped, transposed kernel, from +0, and
+    masked by relu_output > 0 when given (numerics §2). `out` may be relu_output itself."""
+    gy, w = operand("gy", gy, 4), operand("w", w, 4)
+    _check_conv(gy, w, 0)
+    flipped = np.ascontiguousarray(w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
+    n, _, h, width = gy.shape
+    shape = (n, w.shape[1], h, width)
+    mask = None
+    if relu_output is not None:
+        mask = operand("relu_output", relu_output, 4)
+        if mask.shape != shape:
+            raise ValueError(f"relu_output has shape {mask.shape}, expected {shape}")
+    inputs = (gy, w) if mask is None or same_elements(out, mask) else (gy, w, mask)
+    dst = Output(out, shape, inputs=inputs)
+    _conv_rows(gy, flipped, np.zeros(flipped.shape[0], np.float32), False, mask, dst.array)
+    return dst.done()
+
+
+@njit(parallel=True, cache=True)
+def _relu_mask(gy, y, out):
+    for i in prange(gy.size):
+        out[i] = gy[i] if y[i] > ZERO else ZERO
+
+
+def relu_backward(gy, y, out=None):
+    """gy where the forward output y > 0, else +0 (numerics §3)."""
+    gy, y = operand("gy", gy, 4), operand("y", y, 4)
+    if gy.shape != y.shape:
+        raise ValueError(f"gy {gy.shape} and y {y.shape} differ in shape")
+    dst = Output(out, gy.shape)        # elementwise: out may be gy or y
+    _relu_mask(gy.reshape(-1), y.reshape(-1), dst.array.reshape(-1))
+    return dst.done()
+
+
+@njit(cache=True, inline="always")
+def _tile_row_patches(x, img, r, c0, cols, patches, zero_row):
+    """patches[c, ci*9 + ky*3 + kx] = x[img, ci, r+ky-1, c0+c+kx-1] (+0 outside the image)
+    for the `cols` pixels of one tile row starting at column c0."""
+    cin, h, width = x.shape[1], x.shape[2], x.shape[3]
+    for ci in range(cin):
+        for ky in range(3):
+            y = r + ky - 1
+            src = x[img, ci, y] if 0 <= y < h else zero_row
+            for kx in range(3):
+                q = ci * 9 + ky * 3 + kx
+                for c in range(cols):
+                    xx = c0 + c + kx - 1
+                    patches[c, q] = src[xx] if 0 <= xx < width else ZERO
+
+
+@njit(parallel=True, cache=True)
+def _weight_partials(gy, x, pw, pb):
+    """Each tile's float32 chains (numerics §4a step 2), tiles on the cores: pw[n, t, o, q]
+    from +0 over the tile's pixels in row-major order of fma(gy[n,o,h,w], x[n,ci,h+ky-1,
+    w+kx-1]) (q = ci*9 + ky*3 + kx), and pb[n, t, o] the chain of additions of gy. Four pixels
+    at a time per accumulator (still in pixel order), so that each is loaded once per four
+    fmas."""
+    n, cout, h, width = gy.shape
+    q_count = x.shape[1] * 9
+    th, tw = compiled_tile_grid(h, width)
+    zero_row = np.zeros(width, np.float32)
+    for job in prange(n * th * tw):
+        img = job // (th * tw)
+        t = job - img * (th * tw)
+        ti = t // tw
+        c0 = (t - ti * tw) * TILE_W
+        cols = min(TILE_W, width - c0)
+        acc = np.zeros((cout, q_count), np.float32)
+        acc_b = np.zeros(cout, np.float32)
+        patches = np.empty((TILE_W, q_count), np.float32)
+        g = np.empty(4, np.float32)
+        for r in range(ti * TILE_H, min(ti * TILE_H + TILE_H, h)):
+            _tile_row_patches(x, img, r, c0, cols, patches, zero_row)
+            for o in range(cout):
+                grow = gy[img, o, r]
+                c = 0
+                while c + 4 <= cols:
+                    for k in range(4):
+                        g[k] = grow[c0 + c + k]
+                    for q in range(q_count):
+                        a = fma32(g[0], patches[c, q], acc[o, q])
+                        a = fma32(g[1], patches[c + 1, q], a)
+                        a = fma32(g[2], patches[c + 2, q], a)
+                        acc[o, q] = fma32(g[3], patches[c + 3, q], a)
+                    c += 4
+                while c < cols:
+                    gv = grow[c0 + c]
+                    for q in range(q_count):
+                        acc[o, q] = fma32(gv, patches[c, q], acc[o, q])
+                    c += 1
+                b = acc_b[o]
+                for c in range(cols):
+                    b = b + grow[c0 + c]
+                acc_b[o] = b
+        pw[img, t] = acc
+        pb[img, t] = acc_b
+
+
+def conv2d_backward_weights(gy, x, out=None, image_sums=None):
+    """(dL/dw, dL/db): tiled float32 chains per image, combined in float64 (numerics §4a).
+    With `image_sums` (float64 arrays (N, Co, Ci, 3, 3) and (N, Co)) each image's float64 sum
+    is written there for sum_images(), and image_sums is returned."""
+    gy, x = operand("gy", gy, 4), operand("x", x, 4)
+    n, cout, h, width = gy.shape
+    if x.shape[0] != n or x.shape[2:] != (h, width):
+        raise ValueError(f"gy {gy.shape} and x {x.shape} differ in batch or image size")
+    cin = x.shape[1]
+    th, tw = tile_grid(h, width)
+    pw = np.empty((n, th * tw, cout, cin * 9), np.float32)
+    pb = np.empty((n, th * tw, cout), np.float32)
+    _weight_partials(gy, x, pw, pb)
+    images = (fold_tiles(pw).reshape(n, cout, cin, 3, 3), fold_tiles(pb))
+    if image_sums is not None:
+        image_sums[0][...] = images[0]
+        image_sums[1][...] = images[1]
+        return image_sums
+    gw = finish_reduction(images[0], np.float32)
+    gb = finish_reduction(images[1], np.float32)
+    if out is None:
+        return gw, gb
+    out[0][...] = gw
+    out[1][...] = gb
+    return out
