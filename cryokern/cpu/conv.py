@@ -18,20 +18,28 @@ ZERO = np.float32(0)
 
 
 @njit(cache=True, inline="always")
+def _nine_taps(a, w, o, ci, above, here, below, j, left, right):
+    """a's chain over ky, kx (ascending) of fma(row_ky[j + kx - 1], w[o, ci, ky, kx]), where
+    row[j - 1] and row[j + 1] are read only if left and right say so (+0 past the edges: the
+    taps still take part in the chain)."""
+    for ky, row in ((0, above), (1, here), (2, below)):
+        a = fma32(row[j - 1] if left else ZERO, w[o, ci, ky, 0], a)
+        a = fma32(row[j], w[o, ci, ky, 1], a)
+        a = fma32(row[j + 1] if right else ZERO, w[o, ci, ky, 2], a)
+    return a
+
+
+@njit(cache=True, inline="always")
 def _row_taps(acc, above, here, below, w, o, ci):
-    """acc[j] = chain over ky, kx (ascending) of fma(row_ky[j + kx - 1], w[o, ci, ky, kx]),
-    reading +0 left and right of the rows (the taps still take part in the chain)."""
-    width = acc.size
-    last = width - 1
-    rows = (above, here, below)
-    for j in range(width):
-        a = acc[j]
-        for ky in range(3):
-            src = rows[ky]
-            a = fma32(src[j - 1] if j > 0 else ZERO, w[o, ci, ky, 0], a)
-            a = fma32(src[j], w[o, ci, ky, 1], a)
-            a = fma32(src[j + 1] if j < last else ZERO, w[o, ci, ky, 2], a)
-        acc[j] = a
+    """acc[j] = the nine taps of input channel ci added to acc[j]'s chain, for every column j.
+    The edge columns are taken apart so that the loop over the others has no branch and
+    vectorizes (the columns' chains are independent)."""
+    last = acc.size - 1
+    acc[0] = _nine_taps(acc[0], w, o, ci, above, here, below, 0, False, last > 0)
+    for j in range(1, last):
+        acc[j] = _nine_taps(acc[j], w, o, ci, above, here, below, j, True, True)
+    if last > 0:
+        acc[last] = _nine_taps(acc[last], w, o, ci, above, here, below, last, True, False)
 
 
 @njit(cache=True, inline="always")
