@@ -40,7 +40,7 @@ _EXP_MASK = 0x7FF0000000000000
 _SMALLEST_NORMAL32 = 0x3810000000000000
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True)            # not cached: its machine code is inspected below
 def chains_intrinsic(x, w, acc):
     """acc[j] = chain over taps k of fma(x[k, j], w[k]): rows of independent chains."""
     rows, width = acc.shape
