@@ -9,7 +9,8 @@
    images, both backends: median and best of repeats, and the ratio; the parameters after the
    steps are compared bit for bit.
 3. The README's no-argument demo, `python -m cryokern.train --device cpu`, timed as a command:
-   first with empty numba and dataset caches (it compiles and generates the data), then again.
+   first with empty numba and dataset caches (it compiles and generates the data), then twice
+   warm, then warm with numba's OpenMP threads spinning while they wait.
 
 Usage: python bench/cpu_backend.py [--sizes 64,128] [--steps 10] [--no-demo]
 """
@@ -25,6 +26,8 @@ import time
 
 import numba
 import numpy as np
+
+import cryokern.cpu  # noqa: F401  (first: it sets numba's OpenMP wait policy)
 from numba import njit, prange
 
 from cryokern.backends import get_backend
@@ -155,15 +158,21 @@ def network_timings(size, steps):
 
 
 def demo_wall_times():
-    """Seconds of `python -m cryokern.train --device cpu` with cold caches, then warm."""
+    """Seconds of `python -m cryokern.train --device cpu` with cold caches, then warm (twice),
+    then warm with numba's OpenMP threads spinning while they wait (cryokern.cpu makes them
+    sleep unless OMP_WAIT_POLICY is set)."""
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, CRYOKERN_CACHE=os.path.join(tmp, "cache"),
                    NUMBA_CACHE_DIR=os.path.join(tmp, "numba"))
-        for label in ("first run (empty caches: compiles, generates the data)", "second run"):
-            out = os.path.join(tmp, label.split()[0])
+        env.pop("OMP_WAIT_POLICY", None)
+        runs = [("first run (empty caches: compiles, generates the data)", {}),
+                ("second run", {}), ("third run", {}),
+                ("again, OMP_WAIT_POLICY=ACTIVE", {"OMP_WAIT_POLICY": "ACTIVE"})]
+        for i, (label, extra) in enumerate(runs):
             start = time.perf_counter()
             subprocess.run([sys.executable, "-m", "cryokern.train", "--device", "cpu",
-                            "--out", out], env=env, check=True, stdout=subprocess.DEVNULL)
+                            "--out", os.path.join(tmp, f"run{i}")], env=dict(env, **extra),
+                           check=True, stdout=subprocess.DEVNULL)
             print(f"  {label}: {time.perf_counter() - start:.1f} s", flush=True)
 
 
@@ -178,6 +187,7 @@ def main():
     print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit}, "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"numba {numba.__version__} ({numba.config.NUMBA_NUM_THREADS} threads), "
+          f"OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY')}, "
           f"load average {os.getloadavg()[0]:.1f}")
     print("exact fma, chains of 144 taps over 64 rows of 1024:")
     fma_choice(20)

@@ -5,11 +5,20 @@ both follow); arrays are NumPy arrays. Where the reference spends its time emula
 fma in float64 over whole arrays, this calls the CPU's fma instruction (fma.py) in loops that
 run independent outputs on all cores and in SIMD lanes.
 """
-from .conv import (conv2d_backward_data, conv2d_backward_weights, conv2d_forward,
-                   relu_backward)
-from .loss import mse_grad, mse_loss, mse_loss_and_grad
-from .optim import adam_update, sgd_update
-from .reduce import sum_images
+import os
+
+# numba's OpenMP threads wait for work asleep rather than spinning, unless the environment says
+# otherwise: set before the OpenMP runtime loads (at the first parallel call). On 2 cores,
+# workers spinning beside train's loader threads (or other programs) stalled the step: the
+# demo ran 5.5 s against 2.8 s asleep, the step's median went from 6-11 ms to 59 ms under load
+# (bench/RESULTS.md).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from .conv import (conv2d_backward_data, conv2d_backward_weights,  # noqa: E402
+                   conv2d_forward, relu_backward)
+from .loss import mse_grad, mse_loss, mse_loss_and_grad  # noqa: E402
+from .optim import adam_update, sgd_update  # noqa: E402
+from .reduce import sum_images  # noqa: E402
 
 __all__ = ["conv2d_forward", "conv2d_backward_data", "conv2d_backward_weights", "relu_backward",
            "mse_loss", "mse_grad", "mse_loss_and_grad", "sgd_update", "adam_update",
