@@ -5,8 +5,8 @@
    in float64 (the product of two float32 is exact; the sum rounded once in float64, then to
    float32, with the rare float32-midpoint and subnormal sums redone by round-to-odd, as
    reference.fma32 does). Both are checked bit for bit against each other.
-2. The default network's training step (SGD, momentum 0.9) and forward pass on batches of 4
-   images, both backends: median and best of repeats, and the ratio; the parameters after the
+2. The default network's training step (SGD, momentum 0.9) and forward pass (into buffers
+   allocated once, as denoise runs it) on batches of 4 images, both backends: median and best of repeats, and the ratio; the parameters after the
    steps are compared bit for bit.
 3. The README's no-argument demo, `python -m cryokern.train --device cpu`, timed as a command:
    first with empty numba and dataset caches (it compiles and generates the data), then twice
@@ -138,7 +138,8 @@ def network_timings(size, steps):
         step = best_and_median(lambda: trainer(noisy, clean), repeats)
         steps_taken = trainer.step
         params = {k: be.to_device(v) for k, v in init_params(net, 0).items()}
-        fwd = best_and_median(lambda: forward(be, net, params, noisy), repeats)
+        outs = [be.empty((4, c, size, size)) for c in net.channels[1:]]   # as denoise runs it
+        fwd = best_and_median(lambda: forward(be, net, params, noisy, outs), repeats)
         found[name] = step, fwd, steps_taken, trainer.host_params()
         print(f"  {name:9s} 4x1x{size}x{size}: step best {step[0] * 1e3:8.2f} ms median "
               f"{step[1] * 1e3:8.2f} ms | forward best {fwd[0] * 1e3:8.2f} ms median "
