@@ -18,28 +18,27 @@ ZERO = np.float32(0)
 
 
 @njit(cache=True, inline="always")
-def _nine_taps(a, w, o, ci, above, here, below, j, left, right):
-    """a's chain over ky, kx (ascending) of fma(row_ky[j + kx - 1], w[o, ci, ky, kx]), where
-    row[j - 1] and row[j + 1] are read only if left and right say so (+0 past the edges: the
-    taps still take part in the chain)."""
-    for ky, row in ((0, above), (1, here), (2, below)):
-        a = fma32(row[j - 1] if left else ZERO, w[o, ci, ky, 0], a)
-        a = fma32(row[j], w[o, ci, ky, 1], a)
-        a = fma32(row[j + 1] if right else ZERO, w[o, ci, ky, 2], a)
-    return a
-
-
-@njit(cache=True, inline="always")
-def _row_taps(acc, above, here, below, w, o, ci):
-    """acc[j] = the nine taps of input channel ci added to acc[j]'s chain, for every column j.
-    The edge columns are taken apart so that the loop over the others has no branch and
-    vectorizes (the columns' chains are independent)."""
-    last = acc.size - 1
-    acc[0] = _nine_taps(acc[0], w, o, ci, above, here, below, 0, False, last > 0)
-    for j in range(1, last):
-        acc[j] = _nine_taps(acc[j], w, o, ci, above, here, below, j, True, True)
-    if last > 0:
-        acc[last] = _nine_taps(acc[last], w, o, ci, above, here, below, last, True, False)
+def _row_taps(acc, rows, w, o, ci):
+    """acc[j] = chain over ky, kx (ascending) of fma(rows[ky, j + kx], w[o, ci, ky, kx]) for
+    every column j: rows are input rows r - 1, r, r + 1 of channel ci with a +0 column on
+    either side (and +0 rows above and below the image), so that the taps of the padding
+    take part in the chain and the loop has no branch. The columns' chains are independent
+    and run in SIMD lanes; the nine weights are read once (not from memory that the stores
+    to acc might alias)."""
+    m = w[o, ci]
+    k0, k1, k2, k3, k4, k5, k6, k7, k8 = (m[0, 0], m[0, 1], m[0, 2], m[1, 0], m[1, 1], m[1, 2],
+                                          m[2, 0], m[2, 1], m[2, 2])
+    above, here, below = rows[0], rows[1], rows[2]
+    for j in range(acc.size):
+        a = fma32(above[j], k0, acc[j])
+        a = fma32(above[j + 1], k1, a)
+        a = fma32(above[j + 2], k2, a)
+        a = fma32(here[j], k3, a)
+        a = fma32(here[j + 1], k4, a)
+        a = fma32(here[j + 2], k5, a)
+        a = fma32(below[j], k6, a)
+        a = fma32(below[j + 1], k7, a)
+        acc[j] = fma32(below[j + 2], k8, a)
 
 
 @njit(cache=True, inline="always")
@@ -62,17 +61,19 @@ def _conv_rows(x, w, b, relu, mask, out):
     by side: chain from b[o] over ci, ky, kx (numerics §1), then ReLU or the mask."""
     n, cin, h, width = x.shape
     cout = w.shape[0]
-    zero_row = np.zeros(width, np.float32)
     for job in prange(n * h):
         img = job // h
         row = job - img * h
+        rows = np.zeros((cin, 3, width + 2), np.float32)    # input rows, zero-padded
+        for ci in range(cin):
+            for ky in range(3):
+                if 0 <= row + ky - 1 < h:
+                    rows[ci, ky, 1:width + 1] = x[img, ci, row + ky - 1]
         acc = np.empty(width, np.float32)
         for o in range(cout):
             acc[:] = b[o]
             for ci in range(cin):
-                above = x[img, ci, row - 1] if row > 0 else zero_row
-                below = x[img, ci, row + 1] if row + 1 < h else zero_row
-                _row_taps(acc, above, x[img, ci, row], below, w, o, ci)
+                _row_taps(acc, rows[ci], w, o, ci)
             _store_row(acc, out[img, o, row], relu, None if mask is None else mask[img, o, row])
 
 
