@@ -131,19 +131,23 @@ def relu_backward(gy, y, out=None):
 
 
 @njit(cache=True, inline="always")
-def _tile_row_patches(x, img, r, c0, cols, patches, zero_row):
+def _tile_row_patches(x, img, r, c0, cols, rows, patches):
     """patches[c, ci*9 + ky*3 + kx] = x[img, ci, r+ky-1, c0+c+kx-1] (+0 outside the image)
-    for the `cols` pixels of one tile row starting at column c0."""
+    for the `cols` pixels of one tile row starting at column c0, through `rows`: the input
+    rows r-1..r+1 of columns c0-1..c0+cols, zero-padded (so that no loop has a branch)."""
     cin, h, width = x.shape[1], x.shape[2], x.shape[3]
+    first, stop = max(c0 - 1, 0), min(c0 + cols + 1, width)
     for ci in range(cin):
         for ky in range(3):
             y = r + ky - 1
-            src = x[img, ci, y] if 0 <= y < h else zero_row
+            rows[ci, ky, :] = ZERO
+            if 0 <= y < h:
+                rows[ci, ky, first - c0 + 1:stop - c0 + 1] = x[img, ci, y, first:stop]
+            src = rows[ci, ky]
             for kx in range(3):
                 q = ci * 9 + ky * 3 + kx
                 for c in range(cols):
-                    xx = c0 + c + kx - 1
-                    patches[c, q] = src[xx] if 0 <= xx < width else ZERO
+                    patches[c, q] = src[c + kx]
 
 
 @njit(parallel=True, cache=True)
@@ -156,7 +160,6 @@ def _weight_partials(gy, x, pw, pb):
     n, cout, h, width = gy.shape
     q_count = x.shape[1] * 9
     th, tw = compiled_tile_grid(h, width)
-    zero_row = np.zeros(width, np.float32)
     for job in prange(n * th * tw):
         img = job // (th * tw)
         t = job - img * (th * tw)
@@ -166,9 +169,10 @@ def _weight_partials(gy, x, pw, pb):
         acc = np.zeros((cout, q_count), np.float32)
         acc_b = np.zeros(cout, np.float32)
         patches = np.empty((TILE_W, q_count), np.float32)
+        rows = np.empty((x.shape[1], 3, TILE_W + 2), np.float32)
         g = np.empty(4, np.float32)
         for r in range(ti * TILE_H, min(ti * TILE_H + TILE_H, h)):
-            _tile_row_patches(x, img, r, c0, cols, patches, zero_row)
+            _tile_row_patches(x, img, r, c0, cols, rows, patches)
             for o in range(cout):
                 grow = gy[img, o, r]
                 c = 0
