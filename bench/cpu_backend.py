@@ -6,14 +6,14 @@
    float32, with the rare float32-midpoint and subnormal sums redone by round-to-odd, as
    reference.fma32 does). Both are checked bit for bit against each other.
 2. The default network's training step (SGD, momentum 0.9) and forward pass (into buffers
-   allocated once, as denoise runs it) on batches of 4 images, both backends: median and best of repeats, and the ratio; the parameters after the
-   steps are compared bit for bit.
+   allocated once, as denoise runs it) on batches of 4 images, both backends: median and best
+   of repeats, and the ratio; the parameters after the steps are compared bit for bit.
 3. The README's no-argument demo, `python -m cryokern.train --device cpu`, timed as a command:
    first with empty numba and dataset caches (it compiles and generates the data), then twice
    warm, then warm with numba's OpenMP threads spinning while they wait.
 4. One 4096x4096 micrograph denoised on the cpu backend (the reference would take minutes).
 
-Usage: python bench/cpu_backend.py [--sizes 64,128] [--steps 10] [--no-demo]
+Usage: python bench/cpu_backend.py [--sizes 64,128] [--steps 5] [--no-demo]
 """
 import argparse
 import datetime
@@ -134,7 +134,8 @@ def network_timings(size, steps):
     found = {}
     for name, repeats in (("cpu", 10 * steps), ("reference", steps)):
         be = get_backend(name)
-        trainer = TrainStep(be, net, init_params(net, 0), OptimizerConfig("sgd", 0.01, momentum=0.9))
+        trainer = TrainStep(be, net, init_params(net, 0),
+                            OptimizerConfig("sgd", 0.01, momentum=0.9))
         trainer(noisy, clean)                           # compiles (cpu), allocates
         step = best_and_median(lambda: trainer(noisy, clean), repeats)
         steps_taken = trainer.step
@@ -198,8 +199,9 @@ def main():
     ap.add_argument("--steps", type=int, default=5, help="reference repeats (cpu: 10x as many)")
     ap.add_argument("--no-demo", action="store_true", help="skip timing the demo command")
     args = ap.parse_args()
+    here = os.path.dirname(os.path.abspath(__file__))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+                            text=True, cwd=here).stdout.strip()
     print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit}, "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"numba {numba.__version__} ({numba.config.NUMBA_NUM_THREADS} threads), "

@@ -77,7 +77,8 @@ def test_plain_float32_arithmetic_is_not_fused():
 @pytest.mark.parametrize("shape", SHAPES, ids=IDS)
 def test_forward(rng, shape):
     n, cin, cout, h, w = shape
-    x, wt, b = with_specials(randn(rng, n, cin, h, w)), randn(rng, cout, cin, 3, 3), randn(rng, cout)
+    x, wt, b = with_specials(randn(rng, n, cin, h, w)), randn(rng, cout, cin, 3, 3), \
+        randn(rng, cout)
     b[0] = -0.0                   # a -0 chain start next to +0 taps of the padding
     for relu in (False, True):
         out = np.full((n, cout, h, w), np.nan, np.float32)
@@ -145,7 +146,8 @@ def test_loss(rng, shape):
 
 
 @pytest.mark.parametrize("momentum,weight_decay,nesterov",
-                         [(0.0, 0.0, False), (0.9, 0.0, False), (0.9, 1e-2, True), (0.0, 5e-3, False)])
+                         [(0.0, 0.0, False), (0.9, 0.0, False), (0.9, 1e-2, True),
+                          (0.0, 5e-3, False)])
 def test_sgd(rng, momentum, weight_decay, nesterov):
     arrays = [randn(rng, 16, 16, 3, 3) for _ in range(3)]
     mine = [a.copy() for a in arrays]

@@ -84,7 +84,8 @@ def _check_conv(x, w, cin_axis):
 
 
 def conv2d_forward(x, w, b, relu=False, out=None):
-    """y[n,o] = chain from b[o] of fma over ci, ky, kx (ascending) of x[n,ci,h+ky-1,w+kx-1]*w[o,ci,ky,kx]."""
+    """y[n,o] = chain from b[o] of fma over ci, ky, kx (ascending) of
+    x[n,ci,h+ky-1,w+kx-1] * w[o,ci,ky,kx], then ReLU if asked (numerics §1)."""
     x, w, b = operand("x", x, 4), operand("w", w, 4), operand("b", b, 1)
     _check_conv(x, w, 1)
     if b.shape != (w.shape[0],):
