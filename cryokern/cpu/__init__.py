@@ -10,8 +10,8 @@ import os
 # numba's OpenMP threads wait for work asleep rather than spinning, unless the environment says
 # otherwise: set before the OpenMP runtime loads (at the first parallel call). On 2 cores,
 # workers spinning beside train's loader threads (or other programs) stalled the step: the
-# demo ran 5.5 s against 2.8 s asleep, the step's median went from 6-11 ms to 59 ms under load
-# (bench/RESULTS.md).
+# warm demo took 22.9 s against 3.1 s asleep, the step's median 59 ms against 11 ms
+# (bench/RESULTS.md, 2026-11-30). On an idle machine spinning is a little faster.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .conv import (conv2d_backward_data, conv2d_backward_weights,  # noqa: E402
