@@ -4,6 +4,10 @@ Same function names and signatures as `cryokern.reference` (docs/numerics.md is 
 both follow); arrays are NumPy arrays. Where the reference spends its time emulating the exact
 fma in float64 over whole arrays, this calls the CPU's fma instruction (fma.py) in loops that
 run independent outputs on all cores and in SIMD lanes.
+
+The contract's tile sizes reach the compiled loops as arguments, not as globals: numba's
+on-disk cache (cache=True) is invalidated by a change to a function's own file only, so a
+constant from contract.py frozen into a cached function would outlive a change there.
 """
 import os
 

@@ -12,7 +12,7 @@ from numba import njit, prange
 from ..contract import TILE_H, TILE_W, tile_grid
 from .arrays import Output, operand, same_elements
 from .fma import fma32
-from .reduce import compiled_tile_grid, finish_reduction, fold_tiles
+from .reduce import finish_reduction, fold_tiles
 
 ZERO = np.float32(0)
 
@@ -152,27 +152,28 @@ def _tile_row_patches(x, img, r, c0, cols, rows, patches):
 
 
 @njit(parallel=True, cache=True)
-def _weight_partials(gy, x, pw, pb):
-    """Each tile's float32 chains (numerics §4a step 2), tiles on the cores: pw[n, t, o, q]
+def _weight_partials(gy, x, tile_h, tile_w, tw, pw, pb):
+    """Each tile's float32 chains (numerics §4a step 2; tiles of tile_h x tile_w pixels, tw of
+    them a row), tiles on the cores: pw[n, t, o, q]
     from +0 over the tile's pixels in row-major order of fma(gy[n,o,h,w], x[n,ci,h+ky-1,
     w+kx-1]) (q = ci*9 + ky*3 + kx), and pb[n, t, o] the chain of additions of gy. Four pixels
     at a time per accumulator (still in pixel order), so that each is loaded once per four
     fmas."""
     n, cout, h, width = gy.shape
     q_count = x.shape[1] * 9
-    th, tw = compiled_tile_grid(h, width)
+    th = pw.shape[1] // tw
     for job in prange(n * th * tw):
         img = job // (th * tw)
         t = job - img * (th * tw)
         ti = t // tw
-        c0 = (t - ti * tw) * TILE_W
-        cols = min(TILE_W, width - c0)
+        c0 = (t - ti * tw) * tile_w
+        cols = min(tile_w, width - c0)
         acc = np.zeros((cout, q_count), np.float32)
         acc_b = np.zeros(cout, np.float32)
-        patches = np.empty((TILE_W, q_count), np.float32)
-        rows = np.empty((x.shape[1], 3, TILE_W + 2), np.float32)
+        patches = np.empty((tile_w, q_count), np.float32)
+        rows = np.empty((x.shape[1], 3, tile_w + 2), np.float32)
         g = np.empty(4, np.float32)
-        for r in range(ti * TILE_H, min(ti * TILE_H + TILE_H, h)):
+        for r in range(ti * tile_h, min(ti * tile_h + tile_h, h)):
             _tile_row_patches(x, img, r, c0, cols, rows, patches)
             for o in range(cout):
                 grow = gy[img, o, r]
@@ -211,7 +212,7 @@ def conv2d_backward_weights(gy, x, out=None, image_sums=None):
     th, tw = tile_grid(h, width)
     pw = np.empty((n, th * tw, cout, cin * 9), np.float32)
     pb = np.empty((n, th * tw, cout), np.float32)
-    _weight_partials(gy, x, pw, pb)
+    _weight_partials(gy, x, TILE_H, TILE_W, tw, pw, pb)
     images = (fold_tiles(pw).reshape(n, cout, cin, 3, 3), fold_tiles(pb))
     if image_sums is not None:
         image_sums[0][...] = images[0]

@@ -7,29 +7,28 @@ from numba import njit, prange
 from ..contract import TILE_H, TILE_W, mse_grad_scale, tile_grid
 from .arrays import Output, operand
 from .fma import fma32
-from .reduce import compiled_tile_grid, finish_reduction, fold_tiles
+from .reduce import finish_reduction, fold_tiles
 
 ZERO = np.float32(0)
 
 
 @njit(parallel=True, cache=True)
-def _sse_partials(pred, target, scale, grad, partials):
-    """partials[n, c*T + t] = chain from +0 over tile t of plane (n, c), row-major, of
-    fma(d, d) with d = pred - target; with `grad`, also grad = d * scale (one job reads and
-    writes each element, so grad may be pred itself)."""
+def _sse_partials(pred, target, scale, grad, tile_h, tile_w, tw, partials):
+    """partials[n, c*T + t] = chain from +0 over tile t (of tile_h x tile_w pixels, tw tiles a
+    row) of plane (n, c), row-major, of fma(d, d) with d = pred - target; with `grad`, also
+    grad = d * scale (one job reads and writes each element, so grad may be pred itself)."""
     n, ch, h, width = pred.shape
-    th, tw = compiled_tile_grid(h, width)
-    tiles = th * tw
+    tiles = partials.shape[1] // ch
     for job in prange(n * ch * tiles):
         plane = job // tiles
         t = job - plane * tiles
         img = plane // ch
         c = plane - img * ch
         ti = t // tw
-        c0 = (t - ti * tw) * TILE_W
-        c1 = min(c0 + TILE_W, width)
+        c0 = (t - ti * tw) * tile_w
+        c1 = min(c0 + tile_w, width)
         acc = ZERO
-        for r in range(ti * TILE_H, min(ti * TILE_H + TILE_H, h)):
+        for r in range(ti * tile_h, min(ti * tile_h + tile_h, h)):
             p, q = pred[img, c, r], target[img, c, r]
             for j in range(c0, c1):
                 d = p[j] - q[j]
@@ -56,7 +55,8 @@ def _image_sse(pred, target, scale=None, grad=None):
     n, ch, h, width = pred.shape
     th, tw = tile_grid(h, width)
     partials = np.empty((n, ch * th * tw), np.float32)
-    _sse_partials(pred, target, ZERO if scale is None else scale, grad, partials)
+    _sse_partials(pred, target, ZERO if scale is None else scale, grad, TILE_H, TILE_W, tw,
+                  partials)
     return fold_tiles(partials)
 
 

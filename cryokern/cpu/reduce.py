@@ -3,11 +3,6 @@ fold over its tiles' float32 partials, then a left fold over images, rounded onc
 import numpy as np
 from numba import njit
 
-from ..contract import tile_grid
-
-# the contract's tile grid, callable from compiled loops
-compiled_tile_grid = njit(cache=True)(tile_grid)
-
 
 @njit(cache=True)
 def _fold_tiles(partials, sums):
