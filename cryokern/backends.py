@@ -1,4 +1,5 @@
-"""Choosing where a training step runs: the GPU kernels or the NumPy reference.
+"""Choosing where a training step runs: the GPU kernels, the compiled CPU backend, or the NumPy
+reference (the oracle the other two equal bit for bit).
 
 A backend offers the kernel functions (same names and signatures in both) plus the few array
 operations the model layer needs to keep its buffers where the kernels want them.
@@ -70,12 +71,17 @@ class Eager:
         queue()
 
 
-def reference_backend():
-    from . import reference
-    return Backend("reference", reference,
+def host_backend(name, ops):
+    """A Backend whose arrays are NumPy arrays in host memory (the CPU and the reference)."""
+    return Backend(name, ops,
                    to_device=lambda a: np.array(a, np.float32, order="C"),
                    to_host=lambda a: np.array(a, np.float32),
                    empty=lambda shape: np.empty(shape, np.float32))
+
+
+def reference_backend():
+    from . import reference
+    return host_backend("reference", reference)
 
 
 def gpu_available():
@@ -86,15 +92,26 @@ def gpu_available():
         return False
 
 
+DEVICES = ("auto", "gpu", "cpu", "reference")
+DEVICE_HELP = ("gpu: the numba.cuda kernels; cpu: the same operations compiled for the CPU; "
+               "reference: the NumPy reference (the slow oracle); all give the same bits; "
+               "auto (default): gpu if there is one, else cpu")
+
+
 def get_backend(name="auto"):
-    """'gpu', 'reference', or 'auto' (the GPU when numba.cuda.is_available(), else the reference)."""
+    """'gpu' (the numba.cuda kernels), 'cpu' (the compiled CPU backend), 'reference' (the NumPy
+    reference: the same bits, far slower), or 'auto' (the GPU when numba.cuda.is_available(),
+    else the CPU)."""
     if name == "auto":
-        name = "gpu" if gpu_available() else "reference"
+        name = "gpu" if gpu_available() else "cpu"
     if name == "reference":
         return reference_backend()
+    if name == "cpu":
+        from .cpu import cpu_backend
+        return cpu_backend()
     if name == "gpu":
         if not gpu_available():
             raise RuntimeError("the GPU backend was asked for, but numba.cuda finds no usable GPU")
         from .kernels import gpu_backend
         return gpu_backend()
-    raise ValueError(f"unknown backend {name!r}: use 'auto', 'gpu' or 'reference'")
+    raise ValueError(f"unknown backend {name!r}: use one of {', '.join(DEVICES)}")

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .backends import get_backend
+from .backends import DEVICE_HELP, DEVICES, get_backend
 from .data import denormalize, normalization, normalize
 from .inference import DEFAULT_TILE, TiledDenoiser, load_model
 from .mrcstack import DataError, MrcStack
@@ -47,8 +47,7 @@ def build_parser():
                         "(about 132 bytes per pixel of a tile for the default network)")
     p.add_argument("--float16", action="store_true",
                    help="write float16 (MRC mode 12) instead of float32 (mode 2)")
-    p.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto",
-                   help="gpu: the numba.cuda kernels; cpu: the NumPy reference (same bits, slow)")
+    p.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
     p.add_argument("--preview", choices=FORMATS,
                    help="also write an 8-bit png or jpg of each image beside its MRC file "
                         "(<name>.png; stacks <name>_0000.png, ...): binned to 1024 pixels or "
@@ -150,7 +149,7 @@ def main(argv=None):
             jpeg_library()
         model = load_model(opts.model)
         plan = plan_outputs(opts.inputs, opts.out, opts.force, opts.preview)
-        backend = get_backend({"cpu": "reference"}.get(opts.device, opts.device))
+        backend = get_backend(opts.device)
         denoiser = TiledDenoiser(model, backend, opts.tile)
         Path(opts.out).mkdir(parents=True, exist_ok=True)
         total = sum(len(s) for s, _, _ in plan)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .backends import get_backend
+from .backends import DEVICE_HELP, DEVICES, get_backend
 from .data import PairedImages
 from .inference import DEFAULT_TILE, TiledDenoiser, load_model
 from .metrics import (FIT_NAMES, HIGHPASS_SIGMA, NAMES, SSIM_MIN_SIZE, image_metrics,
@@ -48,7 +48,7 @@ def build_parser():
     p.add_argument("--tile", type=int, default=DEFAULT_TILE, metavar="SIZE",
                    help=f"denoise in tiles of about SIZE x SIZE pixels (default {DEFAULT_TILE}; "
                         "0: whole images); the scores do not depend on it")
-    p.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto")
+    p.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
     return p
 
 
@@ -101,7 +101,7 @@ def evaluate(opts):
         if min(noisy.shape) < SSIM_MIN_SIZE:
             raise DataError(f"{noisy.path}: images are {noisy.shape[0]}x{noisy.shape[1]}; SSIM's "
                             f"window needs at least {SSIM_MIN_SIZE}x{SSIM_MIN_SIZE}")
-    backend = get_backend({"cpu": "reference"}.get(opts.device, opts.device))
+    backend = get_backend(opts.device)
     denoiser = TiledDenoiser(model, backend, opts.tile)
     records, panel = [], []
     start = time.perf_counter()

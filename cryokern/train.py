@@ -20,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import checkpoint, distributed, precompile, synthetic
-from .backends import get_backend, gpu_available
+from .backends import DEVICE_HELP, DEVICES, get_backend, gpu_available
 from .data import NORMALIZATIONS, BatchLoader, BatchSpec, PairedImages, Subset, epoch_batches, split
 from .inference import Model
 from .model import Network, init_params
@@ -88,8 +88,7 @@ def build_parser():
                    help="run each batch in passes of at most N pixels (whole images): less "
                         "device memory, a little slower, the same bits (default 8388608)")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto",
-                   help="gpu: the numba.cuda kernels; cpu: the NumPy reference (same bits)")
+    t.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
     t.add_argument("--gpus", type=int, default=1, metavar="N",
                    help="train on N GPUs of this node, one process each, with the bits of one "
                         "(see README 'Many GPUs and nodes'; with --device cpu, N processes)")
@@ -594,7 +593,7 @@ def start(opts, explicit, comm=None):
     if failed:
         rank, message = failed[0]
         raise DataError(message if len(failed) == comm.size else f"(rank {rank}) {message}")
-    backend = get_backend({"cpu": "reference"}.get(opts.device, opts.device))
+    backend = get_backend(opts.device)
     comm = comm.for_backend(backend)
     if comm.rank == 0:
         write_run_directory(opts, channels, backend, description, resume_from)
@@ -631,8 +630,8 @@ def write_run_directory(opts, channels, backend, description, resume_from):
 
 def start_compiling(opts, channels):
     """The GPU kernels of the network, compiling in worker processes while the data are opened
-    (precompile.py); nothing to do for the reference."""
-    if opts.device == "cpu" or not gpu_available():
+    (precompile.py); nothing to do for the CPU backends."""
+    if opts.device in ("cpu", "reference") or not gpu_available():
         return precompile.Ready()
     return precompile.start(channels, optimizer_config(opts))
 

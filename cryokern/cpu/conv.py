@@ -1,0 +1,227 @@
+"""3x3 'same' convolutions, the ReLU mask and the weight gradients, compiled for the CPU.
+
+The chains and tile orders are the contract's (docs/numerics.md §1-4); the loops are arranged
+so that only independent outputs run side by side: rows of output images on the cores and
+columns of a row in SIMD lanes (convolutions), tiles on the cores and the (o, ci, ky, kx)
+chains of a tile in SIMD lanes (weight gradients), each chain visiting its terms in the
+contract's order.
+"""
+import numpy as np
+from numba import njit, prange
+
+from ..contract import TILE_H, TILE_W, tile_grid
+from .arrays import Output, operand, same_elements
+from .fma import fma32
+from .reduce import finish_reduction, fold_tiles
+
+ZERO = np.float32(0)
+
+
+@njit(cache=True, inline="always")
+def _row_taps(acc, rows, w, o, ci):
+    """acc[j] = chain over ky, kx (ascending) of fma(rows[ky, j + kx], w[o, ci, ky, kx]) for
+    every column j: rows are input rows r - 1, r, r + 1 of channel ci with a +0 column on
+    either side (and +0 rows above and below the image), so that the taps of the padding
+    take part in the chain and the loop has no branch. The columns' chains are independent
+    and run in SIMD lanes; the nine weights are read once (not from memory that the stores
+    to acc might alias)."""
+    m = w[o, ci]
+    k0, k1, k2, k3, k4, k5, k6, k7, k8 = (m[0, 0], m[0, 1], m[0, 2], m[1, 0], m[1, 1], m[1, 2],
+                                          m[2, 0], m[2, 1], m[2, 2])
+    above, here, below = rows[0], rows[1], rows[2]
+    for j in range(acc.size):
+        a = fma32(above[j], k0, acc[j])
+        a = fma32(above[j + 1], k1, a)
+        a = fma32(above[j + 2], k2, a)
+        a = fma32(here[j], k3, a)
+        a = fma32(here[j + 1], k4, a)
+        a = fma32(here[j + 2], k5, a)
+        a = fma32(below[j], k6, a)
+        a = fma32(below[j + 1], k7, a)
+        acc[j] = fma32(below[j + 2], k8, a)
+
+
+@njit(cache=True, inline="always")
+def _store_row(acc, dst, relu, mask):
+    """The finished row: as it is, through ReLU (+0 where v <= 0: NaN stays, -0 becomes +0),
+    or masked by a ReLU output (mask may be dst itself: each element is read, then written)."""
+    for j in range(acc.size):
+        v = acc[j]
+        if mask is not None:
+            dst[j] = v if mask[j] > ZERO else ZERO
+        elif relu:
+            dst[j] = ZERO if v <= ZERO else v
+        else:
+            dst[j] = v
+
+
+@njit(parallel=True, cache=True)
+def _conv_rows(x, w, b, relu, mask, out):
+    """out[n, o, h] for every image row on the cores; within a row, the columns' chains side
+    by side: chain from b[o] over ci, ky, kx (numerics §1), then ReLU or the mask."""
+    n, cin, h, width = x.shape
+    cout = w.shape[0]
+    for job in prange(n * h):
+        img = job // h
+        row = job - img * h
+        rows = np.zeros((cin, 3, width + 2), np.float32)    # input rows, zero-padded
+        for ci in range(cin):
+            for ky in range(3):
+                if 0 <= row + ky - 1 < h:
+                    rows[ci, ky, 1:width + 1] = x[img, ci, row + ky - 1]
+        acc = np.empty(width, np.float32)
+        for o in range(cout):
+            acc[:] = b[o]
+            for ci in range(cin):
+                _row_taps(acc, rows[ci], w, o, ci)
+            _store_row(acc, out[img, o, row], relu, None if mask is None else mask[img, o, row])
+
+
+def _check_conv(x, w, cin_axis):
+    if w.shape[2:] != (3, 3) or w.shape[cin_axis] != x.shape[1]:
+        raise ValueError(f"weights of shape {w.shape} do not fit {x.shape[1]} input channels "
+                         f"(OIHW, 3x3)")
+
+
+def conv2d_forward(x, w, b, relu=False, out=None):
+    """y[n,o] = chain from b[o] of fma over ci, ky, kx (ascending) of
+    x[n,ci,h+ky-1,w+kx-1] * w[o,ci,ky,kx], then ReLU if asked (numerics §1)."""
+    x, w, b = operand("x", x, 4), operand("w", w, 4), operand("b", b, 1)
+    _check_conv(x, w, 1)
+    if b.shape != (w.shape[0],):
+        raise ValueError(f"bias of shape {b.shape} does not fit {w.shape[0]} output channels")
+    n, _, h, width = x.shape
+    dst = Output(out, (n, w.shape[0], h, width), inputs=(x, w, b))
+    _conv_rows(x, w, b, bool(relu), None, dst.array)
+    return dst.done()
+
+
+def conv2d_backward_data(gy, w, relu_output=None, out=None):
+    """dL/dx: the forward chain applied to gy with the flipped, transposed kernel, from +0, and
+    masked by relu_output > 0 when given (numerics §2). `out` may be relu_output itself."""
+    gy, w = operand("gy", gy, 4), operand("w", w, 4)
+    _check_conv(gy, w, 0)
+    flipped = np.ascontiguousarray(w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
+    n, _, h, width = gy.shape
+    shape = (n, w.shape[1], h, width)
+    mask = None
+    if relu_output is not None:
+        mask = operand("relu_output", relu_output, 4)
+        if mask.shape != shape:
+            raise ValueError(f"relu_output has shape {mask.shape}, expected {shape}")
+    inputs = (gy, w) if mask is None or same_elements(out, mask) else (gy, w, mask)
+    dst = Output(out, shape, inputs=inputs)
+    _conv_rows(gy, flipped, np.zeros(flipped.shape[0], np.float32), False, mask, dst.array)
+    return dst.done()
+
+
+@njit(parallel=True, cache=True)
+def _relu_mask(gy, y, out):
+    for i in prange(gy.size):
+        out[i] = gy[i] if y[i] > ZERO else ZERO
+
+
+def relu_backward(gy, y, out=None):
+    """gy where the forward output y > 0, else +0 (numerics §3)."""
+    gy, y = operand("gy", gy, 4), operand("y", y, 4)
+    if gy.shape != y.shape:
+        raise ValueError(f"gy {gy.shape} and y {y.shape} differ in shape")
+    dst = Output(out, gy.shape)        # elementwise: out may be gy or y
+    _relu_mask(gy.reshape(-1), y.reshape(-1), dst.array.reshape(-1))
+    return dst.done()
+
+
+@njit(cache=True, inline="always")
+def _tile_row_patches(x, img, r, c0, cols, rows, patches):
+    """patches[c, ci*9 + ky*3 + kx] = x[img, ci, r+ky-1, c0+c+kx-1] (+0 outside the image)
+    for the `cols` pixels of one tile row starting at column c0, through `rows`: the input
+    rows r-1..r+1 of columns c0-1..c0+cols, zero-padded (so that no loop has a branch)."""
+    cin, h, width = x.shape[1], x.shape[2], x.shape[3]
+    first, stop = max(c0 - 1, 0), min(c0 + cols + 1, width)
+    for ci in range(cin):
+        for ky in range(3):
+            y = r + ky - 1
+            rows[ci, ky, :] = ZERO
+            if 0 <= y < h:
+                rows[ci, ky, first - c0 + 1:stop - c0 + 1] = x[img, ci, y, first:stop]
+            src = rows[ci, ky]
+            for kx in range(3):
+                q = ci * 9 + ky * 3 + kx
+                for c in range(cols):
+                    patches[c, q] = src[c + kx]
+
+
+@njit(parallel=True, cache=True)
+def _weight_partials(gy, x, tile_h, tile_w, tw, pw, pb):
+    """Each tile's float32 chains (numerics §4a step 2; tiles of tile_h x tile_w pixels, tw of
+    them a row), tiles on the cores: pw[n, t, o, q]
+    from +0 over the tile's pixels in row-major order of fma(gy[n,o,h,w], x[n,ci,h+ky-1,
+    w+kx-1]) (q = ci*9 + ky*3 + kx), and pb[n, t, o] the chain of additions of gy. Four pixels
+    at a time per accumulator (still in pixel order), so that each is loaded once per four
+    fmas."""
+    n, cout, h, width = gy.shape
+    q_count = x.shape[1] * 9
+    th = pw.shape[1] // tw
+    for job in prange(n * th * tw):
+        img = job // (th * tw)
+        t = job - img * (th * tw)
+        ti = t // tw
+        c0 = (t - ti * tw) * tile_w
+        cols = min(tile_w, width - c0)
+        acc = np.zeros((cout, q_count), np.float32)
+        acc_b = np.zeros(cout, np.float32)
+        patches = np.empty((tile_w, q_count), np.float32)
+        rows = np.empty((x.shape[1], 3, tile_w + 2), np.float32)
+        g = np.empty(4, np.float32)
+        for r in range(ti * tile_h, min(ti * tile_h + tile_h, h)):
+            _tile_row_patches(x, img, r, c0, cols, rows, patches)
+            for o in range(cout):
+                grow = gy[img, o, r]
+                c = 0
+                while c + 4 <= cols:
+                    for k in range(4):
+                        g[k] = grow[c0 + c + k]
+                    for q in range(q_count):
+                        a = fma32(g[0], patches[c, q], acc[o, q])
+                        a = fma32(g[1], patches[c + 1, q], a)
+                        a = fma32(g[2], patches[c + 2, q], a)
+                        acc[o, q] = fma32(g[3], patches[c + 3, q], a)
+                    c += 4
+                while c < cols:
+                    gv = grow[c0 + c]
+                    for q in range(q_count):
+                        acc[o, q] = fma32(gv, patches[c, q], acc[o, q])
+                    c += 1
+                b = acc_b[o]
+                for c in range(cols):
+                    b = b + grow[c0 + c]
+                acc_b[o] = b
+        pw[img, t] = acc
+        pb[img, t] = acc_b
+
+
+def conv2d_backward_weights(gy, x, out=None, image_sums=None):
+    """(dL/dw, dL/db): tiled float32 chains per image, combined in float64 (numerics §4a).
+    With `image_sums` (float64 arrays (N, Co, Ci, 3, 3) and (N, Co)) each image's float64 sum
+    is written there for sum_images(), and image_sums is returned."""
+    gy, x = operand("gy", gy, 4), operand("x", x, 4)
+    n, cout, h, width = gy.shape
+    if x.shape[0] != n or x.shape[2:] != (h, width):
+        raise ValueError(f"gy {gy.shape} and x {x.shape} differ in batch or image size")
+    cin = x.shape[1]
+    th, tw = tile_grid(h, width)
+    pw = np.empty((n, th * tw, cout, cin * 9), np.float32)
+    pb = np.empty((n, th * tw, cout), np.float32)
+    _weight_partials(gy, x, TILE_H, TILE_W, tw, pw, pb)
+    images = (fold_tiles(pw).reshape(n, cout, cin, 3, 3), fold_tiles(pb))
+    if image_sums is not None:
+        image_sums[0][...] = images[0]
+        image_sums[1][...] = images[1]
+        return image_sums
+    gw = finish_reduction(images[0], np.float32)
+    gb = finish_reduction(images[1], np.float32)
+    if out is None:
+        return gw, gb
+    out[0][...] = gw
+    out[1][...] = gb
+    return out
