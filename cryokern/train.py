@@ -637,25 +637,13 @@ def start_compiling(opts, channels):
     return precompile.start(channels, optimizer_config(opts))
 
 
-def launch_ranks(argv, gpus):
-    """--gpus N: this command again as N ranks (distributed.launch), without --gpus."""
-    if gpus < 1 or distributed.launched_size() > 1:
-        print(f"cryokern.train: error: --gpus {gpus}: " + (
-            "must be at least 1" if gpus < 1 else "ranks started by mpiexec or srun take no "
-            "--gpus"), file=sys.stderr)
-        return EXIT_BAD_INPUT
-    rest = [a for a, before in zip(argv, [None] + argv[:-1])
-            if a != "--gpus" and before != "--gpus" and not a.startswith("--gpus=")]
-    return distributed.launch("cryokern.train", rest, gpus)
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     warnings.filterwarnings("ignore", message=".*GPU under-utilization")
     parser = build_parser()
     opts = parser.parse_args(argv)
     if opts.gpus != 1:
-        return launch_ranks(argv, opts.gpus)
+        return distributed.relaunch("cryokern.train", argv, opts.gpus)
     comm = distributed.world()
     if opts.out is None and not opts.resume:
         opts.out = comm.agree(time.strftime("runs/%Y%m%d-%H%M%S"))[0]
