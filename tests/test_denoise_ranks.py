@@ -5,15 +5,17 @@ a bad image one rank reads stops all with one line, exit 2, nothing left behind.
 import os
 import subprocess
 import sys
-from types import SimpleNamespace
+import threading
 
 import numpy as np
 import pytest
 
 from conftest import write_mrc
 from cryokern import checkpoint
-from cryokern.denoise import main, shard
-from cryokern.distributed import block
+from cryokern.backends import get_backend
+from cryokern.denoise import main, plan_outputs, run, shard
+from cryokern.distributed import Single, block
+from cryokern.inference import TiledDenoiser, load_model
 from cryokern.model import Network, init_params
 from test_distributed import MPI, MPIEXEC, ROOT
 
@@ -130,3 +132,56 @@ def test_shard_splits_a_file_larger_than_a_share_and_deals_the_rest_largest_firs
     stack = [(Stack(7, (8, 8)), None, None)]
     shares, split = shard(stack, 3)
     assert split == [0] and shares == [[(0, *block(7, 3, r))] for r in range(3)]
+
+
+class ThreadRanks:
+    """Ranks as threads of this process (allgather through a barrier), for `run` in-process."""
+
+    def __init__(self, size):
+        self.size, self._slots = size, [None] * size
+        self._barrier = threading.Barrier(size)
+
+    def rank(self, rank):
+        ranks = self
+
+        class Comm(Single):
+            def allgather(self, obj):
+                ranks._slots[rank] = obj
+                ranks._barrier.wait()
+                got = list(ranks._slots)
+                ranks._barrier.wait()
+                return got
+        comm = Comm()
+        comm.rank, comm.size = rank, self.size
+        return comm
+
+
+def test_rank_0_counts_every_rank_s_images(tmp_path, rng, model_path):
+    """One progress bar for the whole job: rank 0's counts all 9 images of 3 ranks, image by
+    image; the others get none."""
+    inputs = make_inputs(tmp_path / "in", rng)
+    (tmp_path / "out").mkdir()
+    ranks = ThreadRanks(3)
+    counts = [[] for _ in range(3)]
+
+    class Bar:
+        def __init__(self, rank):
+            self.rank = rank
+
+        def update(self, n):
+            counts[self.rank].append(n)
+
+    def rank(r):
+        plan = plan_outputs(inputs, tmp_path / "out", False)
+        denoiser = TiledDenoiser(load_model(model_path), get_backend("reference"))
+        run(ranks.rank(r), plan, denoiser, np.float32, None, Bar(r) if r == 0 else None)
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(counts[0]) == 9 and counts[1] == counts[2] == []
+    shares, _ = shard(plan_outputs(inputs, tmp_path / "elsewhere", False), 3)
+    assert len(counts[0]) == 1 + max(sum(stop - first for _, first, stop in share)
+                                     for share in shares)      # in step, image by image
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(os.path.basename(p) for p in inputs)
