@@ -237,7 +237,20 @@ def serve(connection):
         connection.send(result)
 
 
+def warm_up():
+    """Load the compiled passes fill_image uses (numba's cache: ~0.4 s on a busy host) before
+    the worker reports ready, so the first batches do not wait for it."""
+    from . import imagemath
+    from .data import normalization, normalize, normalize_with_range
+    x = np.ones((2, 2), np.float32)
+    affine = normalization(x, "per-image")
+    normalize(x, affine, out=np.empty_like(x))
+    normalize_with_range(x, affine, np.empty_like(x))
+    imagemath.sum_and_range(x)
+
+
 def main():
+    warm_up()
     host, port, key = os.environ[ADDRESS].rsplit(":", 2)
     connection = Client((host, int(port)), authkey=bytes.fromhex(key))
     connection.send(int(sys.argv[1]))
