@@ -12,6 +12,7 @@ On several ranks (mpiexec, srun, or --gpus N; distributed.py) the inputs are sha
 the whole job, and an error any rank meets stops all of them at the same image (`run`).
 """
 import argparse
+import signal
 import sys
 import time
 import warnings
@@ -283,6 +284,11 @@ def setup(opts, comm):
     return model, plan, denoiser
 
 
+def terminated(signum, frame):
+    """SIGTERM as an exit that unwinds: `run` discards the files in progress on its way out."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     warnings.filterwarnings("ignore", message=".*GPU under-utilization")
@@ -290,6 +296,8 @@ def main(argv=None):
     if opts.gpus != 1:
         return distributed.relaunch("cryokern.denoise", argv, opts.gpus)
     comm = distributed.world()
+    if comm.size > 1:       # ended by the launcher (another rank failed): files in progress go
+        signal.signal(signal.SIGTERM, terminated)
     dtype = np.float16 if opts.float16 else np.float32
     try:
         model, plan, denoiser = setup(opts, comm)

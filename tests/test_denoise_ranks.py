@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from cryokern.denoise import main, plan_outputs, run, shard
 from cryokern.distributed import Single, block
 from cryokern.inference import TiledDenoiser, load_model
 from cryokern.model import Network, init_params
-from test_distributed import MPI, MPIEXEC, ROOT
+from test_distributed import MPI, MPIEXEC, ROOT, train
 
 NETWORK = (1, 4, 4, 1)
 
@@ -185,3 +186,15 @@ def test_rank_0_counts_every_rank_s_images(tmp_path, rng, model_path):
     assert len(counts[0]) == 1 + max(sum(stop - first for _, first, stop in share)
                                      for share in shares)      # in step, image by image
     assert sorted(os.listdir(tmp_path / "out")) == sorted(os.path.basename(p) for p in inputs)
+
+
+def test_a_killed_rank_stops_all_and_leaves_no_temporary_file(tmp_path, rng, model_path):
+    """Rank 1 of 2 SIGKILLed at its second image of a split stack: the launcher ends rank 0
+    (SIGTERM), which removes the split file's temporary file on its way out."""
+    stack = write_mrc(tmp_path / "stack.mrcs", rng.random((6, 16, 16)).astype(np.float32))
+    started = time.monotonic()
+    done = train(2, ["1", "1", model_path, stack, "-o", str(tmp_path / "out"), "--device",
+                     "cpu"], "gpus", module="denoise_fault", timeout=60)
+    assert done.returncode != 0
+    assert time.monotonic() - started < 60
+    assert os.listdir(tmp_path / "out") == []
