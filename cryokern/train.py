@@ -68,11 +68,12 @@ def build_parser():
                         "(page-locked) buffers, out of the training process's GIL (default: "
                         "one per core but two, at most 12, with the GPU backend (the cores "
                         "shared by the node's ranks); 0, the "
-                        "reference's default: threads of the training process, "
-                        "--loader-threads). The bits do not depend on it")
+                        "reference's default, or --loader-threads given alone: threads of "
+                        "the training process). The bits do not depend on it")
     d.add_argument("--loader-threads", type=int, default=0, metavar="N",
-                   help="with --loader-workers 0: threads reading and normalizing images "
-                        "(default 0: one per core but two, at most 12)")
+                   help="threads reading and normalizing images in the training process, "
+                        "instead of worker processes (default 0: one per core but two, at most "
+                        "12, where --loader-workers is 0)")
     d.add_argument("--normalize", choices=NORMALIZATIONS, default="per-image",
                    help="per-image: standardize each noisy image by its own mean and std and "
                         "apply the same affine map to its target (default)")
@@ -289,9 +290,9 @@ class Run:
         self.uploads = backend.uploads()
         self._host_buffers = {}
         workers = opts.loader_workers
-        if workers is None:
+        if workers is None:     # --loader-threads alone still means threads
             workers = loader_workers.default_workers(self.comm.local_size) \
-                if backend.name == "gpu" else 0
+                if backend.name == "gpu" and not opts.loader_threads else 0
         self.workers = loader_workers.WorkerPool(workers, pin=backend.name == "gpu") \
             if workers else None
         # per-epoch work kept small beside a short epoch (a few dozen images): checkpoints
