@@ -200,10 +200,10 @@ def denoise_share(plan, share, shared, denoiser, dtype, preview):
             yield from denoise_images(stack, shared[k][0], range(first, stop), denoiser,
                                       shared[k][1])
             continue
-        with (PreviewSet(previews, preview) if previews else nullcontext()) as images, \
+        with (PreviewSet(previews, preview) if previews else nullcontext()) as preview_set, \
                 StackWriter(target, len(stack), stack.shape, dtype, label=label(denoiser),
                             like=stack) as writer:
-            yield from denoise_images(stack, writer, range(first, stop), denoiser, images)
+            yield from denoise_images(stack, writer, range(first, stop), denoiser, preview_set)
 
 
 def run(comm, plan, denoiser, dtype, preview, bar):
@@ -219,10 +219,10 @@ def run(comm, plan, denoiser, dtype, preview, bar):
     try:
         for k in split:      # created together, in plan order, on every rank
             stack, target, previews = plan[k]
-            mine = next((range(f, t) for j, f, t in share if j == k), range(0))
+            own = next((range(f, t) for j, f, t in share if j == k), range(0))
             shared[k] = (SharedStackWriter(comm, target, len(stack), stack.shape, dtype,
                                            label=label(denoiser), like=stack),
-                         PreviewSet(previews, preview, mine) if previews else None)
+                         PreviewSet(previews, preview, own) if previews else None)
         work = denoise_share(plan, share, shared, denoiser, dtype, preview)
         mine = sum(stop - first for _, first, stop in share)
         ticks = max(sum(stop - first for _, first, stop in s) for s in shares)
