@@ -24,7 +24,8 @@ NETWORK = (1, 4, 4, 1)
 
 
 def denoise(ranks, args, via):
-    """`python -m cryokern.denoise args` on `ranks` ranks started by mpiexec or --gpus."""
+    """`python -m cryokern.denoise args` on `ranks` ranks started by mpiexec or --gpus (which
+    with 1 is one plain process)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [ROOT, os.path.join(ROOT, "tests"), os.environ.get("PYTHONPATH", "")]))
     command = [sys.executable, "-m", "cryokern.denoise"] + args
@@ -32,7 +33,7 @@ def denoise(ranks, args, via):
         command = [MPIEXEC, "-n", str(ranks)] + command
     else:
         command += ["--gpus", str(ranks)]
-    return subprocess.run(command, env=env, timeout=120, capture_output=True, text=True)
+    return subprocess.run(command, env=env, timeout=300, capture_output=True, text=True)
 
 
 @pytest.fixture(scope="module")
@@ -198,3 +199,18 @@ def test_a_killed_rank_stops_all_and_leaves_no_temporary_file(tmp_path, rng, mod
     assert done.returncode != 0
     assert time.monotonic() - started < 60
     assert os.listdir(tmp_path / "out") == []
+
+
+@pytest.mark.gpu
+def test_two_gpus_write_the_bytes_of_one_gpu(tmp_path, rng, model_path):
+    """--gpus 2 on a node with two GPUs: a set of files and a split stack, the bytes of one."""
+    from numba import cuda
+    if len(cuda.gpus) < 2:
+        pytest.skip("needs two GPUs")
+    inputs = make_inputs(tmp_path / "in", rng) + [write_mrc(
+        tmp_path / "in" / "big.mrcs", rng.standard_normal((5, 300, 257)).astype(np.float32))]
+    args = [model_path, *inputs, "--device", "gpu", "--tile", "100"]
+    for ranks in (1, 2):
+        done = denoise(ranks, args + ["-o", str(tmp_path / f"gpus{ranks}")], "gpus")
+        assert done.returncode == 0, done.stderr
+    assert outputs(tmp_path / "gpus2") == outputs(tmp_path / "gpus1")
