@@ -61,7 +61,7 @@ class WorkerPool:
                                          str(worker)], env=env, stdin=subprocess.DEVNULL)
                        for worker in range(workers)]
         self._connections = self._accept(listener)
-        self._sent = [set() for _ in self._connections]     # segments and data each worker has
+        self._sent = [set() for _ in self._connections]     # segments each worker has attached
         self._send_locks = [threading.Lock() for _ in self._connections]
         for worker in range(len(self._connections)):
             threading.Thread(target=self._receive, args=(worker,), daemon=True).start()
@@ -141,16 +141,14 @@ class WorkerPool:
                     if name not in sent:
                         connection.send(("segment", name))
                         sent.add(name)
-                if images not in sent:
-                    connection.send(("data", images))
-                    sent.add(images)
                 connection.send(("fill", job, images, tuple(subset.image_shape), int(index),
                                  tuple(int(c) for c in corner), normalize_mode,
                                  tuple(noisy_out.shape), targets))
-        except OSError:     # the worker ended
+        except OSError:     # the worker ended (unless its receiver has failed the job already)
             with self._lock:
-                self._jobs.pop(job, None)
-            future.set_exception(RuntimeError("a loader worker ended"))
+                pending = self._jobs.pop(job, None)
+            if pending is not None:
+                future.set_exception(RuntimeError("a loader worker ended"))
         return future
 
     def _receive(self, worker):
@@ -203,8 +201,8 @@ class WorkerPool:
 
 
 def serve(connection):
-    """A worker's loop: attach segments, open data, fill images, until told to stop or the
-    connection ends."""
+    """A worker's loop: attach segments, fill images (their files opened once), until told to
+    stop or the connection ends."""
     from .data import PairedImages, fill_image
     segments, datasets = {}, {}
     while True:
@@ -220,12 +218,9 @@ def serve(connection):
             resource_tracker.unregister(segment._name, "shared_memory")
             segments[message[1]] = segment
             continue
-        if message[0] == "data":
-            datasets[message[1]] = message[1]     # opened on first use, errors to that job
-            continue
         _, job, images, shape, index, corner, mode, out_shape, targets = message
         try:
-            if not isinstance(datasets[images], PairedImages):
+            if images not in datasets:      # opened once; an error goes to this job
                 datasets[images] = PairedImages(images)
             noisy, clean = (np.ndarray(out_shape, np.float32, buffer=segments[name].buf,
                                        offset=offset) for name, offset in targets)
