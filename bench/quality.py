@@ -52,7 +52,7 @@ import mrcfile
 import numpy as np
 
 from cryokern import train as T
-from cryokern.backends import get_backend
+from cryokern.backends import DEVICE_HELP, DEVICES, get_backend
 from cryokern.data import PairedImages, Subset
 from cryokern.inference import Model, TiledDenoiser
 from cryokern.metrics import (FIT_NAMES, HIGHPASS_SIGMA, affine_fit, fitted_metrics, gaussian_blur,
@@ -81,8 +81,8 @@ def build_parser():
                    help="cryokern training crop (default 0: whole micrographs, as train)")
     p.add_argument("--topaz-crop", type=int, default=TOPAZ_DEFAULTS["crop"])
     p.add_argument("--no-topaz", action="store_true", help="skip Topaz even when it imports")
-    p.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto",
-                   help="cryokern's backend (cpu: the NumPy reference, for tiny sizes)")
+    p.add_argument("--device", choices=DEVICES, default="auto",
+                   help="cryokern's backend (" + DEVICE_HELP + ")")
     p.add_argument("--panel-crop", type=int, default=384, help="panel crop side in pixels")
     p.add_argument("--out", default="quality-out", help="output directory")
     return p
@@ -360,7 +360,7 @@ def main(argv=None):
     nets = [parse_net(spec) for spec in opts.nets]
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
-    backend = get_backend({"cpu": "reference"}.get(opts.device, opts.device))
+    backend = get_backend(opts.device)
     topaz, why_not = (None, "--no-topaz") if opts.no_topaz else import_topaz()
     image_shape = (opts.crop, opts.crop) if opts.crop else (opts.size, opts.size)
     warmers = []

@@ -3,9 +3,11 @@
 Writes a noisy/clean pair of float32 stacks (default 2 x 768 images of 1024x1024, 6 GiB) unless
 they exist, then measures, in one run:
   plain read     sequential 64 MiB reads of the noisy file (page cache, then cold)
-  loader         cryokern's batch loader over one epoch, no GPU (page cache, then cold)
+  loader         cryokern's batch loader over one epoch, no GPU (page cache, then cold), its
+                 threads and its worker processes (loader_workers.py)
   train          `python -m cryokern.train` for two epochs on the stacks (images/s of each,
-                 the first with start-up; peak RSS)
+                 the first with start-up; peak RSS), with worker processes (the default on a
+                 GPU) and with threads (--loader-workers 0)
   step only      the training step on a device-resident batch, pipelined as train runs it
 Cold reads evict the files with posix_fadvise(DONTNEED) first.
 Usage: python bench/train_io.py [--dir /tmp/cryokern-io] [--images 768] [--size 1024]
@@ -21,6 +23,7 @@ import mrcfile
 import numpy as np
 
 from cryokern.data import BatchLoader, PairedImages, Subset, epoch_batches
+from cryokern.loader_workers import WorkerPool, default_workers
 
 
 def make_stack(path, n, size, seed):
@@ -53,25 +56,33 @@ def plain_read(path):
     return total, time.perf_counter() - t
 
 
-def loader_pass(noisy, clean, batch):
+def loader_pass(noisy, clean, batch, workers=0):
+    """One epoch through the loader: threads of this process, or `workers` worker processes
+    (loader_workers.py; their start-up not timed)."""
     sub = Subset(PairedImages([(noisy, clean)]), np.arange(len(PairedImages([(noisy, clean)]))))
     specs = epoch_batches(sub, batch, 0, 0)
     shape = (batch, 1) + sub.image_shape
-    buffers = [(np.empty(shape, np.float32), np.empty(shape, np.float32)) for _ in range(4)]
+    pool = WorkerPool(workers) if workers else None
+    empty = pool.empty if pool else (lambda s: np.empty(s, np.float32))
+    buffers = [(empty(shape), empty(shape)) for _ in range(4)]
     t = time.perf_counter()
-    loader = BatchLoader(sub, specs, "per-image", buffers)
+    loader = BatchLoader(sub, specs, "per-image", buffers, pool=pool)
     for _ in loader:
         pass
     loader.close()
-    return len(sub), time.perf_counter() - t
+    seconds = time.perf_counter() - t
+    if pool:
+        del buffers
+        pool.close()
+    return len(sub), seconds
 
 
-def train_pass(noisy, clean, batch, out):
+def train_pass(noisy, clean, batch, out, extra=()):
     """The metrics of two epochs: the first includes start-up (loading the compiled kernels,
     allocating), the second is the steady state."""
     cmd = [sys.executable, "-m", "cryokern.train", "--noisy", noisy, "--clean", clean,
            "--epochs", "2", "--val-fraction", "0", "--batch-size", str(batch), "--out", out,
-           "--force"]
+           "--force", *extra]
     subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL)
     return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
 
@@ -114,13 +125,22 @@ def main():
     for cache in ("cold", "page cache"):
         if cache == "cold":
             evict(noisy, clean)
-        n, sec = loader_pass(noisy, clean, args.batch)
-        rows.append((f"loader (noisy+clean, per-image), {cache}", n / sec, 2 * gb / sec))
-    first, record = train_pass(noisy, clean, args.batch, os.path.join(args.dir, "run"))
-    rows.append(("train, epoch 1 (with start-up), page cache", first["images_per_s"],
-                 2 * gb * first["images_per_s"] / args.images))
-    rows.append(("train, epoch 2, page cache", record["images_per_s"],
-                 2 * gb * record["images_per_s"] / args.images))
+        for workers in (0, default_workers()):
+            if cache == "cold":
+                evict(noisy, clean)
+            n, sec = loader_pass(noisy, clean, args.batch, workers)
+            who = f"{workers} workers" if workers else "threads"
+            rows.append((f"loader ({who}, per-image), {cache}", n / sec, 2 * gb / sec))
+    ends = {}
+    for who, extra in (("workers", ("--loader-workers", str(default_workers()))),
+                       ("threads", ("--loader-workers", "0"))):
+        first, ends[who] = train_pass(noisy, clean, args.batch, os.path.join(args.dir, "run"),
+                                      extra)
+        rows.append((f"train ({who}), epoch 1 (with start-up), page cache",
+                     first["images_per_s"], 2 * gb * first["images_per_s"] / args.images))
+        rows.append((f"train ({who}), epoch 2, page cache", ends[who]["images_per_s"],
+                     2 * gb * ends[who]["images_per_s"] / args.images))
+    record = ends["workers"]
     from cryokern.backends import gpu_available
     if gpu_available():
         ms = step_only(args.batch, args.size)
@@ -132,8 +152,9 @@ def main():
         print(f"{name:46s} {ips:9.1f} {gbs:7.2f}")
     print(f"train: peak resident memory {record['peak_rss_mib']:.0f} MiB")
     if rows[-1][0].startswith("step only"):
-        print(f"end-to-end (epoch 2) / step-only throughput: "
-              f"{record['images_per_s'] / rows[-1][1]:.2f}")
+        for who, r in ends.items():
+            print(f"end-to-end (epoch 2, {who}) / step-only throughput: "
+                  f"{r['images_per_s'] / rows[-1][1]:.2f}")
 
 
 if __name__ == "__main__":

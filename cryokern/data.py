@@ -1,4 +1,4 @@
-"""Training data: noisy/clean MRC pairs, the epoch's order and crops, and a batch loader thread.
+"""Training data: noisy/clean MRC pairs, the epoch's order and crops, and the batch loader.
 
 Everything a batch holds is a function of (seed, epoch, batch index) alone, so a run resumed
 mid-epoch sees exactly the batches the uninterrupted run saw. See README "Data" for the options.
@@ -171,16 +171,17 @@ def _read_buffer(which, shape):
     return buffers[(which, shape)]
 
 
-def fill_image(subset, index, corner, normalize_mode, noisy_out, clean_out):
-    """Read one image pair, normalize it by the whole noisy image's statistics and write the
-    crop into noisy_out/clean_out (h, w); returns the clean crop's (min, max), for PSNR.
+def fill_image(images, shape, index, corner, normalize_mode, noisy_out, clean_out):
+    """Read image pair `index` of `images` (PairedImages), normalize it by the whole noisy
+    image's statistics and write its crop of `shape` (h, w) at `corner` into
+    noisy_out/clean_out; returns the clean crop's (min, max), for PSNR.
 
     The loader is bound by host memory traffic: the finiteness checks ride on passes made
     anyway (the noisy image's mean, the clean crop's map and range), four passes per pair
     where there were seven."""
-    h, w = subset.image_shape
+    h, w = shape
     top, left = corner
-    (noisy, clean), local = subset.images.locate(int(index))
+    (noisy, clean), local = images.locate(int(index))
     a = noisy.read(local, _read_buffer("noisy", noisy.shape), check_finite=False)
     b = clean.read(local, _read_buffer("clean", clean.shape), check_finite=False)
     affine = normalization(a, normalize_mode)
@@ -194,13 +195,20 @@ def fill_image(subset, index, corner, normalize_mode, noisy_out, clean_out):
     return lo, hi
 
 
-def submit_batch(pool, subset, spec, normalize_mode, noisy_out, clean_out):
-    """Start filling a batch (N, 1, h, w): one job per image on `pool` (an Executor), each
-    into its own slot, so the result does not depend on the pool; each job returns its clean
-    crop's (min, max)."""
-    return [pool.submit(fill_image, subset, i, c, normalize_mode, noisy_out[k, 0],
-                        clean_out[k, 0])
+def submit_batch(fill, subset, spec, normalize_mode, noisy_out, clean_out):
+    """Start filling a batch (N, 1, h, w): one job per image, `fill(subset, index, corner,
+    normalize_mode, noisy_out, clean_out)` giving a Future, each into its own slot, so the
+    result does not depend on who fills it; each job returns its clean crop's (min, max)."""
+    return [fill(subset, i, c, normalize_mode, noisy_out[k, 0], clean_out[k, 0])
             for k, (i, c) in enumerate(zip(spec.indices, spec.corners))]
+
+
+def _filled_in_thread(pool):
+    """fill() for submit_batch on a thread pool of this process."""
+    def fill(subset, index, corner, normalize_mode, noisy_out, clean_out):
+        return pool.submit(fill_image, subset.images, subset.image_shape, index, corner,
+                           normalize_mode, noisy_out, clean_out)
+    return fill
 
 
 class BatchLoader:
@@ -208,16 +216,23 @@ class BatchLoader:
     buffer pairs (page-locked when the backend provides them): host memory is the pool,
     whatever the dataset's size, and reading overlaps the GPU's work. Iterating gives
     (noisy, clean, lo, hi) per batch; a batch's buffers are refilled once the next batch is
-    asked for, so use a batch before asking for the next."""
+    asked for, so use a batch before asking for the next.
 
-    def __init__(self, subset, specs, normalize, buffers, workers=None):
+    The images are filled by `workers` threads of this process, or, given `pool` (a
+    loader_workers.WorkerPool, whose `empty` buffers must then be the `buffers`), by its worker
+    processes, out of this process's GIL. Either way, the same bytes."""
+
+    def __init__(self, subset, specs, normalize, buffers, workers=None, pool=None):
         # reading and converting is CPU-bound (several passes over each image): the images of
         # every batch that has free buffers are filled at once, one thread each, up to
         # `workers` (default: a thread per core but two, for the thread that launches the
         # step's kernels and this one's filler, up to 12: on a 16-core H100 host, 1024^2 pairs
         # went 802-844/s on 4 threads, 1482 on 8, 1609-1753 on 12, 1669-1822 on 16; the step
         # alone takes ~1340 images/s, 2026-11-27)
-        self._pool = ThreadPoolExecutor(workers or min(12, max(1, (os.cpu_count() or 1) - 2)))
+        self._threads = None if pool is not None else ThreadPoolExecutor(
+            workers or min(12, max(1, (os.cpu_count() or 1) - 2)))
+        self._fill_image = pool.fill if pool is not None else _filled_in_thread(self._threads)
+        self._pending = set()       # jobs sent to worker processes, not yet done
         self._free = queue.Queue()
         for pair in buffers:
             self._free.put(pair)
@@ -234,7 +249,11 @@ class BatchLoader:
                 if buffers is None or self._stop.is_set():
                     return
                 noisy, clean = buffers
-                jobs = submit_batch(self._pool, subset, spec, normalize, noisy, clean)
+                jobs = submit_batch(self._fill_image, subset, spec, normalize, noisy, clean)
+                if self._threads is None:
+                    self._pending.update(jobs)
+                    for job in jobs:
+                        job.add_done_callback(self._pending.discard)
                 self._ready.put((noisy, clean, len(spec.indices), jobs))
         except BaseException as e:  # handed to the consumer, which raises it
             self._ready.put(e)
@@ -259,4 +278,7 @@ class BatchLoader:
         self._stop.set()
         self._free.put(None)
         self._thread.join()
-        self._pool.shutdown(cancel_futures=True)
+        if self._threads is not None:
+            self._threads.shutdown(cancel_futures=True)
+        for job in list(self._pending):     # sent to a worker: it will write, so wait
+            job.exception()

@@ -268,6 +268,19 @@ def launch(module, argv, ranks):
     return _status(failed[0]) if failed else 0
 
 
+def relaunch(module, argv, gpus):
+    """A command's --gpus N: `python -m module argv` again as N ranks (launch), without --gpus;
+    its exit status. N < 1, or --gpus in ranks a launcher started: one line, exit status 2."""
+    if gpus < 1 or launched_size() > 1:
+        print(f"{module}: error: --gpus {gpus}: " + (
+            "must be at least 1" if gpus < 1 else "ranks started by mpiexec or srun take no "
+            "--gpus"), file=sys.stderr)
+        return 2
+    rest = [a for a, before in zip(argv, [None] + argv[:-1])
+            if a != "--gpus" and before != "--gpus" and not a.startswith("--gpus=")]
+    return launch(module, rest, gpus)
+
+
 def _serve(listener, connections):
     """Each round, every rank's object, sent back to all in rank order; ends when a rank
     closes its connection (its end, or its failure, which launch() handles)."""

@@ -107,9 +107,7 @@ class StackWriter:
         if like is not None and (len(like), like.shape) != (count, tuple(shape)):
             raise ValueError(f"{self.path}: {count} images of {shape} cannot keep the header of "
                              f"{like.path} ({len(like)} of {like.shape})")
-        self.count, self.shape = count, tuple(shape)
-        self._stats = [None] * count
-        self._next = 0
+        self._images(count, shape)
         directory = os.path.dirname(os.path.abspath(self.path))
         fd, self._tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".mrc", dir=directory)
         os.close(fd)
@@ -124,8 +122,38 @@ class StackWriter:
             os.unlink(self._tmp)
             raise
         # the data follow the header and the extended header
-        self._offset = self._header.nbytes + int(self._header.nsymbt)
+        self.data_offset = self._header.nbytes + int(self._header.nsymbt)
+
+    @classmethod
+    def joining(cls, path, tmp, data_offset, count, shape, dtype=np.float32):
+        """A writer of some of the images of a file that another process's StackWriter created
+        (its temporary file `tmp`, data from `data_offset`): this one writes its images and
+        keeps their statistics (`written`); the creator closes the file."""
+        self = cls.__new__(cls)
+        self.path, self.dtype, self._tmp, self._header = os.fspath(path), np.dtype(dtype), tmp, None
+        self._images(count, shape)
+        self.data_offset = data_offset
+        self._fd = os.open(tmp, os.O_WRONLY)
+        return self
+
+    def _images(self, count, shape):
+        self.count, self.shape = count, tuple(shape)
+        self._stats = [None] * count
+        self._next = 0
         self._image_bytes = self.shape[0] * self.shape[1] * self.dtype.itemsize
+
+    @property
+    def temporary_path(self):
+        return self._tmp
+
+    def written(self):
+        """{index: statistics} of the images this writer wrote."""
+        return {i: s for i, s in enumerate(self._stats) if s is not None}
+
+    def add_written(self, stats):
+        """Statistics of images other writers wrote into this file (see `written`)."""
+        for index, s in stats.items():
+            self._stats[index] = s
 
     def _create(self, layout, voxel_size, origin, axis_order, label):
         data_shape = self.shape if layout == "image" else (self.count,) + self.shape
@@ -187,7 +215,7 @@ class StackWriter:
             raise ValueError(f"{self.path}: image {index} has values beyond float16's range "
                              f"(+-{FLOAT16_MAX:g}); write float32 instead")
         self._stats[index] = statistics(data)
-        offset = self._offset + index * self._image_bytes
+        offset = self.data_offset + index * self._image_bytes
         os.pwrite(self._fd, memoryview(data).cast("B"), offset)
         if hasattr(os, "posix_fadvise"):
             # start writing this image to disk now (Linux begins writeback on DONTNEED), so
@@ -196,7 +224,12 @@ class StackWriter:
             os.posix_fadvise(self._fd, offset, self._image_bytes, os.POSIX_FADV_DONTNEED)
 
     def close(self):
-        """Write the header's statistics and move the file into place."""
+        """Write the header's statistics and move the file into place (a joining writer: its
+        images to disk, and the file left to its creator)."""
+        if self._header is None:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            return
         missing = sum(s is None for s in self._stats)
         if missing:
             raise ValueError(f"{self.path}: {missing} of {self.count} images not written")
@@ -209,7 +242,8 @@ class StackWriter:
 
     def discard(self):
         os.close(self._fd)
-        os.unlink(self._tmp)
+        if self._header is not None:
+            os.unlink(self._tmp)
 
     def __enter__(self):
         return self
@@ -219,3 +253,47 @@ class StackWriter:
             self.close()
         else:
             self.discard()
+
+
+class SharedStackWriter:
+    """One MRC file written by several ranks (distributed.py), each rank its own images.
+
+    Rank 0 creates the temporary file whole (header, extended header, full size) as a
+    StackWriter does and passes its name on; the other ranks open it (StackWriter.joining) and
+    every rank writes its images by positioned writes. close() is collective: each rank's
+    images go to disk, every image's statistics are gathered to rank 0, which fills the header
+    from all of them combined in image order (the bytes one process writes) and renames the
+    file into place; a barrier then holds every rank until it is there. discard(): rank 0
+    removes the temporary file, the others only close it.
+    """
+
+    def __init__(self, comm, path, count, shape, dtype=np.float32, label=None, like=None):
+        self.comm = comm
+        made, self.writer = None, None
+        if comm.rank == 0:
+            try:
+                self.writer = StackWriter(path, count, shape, dtype, label=label, like=like)
+                made = (self.writer.temporary_path, self.writer.data_offset)
+            except OSError as e:
+                made = f"{path}: cannot be created ({e.strerror or e})"
+        made = comm.allgather(made)[0]
+        if isinstance(made, str):
+            raise DataError(made)
+        if comm.rank != 0:
+            self.writer = StackWriter.joining(path, *made, count, shape, dtype)
+
+    def write(self, image, index):
+        self.writer.write(image, index)
+
+    def close(self):
+        if self.comm.rank != 0:
+            self.writer.close()
+        parts = self.comm.allgather(self.writer.written() if self.comm.rank else {})
+        if self.comm.rank == 0:
+            for part in parts:
+                self.writer.add_written(part)
+            self.writer.close()
+        self.comm.barrier()
+
+    def discard(self):
+        self.writer.discard()

@@ -99,23 +99,25 @@ def preview_paths(target, count, fmt):
 class PreviewSet:
     """The previews of one output file: each written under a temporary name as its image is
     done (from any thread), all renamed into place when the `with` block ends without an
-    exception, else removed."""
+    exception, else removed. `images` (a range; default all): the images this process
+    writes, where ranks share the file (denoise on several ranks)."""
 
-    def __init__(self, paths, fmt):
+    def __init__(self, paths, fmt, images=None):
         self.paths, self.fmt = paths, fmt
         self._tmp = [p.with_name(f".tmp-{p.name}") for p in paths]
+        self.images = range(len(paths)) if images is None else images
 
     def add(self, index, image):
         save(self._tmp[index], preview_pixels(image), self.fmt)
 
     def commit(self):
-        for tmp, path in zip(self._tmp, self.paths):
-            os.replace(tmp, path)
+        for i in self.images:
+            os.replace(self._tmp[i], self.paths[i])
 
     def discard(self):
-        for tmp in self._tmp:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        for i in self.images:
+            if os.path.exists(self._tmp[i]):
+                os.unlink(self._tmp[i])
 
     def __enter__(self):
         return self

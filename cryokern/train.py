@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from . import checkpoint, distributed, precompile, synthetic
+from . import checkpoint, distributed, loader_workers, precompile, synthetic
 from .backends import DEVICE_HELP, DEVICES, get_backend, gpu_available
 from .data import NORMALIZATIONS, BatchLoader, BatchSpec, PairedImages, Subset, epoch_batches, split
 from .inference import Model
@@ -32,7 +32,7 @@ EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 RUN_FILES = ("config.json", "metrics.jsonl", "last.npz", "best.npz", "loss.png")
 # options a resumed run may change; any other option given with --resume must match the run's
 RESUME_MAY_CHANGE = {"epochs", "device", "out", "resume", "force", "save_every", "pass_pixels",
-                     "loader_threads", "keep_epochs", "gpus"}
+                     "loader_threads", "loader_workers", "keep_epochs", "gpus"}
 DEFAULT_LR = {"sgd": 0.01, "adam": 1e-3}
 PLOT_EVERY_S = 5.0              # loss.png is drawn at most this often, and after the last epoch
 VAL_KEPT_BYTES = 256 << 20      # a validation set up to this size stays on the device
@@ -63,9 +63,17 @@ def build_parser():
                         "when no --val-noisy/--val-clean are given (default 0.1)")
     d.add_argument("--crop", type=int, default=0, metavar="SIZE",
                    help="train on random SIZE x SIZE crops (validation: centred crops)")
+    d.add_argument("--loader-workers", type=int, default=None, metavar="N",
+                   help="worker processes reading and normalizing images into shared "
+                        "(page-locked) buffers, out of the training process's GIL (default: "
+                        "one per core but two, at most 12, with the GPU backend (the cores "
+                        "shared by the node's ranks); 0, the "
+                        "reference's default, or --loader-threads given alone: threads of "
+                        "the training process). The bits do not depend on it")
     d.add_argument("--loader-threads", type=int, default=0, metavar="N",
-                   help="threads reading and normalizing images (default 0: one per core "
-                        "but two, at most 12)")
+                   help="threads reading and normalizing images in the training process, "
+                        "instead of worker processes (default 0: one per core but two, at most "
+                        "12, where --loader-workers is 0)")
     d.add_argument("--normalize", choices=NORMALIZATIONS, default="per-image",
                    help="per-image: standardize each noisy image by its own mean and std and "
                         "apply the same affine map to its target (default)")
@@ -197,6 +205,8 @@ def check_options(opts):
             (opts.keep_epochs < 0, "--keep-epochs must be positive (0: keep all)"),
             (opts.pass_pixels < 1, "--pass-pixels must be at least 1"),
             (opts.loader_threads < 0, "--loader-threads must be positive (0: automatic)"),
+            (opts.loader_workers is not None and opts.loader_workers < 0,
+             "--loader-workers must not be negative"),
             (opts.resume and opts.force, "--resume and --force exclude each other"),
             (opts.resume and not opts.out, "--resume needs --out DIR, the run to continue")])
     try:
@@ -278,6 +288,12 @@ class Run:
                               pass_pixels=opts.pass_pixels, comm=self.comm)
         self.uploads = backend.uploads()
         self._host_buffers = {}
+        workers = opts.loader_workers
+        if workers is None:     # --loader-threads alone still means threads
+            workers = loader_workers.default_workers(self.comm.local_size) \
+                if backend.name == "gpu" and not opts.loader_threads else 0
+        self.workers = loader_workers.WorkerPool(workers, pin=backend.name == "gpu") \
+            if workers else None
         # per-epoch work kept small beside a short epoch (a few dozen images): checkpoints
         # written by a thread, loss.png redrawn at most every PLOT_EVERY_S, a small validation
         # set kept on the device, the next epoch's loader reading during the epoch's end
@@ -354,12 +370,13 @@ class Run:
         a, b = self.comm.block(self.opts.batch_size)
         shape = (max(1, b - a), 1) + subset.image_shape
         if shape not in self._host_buffers:
-            self._host_buffers[shape] = [tuple(self.backend.host_empty(shape) for _ in "xy")
+            empty = self.workers.empty if self.workers else self.backend.host_empty
+            self._host_buffers[shape] = [tuple(empty(shape) for _ in "xy")
                                          for _ in range(depth + 1)]
         specs = [self.my_block(s) for s in epoch_batches(subset, self.opts.batch_size,
                                                           self.opts.seed, epoch, shuffle)]
         return BatchLoader(subset, specs[first:], self.opts.normalize, self._host_buffers[shape],
-                           self.opts.loader_threads or None)
+                           self.opts.loader_threads or None, self.workers)
 
     def train_epoch(self, epoch):
         """Each batch's upload and step are queued before the previous step's loss is read,
@@ -485,6 +502,9 @@ class Run:
                 self._next_loader.close()
             self.finish_writing()
             self._writer.shutdown()
+            if self.workers is not None:
+                self._host_buffers.clear()
+                self.workers.close()
 
 
 def print_demo_scores(run):
@@ -636,25 +656,13 @@ def start_compiling(opts, channels):
     return precompile.start(channels, optimizer_config(opts))
 
 
-def launch_ranks(argv, gpus):
-    """--gpus N: this command again as N ranks (distributed.launch), without --gpus."""
-    if gpus < 1 or distributed.launched_size() > 1:
-        print(f"cryokern.train: error: --gpus {gpus}: " + (
-            "must be at least 1" if gpus < 1 else "ranks started by mpiexec or srun take no "
-            "--gpus"), file=sys.stderr)
-        return EXIT_BAD_INPUT
-    rest = [a for a, before in zip(argv, [None] + argv[:-1])
-            if a != "--gpus" and before != "--gpus" and not a.startswith("--gpus=")]
-    return distributed.launch("cryokern.train", rest, gpus)
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     warnings.filterwarnings("ignore", message=".*GPU under-utilization")
     parser = build_parser()
     opts = parser.parse_args(argv)
     if opts.gpus != 1:
-        return launch_ranks(argv, opts.gpus)
+        return distributed.relaunch("cryokern.train", argv, opts.gpus)
     comm = distributed.world()
     if opts.out is None and not opts.resume:
         opts.out = comm.agree(time.strftime("runs/%Y%m%d-%H%M%S"))[0]

@@ -90,8 +90,7 @@ def test_loader_yields_the_batches_in_order(tmp_path):
                               "clean-outside"])
 def test_a_non_finite_pixel_names_its_file_and_image(tmp_path, bad, mode):
     images, _ = stack_pair(tmp_path, bad=bad)
-    sub = Subset(images, np.arange(7), crop=6)
     out = np.empty((6, 6), np.float32), np.empty((6, 6), np.float32)
-    fill_image(sub, 3, (0, 0), mode, *out)       # a good image in the same files
+    fill_image(images, (6, 6), 3, (0, 0), mode, *out)       # a good image in the same files
     with pytest.raises(DataError, match=rf"{bad[0]}\.mrcs: image 4 has NaN or Inf"):
-        fill_image(sub, 4, (0, 0), mode, *out)
+        fill_image(images, (6, 6), 4, (0, 0), mode, *out)

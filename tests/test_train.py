@@ -313,6 +313,20 @@ def test_loader_threads_do_not_change_the_bits(tmp_path):
     assert arrays and all(np.array_equal(runs[0][k], runs[1][k]) for k in arrays)
 
 
+def test_loader_workers_do_not_change_the_bits(tmp_path):
+    """0 (threads of the training process), 1 and 3 worker processes: the same checkpoint."""
+    runs = []
+    pair = make_pair(tmp_path)
+    for workers in ("0", "1", "3"):
+        out = tmp_path / workers
+        assert T.main(data_args(pair) + TINY + ["--crop", "9", "--loader-workers", workers,
+                                                "--out", str(out)]) == 0
+        runs.append(np.load(out / "last.npz"))
+    arrays = [k for k in runs[0].files if k != "meta"]       # meta holds the options
+    assert arrays and all(r[k].tobytes() == runs[0][k].tobytes()
+                          for r in runs[1:] for k in arrays)
+
+
 def test_crop_larger_than_images(tmp_path, capsys):
     rc = T.main(data_args(make_pair(tmp_path)) + TINY + ["--crop", "13", "--out", str(tmp_path / "r")])
     assert rc == 2 and "crop 13 is larger than the 12x12 images" in capsys.readouterr().err
