@@ -171,13 +171,15 @@ def test_backward_weights_outputs_must_divide_cout():
 # output channels and a group of input channels, grid dimension z numbering the groups. In
 # the simulator, blocks are forced small by lowering the shared-memory limit; the chains, and
 # so the bits, are those of one block holding all.
-@pytest.mark.parametrize("variant, block, first", [
-    (conv.WeightsVariant(128, None, True, True, True, outputs=4), (8, 2), 3),  # 4 per thread,
-    (conv.WeightsVariant(32, None, False, True, False), (8, 3), None),   # input groups across x
-    (conv.WeightsVariant(64, None, False, True, True, True), (4, 3), None)],  # and x2; addresses
-    ids=["outputs4-two-inputs", "rolled-addresses", "split-rows"])  # per row; kernel rows split
-def test_backward_weights_blocks_of_channels(rng, variant, block, first):
-    n, cin, cout, h, w = 2, 6, 16, 2, 66         # a full-width tile and an edge tile
+@pytest.mark.parametrize("variant, block, first, w", [
+    (conv.WeightsVariant(128, None, True, True, True, outputs=4), (8, 2), 3, 66),  # 4 a thread,
+    (conv.WeightsVariant(32, None, False, True, False), (8, 3), None, 66),  # input groups across
+    (conv.WeightsVariant(64, None, False, True, True, True), (4, 3), None, 7)],  # x and x2; ...
+    ids=["outputs4-two-inputs", "rolled-addresses", "split-rows"])  # kernel rows split
+def test_backward_weights_blocks_of_channels(rng, variant, block, first, w):
+    """Blocks of 8 x 2, 8 x 3 and 4 x 3 of 16 x 6 channels; width 66: a full-width tile (the
+    written-out rows) and an edge tile."""
+    n, cin, cout, h = 2, 6, 16, 2
     gy, x = randn(rng, n, cout, h, w), randn(rng, n, cin, h, w)
     th, tw = tile_grid(h, w)
     gw, gb = poisoned((n, th * tw, cout * cin * 9)), poisoned((n, th * tw, cout))
@@ -195,11 +197,11 @@ def test_backward_weights_blocks_of_channels(rng, variant, block, first):
 
 def test_backward_weights_in_blocks_of_channels_equal_reference(rng, monkeypatch):
     """conv2d_backward_weights where one block cannot hold the layer (here: shared memory
-    lowered to 2 KB, so 4 output x 1 input channels a block, 8 blocks a tile), of a
+    lowered to 1500 bytes, so 2 output x 1 input channels a block, 4 blocks a tile), of a
     concatenation."""
-    monkeypatch.setattr(conv, "STATIC_SHARED_BYTES", 2000)
-    n, cin, cout, h, w = 2, 4, 8, 3, 5
-    assert conv.weights_block(cin, cout, conv.weights_variant(cin, cout)) == (4, 1)
+    monkeypatch.setattr(conv, "STATIC_SHARED_BYTES", 1500)
+    n, cin, cout, h, w = 2, 2, 4, 3, 5
+    assert conv.weights_block(cin, cout, conv.weights_variant(cin, cout)) == (2, 1)
     gy, x = randn(rng, n, cout, h, w), randn(rng, n, cin, h, w)
     gw, gb = poisoned((cout, cin, 3, 3)), poisoned((cout,))
     K.conv2d_backward_weights(cuda.to_device(gy), cuda.to_device(x[:, :1].copy()),
