@@ -417,12 +417,14 @@ def _relu_mask(gy, y, gx):
         gx[i] = gy[i] if y[i] > float32(0) else float32(0)
 
 
-# Weight gradients (numerics section 4a): one block per (image, tile). Thread (o-group, ci)
-# holds GO x 9 weight chains in registers (or, split_rows, thread (kernel row, o-group, ci)
-# holds GO x 3) and walks the tile's in-image pixels row-major, with the input window sliding
-# along the row in registers; the next Cout threads hold one bias chain each. Per tile row the
-# block stages that row of gy (all output channels) and one new row of x (all input channels)
-# in shared memory, x rows in a ring of three; threads beyond the chain holders only stage.
+# Weight gradients (numerics section 4a): one block per (image, tile), or, for layers too wide
+# for one block, per (image, tile, group of output x input channels) (weights_block). Thread
+# (o-group, ci) holds GO x 9 weight chains in registers (or, split_rows, thread (kernel row,
+# o-group, ci) holds GO x 3) and walks the tile's in-image pixels row-major, with the input
+# window sliding along the row in registers; the next Cout threads (of the block's output
+# channels) hold one bias chain each. Per tile row the block stages that row of gy (its output
+# channels) and one new row of x (its input channels) in shared memory, x rows in a ring of
+# three; threads beyond the chain holders only stage.
 # WeightsVariant says how each layer's kernel is built.
 GS = TILE_W + 1              # gy row stride: the warp's output groups fall in different banks
 XROW = TILE_W + 2
