@@ -233,35 +233,56 @@ def test_weights_block_must_tile_the_channels():
 
 
 # the U-Net's wide layers, whose weight gradients one block could not hold (48 -> 48: 624
-# threads at 128 registers; the concatenation's 96 -> 48: 1,216 threads), and wider ones:
-# weight gradients, forward and backward-data (N, Cin, Cout, H, W; with Ca, the input is a
-# concatenation of Ca and Cin - Ca channels)
+# threads at 128 registers; the concatenation's 96 -> 48: 1,216 threads), and wider ones
+# (N, Cin, Cout, H, W, and Ca: the input a concatenation of Ca and Cin - Ca channels, or None)
 WIDE = [(1, 48, 48, 18, 66, None), (2, 96, 48, 17, 67, 48), (1, 64, 128, 18, 66, None),
         (1, 144, 96, 18, 66, None), (1, 256, 256, 5, 7, None)]
+wide_cases = pytest.mark.parametrize("shape", [
+    pytest.param(s, id=ident(s[:5]) + ("" if s[5] is None else f"-cat{s[5]}"),
+                 marks=pytest.mark.gpu) for s in WIDE])
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("shape", WIDE, ids=lambda s: ident(s[:5]) + ("" if s[5] is None else
-                                                                       f"-cat{s[5]}"))
-def test_wide_layers_equal_reference(rng, shape):
-    n, cin, cout, h, w, ca = shape
-    x, wt, b = randn(rng, n, cin, h, w), randn(rng, cout, cin, 3, 3), randn(rng, cout)
+def wide_inputs(rng, shape):
+    """x, and the kernels' x (and x2) arguments for it."""
+    n, cin, _, h, w, ca = shape
+    x = randn(rng, n, cin, h, w)
+    if ca is None:
+        return x, cuda.to_device(x), {}
+    return x, cuda.to_device(x[:, :ca].copy()), {"x2": cuda.to_device(x[:, ca:].copy())}
+
+
+@wide_cases
+def test_wide_layers_weight_gradients(rng, shape):
+    n, cin, cout, h, w, _ = shape
+    x, x_first, x2 = wide_inputs(rng, shape)
     gy = randn(rng, n, cout, h, w)
-    inputs = {} if ca is None else {"x2": cuda.to_device(x[:, ca:].copy())}
-    x_first = cuda.to_device(x if ca is None else x[:, :ca].copy())
     gw, gbias = poisoned((cout, cin, 3, 3)), poisoned((cout,))
-    K.conv2d_backward_weights(cuda.to_device(gy), x_first, out=(gw, gbias), **inputs)
+    K.conv2d_backward_weights(cuda.to_device(gy), x_first, out=(gw, gbias), **x2)
     want_gw, want_gb = R.conv2d_backward_weights(gy, x)
     assert same_bits(gw, want_gw) and same_bits(gbias, want_gb)
+
+
+@wide_cases
+def test_wide_layers_forward_and_backward_data(rng, shape):
+    """Their static shared memory passes 48 KB from 78 input channels (forward) or output
+    channels (backward-data): 96 -> 48 is known to run on an H200."""
+    n, cin, cout, h, w, _ = shape
+    x, x_first, x2 = wide_inputs(rng, shape)
+    wt, b, gy = randn(rng, cout, cin, 3, 3), randn(rng, cout), randn(rng, n, cout, h, w)
     y = poisoned((n, cout, h, w))
-    K.conv2d_forward(x_first, cuda.to_device(wt), cuda.to_device(b), relu=True, out=y,
-                     **inputs)
-    relu_out = R.conv2d_forward(x, wt, b, relu=True)
-    assert same_bits(y, relu_out)
+    K.conv2d_forward(x_first, cuda.to_device(wt), cuda.to_device(b), relu=True, out=y, **x2)
+    assert same_bits(y, R.conv2d_forward(x, wt, b, relu=True))
     gx, active = poisoned((n, cin, h, w)), np.maximum(x, np.float32(0))   # a ReLU's output
     K.conv2d_backward_data(cuda.to_device(gy), cuda.to_device(wt),
                            relu_output=cuda.to_device(active), out=gx)
     assert same_bits(gx, R.conv2d_backward_data(gy, wt, relu_output=active))
+
+
+def test_a_convolution_no_block_can_stage_is_refused():
+    """Forward stages all input channels' weights of its 16 output channels: past 395 input
+    channels, more shared memory than a block has."""
+    with pytest.raises(ValueError, match="more than a GPU block has"):
+        conv._forward_kernel(400, 16, False, False, False)
 
 
 def check_weights_variant(rng, shape, variant):

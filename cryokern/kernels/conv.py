@@ -23,6 +23,15 @@ from .reduce import fold_images, fold_tiles
 # into registers, and every weight read from shared memory serves R fmas.
 BW, TY = 32, 4
 
+# What one block may hold on the GPUs we run on (compute capability 9.0): threads, 32-bit
+# registers (a block's threads times its register cap), static shared memory (the portable
+# limit; past it ptxas may refuse a kernel), and shared memory at all (H100, H200).
+BLOCK_THREADS = 1024
+BLOCK_REGISTERS = 65536
+STATIC_SHARED_BYTES = 48 * 1024
+SHARED_BYTES_MAX = 227 * 1024
+UNCAPPED_REGISTERS = 255        # what ptxas may give a thread without a cap
+
 
 def forward_variant(cin, cout, transposed, masked):
     """((R, G, GB), register cap): rows and output channels per thread, thread groups per
@@ -174,6 +183,10 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
     ob_size = g_out * groups
     threads = BW * TY * groups
     nx = XW * XH
+    shared = 4 * (cin * 9 * ob_size + nx)   # past 48 KB from 78 input channels: ran on an H200
+    if shared > SHARED_BYTES_MAX:
+        raise ValueError(f"a {cin} -> {cout} convolution's block would need {shared} bytes of "
+                         f"shared memory, more than a GPU block has ({SHARED_BYTES_MAX})")
     slots = -(-nx // threads)
     src = Source().kernel("x, w, b, mask, y, height, width, n_oblocks" if first is None else
                           "x, x2, w, b, mask, y, y2, height, width, n_oblocks", max_registers)
@@ -475,14 +488,6 @@ def weights_variant(cin, cout):
         two = cout % 2 == 0 and cout // 2 * cin + cout <= 65536 // cap
         return WeightsVariant(128, cap, True, True, True, outputs=2 if two else None)
     return WeightsVariant(64, None, False, True, True, True)
-
-
-# What one block may hold on the GPUs we run on (compute capability 9.0): threads, 32-bit
-# registers (a block's threads times its register cap), static shared memory.
-BLOCK_THREADS = 1024
-BLOCK_REGISTERS = 65536
-STATIC_SHARED_BYTES = 48 * 1024
-UNCAPPED_REGISTERS = 255        # what ptxas may give a thread without a cap
 
 
 def _outputs_per_thread(cin, cout, variant):
