@@ -31,6 +31,7 @@ BLOCK_REGISTERS = 65536
 STATIC_SHARED_BYTES = 48 * 1024
 SHARED_BYTES_MAX = 227 * 1024
 UNCAPPED_REGISTERS = 255        # what ptxas may give a thread without a cap
+GRID_Z_MAX = 65535
 
 
 def forward_variant(cin, cout, transposed, masked):
@@ -523,7 +524,8 @@ def weights_block(cin, cout, variant):
 
     def fits(outputs, inputs):
         threads, shared = _weights_block_needs(cin, cout, variant, outputs, inputs)
-        return threads <= max_threads and shared <= STATIC_SHARED_BYTES
+        return threads <= max_threads and shared <= STATIC_SHARED_BYTES and \
+            cout // outputs * (cin // inputs) <= GRID_Z_MAX
 
     if fits(cout, cin):
         return cout, cin
@@ -531,7 +533,8 @@ def weights_block(cin, cout, variant):
               for c in range(1, cin + 1) if cin % c == 0 and fits(o, c)]
     if not blocks:
         raise ValueError(f"no block of the {cin} -> {cout} weight-gradient kernel fits "
-                         f"{max_threads} threads and {STATIC_SHARED_BYTES} bytes of shared memory")
+                         f"{max_threads} threads and {STATIC_SHARED_BYTES} bytes of shared "
+                         f"memory in {GRID_Z_MAX} blocks a tile")
     return max(blocks, key=lambda oc: (oc[0] * oc[1], -(oc[0] * TILE_W + oc[1] * XROW)))
 
 
