@@ -167,6 +167,124 @@ def test_backward_weights_outputs_must_divide_cout():
         conv._weights_kernel(4, 6, conv.WeightsVariant(128, None, True, True, True, outputs=4))
 
 
+# Weight gradients of wide layers (conv.weights_block): a block holds the chains of a group of
+# output channels and a group of input channels, grid dimension z numbering the groups. In
+# the simulator, blocks are forced small by lowering the shared-memory limit; the chains, and
+# so the bits, are those of one block holding all.
+@pytest.mark.parametrize("variant, block, first, w", [
+    (conv.WeightsVariant(128, None, True, True, True, outputs=4), (8, 2), 3, 66),  # 4 a thread,
+    (conv.WeightsVariant(32, None, False, True, False), (8, 3), None, 66),  # input groups across
+    (conv.WeightsVariant(64, None, False, True, True, True), (4, 3), None, 7)],  # x and x2; ...
+    ids=["outputs4-two-inputs", "rolled-addresses", "split-rows"])  # kernel rows split
+def test_backward_weights_blocks_of_channels(rng, variant, block, first, w):
+    """Blocks of 8 x 2, 8 x 3 and 4 x 3 of 16 x 6 channels; width 66: a full-width tile (the
+    written-out rows) and an edge tile."""
+    n, cin, cout, h = 2, 6, 16, 2
+    gy, x = randn(rng, n, cout, h, w), randn(rng, n, cin, h, w)
+    th, tw = tile_grid(h, w)
+    gw, gb = poisoned((n, th * tw, cout * cin * 9)), poisoned((n, th * tw, cout))
+    kernel, threads = conv._weights_kernel(cin, cout, variant, first, block)
+    inputs = [x] if first is None else [x[:, :first], x[:, first:]]
+    blocks = cout // block[0] * (cin // block[1])
+    kernel[(th * tw, n, blocks), threads](cuda.to_device(gy.ravel()),
+                                          *(cuda.to_device(a.ravel()) for a in inputs),
+                                          gw, gb, h, w, tw)
+    want_gw, want_gb = R.conv2d_backward_weights(gy, x)
+    got_gw = np.float32(fold_tiles_then_images(gw.copy_to_host())).reshape(want_gw.shape)
+    got_gb = np.float32(fold_tiles_then_images(gb.copy_to_host()))
+    assert same_bits(got_gw, want_gw) and same_bits(got_gb, want_gb)
+
+
+def test_backward_weights_in_blocks_of_channels_equal_reference(rng, monkeypatch):
+    """conv2d_backward_weights where one block cannot hold the layer (here: shared memory
+    lowered to 1500 bytes, so 2 output x 1 input channels a block, 4 blocks a tile), of a
+    concatenation."""
+    monkeypatch.setattr(conv, "STATIC_SHARED_BYTES", 1500)
+    n, cin, cout, h, w = 2, 2, 4, 3, 5
+    assert conv.weights_block(cin, cout, conv.weights_variant(cin, cout)) == (2, 1)
+    gy, x = randn(rng, n, cout, h, w), randn(rng, n, cin, h, w)
+    gw, gb = poisoned((cout, cin, 3, 3)), poisoned((cout,))
+    K.conv2d_backward_weights(cuda.to_device(gy), cuda.to_device(x[:, :1].copy()),
+                              out=(gw, gb), x2=cuda.to_device(x[:, 1:].copy()))
+    want_gw, want_gb = R.conv2d_backward_weights(gy, x)
+    assert same_bits(gw, want_gw) and same_bits(gb, want_gb)
+
+
+def test_weights_blocks_fit_a_block_and_keep_the_default_layers_whole():
+    """Every layer up to 256 -> 256 channels gets blocks that fit the GPU's limits (threads,
+    registers at the cap, static shared memory) and tile its channels; the default network's
+    layers and --channels 1,32,32,1's stay one block (their generated kernels unchanged)."""
+    for cin, cout in [(1, 16), (16, 16), (16, 1), (1, 32), (32, 32), (32, 1)]:
+        assert conv.weights_block(cin, cout, conv.weights_variant(cin, cout)) == (cout, cin)
+    widths = sorted({1, 2, 3, 16, 17, 33, 48, 64, 96, 97, 128, 144, 192, 251, 256})
+    for cin in widths:
+        for cout in widths:
+            variant = conv.weights_variant(cin, cout)
+            o, c = conv.weights_block(cin, cout, variant)
+            threads, shared = conv._weights_block_needs(cin, cout, variant, o, c)
+            cap = variant.max_registers or conv.UNCAPPED_REGISTERS
+            assert cout % o == 0 and cin % c == 0
+            assert threads <= 1024 and threads * cap <= 65536 and shared <= 48 * 1024
+
+
+def test_weights_block_must_tile_the_channels():
+    with pytest.raises(ValueError, match="do not tile"):
+        conv._weights_kernel(4, 8, conv.weights_variant(4, 8), None, (3, 4))
+
+
+# the U-Net's wide layers, whose weight gradients one block could not hold (48 -> 48: 624
+# threads at 128 registers; the concatenation's 96 -> 48: 1,216 threads), and wider ones
+# (N, Cin, Cout, H, W, and Ca: the input a concatenation of Ca and Cin - Ca channels, or None)
+WIDE = [(1, 48, 48, 18, 66, None), (2, 96, 48, 17, 67, 48), (1, 64, 128, 18, 66, None),
+        (1, 144, 96, 18, 66, None), (1, 256, 256, 5, 7, None)]
+wide_cases = pytest.mark.parametrize("shape", [
+    pytest.param(s, id=ident(s[:5]) + ("" if s[5] is None else f"-cat{s[5]}"),
+                 marks=pytest.mark.gpu) for s in WIDE])
+
+
+def wide_inputs(rng, shape):
+    """x, and the kernels' x (and x2) arguments for it."""
+    n, cin, _, h, w, ca = shape
+    x = randn(rng, n, cin, h, w)
+    if ca is None:
+        return x, cuda.to_device(x), {}
+    return x, cuda.to_device(x[:, :ca].copy()), {"x2": cuda.to_device(x[:, ca:].copy())}
+
+
+@wide_cases
+def test_wide_layers_weight_gradients(rng, shape):
+    n, cin, cout, h, w, _ = shape
+    x, x_first, x2 = wide_inputs(rng, shape)
+    gy = randn(rng, n, cout, h, w)
+    gw, gbias = poisoned((cout, cin, 3, 3)), poisoned((cout,))
+    K.conv2d_backward_weights(cuda.to_device(gy), x_first, out=(gw, gbias), **x2)
+    want_gw, want_gb = R.conv2d_backward_weights(gy, x)
+    assert same_bits(gw, want_gw) and same_bits(gbias, want_gb)
+
+
+@wide_cases
+def test_wide_layers_forward_and_backward_data(rng, shape):
+    """Their static shared memory passes 48 KB from 78 input channels (forward) or output
+    channels (backward-data): 96 -> 48 is known to run on an H200."""
+    n, cin, cout, h, w, _ = shape
+    x, x_first, x2 = wide_inputs(rng, shape)
+    wt, b, gy = randn(rng, cout, cin, 3, 3), randn(rng, cout), randn(rng, n, cout, h, w)
+    y = poisoned((n, cout, h, w))
+    K.conv2d_forward(x_first, cuda.to_device(wt), cuda.to_device(b), relu=True, out=y, **x2)
+    assert same_bits(y, R.conv2d_forward(x, wt, b, relu=True))
+    gx, active = poisoned((n, cin, h, w)), np.maximum(x, np.float32(0))   # a ReLU's output
+    K.conv2d_backward_data(cuda.to_device(gy), cuda.to_device(wt),
+                           relu_output=cuda.to_device(active), out=gx)
+    assert same_bits(gx, R.conv2d_backward_data(gy, wt, relu_output=active))
+
+
+def test_a_convolution_no_block_can_stage_is_refused():
+    """Forward stages all input channels' weights of its 16 output channels: past 395 input
+    channels, more shared memory than a block has."""
+    with pytest.raises(ValueError, match="more than a GPU block has"):
+        conv._forward_kernel(400, 16, False, False, False)
+
+
 def check_weights_variant(rng, shape, variant):
     n, cin, cout, h, w = shape
     gy, x = randn(rng, n, cout, h, w), randn(rng, n, cin, h, w)

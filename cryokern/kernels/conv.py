@@ -23,6 +23,16 @@ from .reduce import fold_images, fold_tiles
 # into registers, and every weight read from shared memory serves R fmas.
 BW, TY = 32, 4
 
+# What one block may hold on the GPUs we run on (compute capability 9.0): threads, 32-bit
+# registers (a block's threads times its register cap), static shared memory (the portable
+# limit; past it ptxas may refuse a kernel), and shared memory at all (H100, H200).
+BLOCK_THREADS = 1024
+BLOCK_REGISTERS = 65536
+STATIC_SHARED_BYTES = 48 * 1024
+SHARED_BYTES_MAX = 227 * 1024
+UNCAPPED_REGISTERS = 255        # what ptxas may give a thread without a cap
+GRID_Z_MAX = 65535
+
 
 def forward_variant(cin, cout, transposed, masked):
     """((R, G, GB), register cap): rows and output channels per thread, thread groups per
@@ -174,6 +184,10 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
     ob_size = g_out * groups
     threads = BW * TY * groups
     nx = XW * XH
+    shared = 4 * (cin * 9 * ob_size + nx)   # past 48 KB from 78 input channels: ran on an H200
+    if shared > SHARED_BYTES_MAX:
+        raise ValueError(f"a {cin} -> {cout} convolution's block would need {shared} bytes of "
+                         f"shared memory, more than a GPU block has ({SHARED_BYTES_MAX})")
     slots = -(-nx // threads)
     src = Source().kernel("x, w, b, mask, y, height, width, n_oblocks" if first is None else
                           "x, x2, w, b, mask, y, y2, height, width, n_oblocks", max_registers)
@@ -417,12 +431,14 @@ def _relu_mask(gy, y, gx):
         gx[i] = gy[i] if y[i] > float32(0) else float32(0)
 
 
-# Weight gradients (numerics section 4a): one block per (image, tile). Thread (o-group, ci)
-# holds GO x 9 weight chains in registers (or, split_rows, thread (kernel row, o-group, ci)
-# holds GO x 3) and walks the tile's in-image pixels row-major, with the input window sliding
-# along the row in registers; the next Cout threads hold one bias chain each. Per tile row the
-# block stages that row of gy (all output channels) and one new row of x (all input channels)
-# in shared memory, x rows in a ring of three; threads beyond the chain holders only stage.
+# Weight gradients (numerics section 4a): one block per (image, tile), or, for layers too wide
+# for one block, per (image, tile, group of output x input channels) (weights_block). Thread
+# (o-group, ci) holds GO x 9 weight chains in registers (or, split_rows, thread (kernel row,
+# o-group, ci) holds GO x 3) and walks the tile's in-image pixels row-major, with the input
+# window sliding along the row in registers; the next Cout threads (of the block's output
+# channels) hold one bias chain each. Per tile row the block stages that row of gy (its output
+# channels) and one new row of x (its input channels) in shared memory, x rows in a ring of
+# three; threads beyond the chain holders only stage.
 # WeightsVariant says how each layer's kernel is built.
 GS = TILE_W + 1              # gy row stride: the warp's output groups fall in different banks
 XROW = TILE_W + 2
@@ -475,43 +491,99 @@ def weights_variant(cin, cout):
     return WeightsVariant(64, None, False, True, True, True)
 
 
-@lru_cache(maxsize=None)
-def _weights_kernel(cin, cout, variant, first=None):
-    """Numerics section 4a, generated: (kernel, threads per block). With `first`, the input
-    channels are in two arrays, `first` of them in x and the rest in `xtwo` (a concatenation,
-    §12), which the kernel then takes after x (x0, x1, x2 name the rows a thread holds)."""
-    threads, max_registers, precompute, unroll, prefetch, split, go = variant
+def _outputs_per_thread(cin, cout, variant):
+    """Output channels per chain-holding thread: the variant's, or 4 where Cout allows and
+    there are at least 64 chains of 9 taps, else 1."""
+    go = variant.outputs
     if go is None:
         go = 4 if cout % 4 == 0 and cin * cout >= 64 else 1
     if cout % go:
         raise ValueError(f"{go} output channels per thread do not divide {cout}")
+    return go
+
+
+def _weights_block_needs(cin, cout, variant, outputs, inputs):
+    """(threads, shared bytes) of a block holding the chains of `outputs` x `inputs` channels
+    (the rest only stage) and the bias chains of its `outputs`."""
+    workers = outputs // _outputs_per_thread(cin, cout, variant) * inputs * (
+        3 if variant.split_rows else 1)
+    threads = max(variant.threads, -(-(workers + outputs) // 32) * 32)
+    return threads, 4 * (outputs * GS + inputs * XS_STRIDE)
+
+
+def weights_block(cin, cout, variant):
+    """(output channels, input channels) of one weight-gradient block: all of the layer's
+    where they fit a block (threads, registers at the cap, static shared memory), else the
+    largest such group (output channels a multiple of the outputs per thread, both dividing
+    the layer's), the fewest blocks and then the least staging. Every chain is still one
+    thread's, in the same order, into the same gw_part / gb_part element: no bit changes
+    (the wide U-Net layers, 48 -> 48 and up, need it)."""
+    go = _outputs_per_thread(cin, cout, variant)
+    cap = variant.max_registers or UNCAPPED_REGISTERS
+    max_threads = min(BLOCK_THREADS, BLOCK_REGISTERS // cap // 32 * 32)
+
+    def fits(outputs, inputs):
+        threads, shared = _weights_block_needs(cin, cout, variant, outputs, inputs)
+        return threads <= max_threads and shared <= STATIC_SHARED_BYTES and \
+            cout // outputs * (cin // inputs) <= GRID_Z_MAX
+
+    if fits(cout, cin):
+        return cout, cin
+    blocks = [(o, c) for o in range(go, cout + 1, go) if cout % o == 0
+              for c in range(1, cin + 1) if cin % c == 0 and fits(o, c)]
+    if not blocks:
+        raise ValueError(f"no block of the {cin} -> {cout} weight-gradient kernel fits "
+                         f"{max_threads} threads and {STATIC_SHARED_BYTES} bytes of shared "
+                         f"memory in {GRID_Z_MAX} blocks a tile")
+    return max(blocks, key=lambda oc: (oc[0] * oc[1], -(oc[0] * TILE_W + oc[1] * XROW)))
+
+
+@lru_cache(maxsize=None)
+def _weights_kernel(cin, cout, variant, first=None, block=None):
+    """Numerics section 4a, generated: (kernel, threads per block). With `first`, the input
+    channels are in two arrays, `first` of them in x and the rest in `xtwo` (a concatenation,
+    §12), which the kernel then takes after x (x0, x1, x2 name the rows a thread holds).
+    With `block` (output channels, input channels) smaller than the layer's, a block holds
+    those channels' chains: grid dimension z numbers the blocks, input-channel groups fastest
+    (the bias chains are in the first input group's blocks)."""
+    threads, max_registers, precompute, unroll, prefetch, split, _ = variant
+    go = _outputs_per_thread(cin, cout, variant)
+    O, C = (cout, cin) if block is None else block
+    if cout % O or O % go or cin % C:
+        raise ValueError(f"blocks of {O} x {C} channels do not tile {cout} x {cin} "
+                         f"({go} outputs per thread)")
+    grouped = (O, C) != (cout, cin)
     held = 1 if split else 3            # kernel rows whose chains a thread holds
-    workers = cout // go * cin * (3 // held)   # threads that hold chains; the rest only stage
-    threads = max(threads, -(-(workers + cout) // 32) * 32)
-    g_total, x_total = cout * TILE_W, cin * XROW
+    workers = O // go * C * (3 // held)   # threads that hold chains; the rest only stage
+    threads = max(threads, -(-(workers + O) // 32) * 32)
+    g_total, x_total = O * TILE_W, C * XROW
     src = Source().kernel("gy, x, gw_part, gb_part, height, width, tiles_w" if first is None else
                           "gy, x, xtwo, gw_part, gb_part, height, width, tiles_w", max_registers)
     src("n = cuda.blockIdx.y")
     src("t = cuda.blockIdx.x")
+    if grouped:
+        src(f"o_first = cuda.blockIdx.z // {cin // C} * {O}")
+        src(f"ci_first = cuda.blockIdx.z % {cin // C} * {C}")
     src(f"r0 = (t // tiles_w) * {TILE_H}")
     src(f"c0 = (t % tiles_w) * {TILE_W}")
     src(f"rows = min({TILE_H}, height - r0)")
     src(f"cols = min({TILE_W}, width - c0)")
     src("plane = height * width")
     src("tid = cuda.threadIdx.x")
-    src(f"og = tid % {cout // go * cin} // {cin}" if split else f"og = tid // {cin}")
-    src(f"ci = tid % {cin}")
+    src(f"og = tid % {O // go * C} // {C}" if split else f"og = tid // {C}")
+    src(f"ci = tid % {C}")
     first_row = "ky0 + " if split else ""   # ky0: the first kernel row a thread holds
     if split:
-        src(f"ky0 = tid // {cout // go * cin}")
-    src(f"gs = cuda.shared.array({cout * GS}, float32)")
-    src(f"xs = cuda.shared.array({cin * XS_STRIDE}, float32)")
+        src(f"ky0 = tid // {O // go * C}")
+    src(f"gs = cuda.shared.array({O * GS}, float32)")
+    src(f"xs = cuda.shared.array({C * XS_STRIDE}, float32)")
     src("bias = float32(0)")
     for j in range(go):
         for k in range(3 * held):
             src(f"a{j}_{k} = float32(0)")
-    src(f"xbase = n * {cin} * plane")
-    src(f"gbase = n * {cout} * plane")
+    src(f"xbase = (n * {cin} + ci_first) * plane" if grouped else f"xbase = n * {cin} * plane")
+    src(f"gbase = (n * {cout} + o_first) * plane" if grouped else f"gbase = n * {cout} * plane")
+    channel = "ci_first + e // " if grouped else "e // "     # of the layer, from staging slot e
 
     def stage_loads(total, load, name):
         for i in range(-(-total // threads)):
@@ -550,7 +622,7 @@ def _weights_kernel(cin, cout, variant, first=None):
         """Channel ch = e // XROW from x (ch < first) or xtwo, whose images hold cin - first."""
         if not precompute:
             src(f"col = c0 + e % {XROW} - 1")
-            src(f"ch = e // {XROW}")
+            src(f"ch = {channel}{XROW}")
             src(f"xa{i} = (n * {first} + ch) * plane + col if ch < {first} else "
                 f"(n * {cin - first} + ch - {first}) * plane + col")
             src(f"xf{i} = ch < {first}")
@@ -585,7 +657,7 @@ def _weights_kernel(cin, cout, variant, first=None):
             if first is None:
                 src(f"xa{i} = xbase + (e // {XROW}) * plane + col")
             else:
-                src(f"ch = e // {XROW}")
+                src(f"ch = {channel}{XROW}")
                 src(f"xa{i} = (n * {first} + ch) * plane + col if ch < {first} else "
                     f"(n * {cin - first} + ch - {first}) * plane + col")
                 src(f"xf{i} = ch < {first}")
@@ -692,21 +764,23 @@ def _weights_kernel(cin, cout, variant, first=None):
     full_width_or_edge(chains_unrolled, chains_rolled)
     src.dedent()
     # the bias chains: one thread per output channel among those that otherwise only stage
-    src(f"elif tid < {workers + cout}:").indent()
+    bias_threads = f"elif tid < {workers + O}" + (" and ci_first == 0:" if grouped else ":")
+    src(bias_threads).indent()
     src(f"gb = uint64((tid - {workers}) * {GS})")
     full_width_or_edge(bias_unrolled, bias_rolled)
     src.dedent().dedent()
     src(f"if tid < {workers}:").indent()
     for j in range(go):
-        src(f"o = og * {go} + {j}")
+        src(f"o = o_first + og * {go} + {j}" if grouped else f"o = og * {go} + {j}")
         for k in range(3 * held):
-            src(f"gw_part[n, t, (o * {cin} + ci) * 9 + {'ky0 * 3 + ' if split else ''}{k}] "
-                f"= a{j}_{k}")
+            src(f"gw_part[n, t, (o * {cin} + {'ci_first + ' if grouped else ''}ci) * 9 + "
+                f"{'ky0 * 3 + ' if split else ''}{k}] = a{j}_{k}")
     src.dedent()
-    src(f"elif tid < {workers + cout}:").indent()
-    src(f"gb_part[n, t, tid - {workers}] = bias").dedent()
+    src(bias_threads).indent()
+    src(f"gb_part[n, t, {'o_first + ' if grouped else ''}tid - {workers}] = bias").dedent()
     module = load_module(f"conv_weights_{cin}_{cout}" + ("" if first is None else
-                                                          f"_first{first}"), src.text())
+                                                          f"_first{first}") +
+                         (f"_block{O}x{C}" if grouped else ""), src.text())
     return module.kernel, threads
 
 
@@ -734,10 +808,14 @@ def conv2d_backward_weights(gy, x, out=None, image_sums=None, x2=None):
     gw_part = scratch("gw_part", (n, th * tw, cout * cin * 9), np.float32)
     gb_part = scratch("gb_part", (n, th * tw, cout), np.float32)
     flat = lambda a: a.device.reshape(a.device.size)
-    kernel, threads = _weights_kernel(cin, cout, weights_variant(cin, cout),
-                                      None if x2 is None else x.shape[1])
+    variant = weights_variant(cin, cout)
+    block = weights_block(cin, cout, variant)
+    kernel, threads = _weights_kernel(cin, cout, variant, None if x2 is None else x.shape[1],
+                                      None if block == (cout, cin) else block)
     inputs = (flat(x),) if x2 is None else (flat(x), flat(x2))
-    kernel[(th * tw, n), threads, launch_stream()](flat(gy), *inputs, gw_part, gb_part, h, wd, tw)
+    blocks = cout // block[0] * (cin // block[1])
+    kernel[(th * tw, n, blocks), threads, launch_stream()](flat(gy), *inputs, gw_part, gb_part,
+                                                           h, wd, tw)
     fold_tiles((gw_part, sw), (gb_part, sb))
     if image_sums is not None:
         return image_sums
