@@ -344,17 +344,17 @@ def test_out_holding_an_earlier_run_is_not_written_over(tmp_path, capsys):
 
 
 def assert_gpu_run_equals_cpu_run(tmp_path, args):
-    """The run on the kernel backend and on the reference: identical checkpoints and metrics
-    (all but the timings)."""
-    for device in ("gpu", "cpu"):
+    """The run on the kernel backend and on the NumPy reference (the oracle): identical
+    checkpoints and metrics (all but the timings)."""
+    for device in ("gpu", "reference"):
         assert T.main(args + ["--device", device, "--out", str(tmp_path / device)]) == 0
-    gpu, cpu = npz(tmp_path / "gpu" / "last.npz"), npz(tmp_path / "cpu" / "last.npz")
+    gpu, cpu = npz(tmp_path / "gpu" / "last.npz"), npz(tmp_path / "reference" / "last.npz")
     for k in gpu:
         if k != "meta":
             assert np.array_equal(gpu[k].view(np.uint32), cpu[k].view(np.uint32)), k
     timing = ("images_per_s", "peak_rss_mib")
     assert [{k: v for k, v in r.items() if k not in timing} for r in metrics(tmp_path / "gpu")] \
-        == [{k: v for k, v in r.items() if k not in timing} for r in metrics(tmp_path / "cpu")]
+        == [{k: v for k, v in r.items() if k not in timing} for r in metrics(tmp_path / "reference")]
 
 
 def test_kernel_backend_run_equals_reference_run(tmp_path):
