@@ -53,15 +53,19 @@ if SIMULATOR:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped where there is none)")
+    config.addinivalue_line("markers", "multigpu: needs two CUDA GPUs of one host (skipped "
+                                       "where there are fewer)")
 
 
 def pytest_collection_modifyitems(config, items):
-    if REAL_GPU:
-        return
-    skip = pytest.mark.skip(reason="needs a real CUDA GPU")
+    gpus = len(cuda.gpus) if REAL_GPU else 0
+    no_gpu = pytest.mark.skip(reason="needs a real CUDA GPU")
+    one_gpu = pytest.mark.skip(reason="needs two CUDA GPUs")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "gpu" in item.keywords and not gpus:
+            item.add_marker(no_gpu)
+        elif "multigpu" in item.keywords and gpus < 2:
+            item.add_marker(one_gpu)
 
 
 @pytest.fixture

@@ -202,11 +202,9 @@ def test_a_killed_rank_stops_all_and_leaves_no_temporary_file(tmp_path, rng, mod
 
 
 @pytest.mark.gpu
+@pytest.mark.multigpu
 def test_two_gpus_write_the_bytes_of_one_gpu(tmp_path, rng, model_path):
     """--gpus 2 on a node with two GPUs: a set of files and a split stack, the bytes of one."""
-    from numba import cuda
-    if len(cuda.gpus) < 2:
-        pytest.skip("needs two GPUs")
     inputs = make_inputs(tmp_path / "in", rng) + [write_mrc(
         tmp_path / "in" / "big.mrcs", rng.standard_normal((5, 300, 257)).astype(np.float32))]
     args = [model_path, *inputs, "--device", "gpu", "--tile", "100"]

@@ -147,12 +147,10 @@ def test_bad_input_every_rank_sees_is_reported_once(tmp_path, via):
 
 
 @pytest.mark.gpu
+@pytest.mark.multigpu
 def test_two_gpus_end_with_the_checkpoint_of_one_gpu(tmp_path):
     """--gpus 2 on a node with two GPUs (NCCL through CuPy): 11 images of 37 x 70, batches of
     4, 4 and 1 (rank 1 has no image of the last), the bits of one GPU."""
-    from numba import cuda
-    if len(cuda.gpus) < 2:
-        pytest.skip("needs two GPUs")
     pytest.importorskip("cupy")
     pair = make_pair(tmp_path, n=11, shape=(37, 70))
     args = data_args(pair) + ["--device", "gpu", "--batch-size", "4", "--val-fraction", "0.2",
