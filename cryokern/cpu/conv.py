@@ -46,21 +46,33 @@ def _row_taps(acc, rows, w, o, ci):
 def _store_row(acc, dst, act, slope, mask):
     """The finished row through the activation act (numerics §1, §9a), or, given a mask (an
     activation's output; it may be dst itself: each element is read, then written), through
-    act's gradient mask (§2, §9a)."""
-    for j in range(acc.size):
-        if mask is not None:
-            dst[j] = masked(acc[j], mask[j], act, slope)
+    act's gradient mask (§2, §9a). One loop per case, each with a constant act, so that every
+    loop stays branch-free and in SIMD lanes."""
+    if mask is not None:
+        if act == LEAKY:
+            for j in range(acc.size):
+                dst[j] = masked(acc[j], mask[j], LEAKY, slope)
         else:
-            dst[j] = activated(acc[j], act, slope)
+            for j in range(acc.size):
+                dst[j] = masked(acc[j], mask[j], RELU, slope)
+    elif act == RELU:
+        for j in range(acc.size):
+            dst[j] = activated(acc[j], RELU, slope)
+    elif act == LEAKY:
+        for j in range(acc.size):
+            dst[j] = activated(acc[j], LEAKY, slope)
+    else:
+        for j in range(acc.size):
+            dst[j] = acc[j]
 
 
 @njit(parallel=True, cache=True)
 def _conv_rows(x, x2, w, b, act, slope, mask, out, out2):
     """out[n, o, h] for every image row on the cores; within a row, the columns' chains side
     by side: chain from b[o] over ci, ky, kx (numerics §1), then the activation or the mask.
-    The input channels are x's followed by x2's (x2 may be x itself with no channels taken
-    from it: w has as many input channels as x then); the output channels are out's followed
-    by out2's (out2 may be out itself, past its last channel)."""
+    The input channels are x's followed by x2's, the output channels out's followed by out2's
+    (x2 and out2 None when there are no others: numba then compiles the loops without the
+    branches that choose)."""
     n, x_channels, h, width = x.shape
     cout, cin = w.shape[0], w.shape[1]
     out_channels = out.shape[1]
@@ -71,7 +83,9 @@ def _conv_rows(x, x2, w, b, act, slope, mask, out, out2):
         for ci in range(cin):
             for ky in range(3):
                 if 0 <= row + ky - 1 < h:
-                    if ci < x_channels:
+                    if x2 is None:
+                        rows[ci, ky, 1:width + 1] = x[img, ci, row + ky - 1]
+                    elif ci < x_channels:
                         rows[ci, ky, 1:width + 1] = x[img, ci, row + ky - 1]
                     else:
                         rows[ci, ky, 1:width + 1] = x2[img, ci - x_channels, row + ky - 1]
@@ -81,7 +95,9 @@ def _conv_rows(x, x2, w, b, act, slope, mask, out, out2):
             for ci in range(cin):
                 _row_taps(acc, rows[ci], w, o, ci)
             m = None if mask is None else mask[img, o, row]
-            if o < out_channels:
+            if out2 is None:
+                _store_row(acc, out[img, o, row], act, slope, m)
+            elif o < out_channels:
                 _store_row(acc, out[img, o, row], act, slope, m)
             else:
                 _store_row(acc, out2[img, o - out_channels, row], act, slope, m)
@@ -95,10 +111,10 @@ def _check_conv(x, w, cin_axis, channels=None):
 
 
 def _second_input(x, x2):
-    """x2 checked beside x (same batch and image size), or x itself when there is none (the
-    loops then take no channel from it); and the channels of both together (numerics §12)."""
+    """x2 checked beside x (same batch and image size), or None; and the channels of both
+    together (numerics §12)."""
     if x2 is None:
-        return x, x.shape[1]
+        return None, x.shape[1]
     x2 = operand("x2", x2, 4)
     if x2.shape[0] != x.shape[0] or x2.shape[2:] != x.shape[2:]:
         raise ValueError(f"x {x.shape} and x2 {x2.shape} differ in batch or image size")
@@ -124,8 +140,9 @@ def conv2d_forward(x, w, b, relu=False, out=None, leaky_slope=None, x2=None):
     if b.shape != (w.shape[0],):
         raise ValueError(f"bias of shape {b.shape} does not fit {w.shape[0]} output channels")
     n, _, h, width = x.shape
-    dst = Output(out, (n, w.shape[0], h, width), inputs=(x, x2, w, b))
-    _conv_rows(x, x2, w, b, act, slope, None, dst.array, dst.array)
+    inputs = (x, w, b) if x2 is None else (x, x2, w, b)
+    dst = Output(out, (n, w.shape[0], h, width), inputs=inputs)
+    _conv_rows(x, x2, w, b, act, slope, None, dst.array, None)
     return dst.done()
 
 
@@ -144,7 +161,7 @@ def conv2d_backward_data(gy, w, relu_output=None, out=None, leaky_slope=None, sp
     if split is None:
         inputs = (gy, w) if mask is None or same_elements(out, mask) else (gy, w, mask)
         dst = Output(out, (n, cin, h, width), inputs=inputs)
-        _conv_rows(gy, gy, flipped, zero_bias, act, slope, mask, dst.array, dst.array)
+        _conv_rows(gy, None, flipped, zero_bias, act, slope, mask, dst.array, None)
         return dst.done()
     if mask is not None:
         raise ValueError("the gradient of a concatenation is not masked")
@@ -152,7 +169,7 @@ def conv2d_backward_data(gy, w, relu_output=None, out=None, leaky_slope=None, sp
         raise ValueError(f"cannot split {cin} input channels after channel {split}")
     parts = [Output(None if out is None else out[k], shape, inputs=(gy, w))
              for k, shape in enumerate(((n, split, h, width), (n, cin - split, h, width)))]
-    _conv_rows(gy, gy, flipped, zero_bias, PLAIN, ZERO, None, parts[0].array, parts[1].array)
+    _conv_rows(gy, None, flipped, zero_bias, PLAIN, ZERO, None, parts[0].array, parts[1].array)
     return tuple(part.done() for part in parts)
 
 
@@ -171,7 +188,7 @@ def _tile_row_patches(x, x2, img, r, c0, cols, rows, patches):
     """patches[c, ci*9 + ky*3 + kx] = x[img, ci, r+ky-1, c0+c+kx-1] (+0 outside the image)
     for the `cols` pixels of one tile row starting at column c0, through `rows`: the input
     rows r-1..r+1 of columns c0-1..c0+cols, zero-padded (so that no loop has a branch). The
-    channels ci are x's followed by x2's (rows has as many: x2 is x when there are no others)."""
+    channels ci are x's followed by x2's (rows has as many; x2 None when there are none)."""
     x_channels, h, width = x.shape[1], x.shape[2], x.shape[3]
     cin = rows.shape[0]
     first, stop = max(c0 - 1, 0), min(c0 + cols + 1, width)
@@ -180,7 +197,9 @@ def _tile_row_patches(x, x2, img, r, c0, cols, rows, patches):
             y = r + ky - 1
             rows[ci, ky, :] = ZERO
             if 0 <= y < h:
-                if ci < x_channels:
+                if x2 is None:
+                    rows[ci, ky, first - c0 + 1:stop - c0 + 1] = x[img, ci, y, first:stop]
+                elif ci < x_channels:
                     rows[ci, ky, first - c0 + 1:stop - c0 + 1] = x[img, ci, y, first:stop]
                 else:
                     rows[ci, ky, first - c0 + 1:stop - c0 + 1] = \
