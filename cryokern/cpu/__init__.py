@@ -18,15 +18,21 @@ import os
 # (bench/RESULTS.md, 2026-11-30). On an idle machine spinning is a little faster.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from .activation import leaky_relu, leaky_relu_backward  # noqa: E402
 from .conv import (conv2d_backward_data, conv2d_backward_weights,  # noqa: E402
                    conv2d_forward, relu_backward)
+from .layout import add, crop, pad_zeros  # noqa: E402
 from .loss import mse_grad, mse_loss, mse_loss_and_grad  # noqa: E402
 from .optim import adam_update, sgd_update  # noqa: E402
+from .pool import maxpool2x2_backward, maxpool2x2_forward  # noqa: E402
 from .reduce import sum_images  # noqa: E402
+from .upsample import upsample2x_backward, upsample2x_forward  # noqa: E402
 
 __all__ = ["conv2d_forward", "conv2d_backward_data", "conv2d_backward_weights", "relu_backward",
-           "mse_loss", "mse_grad", "mse_loss_and_grad", "sgd_update", "adam_update",
-           "sum_images", "cpu_backend"]
+           "leaky_relu", "leaky_relu_backward", "maxpool2x2_forward", "maxpool2x2_backward",
+           "upsample2x_forward", "upsample2x_backward", "pad_zeros", "crop", "add", "mse_loss",
+           "mse_grad", "mse_loss_and_grad", "sgd_update", "adam_update", "sum_images",
+           "cpu_backend"]
 
 
 def cpu_backend():

@@ -9,12 +9,13 @@ contract's order.
 import numpy as np
 from numba import njit, prange
 
-from ..contract import TILE_H, TILE_W, tile_grid
+from ..contract import TILE_H, TILE_W, leaky_slope as slope_f32, tile_grid
+from .activation import (LEAKY, PLAIN, RELU, ZERO, activated, mask_args, mask_elements,
+                         masked)
 from .arrays import Output, operand, same_elements
 from .fma import fma32
 from .reduce import finish_reduction, fold_tiles
 
-ZERO = np.float32(0)
 
 
 @njit(cache=True, inline="always")
@@ -42,25 +43,39 @@ def _row_taps(acc, rows, w, o, ci):
 
 
 @njit(cache=True, inline="always")
-def _store_row(acc, dst, relu, mask):
-    """The finished row: as it is, through ReLU (+0 where v <= 0: NaN stays, -0 becomes +0),
-    or masked by a ReLU output (mask may be dst itself: each element is read, then written)."""
-    for j in range(acc.size):
-        v = acc[j]
-        if mask is not None:
-            dst[j] = v if mask[j] > ZERO else ZERO
-        elif relu:
-            dst[j] = ZERO if v <= ZERO else v
+def _store_row(acc, dst, act, slope, mask):
+    """The finished row through the activation act (numerics §1, §9a), or, given a mask (an
+    activation's output; it may be dst itself: each element is read, then written), through
+    act's gradient mask (§2, §9a). One loop per case, each with a constant act, so that every
+    loop stays branch-free and in SIMD lanes."""
+    if mask is not None:
+        if act == LEAKY:
+            for j in range(acc.size):
+                dst[j] = masked(acc[j], mask[j], LEAKY, slope)
         else:
-            dst[j] = v
+            for j in range(acc.size):
+                dst[j] = masked(acc[j], mask[j], RELU, slope)
+    elif act == RELU:
+        for j in range(acc.size):
+            dst[j] = activated(acc[j], RELU, slope)
+    elif act == LEAKY:
+        for j in range(acc.size):
+            dst[j] = activated(acc[j], LEAKY, slope)
+    else:
+        for j in range(acc.size):
+            dst[j] = acc[j]
 
 
 @njit(parallel=True, cache=True)
-def _conv_rows(x, w, b, relu, mask, out):
+def _conv_rows(x, x2, w, b, act, slope, mask, out, out2):
     """out[n, o, h] for every image row on the cores; within a row, the columns' chains side
-    by side: chain from b[o] over ci, ky, kx (numerics §1), then ReLU or the mask."""
-    n, cin, h, width = x.shape
-    cout = w.shape[0]
+    by side: chain from b[o] over ci, ky, kx (numerics §1), then the activation or the mask.
+    The input channels are x's followed by x2's, the output channels out's followed by out2's
+    (x2 and out2 None when there are no others: numba then compiles the loops without the
+    branches that choose)."""
+    n, x_channels, h, width = x.shape
+    cout, cin = w.shape[0], w.shape[1]
+    out_channels = out.shape[1]
     for job in prange(n * h):
         img = job // h
         row = job - img * h
@@ -68,57 +83,94 @@ def _conv_rows(x, w, b, relu, mask, out):
         for ci in range(cin):
             for ky in range(3):
                 if 0 <= row + ky - 1 < h:
-                    rows[ci, ky, 1:width + 1] = x[img, ci, row + ky - 1]
+                    if x2 is None:
+                        rows[ci, ky, 1:width + 1] = x[img, ci, row + ky - 1]
+                    elif ci < x_channels:
+                        rows[ci, ky, 1:width + 1] = x[img, ci, row + ky - 1]
+                    else:
+                        rows[ci, ky, 1:width + 1] = x2[img, ci - x_channels, row + ky - 1]
         acc = np.empty(width, np.float32)
         for o in range(cout):
             acc[:] = b[o]
             for ci in range(cin):
                 _row_taps(acc, rows[ci], w, o, ci)
-            _store_row(acc, out[img, o, row], relu, None if mask is None else mask[img, o, row])
+            m = None if mask is None else mask[img, o, row]
+            if out2 is None:
+                _store_row(acc, out[img, o, row], act, slope, m)
+            elif o < out_channels:
+                _store_row(acc, out[img, o, row], act, slope, m)
+            else:
+                _store_row(acc, out2[img, o - out_channels, row], act, slope, m)
 
 
-def _check_conv(x, w, cin_axis):
-    if w.shape[2:] != (3, 3) or w.shape[cin_axis] != x.shape[1]:
-        raise ValueError(f"weights of shape {w.shape} do not fit {x.shape[1]} input channels "
+def _check_conv(x, w, cin_axis, channels=None):
+    channels = x.shape[1] if channels is None else channels
+    if w.shape[2:] != (3, 3) or w.shape[cin_axis] != channels:
+        raise ValueError(f"weights of shape {w.shape} do not fit {channels} input channels "
                          f"(OIHW, 3x3)")
 
 
-def conv2d_forward(x, w, b, relu=False, out=None):
+def _second_input(x, x2):
+    """x2 checked beside x (same batch and image size), or None; and the channels of both
+    together (numerics §12)."""
+    if x2 is None:
+        return None, x.shape[1]
+    x2 = operand("x2", x2, 4)
+    if x2.shape[0] != x.shape[0] or x2.shape[2:] != x.shape[2:]:
+        raise ValueError(f"x {x.shape} and x2 {x2.shape} differ in batch or image size")
+    return x2, x.shape[1] + x2.shape[1]
+
+
+def _activation(relu, leaky_slope):
+    if relu and leaky_slope is not None:
+        raise ValueError("relu and leaky_slope exclude each other")
+    if leaky_slope is not None:
+        return LEAKY, slope_f32(leaky_slope)
+    return (RELU if relu else PLAIN), ZERO
+
+
+def conv2d_forward(x, w, b, relu=False, out=None, leaky_slope=None, x2=None):
     """y[n,o] = chain from b[o] of fma over ci, ky, kx (ascending) of
-    x[n,ci,h+ky-1,w+kx-1] * w[o,ci,ky,kx], then ReLU if asked (numerics §1)."""
+    x[n,ci,h+ky-1,w+kx-1] * w[o,ci,ky,kx], then ReLU or LeakyReLU if asked (numerics §1, §9a).
+    With x2, x is the concatenation of x's channels and x2's (§12), never copied."""
+    act, slope = _activation(relu, leaky_slope)
     x, w, b = operand("x", x, 4), operand("w", w, 4), operand("b", b, 1)
-    _check_conv(x, w, 1)
+    x2, cin = _second_input(x, x2)
+    _check_conv(x, w, 1, cin)
     if b.shape != (w.shape[0],):
         raise ValueError(f"bias of shape {b.shape} does not fit {w.shape[0]} output channels")
     n, _, h, width = x.shape
-    dst = Output(out, (n, w.shape[0], h, width), inputs=(x, w, b))
-    _conv_rows(x, w, b, bool(relu), None, dst.array)
+    inputs = (x, w, b) if x2 is None else (x, x2, w, b)
+    dst = Output(out, (n, w.shape[0], h, width), inputs=inputs)
+    _conv_rows(x, x2, w, b, act, slope, None, dst.array, None)
     return dst.done()
 
 
-def conv2d_backward_data(gy, w, relu_output=None, out=None):
+def conv2d_backward_data(gy, w, relu_output=None, out=None, leaky_slope=None, split=None):
     """dL/dx: the forward chain applied to gy with the flipped, transposed kernel, from +0, and
-    masked by relu_output > 0 when given (numerics §2). `out` may be relu_output itself."""
+    masked by relu_output > 0 when given (ReLU's mask; with leaky_slope, LeakyReLU's: numerics
+    §2, §9a); `out` may be relu_output itself. With `split` (no mask), the gradient of a
+    concatenation: the pair of its input channels below `split` and the rest (`out` a pair)."""
     gy, w = operand("gy", gy, 4), operand("w", w, 4)
     _check_conv(gy, w, 0)
-    flipped = np.ascontiguousarray(w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
     n, _, h, width = gy.shape
-    shape = (n, w.shape[1], h, width)
-    mask = None
-    if relu_output is not None:
-        mask = operand("relu_output", relu_output, 4)
-        if mask.shape != shape:
-            raise ValueError(f"relu_output has shape {mask.shape}, expected {shape}")
-    inputs = (gy, w) if mask is None or same_elements(out, mask) else (gy, w, mask)
-    dst = Output(out, shape, inputs=inputs)
-    _conv_rows(gy, flipped, np.zeros(flipped.shape[0], np.float32), False, mask, dst.array)
-    return dst.done()
-
-
-@njit(parallel=True, cache=True)
-def _relu_mask(gy, y, out):
-    for i in prange(gy.size):
-        out[i] = gy[i] if y[i] > ZERO else ZERO
+    cin = w.shape[1]
+    mask, act, slope = mask_args(relu_output, leaky_slope, (n, cin, h, width))
+    flipped = np.ascontiguousarray(w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
+    zero_bias = np.zeros(cin, np.float32)
+    if split is None:
+        inputs = (gy, w) if mask is None or same_elements(out, mask) else (gy, w, mask)
+        dst = Output(out, (n, cin, h, width), inputs=inputs)
+        _conv_rows(gy, None, flipped, zero_bias, act, slope, mask, dst.array, None)
+        return dst.done()
+    if mask is not None:
+        raise ValueError("the gradient of a concatenation is not masked")
+    if not 0 < split < cin:
+        raise ValueError(f"cannot split {cin} input channels after channel {split}")
+    parts = [Output(None if out is None else out[k], shape, inputs=(gy, w))
+             for k, shape in enumerate(((n, split, h, width), (n, cin - split, h, width)))]
+    _conv_rows(gy, None, flipped, zero_bias, PLAIN, ZERO, None, parts[0].array, parts[1].array)
+    return tuple(part.done() for part in parts)
 
 
 def relu_backward(gy, y, out=None):
@@ -127,23 +179,31 @@ def relu_backward(gy, y, out=None):
     if gy.shape != y.shape:
         raise ValueError(f"gy {gy.shape} and y {y.shape} differ in shape")
     dst = Output(out, gy.shape)        # elementwise: out may be gy or y
-    _relu_mask(gy.reshape(-1), y.reshape(-1), dst.array.reshape(-1))
+    mask_elements(gy.reshape(-1), y.reshape(-1), RELU, ZERO, dst.array.reshape(-1))
     return dst.done()
 
 
 @njit(cache=True, inline="always")
-def _tile_row_patches(x, img, r, c0, cols, rows, patches):
+def _tile_row_patches(x, x2, img, r, c0, cols, rows, patches):
     """patches[c, ci*9 + ky*3 + kx] = x[img, ci, r+ky-1, c0+c+kx-1] (+0 outside the image)
     for the `cols` pixels of one tile row starting at column c0, through `rows`: the input
-    rows r-1..r+1 of columns c0-1..c0+cols, zero-padded (so that no loop has a branch)."""
-    cin, h, width = x.shape[1], x.shape[2], x.shape[3]
+    rows r-1..r+1 of columns c0-1..c0+cols, zero-padded (so that no loop has a branch). The
+    channels ci are x's followed by x2's (rows has as many; x2 None when there are none)."""
+    x_channels, h, width = x.shape[1], x.shape[2], x.shape[3]
+    cin = rows.shape[0]
     first, stop = max(c0 - 1, 0), min(c0 + cols + 1, width)
     for ci in range(cin):
         for ky in range(3):
             y = r + ky - 1
             rows[ci, ky, :] = ZERO
             if 0 <= y < h:
-                rows[ci, ky, first - c0 + 1:stop - c0 + 1] = x[img, ci, y, first:stop]
+                if x2 is None:
+                    rows[ci, ky, first - c0 + 1:stop - c0 + 1] = x[img, ci, y, first:stop]
+                elif ci < x_channels:
+                    rows[ci, ky, first - c0 + 1:stop - c0 + 1] = x[img, ci, y, first:stop]
+                else:
+                    rows[ci, ky, first - c0 + 1:stop - c0 + 1] = \
+                        x2[img, ci - x_channels, y, first:stop]
             src = rows[ci, ky]
             for kx in range(3):
                 q = ci * 9 + ky * 3 + kx
@@ -152,7 +212,7 @@ def _tile_row_patches(x, img, r, c0, cols, rows, patches):
 
 
 @njit(parallel=True, cache=True)
-def _weight_partials(gy, x, tile_h, tile_w, tw, pw, pb):
+def _weight_partials(gy, x, x2, tile_h, tile_w, tw, pw, pb):
     """Each tile's float32 chains (numerics §4a step 2; tiles of tile_h x tile_w pixels, tw of
     them a row), tiles on the cores: pw[n, t, o, q]
     from +0 over the tile's pixels in row-major order of fma(gy[n,o,h,w], x[n,ci,h+ky-1,
@@ -160,7 +220,8 @@ def _weight_partials(gy, x, tile_h, tile_w, tw, pw, pb):
     at a time per accumulator (still in pixel order), so that each is loaded once per four
     fmas."""
     n, cout, h, width = gy.shape
-    q_count = x.shape[1] * 9
+    cin = pw.shape[3] // 9
+    q_count = cin * 9
     th = pw.shape[1] // tw
     for job in prange(n * th * tw):
         img = job // (th * tw)
@@ -171,10 +232,10 @@ def _weight_partials(gy, x, tile_h, tile_w, tw, pw, pb):
         acc = np.zeros((cout, q_count), np.float32)
         acc_b = np.zeros(cout, np.float32)
         patches = np.empty((tile_w, q_count), np.float32)
-        rows = np.empty((x.shape[1], 3, tile_w + 2), np.float32)
+        rows = np.empty((cin, 3, tile_w + 2), np.float32)
         g = np.empty(4, np.float32)
         for r in range(ti * tile_h, min(ti * tile_h + tile_h, h)):
-            _tile_row_patches(x, img, r, c0, cols, rows, patches)
+            _tile_row_patches(x, x2, img, r, c0, cols, rows, patches)
             for o in range(cout):
                 grow = gy[img, o, r]
                 c = 0
@@ -200,19 +261,20 @@ def _weight_partials(gy, x, tile_h, tile_w, tw, pw, pb):
         pb[img, t] = acc_b
 
 
-def conv2d_backward_weights(gy, x, out=None, image_sums=None):
+def conv2d_backward_weights(gy, x, out=None, image_sums=None, x2=None):
     """(dL/dw, dL/db): tiled float32 chains per image, combined in float64 (numerics §4a).
     With `image_sums` (float64 arrays (N, Co, Ci, 3, 3) and (N, Co)) each image's float64 sum
-    is written there for sum_images(), and image_sums is returned."""
+    is written there for sum_images(), and image_sums is returned. With x2, x is the
+    concatenation of x's channels and x2's (§12), never copied."""
     gy, x = operand("gy", gy, 4), operand("x", x, 4)
     n, cout, h, width = gy.shape
     if x.shape[0] != n or x.shape[2:] != (h, width):
         raise ValueError(f"gy {gy.shape} and x {x.shape} differ in batch or image size")
-    cin = x.shape[1]
+    x2, cin = _second_input(x, x2)
     th, tw = tile_grid(h, width)
     pw = np.empty((n, th * tw, cout, cin * 9), np.float32)
     pb = np.empty((n, th * tw, cout), np.float32)
-    _weight_partials(gy, x, TILE_H, TILE_W, tw, pw, pb)
+    _weight_partials(gy, x, x2, TILE_H, TILE_W, tw, pw, pb)
     images = (fold_tiles(pw).reshape(n, cout, cin, 3, 3), fold_tiles(pb))
     if image_sums is not None:
         image_sums[0][...] = images[0]
