@@ -1,12 +1,13 @@
 """Checkpoints: one .npz that numpy.load alone can read, written atomically.
 
-Arrays: `layers.{i}.weight` (OIHW float32), `layers.{i}.bias`, the optimizer's buffers as
+Arrays: the parameters by name (the chain's `layers.{i}.weight` (OIHW float32) and
+`layers.{i}.bias`, the U-Net's `enc.{l}.conv0.weight` etc., model.py), the optimizer's buffers as
 `optimizer.{name}` (torch's names, e.g. optimizer.momentum_buffer.layers.0.weight), and `meta`,
-a 0-d string array holding JSON (network, layouts, optimizer, position, options). The file is
-written to a temporary name in the same directory, fsynced, renamed over the old one and the
-directory fsynced: a crash or a full disk mid-write leaves the previous checkpoint intact.
-Several names for one state (an epoch's file, best.npz, last.npz) are one file written once,
-hard links renamed into place.
+a 0-d string array holding JSON (network: the model's describe(), layouts, optimizer,
+position, options). The file is written to a temporary name in the same directory, fsynced,
+renamed over the old one and the directory fsynced: a crash or a full disk mid-write leaves
+the previous checkpoint intact. Several names for one state (an epoch's file, best.npz,
+last.npz) are one file written once, hard links renamed into place.
 """
 import io
 import json
@@ -88,6 +89,6 @@ def load(path):
         meta = json.loads(str(z["meta"]))
         if meta.get("format") != FORMAT:
             raise ValueError("not a cryokern checkpoint")
-        params = {k: z[k] for k in z.files if k.startswith("layers.")}
+        params = {k: z[k] for k in z.files if k != "meta" and not k.startswith("optimizer.")}
         state = {k[len("optimizer."):]: z[k] for k in z.files if k.startswith("optimizer.")}
     return params, state, meta

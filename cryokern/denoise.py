@@ -303,8 +303,7 @@ def main(argv=None):
         total = sum(len(s) for s, _, _ in plan)
         if comm.rank == 0:
             print(f"cryokern: denoising {total} images from {len(plan)} files with "
-                  f"{Path(model.path).name} (channels "
-                  f"{','.join(map(str, model.network.channels))}, normalization "
+                  f"{Path(model.path).name} ({model.network.label()}, normalization "
                   f"{model.normalize}); backend {denoiser.backend.name}"
                   f"{f' on {comm.size} ranks' if comm.size > 1 else ''}, tiles of "
                   f"{f'~{opts.tile}^2 px' if opts.tile else 'whole images'} + halo "

@@ -119,7 +119,7 @@ def evaluate(opts):
             panel.append((f"{Path(noisy_stack.path).name}:{local}", noisy, denoised, clean))
     if opts.panel:
         write_panel(opts.panel, panel)
-    return {"model": model.path, "channels": list(model.network.channels),
+    return {"model": model.path, "network": model.network.describe(),
             "normalize": model.normalize, "backend": backend.name, "tile": opts.tile,
             "images": records, "seconds": time.perf_counter() - start,
             "data_range": opts.data_range if opts.data_range is not None

@@ -7,6 +7,15 @@ image's edges on every layer's zero padding. A tile cut with a halo of `depth` p
 at the image's edges (which are then the tile's edges too), computes its core from the same
 values by the same fma chains (numerics section 1) as the whole image: the same bits, with
 device memory bounded by the tile instead of the image. Tiles are strips of whole rows.
+
+A U-Net (model.UNet) pools 2x2 blocks, so a strip must group rows as the whole image does:
+cores and halos are whole multiples of 2**levels rows (`row_grid`), so every window's top row
+is on the pooling grid. Its receptive radius on that grid is 7 * 2**levels - 4 rows
+(UNet.receptive_radius derives it), rounded up to the grid for the halo. A window that ends at
+the image's last row is padded at the bottom to a multiple of 2**levels exactly as the whole
+image is (its top is on the grid); interior windows end on the grid and need no padding; the
+right side is the image's in every window, padded as the whole image's. Device memory: one
+forward pass's arrays for the largest window (about tile^2 + 2 halo * width pixels), reused.
 """
 import json
 import os
@@ -17,7 +26,7 @@ import numpy as np
 
 from . import checkpoint
 from .data import NORMALIZATIONS, denormalize, normalization, normalize
-from .model import Network, forward
+from .model import Network, UNet, forward, network_from_description
 from .mrcstack import DataError
 
 DEFAULT_TILE = 2048
@@ -40,14 +49,16 @@ def load_model(path):
         raise DataError(f"{path}: no such file")
     try:
         params, _, meta = checkpoint.load(path)
-        network = Network(tuple(meta["network"]["channels"]))
+        network = network_from_description(meta["network"])
         mode = meta["normalize"]
     except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile,
             json.JSONDecodeError) as e:
         raise DataError(f"{path}: not a usable cryokern checkpoint ({e})") from None
-    if network.channels[0] != 1 or network.channels[-1] != 1:
-        raise DataError(f"{path}: the network maps {network.channels[0]} channels to "
-                        f"{network.channels[-1]}; micrographs need 1 to 1")
+    cin, cout = (network.in_channels, network.out_channels) if isinstance(network, UNet) \
+        else (network.channels[0], network.channels[-1])
+    if cin != 1 or cout != 1:
+        raise DataError(f"{path}: the network maps {cin} channels to {cout}; micrographs "
+                        "need 1 to 1")
     if mode not in NORMALIZATIONS:
         raise DataError(f"{path}: unknown normalization {mode!r}")
     for name, shape in network.param_shapes().items():
@@ -58,13 +69,14 @@ def load_model(path):
     return Model(path, network, {k: params[k] for k in network.param_shapes()}, mode)
 
 
-def strips(shape, tile, halo):
+def strips(shape, tile, halo, grid=1):
     """(window, core) row ranges covering an image of `shape`: cores of about tile * tile
-    pixels in whole rows (at least one row), windows the cores grown by `halo` rows and clipped
-    to the image. Whole rows are contiguous in memory, so a window goes to the device, and a
-    core comes back, by one copy each with no staging. tile <= 0 means the whole image."""
+    pixels in whole rows (a multiple of `grid` rows, at least one grid), windows the cores
+    grown by `halo` rows (a multiple of `grid` for a U-Net) and clipped to the image. Whole
+    rows are contiguous in memory, so a window goes to the device, and a core comes back, by
+    one copy each with no staging. tile <= 0 means the whole image."""
     h, w = shape
-    rows = h if tile <= 0 else max(1, (tile * tile) // w)
+    rows = h if tile <= 0 else max(grid, (tile * tile) // w // grid * grid)
     for top in range(0, h, rows):
         bottom = min(top + rows, h)
         yield (max(0, top - halo), min(bottom + halo, h)), (top, bottom)
@@ -81,9 +93,14 @@ class TiledDenoiser:
 
     def __init__(self, model, backend, tile=DEFAULT_TILE, halo=None):
         self.model, self.backend, self.tile = model, backend, tile
-        self.halo = model.network.depth if halo is None else halo
+        net = model.network
+        self.grid = net.row_grid
+        self.halo = -(-net.receptive_radius // self.grid) * self.grid if halo is None else halo
+        if self.halo % self.grid:
+            raise ValueError(f"the halo must be a multiple of {self.grid} rows (the pooling grid)")
         self.params = {k: backend.to_device(v) for k, v in model.params.items()}
         self.capacity = 0
+        self._acts_size = 0
 
     def _buffers(self, pixels):
         """Flat device buffers for a window of `pixels`: the input and two activations."""
@@ -93,7 +110,27 @@ class TiledDenoiser:
             self._acts = [self.backend.empty((widest * pixels,)) for _ in range(2)]
             self.capacity = pixels
 
+    def _unet_buffers(self, h, w):
+        """The input and a U-Net forward pass's arrays for an h x w window, views of two flat
+        device buffers kept for the largest window."""
+        shapes = self.model.network.activation_shapes(1, h, w)
+        sizes = {name: int(np.prod(s)) for name, s in shapes.items()}
+        total = sum(sizes.values())
+        if h * w > self.capacity:
+            self._input = self.backend.empty((h * w,))
+            self.capacity = h * w
+        if total > self._acts_size:
+            self._flat = self.backend.empty((total,))
+            self._acts_size = total
+        acts, at = {}, 0
+        for name, shape in shapes.items():
+            acts[name] = self._flat[at:at + sizes[name]].reshape(shape)
+            at += sizes[name]
+        return self._input[:h * w].reshape(1, 1, h, w), acts
+
     def device_bytes(self):
+        if isinstance(self.model.network, UNet):
+            return 4 * (self.capacity + self._acts_size)
         return 4 * self.capacity * (1 + 2 * max(self.model.network.channels[1:]))
 
     def __call__(self, image, out=None):
@@ -104,14 +141,19 @@ class TiledDenoiser:
         out = np.empty_like(image) if out is None else out
         be, net = self.backend, self.model.network
         w = image.shape[1]
-        for (start, stop), (top, bottom) in strips(image.shape, self.tile, self.halo):
+        for (start, stop), (top, bottom) in strips(image.shape, self.tile, self.halo,
+                                                   self.grid):
             h = stop - start
             n = h * w
-            self._buffers(n)
+            if isinstance(net, UNet):
+                x, outs = self._unet_buffers(h, w)
+            else:
+                self._buffers(n)
+                x = self._input[:n].reshape(1, 1, h, w)
+                outs = [self._acts[i % 2][:c * n].reshape(1, c, h, w)   # ping-pong buffers
+                        for i, c in enumerate(net.channels[1:])]
             be.copy_in(self._input[:n], image[start:stop].reshape(n))
-            outs = [self._acts[i % 2][:c * n].reshape(1, c, h, w)   # ping-pong buffers
-                    for i, c in enumerate(net.channels[1:])]
-            y = forward(be, net, self.params, self._input[:n].reshape(1, 1, h, w), outs)
+            y = forward(be, net, self.params, x, outs)
             be.copy_out(out[top:bottom].reshape(-1),
                         y.reshape(n)[(top - start) * w:(bottom - start) * w])
         return out

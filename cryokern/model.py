@@ -29,6 +29,24 @@ class Network:
     def depth(self):
         return len(self.channels) - 1
 
+    @property
+    def receptive_radius(self):
+        """Rows (and columns) of input an output pixel depends on, each side: one per 3x3
+        convolution."""
+        return self.depth
+
+    @property
+    def row_grid(self):
+        """A tile's top row must be a multiple of this for its bits to be the whole image's."""
+        return 1
+
+    def describe(self):
+        """The architecture as a checkpoint's meta records it (network_from_description)."""
+        return {"kind": "chain", "channels": list(self.channels)}
+
+    def label(self):
+        return f"chain {','.join(map(str, self.channels))}"
+
     def relu_after(self, layer):
         return layer < self.depth - 1
 
@@ -85,6 +103,37 @@ class UNet:
     def levels(self):
         return len(self.widths) - 1
 
+    @property
+    def receptive_radius(self):
+        """Full-resolution rows an output pixel depends on, each side, when the input's top row
+        is on the pooling grid (a multiple of 2**levels; inference.strips).
+
+        Count in full-resolution rows the span a level-l row covers (2**l rows). A 3x3
+        convolution at level l widens it by one level-l row each side: 2**l. A 2x2 pooling
+        aligned to the grid adds nothing (a level l+1 row covers exactly its two level-l rows).
+        An upsampling into level l reads the level l+1 row that holds the level-l row, which
+        reaches 2**l rows beyond it on one side. The longest path runs through the bottom:
+        the encoder's 2 convolutions per level, sum 2 * 2**l for l = 0..L, then per decoder
+        level l = L-1..0 one upsampling and 2 convolutions, 3 * 2**l, then the output
+        convolution, 1: 2 (2**(L+1) - 1) + 3 (2**L - 1) + 1 = 7 * 2**L - 4 (the skips' paths
+        are shorter). L = 2: 24 rows; the default L = 5: 220."""
+        return 7 * (1 << self.levels) - 4
+
+    @property
+    def row_grid(self):
+        """A tile's top row must be a multiple of 2**levels: the poolings then group the same
+        rows as in the whole image."""
+        return 1 << self.levels
+
+    def describe(self):
+        """The architecture as a checkpoint's meta records it (network_from_description)."""
+        return {"kind": "unet", "widths": list(self.widths), "in_channels": self.in_channels,
+                "out_channels": self.out_channels, "residual": self.residual,
+                "leaky_slope": self.leaky_slope}
+
+    def label(self):
+        return f"U-Net {','.join(map(str, self.widths))}{' residual' if self.residual else ''}"
+
     def padded_size(self, height, width):
         """The sides rounded up to multiples of 2**levels (§13)."""
         m = 1 << self.levels
@@ -137,6 +186,20 @@ class UNet:
     def level_output(self, level):
         """The name of the array the decoder of `level` upsamples: the level below's output."""
         return f"enc.{level + 1}.1" if level + 1 == self.levels else f"dec.{level + 1}.1"
+
+
+def network_from_description(description):
+    """The network a checkpoint's meta["network"] describes; a description with only
+    "channels" (checkpoints from before the U-Net) is a chain. ValueError/KeyError/TypeError
+    if it is not one."""
+    kind = description.get("kind", "chain")
+    if kind == "chain":
+        return Network(tuple(description["channels"]))
+    if kind == "unet":
+        return UNet(tuple(description["widths"]), int(description["in_channels"]),
+                    int(description["out_channels"]), bool(description["residual"]),
+                    float(description["leaky_slope"]))
+    raise ValueError(f"unknown network kind {kind!r}")
 
 
 def init_params(network, seed, scheme="pytorch"):

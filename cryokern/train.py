@@ -23,8 +23,9 @@ from . import checkpoint, distributed, loader_workers, precompile, synthetic
 from .backends import DEVICE_HELP, DEVICES, get_backend, gpu_available
 from .data import NORMALIZATIONS, BatchLoader, BatchSpec, PairedImages, Subset, epoch_batches, split
 from .inference import Model
-from .model import Network, init_params
+from .model import DEFAULT_UNET_WIDTHS, Network, UNet, init_params, network_from_description
 from .mrcstack import DataError
+from .contract import DEFAULT_LEAKY_SLOPE
 from .options import add_files, finite, refuse
 from .step import DEFAULT_PASS_PIXELS, OptimizerConfig, TrainStep
 
@@ -36,6 +37,7 @@ RESUME_MAY_CHANGE = {"epochs", "device", "out", "resume", "force", "save_every",
 DEFAULT_LR = {"sgd": 0.01, "adam": 1e-3}
 PLOT_EVERY_S = 5.0              # loss.png is drawn at most this often, and after the last epoch
 VAL_KEPT_BYTES = 256 << 20      # a validation set up to this size stays on the device
+UNET_OPTIONS = ("unet_widths", "residual", "leaky_slope")
 
 
 class Diverged(Exception):
@@ -89,8 +91,21 @@ def build_parser():
     t.add_argument("--betas", type=float, nargs=2, default=[0.9, 0.999], metavar=("B1", "B2"),
                    help="Adam's moment decay rates (default 0.9 0.999)")
     t.add_argument("--eps", type=float, default=1e-8, help="Adam's epsilon (default 1e-8)")
+    t.add_argument("--arch", choices=("chain", "unet"), default="chain",
+                   help="chain: 3x3 convolutions with ReLU, shaped by --channels (default, "
+                        "the seed's network); unet: the U-Net of docs/numerics.md section 14, "
+                        "shaped by --unet-widths, --residual, --leaky-slope")
     t.add_argument("--channels", default="1,16,16,1",
-                   help="channel counts, input to output (default 1,16,16,1)")
+                   help="the chain's channel counts, input to output (default 1,16,16,1)")
+    t.add_argument("--unet-widths", default=",".join(map(str, DEFAULT_UNET_WIDTHS)),
+                   metavar="W0,...,WL",
+                   help="the U-Net's channels per level, full resolution first, the bottom "
+                        "last: L = count - 1 poolings, image sides padded to multiples of 2^L "
+                        "(default 48,48,48,48,48,48: the Noise2Noise paper's five poolings)")
+    t.add_argument("--residual", action="store_true",
+                   help="the U-Net predicts the difference to its input")
+    t.add_argument("--leaky-slope", type=float, default=DEFAULT_LEAKY_SLOPE, metavar="S",
+                   help="the U-Net's LeakyReLU slope for negative inputs (default 0.1)")
     t.add_argument("--init", choices=("pytorch", "he-normal"), default="pytorch")
     t.add_argument("--pass-pixels", type=int, default=DEFAULT_PASS_PIXELS, metavar="N",
                    help="run each batch in passes of at most N pixels (whole images): less "
@@ -185,6 +200,7 @@ def open_data(opts):
 
 
 def check_options(opts):
+    """The options' problems as DataError; returns the network they describe."""
     refuse([(opts.epochs < 1, f"--epochs {opts.epochs}: must be at least 1"),
             (opts.batch_size < 1, f"--batch-size {opts.batch_size}: must be at least 1"),
             (opts.crop != 0 and opts.crop < 3,
@@ -209,6 +225,17 @@ def check_options(opts):
              "--loader-workers must not be negative"),
             (opts.resume and opts.force, "--resume and --force exclude each other"),
             (opts.resume and not opts.out, "--resume needs --out DIR, the run to continue")])
+    if getattr(opts, "arch", "chain") == "unet":     # runs saved before --arch are chains
+        try:
+            widths = tuple(int(c) for c in opts.unet_widths.split(","))
+        except ValueError:
+            widths = ()
+        if len(widths) < 2 or min(widths) < 1:
+            raise DataError(f"--unet-widths {opts.unet_widths!r}: give at least two positive "
+                            "counts like 16,24,32 (full resolution first)")
+        if not (finite(opts.leaky_slope) and opts.leaky_slope >= 0):
+            raise DataError(f"--leaky-slope {opts.leaky_slope}: must be finite and not negative")
+        return UNet(widths, residual=opts.residual, leaky_slope=opts.leaky_slope)
     try:
         channels = tuple(int(c) for c in opts.channels.split(","))
         Network(channels)
@@ -216,7 +243,16 @@ def check_options(opts):
         raise DataError(f"--channels {opts.channels!r}: give counts like 1,16,16,1") from None
     if channels[0] != 1 or channels[-1] != 1:
         raise DataError(f"--channels {opts.channels}: images have one channel in and out")
-    return channels
+    return Network(channels)
+
+
+def check_architecture_options(opts, explicit):
+    """Options of one architecture given with --arch of the other: refused, not ignored."""
+    if opts.arch == "unet" and "channels" in explicit:
+        raise DataError("--channels shapes the chain; the U-Net takes --unet-widths")
+    given = [o for o in UNET_OPTIONS if o in explicit]
+    if opts.arch == "chain" and given:
+        raise DataError(f"--{given[0].replace('_', '-')} shapes the U-Net; give --arch unet")
 
 
 @dataclass
@@ -264,7 +300,7 @@ def optimizer_config(opts):
 class Run:
     """One training run: the step, the data, the run directory and its checkpoints."""
 
-    def __init__(self, opts, channels, backend, train, val, description, resume_from=None,
+    def __init__(self, opts, network, backend, train, val, description, resume_from=None,
                  comm=None):
         self.opts, self.backend, self.train, self.val = opts, backend, train, val
         # ranks (distributed.py): each reads and steps on its block of every batch, all hold
@@ -273,7 +309,7 @@ class Run:
         self.lead = self.comm.rank == 0
         self.out = Path(opts.out)
         self.description = description
-        self.network = Network(channels)
+        self.network = network
         optimizer = optimizer_config(opts)
         self.position = {"epoch": 0, "batch": 0}
         self.meter = LossMeter()
@@ -310,7 +346,7 @@ class Run:
         (its number, from 1), epoch files beyond --keep-epochs are deleted after the write.
         Every rank comes here (the meter's range is agreed); rank 0 writes."""
         self.agree_range(self.meter)
-        meta = {"network": {"channels": list(self.network.channels)},
+        meta = {"network": self.network.describe(),
                 "optimizer": asdict(self.step.optimizer), "step": self.step.step,
                 "epoch": self.position["epoch"], "position": self.position,
                 "partial": self.meter.to_json(), "best_mse": self.best, "seed": self.opts.seed,
@@ -590,19 +626,32 @@ def resumed_options(opts, explicit, meta):
     return saved
 
 
+def saved_network(out, meta):
+    """The network a run's checkpoint meta describes."""
+    try:
+        return network_from_description(meta["network"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{Path(out) / 'last.npz'}: no usable network description "
+                        f"({e})") from None
+
+
 def start(opts, explicit, comm=None):
     """Every rank checks the options and reads the inputs; a problem any rank finds stops all
     (the same DataError on every rank) before rank 0 writes anything into the run directory."""
     comm = comm or distributed.Single()
     try:
-        channels = check_options(opts)
+        network = check_options(opts)
         resume_from = prepare_out(opts)
         if resume_from is not None:
             opts = resumed_options(opts, explicit, resume_from[2])
-            channels = check_options(opts)
+            network = check_options(opts)
+            if network != saved_network(opts.out, resume_from[2]):
+                raise DataError(f"{opts.out}: the run's network is not the one the options "
+                                "describe; leave the architecture options out")
+        check_architecture_options(opts, explicit)      # a resumed run's own --arch
         if opts.lr is None:
             opts.lr = DEFAULT_LR[opts.optimizer]
-        compiling = start_compiling(opts, channels)
+        compiling = start_compiling(opts, network)
         train, val, description = open_data(opts)
         if resume_from is not None and description != resume_from[2]["data"]:
             raise DataError(f"{opts.out}: the data differ from those the run was trained on")
@@ -616,7 +665,7 @@ def start(opts, explicit, comm=None):
     backend = get_backend(opts.device)
     comm = comm.for_backend(backend)
     if comm.rank == 0:
-        write_run_directory(opts, channels, backend, description, resume_from)
+        write_run_directory(opts, network, backend, description, resume_from)
         print(f"cryokern: training on {len(train)} images "
               f"({'x'.join(map(str, train.image_shape))})"
               f"{f', validating on {len(val)}' if val is not None else ''}; backend "
@@ -624,10 +673,10 @@ def start(opts, explicit, comm=None):
               f"run directory {opts.out}", flush=True)
     compiling.wait()
     comm.barrier()
-    return Run(opts, channels, backend, train, val, description, resume_from, comm)
+    return Run(opts, network, backend, train, val, description, resume_from, comm)
 
 
-def write_run_directory(opts, channels, backend, description, resume_from):
+def write_run_directory(opts, network, backend, description, resume_from):
     """The run directory made (or cleared with --force, or its metrics cut back to the
     checkpoint resumed from) and config.json written."""
     out = Path(opts.out)
@@ -641,19 +690,21 @@ def write_run_directory(opts, channels, backend, description, resume_from):
         if metrics.exists():
             lines = [l for l in metrics.read_text().splitlines() if json.loads(l)["epoch"] <= keep]
             metrics.write_text("".join(l + "\n" for l in lines))
-    config = dict(vars(opts), backend=backend.name, channels_resolved=list(channels),
+    config = dict(vars(opts), backend=backend.name, network=network.describe(),
                   data=description)
     tmp = out / ".config.json.tmp"
     tmp.write_text(json.dumps(config, indent=2) + "\n")
     os.replace(tmp, out / "config.json")
 
 
-def start_compiling(opts, channels):
-    """The GPU kernels of the network, compiling in worker processes while the data are opened
-    (precompile.py); nothing to do for the CPU backends."""
-    if opts.device in ("cpu", "reference") or not gpu_available():
+def start_compiling(opts, network):
+    """The chain's GPU kernels, compiling in worker processes while the data are opened
+    (precompile.py); nothing to do for the CPU backends. The U-Net's kernels compile on first
+    use (precompile.py knows the chain's operations only)."""
+    if opts.device in ("cpu", "reference") or not gpu_available() or \
+            not isinstance(network, Network):
         return precompile.Ready()
-    return precompile.start(channels, optimizer_config(opts))
+    return precompile.start(network.channels, optimizer_config(opts))
 
 
 def main(argv=None):
