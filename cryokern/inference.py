@@ -10,8 +10,9 @@ device memory bounded by the tile instead of the image. Tiles are strips of whol
 
 A U-Net (model.UNet) pools 2x2 blocks, so a strip must group rows as the whole image does:
 cores and halos are whole multiples of 2**levels rows (`row_grid`), so every window's top row
-is on the pooling grid. Its receptive radius on that grid is 7 * 2**levels - 4 rows
-(UNet.receptive_radius derives it), rounded up to the grid for the halo. A window that ends at
+is on the pooling grid. Its receptive radius beyond a grid block is 6 * 2**levels - 2 rows
+(UNet.receptive_radius derives it), rounded up to the grid for the halo (6 * 2**levels for
+two poolings or more: 192 rows for the default five). A window that ends at
 the image's last row is padded at the bottom to a multiple of 2**levels exactly as the whole
 image is (its top is on the grid); interior windows end on the grid and need no padding; the
 right side is the image's in every window, padded as the whole image's. Device memory: one

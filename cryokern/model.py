@@ -105,19 +105,24 @@ class UNet:
 
     @property
     def receptive_radius(self):
-        """Full-resolution rows an output pixel depends on, each side, when the input's top row
-        is on the pooling grid (a multiple of 2**levels; inference.strips).
+        """Full-resolution rows of input beyond its pooling-grid block (2**L rows, L = levels,
+        blocks starting at multiples of 2**L) that an output row depends on, each side:
+        6 * 2**L - 2 (L = 1: 10, 2: 22, 3: 46, the default 5: 190). A tile whose window starts
+        and ends on the grid needs this halo, rounded up to the grid (inference.py).
 
-        Count in full-resolution rows the span a level-l row covers (2**l rows). A 3x3
-        convolution at level l widens it by one level-l row each side: 2**l. A 2x2 pooling
-        aligned to the grid adds nothing (a level l+1 row covers exactly its two level-l rows).
-        An upsampling into level l reads the level l+1 row that holds the level-l row, which
-        reaches 2**l rows beyond it on one side. The longest path runs through the bottom:
-        the encoder's 2 convolutions per level, sum 2 * 2**l for l = 0..L, then per decoder
-        level l = L-1..0 one upsampling and 2 convolutions, 3 * 2**l, then the output
-        convolution, 1: 2 (2**(L+1) - 1) + 3 (2**L - 1) + 1 = 7 * 2**L - 4 (the skips' paths
-        are shorter). L = 2: 24 rows; the default L = 5: 220."""
-        return 7 * (1 << self.levels) - 4
+        Follow the top of the set of rows the output row depends on backwards through the
+        network, from the top of its block (row 0; a lower row in the block reaches no higher
+        after the roundings below). At level l a row covers 2**l full-resolution rows. The
+        output convolution and dec.0's two: -1, -3. Each upsampling into level l makes the set
+        start on level l+1's rows: rounded down to a multiple of 2**(l+1) (-3 -> -4). dec.l's
+        two convolutions (l >= 1): -2 * 2**l each side, giving -2**(l+2), already on the grid
+        of the next upsampling. So after the decoder: -2**(L+1). The bottom's two
+        convolutions: -2**(L+1) more, -2**(L+2); the poolings keep blocks whole; the encoder's
+        levels L-1..0: -2 * (2**L - 1). Sum: 6 * 2**L - 2; the bottom edge is the mirror
+        image. Off the grid the reach is up to 7 * 2**L - 4 (each upsampling a full 2**l),
+        which is why tiles keep to the grid. tests/test_inference.py shows one grid less
+        changes the bits."""
+        return 6 * (1 << self.levels) - 2
 
     @property
     def row_grid(self):

@@ -7,7 +7,7 @@ from conftest import bits
 from cryokern import checkpoint
 from cryokern.backends import get_backend
 from cryokern.inference import Model, TiledDenoiser, load_model, strips
-from cryokern.model import Network, init_params
+from cryokern.model import Network, UNet, init_params
 from cryokern.mrcstack import DataError
 
 
@@ -113,3 +113,56 @@ def test_tiles_through_the_kernel_backend_equal_the_reference(rng):
     image = rng.standard_normal((9, 10)).astype(np.float32)
     want = TiledDenoiser(small, get_backend("reference"), tile=0)(image)
     assert np.array_equal(bits(TiledDenoiser(small, gpu_backend(), tile=4)(image)), bits(want))
+
+
+def unet_model(widths=(4, 6, 8), residual=False, seed=2):
+    net = UNet(widths, residual=residual)
+    return Model("m.npz", net, init_params(net, seed), "per-image")
+
+
+@pytest.mark.parametrize("widths, shape, residual", [((4, 6, 8), (61, 43), False),
+                                                     ((4, 6, 8), (61, 43), True),
+                                                     ((3, 4, 5, 6), (45, 37), True)])
+@pytest.mark.parametrize("tile", [2, 9, 20])
+def test_unet_tiles_are_bit_identical_to_the_whole_image(rng, widths, shape, residual, tile):
+    """Odd sides (padded at the bottom and right), cores of one pooling grid (tile 2) up to
+    several, halos larger than the cores and, for three poolings (halo 48), than the image."""
+    image = rng.standard_normal(shape).astype(np.float32)
+    be = get_backend("cpu")
+    m = unet_model(widths, residual)
+    whole = TiledDenoiser(m, be, tile=0)(image)
+    tiled = TiledDenoiser(m, be, tile=tile)
+    grid = 2 ** (len(widths) - 1)
+    assert m.network.receptive_radius == 6 * grid - 2
+    assert tiled.halo == 6 * grid      # rounded up to the grid
+    assert len(list(strips(shape, tile, tiled.halo, tiled.grid))) > 1
+    assert np.array_equal(bits(tiled(image)), bits(whole))
+
+
+@pytest.mark.parametrize("widths, shape", [((4, 6, 8), (61, 43)), ((3, 4, 5, 6), (120, 20))])
+def test_a_unet_halo_one_grid_short_of_the_radius_changes_the_bits(rng, widths, shape):
+    """The derived radius is not merely large: the halo one pooling grid less (the largest that
+    keeps the windows on the grid and is short of the radius) gives other bits."""
+    image = rng.standard_normal(shape).astype(np.float32)
+    be = get_backend("cpu")
+    m = unet_model(widths)
+    whole = TiledDenoiser(m, be, tile=0)(image)
+    grid = 2 ** (len(widths) - 1)
+    short = TiledDenoiser(m, be, tile=8, halo=TiledDenoiser(m, be).halo - grid)
+    assert short.halo < m.network.receptive_radius
+    assert not np.array_equal(bits(short(image)), bits(whole))
+
+
+def test_unet_strips_start_on_the_pooling_grid():
+    for (start, stop), (top, bottom) in strips((61, 43), 9, 24, 4):
+        assert start % 4 == top % 4 == 0 and (bottom % 4 == 0 or bottom == 61)
+
+
+def test_unet_device_memory_is_bounded_by_the_tile(rng):
+    be = get_backend("cpu")
+    sizes = []
+    for height in (64, 200):
+        tiled = TiledDenoiser(unet_model(), be, tile=8)
+        tiled(rng.standard_normal((height, 16)).astype(np.float32))
+        sizes.append(tiled.device_bytes())
+    assert sizes[0] == sizes[1]
