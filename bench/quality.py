@@ -166,7 +166,7 @@ def warm_up(channels, opts_dict, image_shape, size):
 def new_run(opts, channels, backend, pairs, crop):
     images = PairedImages(pairs)
     subset = Subset(images, np.arange(len(images)), crop)
-    return T.Run(opts, channels, backend, subset, None, {"train": images.describe()})
+    return T.Run(opts, Network(channels), backend, subset, None, {"train": images.describe()})
 
 
 def train_cryokern(opts, channels, backend, pairs, budget):
