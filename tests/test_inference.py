@@ -166,3 +166,13 @@ def test_unet_device_memory_is_bounded_by_the_tile(rng):
         tiled(rng.standard_normal((height, 16)).astype(np.float32))
         sizes.append(tiled.device_bytes())
     assert sizes[0] == sizes[1]
+
+
+def test_unet_tiles_on_the_gpu_backend_equal_the_reference_whole_image(rng):
+    """Device arrays carved from one flat buffer per strip (simulator-sized: one pooling)."""
+    image = rng.standard_normal((13, 4)).astype(np.float32)
+    m = unet_model((1, 2), residual=True)
+    whole = TiledDenoiser(m, get_backend("reference"), tile=0)(image)
+    tiled = TiledDenoiser(m, get_backend("gpu"), tile=4)
+    assert len(list(strips(image.shape, 4, tiled.halo, tiled.grid))) == 4
+    assert np.array_equal(bits(tiled(image)), bits(whole))
