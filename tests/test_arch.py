@@ -116,3 +116,15 @@ def test_resume_keeps_the_architecture(trained, tmp_path, capsys):
     assert "--arch chain differs" in capsys.readouterr().err
     assert T.main(["--resume", "--out", str(out), "--unet-widths", "4,6"]) == 2
     assert "--unet-widths 4,6 differs" in capsys.readouterr().err
+
+
+def test_a_unet_on_the_gpu_is_not_precompiled_and_the_chain_still_is(monkeypatch):
+    """precompile.py knows the chain's operations: the U-Net's kernels compile on first use."""
+    started = []
+    monkeypatch.setattr(T, "gpu_available", lambda: True)
+    monkeypatch.setattr(T.precompile, "start", lambda channels, opt: started.append(channels))
+    opts = T.build_parser().parse_args(["--device", "gpu"])
+    opts.lr = 0.01
+    assert isinstance(T.start_compiling(opts, UNet((4, 6))), T.precompile.Ready)
+    T.start_compiling(opts, Network((1, 4, 1)))
+    assert started == [(1, 4, 1)]
