@@ -128,3 +128,20 @@ def test_a_unet_on_the_gpu_is_not_precompiled_and_the_chain_still_is(monkeypatch
     assert isinstance(T.start_compiling(opts, UNet((4, 6))), T.precompile.Ready)
     T.start_compiling(opts, Network((1, 4, 1)))
     assert started == [(1, 4, 1)]
+
+
+def test_a_run_from_before_the_unet_resumes_as_a_chain(tmp_path):
+    """Its checkpoint's meta holds network.channels alone and options without --arch."""
+    out = tmp_path / "run"
+    pair = make_pair(tmp_path)
+    chain = ["--device", "cpu", "--channels", "1,4,1", "--out", str(out)]
+    assert T.main(data_args(pair) + chain + ["--epochs", "1"]) == 0
+    params, state, meta = checkpoint.load(out / "last.npz")
+    meta["network"] = {"channels": [1, 4, 1]}
+    for name in ("arch",) + T.UNET_OPTIONS:
+        del meta["options"][name]
+    checkpoint.save(out / "last.npz", params, state, meta)
+    assert T.main(["--resume", "--out", str(out), "--epochs", "2"]) == 0
+    assert json.loads(str(npz(out / "last.npz")["meta"]))["network"] == \
+        {"kind": "chain", "channels": [1, 4, 1]}
+    assert len(metrics(out)) == 2
