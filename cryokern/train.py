@@ -21,11 +21,11 @@ from tqdm import tqdm
 
 from . import checkpoint, distributed, loader_workers, precompile, synthetic
 from .backends import DEVICE_HELP, DEVICES, get_backend, gpu_available
+from .contract import DEFAULT_LEAKY_SLOPE
 from .data import NORMALIZATIONS, BatchLoader, BatchSpec, PairedImages, Subset, epoch_batches, split
 from .inference import Model
 from .model import DEFAULT_UNET_WIDTHS, Network, UNet, init_params, network_from_description
 from .mrcstack import DataError
-from .contract import DEFAULT_LEAKY_SLOPE
 from .options import add_files, finite, refuse
 from .step import DEFAULT_PASS_PIXELS, OptimizerConfig, TrainStep
 
@@ -225,7 +225,7 @@ def check_options(opts):
              "--loader-workers must not be negative"),
             (opts.resume and opts.force, "--resume and --force exclude each other"),
             (opts.resume and not opts.out, "--resume needs --out DIR, the run to continue")])
-    if getattr(opts, "arch", "chain") == "unet":     # runs saved before --arch are chains
+    if opts.arch == "unet":
         try:
             widths = tuple(int(c) for c in opts.unet_widths.split(","))
         except ValueError:
