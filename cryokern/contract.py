@@ -47,6 +47,23 @@ def adam_scalars(step, lr, beta1, beta2, eps):
             f32(eps), f32(-float(lr) / bias1))
 
 
+def halved_shape(shape, what="2x2 max-pooling"):
+    """(N, C, H/2, W/2) of an (N, C, H, W) array whose sides must be even: the output of a 2x2
+    max-pooling, the gradient of a x2 upsampling (numerics §10, §11)."""
+    n, c, h, w = shape
+    if h % 2 or w % 2:
+        raise ValueError(f"{what} needs even sides, got {h} x {w}")
+    return n, c, h // 2, w // 2
+
+
+def concatenated_channels(x_shape, x2_shape):
+    """The channels of x followed by x2's (numerics §12), which must share batch and image
+    size."""
+    if x2_shape[0] != x_shape[0] or x2_shape[2:] != x_shape[2:]:
+        raise ValueError(f"x {x_shape} and x2 {x2_shape} differ in batch or image size")
+    return x_shape[1] + x2_shape[1]
+
+
 DEFAULT_LEAKY_SLOPE = 0.1
 
 

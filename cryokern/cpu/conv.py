@@ -9,7 +9,8 @@ contract's order.
 import numpy as np
 from numba import njit, prange
 
-from ..contract import TILE_H, TILE_W, leaky_slope as slope_f32, tile_grid
+from ..contract import (TILE_H, TILE_W, concatenated_channels, leaky_slope as slope_f32,
+                        tile_grid)
 from .activation import (LEAKY, PLAIN, RELU, ZERO, activated, mask_args, mask_elements,
                          masked)
 from .arrays import Output, operand, same_elements
@@ -116,9 +117,7 @@ def _second_input(x, x2):
     if x2 is None:
         return None, x.shape[1]
     x2 = operand("x2", x2, 4)
-    if x2.shape[0] != x.shape[0] or x2.shape[2:] != x.shape[2:]:
-        raise ValueError(f"x {x.shape} and x2 {x2.shape} differ in batch or image size")
-    return x2, x.shape[1] + x2.shape[1]
+    return x2, concatenated_channels(x.shape, x2.shape)
 
 
 def _activation(relu, leaky_slope):

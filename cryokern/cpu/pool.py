@@ -3,15 +3,9 @@ cores. The backward pass recomputes each window's selection from x (nothing is s
 reads a whole window before writing it, so `out` may be `add`, `relu_output` or x itself."""
 from numba import njit, prange
 
+from ..contract import halved_shape
 from .activation import ZERO, mask_args, masked
 from .arrays import Output, operand, same_elements
-
-
-def pooled_shape(shape):
-    n, c, h, w = shape
-    if h % 2 or w % 2:
-        raise ValueError(f"2x2 max-pooling needs even sides, got {h} x {w}")
-    return n, c, h // 2, w // 2
 
 
 @njit(cache=True, inline="always")
@@ -84,7 +78,7 @@ def _planes(a):
 def maxpool2x2_forward(x, out=None):
     """y = each 2x2 window's selected element, copied: its first NaN, else its first maximum."""
     x = operand("x", x, 4)
-    shape = pooled_shape(x.shape)
+    shape = halved_shape(x.shape)
     dst = Output(out, shape, inputs=(x,))
     _forward(_planes(x), _planes(dst.array))
     return dst.done()
@@ -94,7 +88,7 @@ def maxpool2x2_backward(gy, x, out=None, add=None, relu_output=None, leaky_slope
     """gy routed to each window's selected element (+0 to the others), added to `add` (add
     first), then masked by relu_output (numerics §10, §9b)."""
     gy, x = operand("gy", gy, 4), operand("x", x, 4)
-    shape = pooled_shape(x.shape)
+    shape = halved_shape(x.shape)
     if gy.shape != shape:
         raise ValueError(f"gy has shape {gy.shape}, expected {shape}")
     if add is not None:

@@ -2,6 +2,7 @@
 on the cores."""
 from numba import njit, prange
 
+from ..contract import halved_shape
 from .activation import ZERO, mask_args, masked
 from .arrays import Output, operand, same_elements
 
@@ -52,10 +53,7 @@ def upsample2x_backward(gy, out=None, relu_output=None, leaky_slope=None):
     first term, not from +0), then the optional mask of relu_output (numerics §11, §9b); `out`
     may be relu_output itself."""
     gy = operand("gy", gy, 4)
-    n, c, h, w = gy.shape
-    if h % 2 or w % 2:
-        raise ValueError(f"the gradient of a x2 upsampling has even sides, got {h} x {w}")
-    shape = (n, c, h // 2, w // 2)
+    shape = halved_shape(gy.shape, "the gradient of a x2 upsampling")
     mask, act, slope = mask_args(relu_output, leaky_slope, shape)
     inputs = (gy,) if mask is None or same_elements(out, mask) else (gy, mask)
     dst = Output(out, shape, inputs=inputs)

@@ -9,7 +9,8 @@ from typing import NamedTuple, Optional
 import numpy as np
 from numba import cuda, float32
 
-from ..contract import TILE_H, TILE_W, leaky_slope as leaky_slope_f32, tile_grid
+from ..contract import (TILE_H, TILE_W, concatenated_channels, leaky_slope as leaky_slope_f32,
+                        tile_grid)
 from .arrays import (Operand, as_device_array, launch_stream, output, placeholder, result,
                      scratch)
 from .codegen import Source, load_module
@@ -345,9 +346,7 @@ def _second_input(x, x2):
     if x2 is None:
         return None, x.shape[1]
     x2 = Operand("x2", x2, 4)
-    if x2.shape[0] != x.shape[0] or x2.shape[2:] != x.shape[2:]:
-        raise ValueError(f"x {x.shape} and x2 {x2.shape} differ in batch or image size")
-    return x2, x.shape[1] + x2.shape[1]
+    return x2, concatenated_channels(x.shape, x2.shape)
 
 
 def conv2d_forward(x, w, b, relu=False, out=None, leaky_slope=None, x2=None):

@@ -4,15 +4,9 @@ writes only its own window, so `out` may alias `add`, `relu_output` or x."""
 import numpy as np
 from numba import cuda, float32
 
+from ..contract import halved_shape
 from .activation import NO_MASK, THREADS, Mask, blocks, masked
 from .arrays import Operand, launch_stream, output, placeholder, result
-
-
-def pooled_shape(shape):
-    n, c, h, w = shape
-    if h % 2 or w % 2:
-        raise ValueError(f"2x2 max-pooling needs even sides, got {h} x {w}")
-    return n, c, h // 2, w // 2
 
 
 @cuda.jit(device=True)
@@ -84,7 +78,7 @@ def _backward(gy, x, a, has_add, m, mode, slope, gx, half_w, width, count):
 def maxpool2x2_forward(x, out=None):
     """y = each 2x2 window's selected element: its first NaN, else its first maximum."""
     x = Operand("x", x, 4)
-    shape = pooled_shape(x.shape)
+    shape = halved_shape(x.shape)
     out_op, y = output("out", out, shape, x)
     count = int(np.prod(shape))
     if count:
@@ -97,7 +91,7 @@ def maxpool2x2_backward(gy, x, out=None, add=None, relu_output=None, leaky_slope
     """gy routed to each window's selected element (+0 to the others), added to `add` (add
     first), then masked by relu_output (numerics §10, §9b)."""
     gy, x = Operand("gy", gy, 4), Operand("x", x, 4)
-    shape = pooled_shape(x.shape)
+    shape = halved_shape(x.shape)
     if gy.shape != shape:
         raise ValueError(f"gy has shape {gy.shape}, expected {shape}")
     if add is not None:

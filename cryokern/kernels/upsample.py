@@ -4,6 +4,7 @@ thread reads its own mask element before writing it, so `out` may be `relu_outpu
 import numpy as np
 from numba import cuda
 
+from ..contract import halved_shape
 from .activation import NO_MASK, THREADS, Mask, blocks, masked
 from .arrays import Operand, launch_stream, output, result
 
@@ -43,14 +44,11 @@ def upsample2x_forward(x, out=None):
 def upsample2x_backward(gy, out=None, relu_output=None, leaky_slope=None):
     """gx = ((g00 + g01) + g10) + g11 of each 2x2 block of gy, then the mask (§11, §9b)."""
     gy = Operand("gy", gy, 4)
-    n, c, h, w = gy.shape
-    if h % 2 or w % 2:
-        raise ValueError(f"the gradient of a x2 upsampling has even sides, got {h} x {w}")
-    shape = (n, c, h // 2, w // 2)
+    shape = halved_shape(gy.shape, "the gradient of a x2 upsampling")
     mask = Mask(relu_output, leaky_slope, shape)
     out_op, gx = output("out", out, shape, gy)
     count = int(np.prod(shape))
     if count:
         _backward[blocks(count), THREADS, launch_stream()](
-            gy.device.reshape(gy.device.size), *mask.args(), gx.reshape(count), w // 2, count)
+            gy.device.reshape(gy.device.size), *mask.args(), gx.reshape(count), shape[3], count)
     return result(out_op, gx, gy)

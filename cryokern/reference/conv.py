@@ -2,7 +2,7 @@
 chains (docs/numerics.md)."""
 import numpy as np
 
-from ..contract import TILE_H, TILE_W, tile_grid
+from ..contract import TILE_H, TILE_W, concatenated_channels, tile_grid
 from .activation import activate, mask_gradient
 from .arrays import f32_array as _f32, finish as _finish
 from .fma import fma32
@@ -20,8 +20,7 @@ def _concatenated(x, x2):
     if x2 is None:
         return x
     x2 = _f32("x2", x2, 4)
-    if x2.shape[0] != x.shape[0] or x2.shape[2:] != x.shape[2:]:
-        raise ValueError(f"x {x.shape} and x2 {x2.shape} differ in batch or image size")
+    concatenated_channels(x.shape, x2.shape)
     return np.concatenate([x, x2], axis=1)
 
 

@@ -2,17 +2,11 @@
 (numerics §10)."""
 import numpy as np
 
+from ..contract import halved_shape
 from .activation import mask_gradient
 from .arrays import f32_array, finish, same_shape
 
 OFFSETS = ((0, 0), (0, 1), (1, 0), (1, 1))     # a window's elements, in row-major order
-
-
-def pooled_shape(shape):
-    n, c, h, w = shape
-    if h % 2 or w % 2:
-        raise ValueError(f"2x2 max-pooling needs even sides, got {h} x {w}")
-    return n, c, h // 2, w // 2
 
 
 def _windows(x):
@@ -37,7 +31,7 @@ def selection(x):
 def maxpool2x2_forward(x, out=None):
     """y[n,c,i,j] = the selected element of x[n,c,2i:2i+2,2j:2j+2], copied."""
     x = f32_array("x", x, 4)
-    pooled_shape(x.shape)
+    halved_shape(x.shape)
     stacked = np.stack(_windows(x), axis=-1)
     y = np.take_along_axis(stacked, selection(x)[..., None], axis=-1)[..., 0]
     return finish(y, out)
@@ -48,7 +42,7 @@ def maxpool2x2_backward(gy, x, out=None, add=None, relu_output=None, leaky_slope
     (one float32 addition, add first); then the optional mask of relu_output (numerics §9b)."""
     gy = f32_array("gy", gy, 4)
     x = f32_array("x", x, 4)
-    same_shape("gy", gy, pooled_shape(x.shape))
+    same_shape("gy", gy, halved_shape(x.shape))
     chosen = selection(x)
     gx = np.empty_like(x)
     for k, (a, b) in enumerate(OFFSETS):

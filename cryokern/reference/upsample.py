@@ -1,6 +1,7 @@
 """x2 nearest-neighbour upsampling and its gradient, a fixed four-term sum (numerics §11)."""
 import numpy as np
 
+from ..contract import halved_shape
 from .activation import mask_gradient
 from .arrays import f32_array, finish, same_shape
 
@@ -15,9 +16,7 @@ def upsample2x_backward(gy, out=None, relu_output=None, leaky_slope=None):
     """gx[i,j] = ((gy[2i,2j] + gy[2i,2j+1]) + gy[2i+1,2j]) + gy[2i+1,2j+1] in float32, then the
     optional mask of relu_output (numerics §9b)."""
     gy = f32_array("gy", gy, 4)
-    n, c, h, w = gy.shape
-    if h % 2 or w % 2:
-        raise ValueError(f"the gradient of a x2 upsampling has even sides, got {h} x {w}")
+    halved_shape(gy.shape, "the gradient of a x2 upsampling")
     gx = ((gy[:, :, 0::2, 0::2] + gy[:, :, 0::2, 1::2]) + gy[:, :, 1::2, 0::2]) \
         + gy[:, :, 1::2, 1::2]
     if relu_output is not None:
