@@ -152,6 +152,7 @@ class Mpi(Single):
     def abort(self, status):
         sys.stdout.flush()
         sys.stderr.flush()
+        wait_until_read((1, 2))
         self.comm.Abort(status)
 
 
@@ -227,6 +228,26 @@ class Nccl(Single):
     def abort(self, status):
         self.device_comm.abort()
         self.host.abort(status)
+
+
+def wait_until_read(fds, limit_s=5.0):
+    """Wait (at most limit_s) until the readers of those of `fds` that are pipes have read
+    all that was written to them. mpiexec forwards a rank's output through a pipe; after an
+    MPI abort it may kill its forwarder before that drained the pipe, losing the line that
+    says why the run ended (seen under load on a 2-core machine)."""
+    import fcntl
+    import stat
+    import termios
+    deadline = time.monotonic() + limit_s
+    for fd in fds:
+        try:
+            if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+                continue
+            while (time.monotonic() < deadline
+                   and int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, bytes(4)), sys.byteorder)):
+                time.sleep(0.01)
+        except OSError:     # closed, or a pipe without FIONREAD: nothing to wait for
+            continue
 
 
 def world():

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 import mrcfile
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 from cryokern.data import PairedImages, Subset, epoch_batches
-from cryokern.distributed import block
+from cryokern.distributed import block, wait_until_read
 from test_train import data_args, make_pair, npz
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -192,3 +193,23 @@ def test_blocks_put_every_image_at_its_own_row():
                 rows += [rank * per + k for k in range(stop - first)]
                 assert first <= stop
             assert rows == list(range(images)), (images, size)
+
+
+def test_an_abort_waits_until_the_launcher_has_read_the_last_line():
+    """A pipe's reader that takes 0.3 s: wait_until_read returns once it has read all."""
+    reader, writer = os.pipe()
+    os.write(writer, b"cryokern.train: failed: ... [rank 1 of 2]\n")
+    took = []
+    threading.Thread(target=lambda: (time.sleep(0.3), took.append(os.read(reader, 100)))).start()
+    wait_until_read((writer,), limit_s=10)
+    assert took and took[0].endswith(b"[rank 1 of 2]\n")
+    os.close(reader), os.close(writer)
+
+
+def test_an_abort_waits_no_longer_than_its_limit_for_a_reader():
+    reader, writer = os.pipe()
+    os.write(writer, b"nobody reads this\n")
+    started = time.monotonic()
+    wait_until_read((writer, 2), limit_s=0.2)     # and a stderr that may be no pipe
+    assert 0.2 <= time.monotonic() - started < 2
+    os.close(reader), os.close(writer)
