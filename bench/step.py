@@ -17,7 +17,7 @@ from numba import cuda
 from cryokern.backends import Eager, get_backend
 from cryokern import kernels as K
 from cryokern.model import Network, init_params
-from cryokern.step import DEFAULT_PASS_PIXELS, OptimizerConfig, TrainStep
+from cryokern.step import OptimizerConfig, TrainStep
 
 
 def _device_name():
@@ -159,8 +159,9 @@ def main():
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--pass-pixels", type=int, default=DEFAULT_PASS_PIXELS,
-                    help="cryokern's passes (fewer pixels: less memory, a little slower)")
+    ap.add_argument("--pass-pixels", type=int,
+                    help="cryokern's passes (fewer pixels: less memory, a little slower; "
+                         "default train's)")
     args = ap.parse_args()
     n, s = args.batch, args.size
     rng = np.random.default_rng(0)

@@ -7,12 +7,13 @@ from .backends import Eager
 from .distributed import Single
 from .model import UNet, forward, unet_forward
 
-# A batch runs in passes of at most this many pixels (whole images, at least one per pass),
-# so that the activations of a pass are held, not the batch's: 8M pixels are ~1 GiB of the
-# default network's activations. Smaller passes hold less and cost some speed (H100, 4x1024^2:
-# one pass 3.3 ms and 606 MiB; passes of 2 images 3.6 ms and 320 MiB); the bits are the same.
-DEFAULT_PASS_PIXELS = 1 << 23
-
+# A batch runs in passes of whole images (at least one per pass), so that the activations of
+# a pass are held, not the batch's. By default a pass holds as many images as 1 GiB of
+# activations allows (pass_pixels_for): 8.1M pixels for the chain 1,16,16,1, 0.67M for the
+# 48-wide U-Net (~400 floats a pixel), so that a network of any width trains on a GPU of a
+# few GiB. Smaller passes hold less and cost some speed (H100, chain, 4x1024^2: one pass
+# 3.3 ms and 606 MiB; passes of 2 images 3.6 ms and 320 MiB); the bits are the same.
+DEFAULT_PASS_BYTES = 1 << 30
 
 @dataclass(frozen=True)
 class OptimizerConfig:
@@ -52,10 +53,10 @@ class TrainStep:
     """
 
     def __init__(self, backend, network, params, optimizer: OptimizerConfig,
-                 state=None, step=0, pass_pixels=DEFAULT_PASS_PIXELS, comm=None):
+                 state=None, step=0, pass_pixels=None, comm=None):
         self.backend = backend
         self.comm = comm or Single()
-        self.pass_pixels = pass_pixels
+        self.pass_pixels = pass_pixels or pass_pixels_for(network)
         self.network = network
         self.optimizer = optimizer
         self.step = step
@@ -70,8 +71,7 @@ class TrainStep:
         state = state or {}
         self.state = {s: backend.to_device(state[s]) if s in state else backend.zeros(shape)
                       for k, shape in shapes.items() for s in optimizer.state_names(k)}
-        self._layers = (_UNetPass if isinstance(network, UNet) else _ChainPass)(
-            backend, network, self.params)
+        self._layers = _pass_layers(network)(backend, network, self.params)
         self._workspaces = {}
         self._sums = {}
         self._sse = None
@@ -227,9 +227,13 @@ class _ChainPass:
     def channels(self):
         return self.network.channels[0], self.network.channels[-1]
 
+    @staticmethod
+    def workspace_shapes(network, per, h, w):
+        """acts[1..depth]'s shapes for passes of up to `per` images."""
+        return [(per, c, h, w) for c in network.channels[1:]]
+
     def workspace(self, per, h, w):
-        """acts[1..depth] for passes of up to `per` images."""
-        return [self.backend.empty((per, c, h, w)) for c in self.network.channels[1:]]
+        return [self.backend.empty(s) for s in self.workspace_shapes(self.network, per, h, w)]
 
     def forward(self, x, workspace, m):
         acts = [x] + [a[:m] for a in workspace]
@@ -261,11 +265,17 @@ class _UNetPass:
     def channels(self):
         return self.network.in_channels, self.network.out_channels
 
-    def workspace(self, per, h, w):
-        shapes = self.network.activation_shapes(per, h, w)
-        for level in range(self.network.levels):
+    @staticmethod
+    def workspace_shapes(network, per, h, w):
+        """{name: shape}: the forward pass's arrays and the skip connections' gradients."""
+        shapes = network.activation_shapes(per, h, w)
+        for level in range(network.levels):
             shapes[f"skip.{level}"] = shapes[f"enc.{level}.1"]
-        return {name: self.backend.empty(shape) for name, shape in shapes.items()}
+        return shapes
+
+    def workspace(self, per, h, w):
+        return {name: self.backend.empty(shape) for name, shape in
+                self.workspace_shapes(self.network, per, h, w).items()}
 
     def forward(self, x, workspace, m):
         acts = {name: a[:m] for name, a in workspace.items()}
@@ -316,3 +326,21 @@ class _UNetPass:
             weights(f"enc.{level}.conv0", e0, source)
             if level > 0:
                 data(f"enc.{level}.conv0", e0, source, masked=False)
+
+
+def _pass_layers(network):
+    return _UNetPass if isinstance(network, UNet) else _ChainPass
+
+
+def workspace_bytes(network, per, h, w):
+    """Device bytes of one pass's work arrays (float32) for `per` images of h x w."""
+    shapes = _pass_layers(network).workspace_shapes(network, per, h, w)
+    if isinstance(shapes, dict):
+        shapes = shapes.values()
+    return 4 * sum(int(np.prod(s)) for s in shapes)
+
+
+def pass_pixels_for(network, budget=DEFAULT_PASS_BYTES):
+    """The default pass size: the pixels whose work arrays fit `budget` bytes (measured on a
+    1024 x 1024 image, on every U-Net's pooling grid up to ten poolings)."""
+    return max(1, budget * (1 << 20) // workspace_bytes(network, 1, 1024, 1024))

@@ -27,7 +27,7 @@ from .inference import Model
 from .model import DEFAULT_UNET_WIDTHS, Network, UNet, init_params, network_from_description
 from .mrcstack import DataError
 from .options import add_files, finite, refuse
-from .step import DEFAULT_PASS_PIXELS, OptimizerConfig, TrainStep
+from .step import DEFAULT_PASS_BYTES, OptimizerConfig, TrainStep
 
 EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 RUN_FILES = ("config.json", "metrics.jsonl", "last.npz", "best.npz", "loss.png")
@@ -107,9 +107,11 @@ def build_parser():
     t.add_argument("--leaky-slope", type=float, default=DEFAULT_LEAKY_SLOPE, metavar="S",
                    help="the U-Net's LeakyReLU slope for negative inputs (default 0.1)")
     t.add_argument("--init", choices=("pytorch", "he-normal"), default="pytorch")
-    t.add_argument("--pass-pixels", type=int, default=DEFAULT_PASS_PIXELS, metavar="N",
+    t.add_argument("--pass-pixels", type=int, metavar="N",
                    help="run each batch in passes of at most N pixels (whole images): less "
-                        "device memory, a little slower, the same bits (default 8388608)")
+                        "device memory, a little slower, the same bits (default: as many as "
+                        f"{DEFAULT_PASS_BYTES >> 30} GiB of activations hold, 8.1M pixels for "
+                        "the chain 1,16,16,1, 0.67M for the 48-wide U-Net; at least one image)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
     t.add_argument("--gpus", type=int, default=1, metavar="N",
@@ -219,7 +221,8 @@ def check_options(opts):
              "--nesterov needs --optimizer sgd and a --momentum above 0"),
             (opts.save_every < 0, "--save-every must be positive"),
             (opts.keep_epochs < 0, "--keep-epochs must be positive (0: keep all)"),
-            (opts.pass_pixels < 1, "--pass-pixels must be at least 1"),
+            (opts.pass_pixels is not None and opts.pass_pixels < 1,
+             "--pass-pixels must be at least 1"),
             (opts.loader_threads < 0, "--loader-threads must be positive (0: automatic)"),
             (opts.loader_workers is not None and opts.loader_workers < 0,
              "--loader-workers must not be negative"),

@@ -4,8 +4,9 @@ import pytest
 
 from conftest import bits
 from cryokern.backends import get_backend
-from cryokern.model import Network, forward, init_params
-from cryokern.step import OptimizerConfig, TrainStep
+from cryokern.model import Network, UNet, forward, init_params
+from cryokern.step import (DEFAULT_PASS_BYTES, OptimizerConfig, TrainStep, pass_pixels_for,
+                            workspace_bytes)
 
 
 def test_default_network_has_2625_parameters():
@@ -123,3 +124,18 @@ def test_a_batch_run_in_passes_gives_the_bits_of_one_pass(backend, opt):
     for got, want in ((t2.host_params(), t1.host_params()), (t2.host_state(), t1.host_state())):
         for k in want:
             assert np.array_equal(bits(got[k]), bits(want[k])), k
+
+
+@pytest.mark.parametrize("net", [Network(), Network((1, 48, 96, 1)), UNet(),
+                                 UNet(widths=(8, 16, 24))])
+def test_the_default_pass_holds_what_its_memory_budget_allows(net):
+    """The default pass size is the network's: the work arrays a pass allocates are the
+    bytes workspace_bytes counts, and as many whole images as fit DEFAULT_PASS_BYTES."""
+    per_pixel = workspace_bytes(net, 1, 64, 64) / 64 ** 2
+    trainer = TrainStep(get_backend("reference"), net, init_params(net, 0), OptimizerConfig())
+    assert trainer.pass_pixels == pass_pixels_for(net) == int(DEFAULT_PASS_BYTES // per_pixel)
+    images = trainer.pass_pixels // (64 * 64)
+    arrays = trainer._layers.workspace(images, 64, 64)
+    allocated = sum(a.nbytes for a in (arrays.values() if isinstance(arrays, dict) else arrays))
+    assert allocated == workspace_bytes(net, images, 64, 64) <= DEFAULT_PASS_BYTES
+    assert workspace_bytes(net, images + 1, 64, 64) > DEFAULT_PASS_BYTES
