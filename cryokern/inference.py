@@ -112,21 +112,25 @@ class TiledDenoiser:
             self.capacity = pixels
 
     def _unet_buffers(self, h, w):
-        """The input and a U-Net forward pass's arrays for an h x w window, views of two flat
-        device buffers kept for the largest window."""
-        shapes = self.model.network.activation_shapes(1, h, w)
-        sizes = {name: int(np.prod(s)) for name, s in shapes.items()}
-        total = sum(sizes.values())
+        """The input and a U-Net forward pass's arrays for an h x w window: views of one flat
+        device buffer kept for the largest window, arrays whose lifetimes do not overlap
+        sharing memory (UNet.inference_buffers)."""
+        net = self.model.network
+        home, sizes = net.inference_buffers(1, h, w)
         if h * w > self.capacity:
             self._input = self.backend.empty((h * w,))
             self.capacity = h * w
+        total = sum(sizes.values())
         if total > self._acts_size:
             self._flat = self.backend.empty((total,))
             self._acts_size = total
-        acts, at = {}, 0
-        for name, shape in shapes.items():
-            acts[name] = self._flat[at:at + sizes[name]].reshape(shape)
-            at += sizes[name]
+        starts, at = {}, 0
+        for buffer, size in sizes.items():
+            starts[buffer], at = at, at + size
+        acts = {}
+        for name, shape in net.activation_shapes(1, h, w).items():
+            start = starts[home[name]]
+            acts[name] = self._flat[start:start + int(np.prod(shape))].reshape(shape)
         return self._input[:h * w].reshape(1, 1, h, w), acts
 
     def device_bytes(self):
