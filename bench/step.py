@@ -199,7 +199,7 @@ def main():
     flops = 2 * n * s * s * 16 * 16 * 9
     print(f"\n{datetime.date.today()}  {_device_name()}  "
           f"batch {n}x1x{s}x{s}, default network, SGD momentum, {args.steps} steps, "
-          f"{len(trainer._passes(x.shape))} pass(es) of <= {args.pass_pixels} pixels")
+          f"{len(trainer._passes(x.shape))} pass(es) of <= {trainer.pass_pixels} pixels")
     print(f"{'what':38s} {'median ms':>10s} {'min':>8s} {'max':>8s} {'images/s':>9s}")
     for name, med, lo, hi in rows:
         print(f"{name:38s} {med:10.3f} {lo:8.3f} {hi:8.3f} {n / med * 1e3:9.0f}")
