@@ -532,15 +532,16 @@ class Run:
         return self.backend.to_device(noisy), self.backend.to_device(clean)
 
     def close_epoch(self, epoch, last):
-        """The epoch's end queued behind its last step: the state's copy to the host and the
-        validation pass; then the last step's loss read (`last`, queue_epoch's; the device
-        runs the validation meanwhile). The run moves on to the next epoch; finish_epoch
-        writes this one's end once the next epoch's first step is queued."""
-        snapshot = self.step.snapshot()
-        validation = self.queue_validation() if self.val is not None else None
+        """The epoch's last step's loss read (`last`, queue_epoch's: the epoch's time ends
+        there, as the synchronous backends see it too), then its end queued behind it: the
+        validation pass and the state's copy to the host. The run moves on to the next epoch;
+        finish_epoch writes this one's end once the next epoch's first step is queued, while
+        the device runs the validation and that step."""
         if last is not None:
             last()
-        self._ending = EpochEnd(epoch, self.meter, self.step.step, snapshot, validation)
+        validation = self.queue_validation() if self.val is not None else None
+        self._ending = EpochEnd(epoch, self.meter, self.step.step, self.step.snapshot(),
+                                validation)
         self.position, self.meter = {"epoch": epoch + 1, "batch": 0}, LossMeter()
 
     def finish_epoch(self):
