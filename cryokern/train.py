@@ -442,7 +442,8 @@ class Run:
             self._loader = self.loader(self.train, specs, "train", depth=3)
             self._batches = iter(self._loader)
         self._loader_at = (epoch + 1, 0)
-        return itertools.islice(self._batches, -(-len(self.train) // self.opts.batch_size) - first)
+        batches = -(-len(self.train) // self.opts.batch_size)
+        return itertools.islice(self._batches, batches - first)
 
     def close_loader(self):
         if self._loader is not None:
