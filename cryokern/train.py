@@ -13,6 +13,7 @@ import resource
 import sys
 import time
 import warnings
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ RESUME_MAY_CHANGE = {"epochs", "device", "out", "resume", "force", "save_every",
 DEFAULT_LR = {"sgd": 0.01, "adam": 1e-3}
 PLOT_EVERY_S = 5.0              # loss.png is drawn at most this often, and after the last epoch
 VAL_KEPT_BYTES = 256 << 20      # a validation set up to this size stays on the device
+WRITES_IN_FLIGHT = 2            # checkpoints queued on the writer thread at most
 UNET_OPTIONS = ("unet_widths", "residual", "leaky_slope")
 
 
@@ -337,7 +339,7 @@ class Run:
         # epoch in turn, checkpoints are encoded and written by a thread, loss.png is redrawn
         # at most every PLOT_EVERY_S, a small validation set is kept on the device
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
-        self._writing = None
+        self._writing = deque()
         self._plotted_at, self._plotted_epoch = time.monotonic(), None   # first after PLOT_EVERY_S
         self._val_batches = None
         self._loader = self._batches = None
@@ -362,17 +364,18 @@ class Run:
     def save_snapshot(self, snapshot, names, meta, epoch=None):
         """A state (TrainStep.snapshot) under every name (one file, hard-linked:
         checkpoint.write), encoded and written on the writer thread while training goes on.
-        The previous write is finished first, so files appear in order and its error (a full
-        disk) is raised here. With `epoch` (its number, from 1), epoch files beyond
+        Files appear in order (one thread); the writes beyond WRITES_IN_FLIGHT - 1 are
+        finished first (a slow disk's fsync may take longer than an epoch), and their error (a
+        full disk) is raised here. With `epoch` (its number, from 1), epoch files beyond
         --keep-epochs are deleted after the write."""
         params, state = snapshot.result()
         if not all(np.isfinite(a).all() for a in params.values()):
             raise Diverged(f"the weights became NaN or Inf at step {meta['step']}")
         if not self.lead:
             return
-        self.finish_writing()
-        self._writing = self._writer.submit(self._write, [self.out / n for n in names],
-                                            params, state, meta, epoch)
+        self.finish_writing(keep=WRITES_IN_FLIGHT - 1)
+        self._writing.append(self._writer.submit(self._write, [self.out / n for n in names],
+                                                 params, state, meta, epoch))
 
     def _write(self, paths, params, state, meta, epoch):
         checkpoint.write(paths, checkpoint.encode(params, state, meta))
@@ -383,11 +386,11 @@ class Run:
                 if number.isdigit() and int(number) <= epoch - keep:
                     path.unlink(missing_ok=True)
 
-    def finish_writing(self):
-        """Wait for the checkpoint being written; raise its error."""
-        if self._writing is not None:
-            writing, self._writing = self._writing, None
-            writing.result()
+    def finish_writing(self, keep=0):
+        """Wait for the checkpoints being written, oldest first, until `keep` are left; raise
+        their error."""
+        while len(self._writing) > keep:
+            self._writing.popleft().result()
 
     def agree_range(self, meter):
         """The meter's target range over every rank's images (each rank saw its own)."""

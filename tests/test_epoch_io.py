@@ -160,3 +160,23 @@ def test_an_interrupt_before_the_next_epochs_first_step_writes_the_queued_epoch_
     assert (out / "last.npz").read_bytes() == (out / "epoch_0001.npz").read_bytes()
     assert T.main(["--resume", "--out", str(out)]) == 0
     assert [r["epoch"] for r in metrics(out)] == [1, 2]
+
+
+def test_a_failed_checkpoint_write_stops_the_run_with_its_error(tmp_path, monkeypatch):
+    """Writes run behind training (up to WRITES_IN_FLIGHT queued): a failed one is raised at
+    a later save, the run stops, and the files written before it stay whole."""
+    write, calls = checkpoint.write, []
+
+    def fail_third(paths, data):
+        calls.append(paths[0].name)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        write(paths, data)
+    monkeypatch.setattr(checkpoint, "write", fail_third)
+    with pytest.raises(OSError, match="No space"):
+        run(tmp_path, "--epochs", "8")
+    out = tmp_path / "run"
+    assert calls[2] == "epoch_0003.npz" and not (out / "epoch_0003.npz").exists()
+    assert len(calls) <= 2 + T.WRITES_IN_FLIGHT + 1 < 8
+    assert json.loads(str(npz(out / "epoch_0002.npz")["meta"]))["step"] > 0
+    assert not list(out.glob(".tmp-*"))
