@@ -34,7 +34,7 @@ class Backend:
             lambda arrays: Ready({k: np.array(a, copy=True) for k, a in arrays.items()}))
         # uploads().put(*host arrays) -> the backend's arrays (see kernels.transfer.Uploads)
         self.uploads = uploads or HostUploads
-        # recorder().run(arrays, queue): queue() as it is, or replayed from a recording of it
+        # recorder(keep).run(arrays, queue, kind): queue() as it is, or replayed from a recording
         # (kernels.graph.Recorder: CUDA graphs)
         self.recorder = recorder or Eager
 
@@ -74,7 +74,7 @@ class Eager:
     def __init__(self, keep=None):      # Recorder's signature; nothing is kept
         pass
 
-    def run(self, arrays, queue):
+    def run(self, arrays, queue, kind=None):
         queue()
 
 

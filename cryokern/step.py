@@ -78,8 +78,8 @@ class TrainStep:
         self._sums = {}
         self._sse = None
         # a recording would hold the collective too: not done yet, so ranks launch eagerly
-        self._recorder = backend.recorder() if self.comm.size == 1 else Eager()
-        self._loss_recorder = backend.recorder(keep=LOSS_GRAPHS) if self.comm.size == 1 \
+        # the step's graphs (a few: one per upload slot and batch shape) and the validation's
+        self._recorder = backend.recorder(keep=4 + LOSS_GRAPHS) if self.comm.size == 1 \
             else Eager()
 
     def _passes(self, shape):
@@ -159,7 +159,7 @@ class TrainStep:
                 self._loss_sums(x, target, count, mine, first, stop)
             self._fold(sums, images, {"loss": self._sse})
         if record:
-            self._loss_recorder.run((x, target), queue)
+            self._recorder.run((x, target), queue, kind="loss")
         else:
             queue()
         return self.backend.fetch(self._sse), count
