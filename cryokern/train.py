@@ -344,6 +344,7 @@ class Run:
         self._val_batches = None
         self._loader = self._batches = None
         self._loader_at = None          # (epoch, batch) the training loader gives next
+        self._loader_end = None         # the epoch it stops before
         self._ending = None             # an epoch's end queued, not yet written
 
     def meta(self, step, position, partial):
@@ -441,10 +442,11 @@ class Run:
         epoch left in turn (made anew where a caller skips about, as bench/quality.py does)."""
         if self._loader_at != (epoch, first):
             self.close_loader()
-            specs = self.training_specs(epoch, first, max(self.opts.epochs, epoch + 1))
+            self._loader_end = max(self.opts.epochs, epoch + 1)
+            specs = self.training_specs(epoch, first, self._loader_end)
             self._loader = self.loader(self.train, specs, "train", depth=3)
             self._batches = iter(self._loader)
-        self._loader_at = (epoch + 1, 0)
+        self._loader_at = (epoch + 1, 0) if epoch + 1 < self._loader_end else None
         batches = -(-len(self.train) // self.opts.batch_size)
         return itertools.islice(self._batches, batches - first)
 

@@ -180,3 +180,18 @@ def test_a_failed_checkpoint_write_stops_the_run_with_its_error(tmp_path, monkey
     assert len(calls) <= 2 + T.WRITES_IN_FLIGHT + 1 < 8
     assert json.loads(str(npz(out / "epoch_0002.npz")["meta"]))["step"] > 0
     assert not list(out.glob(".tmp-*"))
+
+
+def test_epochs_run_one_by_one_beyond_the_options_get_their_batches(tmp_path):
+    """bench/quality.py's loop: Run.train_epoch epoch after epoch, past --epochs; each runs
+    its own batches (a new loader once the run's covers no more epochs)."""
+    opts = T.build_parser().parse_args(data_args(make_pair(tmp_path)) + RUN + [
+        "--epochs", "1", "--out", str(tmp_path / "r")])
+    run = T.start(opts, set())
+    try:
+        for epoch in range(3):
+            run.train_epoch(epoch)
+            assert run.position == {"epoch": epoch, "batch": 2} and run.step.step == 2 * epoch + 2
+            run.position, run.meter = {"epoch": epoch + 1, "batch": 0}, T.LossMeter()
+    finally:
+        run.close_loader()
