@@ -12,7 +12,7 @@ class Backend:
 
     def __init__(self, name, ops, to_device, to_host, empty, synchronize=lambda: None,
                  host_empty=None, copy_in=None, copy_out=None, empty64=None, fetch=None,
-                 uploads=None, recorder=None):
+                 fetch_arrays=None, uploads=None, recorder=None):
         self.name = name
         self.ops = ops
         self.to_device = to_device
@@ -28,9 +28,13 @@ class Backend:
         # scalar's value: on the GPU the copy is queued behind the step and only result() waits
         self.empty64 = empty64 or (lambda shape: np.zeros(shape, np.float64))
         self.fetch = fetch or (lambda scalar: Ready(float(scalar[0])))
+        # fetch_arrays({key: array}).result(): NumPy copies of the arrays as the work queued so
+        # far leaves them (a checkpoint's state while later steps run); one wait for them all
+        self.fetch_arrays = fetch_arrays or (
+            lambda arrays: Ready({k: np.array(a, copy=True) for k, a in arrays.items()}))
         # uploads().put(*host arrays) -> the backend's arrays (see kernels.transfer.Uploads)
         self.uploads = uploads or HostUploads
-        # recorder().run(arrays, queue): queue() as it is, or replayed from a recording of it
+        # recorder(keep).run(arrays, queue, kind): queue() as it is, or replayed from a recording
         # (kernels.graph.Recorder: CUDA graphs)
         self.recorder = recorder or Eager
 
@@ -67,7 +71,10 @@ class HostUploads:
 class Eager:
     """Runs every queue of work as it is: nothing to record on the reference."""
 
-    def run(self, arrays, queue):
+    def __init__(self, keep=None):      # Recorder's signature; nothing is kept
+        pass
+
+    def run(self, arrays, queue, kind=None):
         queue()
 
 

@@ -220,7 +220,11 @@ class BatchLoader:
 
     The images are filled by `workers` threads of this process, or, given `pool` (a
     loader_workers.WorkerPool, whose `empty` buffers must then be the `buffers`), by its worker
-    processes, out of this process's GIL. Either way, the same bytes."""
+    processes, out of this process's GIL. Either way, the same bytes.
+
+    `specs` may be any iterable, read on the loader's thread as it goes: train passes the
+    batches of every epoch left, so that the next epoch's first batches are read while the
+    last steps of an epoch run, and no epoch starts by waiting for the disk."""
 
     def __init__(self, subset, specs, normalize, buffers, workers=None, pool=None):
         # reading and converting is CPU-bound (several passes over each image): the images of
@@ -255,15 +259,18 @@ class BatchLoader:
                     for job in jobs:
                         job.add_done_callback(self._pending.discard)
                 self._ready.put((noisy, clean, len(spec.indices), jobs))
+            self._ready.put(None)   # the end
         except BaseException as e:  # handed to the consumer, which raises it
             self._ready.put(e)
 
     def __iter__(self):
         previous = None
-        for _ in self._specs:
+        while True:
             if previous is not None:
                 self._free.put(previous)
             item = self._ready.get()
+            if item is None:
+                return
             if isinstance(item, BaseException):
                 raise item
             noisy, clean, n, jobs = item

@@ -14,6 +14,8 @@ from .model import UNet, forward, unet_forward
 # few GiB. Smaller passes hold less and cost some speed (H100, chain, 4x1024^2: one pass
 # 3.3 ms and 606 MiB; passes of 2 images 3.6 ms and 320 MiB); the bits are the same.
 DEFAULT_PASS_BYTES = 1 << 30
+# queue_loss(record=True) keeps this many recordings (CUDA graphs) of the validation's batches
+LOSS_GRAPHS = 8
 
 @dataclass(frozen=True)
 class OptimizerConfig:
@@ -76,7 +78,9 @@ class TrainStep:
         self._sums = {}
         self._sse = None
         # a recording would hold the collective too: not done yet, so ranks launch eagerly
-        self._recorder = backend.recorder() if self.comm.size == 1 else Eager()
+        # the step's graphs (a few: one per upload slot and batch shape) and the validation's
+        self._recorder = backend.recorder(keep=4 + LOSS_GRAPHS) if self.comm.size == 1 \
+            else Eager()
 
     def _passes(self, shape):
         """(first, stop) image ranges: the batch in passes of at most pass_pixels pixels."""
@@ -135,15 +139,30 @@ class TrainStep:
     def loss(self, x, target, images=None):
         """(sse, count) of the network's output on a batch of `images` images (default: x's),
         of which x holds this rank's, without a step (validation)."""
+        pending, count = self.queue_loss(x, target, images)
+        return pending.result(), count
+
+    def queue_loss(self, x, target, images=None, record=False):
+        """Queue loss(): returns (pending, count), pending.result() the sse. With `record`,
+        replayed from a recording (as launch() is) once these arrays have been seen: for
+        arrays that stay put (the validation batches kept on the device), at most
+        LOSS_GRAPHS of them, or each would be recorded anew every time."""
         self._check(x, target)
         images = x.shape[0] if images is None else images
         count = images * int(np.prod(target.shape[1:]))
-        sums = self._image_sums(images)
-        mine = self._mine(sums, images, x.shape[0])
-        for first, stop in self._passes(x.shape):
-            self._loss_sums(x, target, count, mine, first, stop)
-        self._fold(sums, images, {"loss": self._sse_scalar()})
-        return self.backend.fetch(self._sse).result(), count
+        self._sse_scalar()
+
+        def queue():
+            sums = self._image_sums(images)
+            mine = self._mine(sums, images, x.shape[0])
+            for first, stop in self._passes(x.shape):
+                self._loss_sums(x, target, count, mine, first, stop)
+            self._fold(sums, images, {"loss": self._sse})
+        if record:
+            self._recorder.run((x, target), queue, kind="loss")
+        else:
+            queue()
+        return self.backend.fetch(self._sse), count
 
     def _sse_scalar(self):
         if self._sse is None:           # one is enough: each fetch is queued before the next use
@@ -216,6 +235,25 @@ class TrainStep:
 
     def host_state(self):
         return {k: self.backend.to_host(v) for k, v in self.state.items()}
+
+    def snapshot(self):
+        """The parameters and optimizer state as the steps queued so far leave them, on their
+        way to the host behind those steps: result() is (params, state), NumPy copies, the
+        same as host_params() and host_state() then, whatever was queued after. One wait for
+        all of them (a checkpoint's state, read while the next steps run)."""
+        return _Snapshot(self.backend.fetch_arrays(
+            {**{("param", k): v for k, v in self.params.items()},
+             **{("state", k): v for k, v in self.state.items()}}))
+
+
+class _Snapshot:
+    def __init__(self, pending):
+        self._pending = pending
+
+    def result(self):
+        arrays = self._pending.result()
+        return ({k: a for (kind, k), a in arrays.items() if kind == "param"},
+                {k: a for (kind, k), a in arrays.items() if kind == "state"})
 
 
 class _ChainPass:

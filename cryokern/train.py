@@ -5,6 +5,7 @@ Exit status: 0 done, 2 bad input (one line naming the file and the problem; noth
 over), 3 the loss became NaN or Inf (the last good checkpoint is kept), 130 interrupted.
 """
 import argparse
+import itertools
 import json
 import math
 import os
@@ -12,6 +13,7 @@ import resource
 import sys
 import time
 import warnings
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,7 +29,7 @@ from .inference import Model
 from .model import DEFAULT_UNET_WIDTHS, Network, UNet, init_params, network_from_description
 from .mrcstack import DataError
 from .options import add_files, finite, refuse
-from .step import DEFAULT_PASS_BYTES, OptimizerConfig, TrainStep
+from .step import DEFAULT_PASS_BYTES, LOSS_GRAPHS, OptimizerConfig, TrainStep
 
 EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 RUN_FILES = ("config.json", "metrics.jsonl", "last.npz", "best.npz", "loss.png")
@@ -37,6 +39,7 @@ RESUME_MAY_CHANGE = {"epochs", "device", "out", "resume", "force", "save_every",
 DEFAULT_LR = {"sgd": 0.01, "adam": 1e-3}
 PLOT_EVERY_S = 5.0              # loss.png is drawn at most this often, and after the last epoch
 VAL_KEPT_BYTES = 256 << 20      # a validation set up to this size stays on the device
+WRITES_IN_FLIGHT = 2            # checkpoints queued on the writer thread at most
 UNET_OPTIONS = ("unet_widths", "residual", "leaky_slope")
 
 
@@ -333,40 +336,53 @@ class Run:
                 if backend.name == "gpu" and not opts.loader_threads else 0
         self.workers = loader_workers.WorkerPool(workers, pin=backend.name == "gpu") \
             if workers else None
-        # per-epoch work kept small beside a short epoch (a few dozen images): checkpoints
-        # written by a thread, loss.png redrawn at most every PLOT_EVERY_S, a small validation
-        # set kept on the device, the next epoch's loader reading during the epoch's end
+        # per-epoch work kept small beside a short epoch (a few dozen images): epochs overlap
+        # (an epoch's end is queued on the device behind its last step, and written while the
+        # next epoch's first step runs: close_epoch, finish_epoch), one loader reads every
+        # epoch in turn, checkpoints are encoded and written by a thread, loss.png is redrawn
+        # at most every PLOT_EVERY_S, a small validation set is kept on the device
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
-        self._writing = None
+        self._writing = deque()
         self._plotted_at, self._plotted_epoch = time.monotonic(), None   # first after PLOT_EVERY_S
         self._val_batches = None
-        self._next_loader = None
+        self._loader = self._batches = None
+        self._loader_at = None          # (epoch, batch) the training loader gives next
+        self._loader_end = None         # the epoch it stops before
+        self._ending = None             # an epoch's end queued, not yet written
 
-    def save(self, *names, epoch=None):
-        """The state now under every name (one file, hard-linked: checkpoint.write), written
-        on the writer thread while training goes on. The previous write is finished first,
-        so files appear in order and its error (a full disk) is raised here. With `epoch`
-        (its number, from 1), epoch files beyond --keep-epochs are deleted after the write.
-        Every rank comes here (the meter's range is agreed); rank 0 writes."""
+    def meta(self, step, position, partial):
+        """A checkpoint's meta: the state after `step` steps, `position` the next batch."""
+        return {"network": self.network.describe(),
+                "optimizer": asdict(self.step.optimizer), "step": step,
+                "epoch": position["epoch"], "position": position, "partial": partial,
+                "best_mse": self.best, "seed": self.opts.seed, "normalize": self.opts.normalize,
+                "crop": self.opts.crop, "options": vars(self.opts), "data": self.description}
+
+    def save(self, *names):
+        """The state now under every name (--save-every's last.npz). Every rank comes here (the
+        meter's range is agreed); rank 0 writes."""
         self.agree_range(self.meter)
-        meta = {"network": self.network.describe(),
-                "optimizer": asdict(self.step.optimizer), "step": self.step.step,
-                "epoch": self.position["epoch"], "position": self.position,
-                "partial": self.meter.to_json(), "best_mse": self.best, "seed": self.opts.seed,
-                "normalize": self.opts.normalize, "crop": self.opts.crop,
-                "options": vars(self.opts), "data": self.description}
-        params = self.step.host_params()
+        self.save_snapshot(self.step.snapshot(), names,
+                           self.meta(self.step.step, self.position, self.meter.to_json()))
+
+    def save_snapshot(self, snapshot, names, meta, epoch=None):
+        """A state (TrainStep.snapshot) under every name (one file, hard-linked:
+        checkpoint.write), encoded and written on the writer thread while training goes on.
+        Files appear in order (one thread); the writes beyond WRITES_IN_FLIGHT - 1 are
+        finished first (a slow disk's fsync may take longer than an epoch), and their error (a
+        full disk) is raised here. With `epoch` (its number, from 1), epoch files beyond
+        --keep-epochs are deleted after the write."""
+        params, state = snapshot.result()
         if not all(np.isfinite(a).all() for a in params.values()):
-            raise Diverged(f"the weights became NaN or Inf at step {self.step.step}")
+            raise Diverged(f"the weights became NaN or Inf at step {meta['step']}")
         if not self.lead:
             return
-        data = checkpoint.encode(params, self.step.host_state(), meta)
-        self.finish_writing()
-        self._writing = self._writer.submit(self._write, [self.out / n for n in names], data,
-                                            epoch)
+        self.finish_writing(keep=WRITES_IN_FLIGHT - 1)
+        self._writing.append(self._writer.submit(self._write, [self.out / n for n in names],
+                                                 params, state, meta, epoch))
 
-    def _write(self, paths, data, epoch):
-        checkpoint.write(paths, data)
+    def _write(self, paths, params, state, meta, epoch):
+        checkpoint.write(paths, checkpoint.encode(params, state, meta))
         keep = self.opts.keep_epochs
         if keep and epoch is not None:
             for path in self.out.glob("epoch_*.npz"):
@@ -374,11 +390,11 @@ class Run:
                 if number.isdigit() and int(number) <= epoch - keep:
                     path.unlink(missing_ok=True)
 
-    def finish_writing(self):
-        """Wait for the checkpoint being written; raise its error."""
-        if self._writing is not None:
-            writing, self._writing = self._writing, None
-            writing.result()
+    def finish_writing(self, keep=0):
+        """Wait for the checkpoints being written, oldest first, until `keep` are left; raise
+        their error."""
+        while len(self._writing) > keep:
+            self._writing.popleft().result()
 
     def agree_range(self, meter):
         """The meter's target range over every rank's images (each rank saw its own)."""
@@ -403,31 +419,62 @@ class Run:
             for call in calls:
                 call()
 
-    def batches(self, subset, epoch, first, shuffle, depth=3):
-        """A loader over this rank's blocks of the epoch's batches from batch `first` on,
-        `depth` batches ahead."""
+    def loader(self, subset, specs, role, depth):
+        """A loader over this rank's blocks of `specs` (batches), `depth` batches ahead, into
+        host buffers of its own `role` (the training loader reads on while a validation
+        pass streams)."""
         a, b = self.comm.block(self.opts.batch_size)
         shape = (max(1, b - a), 1) + subset.image_shape
-        if shape not in self._host_buffers:
+        if (role, shape) not in self._host_buffers:
             empty = self.workers.empty if self.workers else self.backend.host_empty
-            self._host_buffers[shape] = [tuple(empty(shape) for _ in "xy")
-                                         for _ in range(depth + 1)]
-        specs = [self.my_block(s) for s in epoch_batches(subset, self.opts.batch_size,
-                                                          self.opts.seed, epoch, shuffle)]
-        return BatchLoader(subset, specs[first:], self.opts.normalize, self._host_buffers[shape],
-                           self.opts.loader_threads or None, self.workers)
+            self._host_buffers[role, shape] = [tuple(empty(shape) for _ in "xy")
+                                               for _ in range(depth + 1)]
+        return BatchLoader(subset, (self.my_block(s) for s in specs), self.opts.normalize,
+                           self._host_buffers[role, shape], self.opts.loader_threads or None,
+                           self.workers)
+
+    def training_specs(self, epoch, first, epochs):
+        """The training batches of epochs epoch..epochs-1, from batch `first` of the first:
+        drawn epoch by epoch as the loader's thread reaches them."""
+        for e in range(epoch, epochs):
+            yield from epoch_batches(self.train, self.opts.batch_size, self.opts.seed, e,
+                                     shuffle=True)[first if e == epoch else 0:]
+
+    def training_batches(self, epoch, first):
+        """Epoch `epoch`'s batches from batch `first` on, from one loader that reads every
+        epoch left in turn (made anew where a caller skips about, as bench/quality.py does)."""
+        if self._loader_at != (epoch, first):
+            self.close_loader()
+            self._loader_end = max(self.opts.epochs, epoch + 1)
+            specs = self.training_specs(epoch, first, self._loader_end)
+            self._loader = self.loader(self.train, specs, "train", depth=3)
+            self._batches = iter(self._loader)
+        self._loader_at = (epoch + 1, 0) if epoch + 1 < self._loader_end else None
+        batches = -(-len(self.train) // self.opts.batch_size)
+        return itertools.islice(self._batches, batches - first)
+
+    def close_loader(self):
+        if self._loader is not None:
+            self._loader.close()
+            self._loader = self._batches = self._loader_at = None
 
     def train_epoch(self, epoch):
+        """One epoch's steps, ended when its last step's loss is back (the epoch alone, as
+        bench/quality.py runs it; run() overlaps epochs)."""
+        last = self.queue_epoch(epoch)
+        if last is not None:
+            last()
+
+    def queue_epoch(self, epoch):
         """Each batch's upload and step are queued before the previous step's loss is read,
-        so the device always has the next step queued while the host waits or reads."""
+        so the device always has the next step queued while the host waits or reads. The
+        previous epoch's end (close_epoch) is written once this epoch's first step is queued.
+        Returns a call that reads the last step's loss, or None if no step ran."""
         opts = self.opts
-        done = self.position["batch"] * opts.batch_size
-        bar = tqdm(total=len(self.train), initial=min(done, len(self.train)), unit="img",
-                   desc=f"epoch {epoch + 1}/{opts.epochs}", disable=None if self.lead else True,
-                   leave=False)
-        loader, self._next_loader = self._next_loader, None
-        if loader is None:
-            loader = self.batches(self.train, epoch, self.position["batch"], shuffle=True)
+        first = self.position["batch"]
+        bar = tqdm(total=len(self.train), initial=min(first * opts.batch_size, len(self.train)),
+                   unit="img", desc=f"epoch {epoch + 1}/{opts.epochs}",
+                   disable=None if self.lead else True, leave=False)
         start = time.perf_counter() - self.meter.seconds
         queued = None
 
@@ -442,10 +489,12 @@ class Run:
             bar.set_postfix(mse=f"{self.meter.mse:.4g}")
 
         try:
-            for batch, (noisy, clean, lo, hi) in enumerate(loader, self.position["batch"]):
+            for batch, (noisy, clean, lo, hi) in enumerate(self.training_batches(epoch, first),
+                                                           first):
                 images = self.batch_images(self.train, batch)
                 pending, count = self.step.launch(*self.on_device(noisy, clean), images)
                 self.uploaded(noisy, self.uploads.used)
+                self.finish_epoch()         # the previous epoch's end, while this step runs
                 if queued is not None:
                     account(*queued)
                 queued = (pending, count, lo, hi, self.step.step, images)
@@ -454,67 +503,96 @@ class Run:
                     account(*queued)
                     queued = None
                     self.save("last.npz")
-            if queued is not None:
-                account(*queued)
+            self.finish_epoch()             # none ran (resumed at the epoch's end)
         finally:
-            loader.close()
-            bar.close()
+            bar.close()                     # (the last step's update, after it, is dropped)
+        return None if queued is None else lambda: account(*queued)
 
-    def validate(self):
-        meter = LossMeter()
+    def queue_validation(self):
+        """The validation pass queued: [(pending sse, count, lo, hi)] per batch. Its first
+        pass streams from the files (and keeps a set of up to VAL_KEPT_BYTES on the device);
+        later passes read the kept batches, replayed from recordings where there are few."""
         if self._val_batches is not None:
-            for noisy, clean, lo, hi, images in self._val_batches:
-                meter.add(*self.step.loss(noisy, clean, images), lo, hi)
-            self.agree_range(meter)
-            return meter
+            record = len(self._val_batches) <= LOSS_GRAPHS
+            return [self.step.queue_loss(noisy, clean, images, record=record) + (lo, hi)
+                    for noisy, clean, lo, hi, images in self._val_batches]
         keep = len(self.val) * 2 * 4 * math.prod(self.val.image_shape) <= VAL_KEPT_BYTES
-        kept = []
-        loader = self.batches(self.val, 0, 0, shuffle=False)
+        kept, queued = [], []
+        loader = self.loader(self.val, epoch_batches(self.val, self.opts.batch_size,
+                                                     self.opts.seed, 0, shuffle=False),
+                             "val", depth=1)
         try:
             for batch, (noisy, clean, lo, hi) in enumerate(loader):
                 images = self.batch_images(self.val, batch)
-                sse, count = self.step.loss(*self.on_device(noisy, clean), images)
+                pending, count = self.step.queue_loss(*self.on_device(noisy, clean), images)
                 self.uploaded(noisy, self.uploads.used, self.uploads.copied)
-                meter.add(sse, count, lo, hi)
+                queued.append((pending, count, lo, hi))
                 if keep:
                     kept.append(self.on_device_kept(noisy, clean) + (lo, hi, images))
         finally:
             loader.close()
         if keep:
             self._val_batches = kept
-        self.agree_range(meter)
-        return meter
+        return queued
 
     def on_device_kept(self, noisy, clean):
         if not len(noisy):
             return noisy.copy(), clean.copy()
         return self.backend.to_device(noisy), self.backend.to_device(clean)
 
-    def end_epoch(self, epoch):
-        record = {"epoch": epoch + 1, "step": self.step.step}
-        self.agree_range(self.meter)
-        record.update(self.meter.summary("train"))
+    def close_epoch(self, epoch, last):
+        """The epoch's last step's loss read (`last`, queue_epoch's: the epoch's time ends
+        there, as the synchronous backends see it too), then its end queued behind it: the
+        validation pass and the state's copy to the host. The run moves on to the next epoch;
+        finish_epoch writes this one's end once the next epoch's first step is queued, while
+        the device runs the validation and that step."""
+        if last is not None:
+            last()
+        validation = self.queue_validation() if self.val is not None else None
+        self._ending = EpochEnd(epoch, self.meter, self.step.step, self.step.snapshot(),
+                                validation)
+        self.position, self.meter = {"epoch": epoch + 1, "batch": 0}, LossMeter()
+
+    def finish_epoch(self):
+        """The queued epoch's end, if any: its losses read, its metrics line, its checkpoint
+        (the epoch file, best.npz when it improved, last.npz), the plot when due, its line."""
+        end, self._ending = self._ending, None
+        if end is None:
+            return
+        record = {"epoch": end.epoch + 1, "step": end.step}
+        self.agree_range(end.meter)
+        record.update(end.meter.summary("train"))
         record["ranks"] = self.comm.size
-        record["images_per_s"] = len(self.train) / self.meter.seconds
-        if self.val is not None:
-            record.update(self.validate().summary("val"))
-        if epoch + 1 < self.opts.epochs:        # reads while the epoch's end is written
-            self._next_loader = self.batches(self.train, epoch + 1, 0, shuffle=True)
+        record["images_per_s"] = len(self.train) / end.meter.seconds
+        if end.validation is not None:
+            meter = LossMeter()
+            for pending, count, lo, hi in end.validation:
+                meter.add(pending.result(), count, lo, hi)
+            self.agree_range(meter)
+            record.update(meter.summary("val"))
         if not math.isfinite(record.get("val_mse", 0.0)):
-            raise Diverged(f"the validation loss became {record['val_mse']} after epoch {epoch + 1}")
+            raise Diverged(f"the validation loss became {record['val_mse']} after epoch "
+                           f"{end.epoch + 1}")
         record["peak_rss_mib"] = peak_rss_mib()
         score = record["val_mse"] if self.val is not None else record["train_mse"]
         if self.lead:
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
-        self.position, self.meter = {"epoch": epoch + 1, "batch": 0}, LossMeter()
         improved = self.best is None or score < self.best
         if improved:
             self.best = score
-        self.save(f"epoch_{epoch + 1:04d}.npz", *(["best.npz"] if improved else []), "last.npz",
-                  epoch=epoch + 1)
+        meta = self.meta(end.step, {"epoch": end.epoch + 1, "batch": 0}, LossMeter().to_json())
+        self.save_snapshot(end.snapshot, [f"epoch_{end.epoch + 1:04d}.npz",
+                                          *(["best.npz"] if improved else []), "last.npz"],
+                           meta, epoch=end.epoch + 1)
         if time.monotonic() - self._plotted_at >= PLOT_EVERY_S:
-            self.plot(epoch)
+            self.plot(end.epoch)
+        if self.lead:
+            val = f"  val mse {record['val_mse']:.6g} ({record['val_psnr']:.2f} dB)" \
+                if "val_mse" in record else ""
+            print(f"epoch {end.epoch + 1}/{self.opts.epochs}  train mse "
+                  f"{record['train_mse']:.6g} ({record['train_psnr']:.2f} dB){val}  "
+                  f"{record['images_per_s']:.1f} images/s", flush=True)
         return record
 
     def plot(self, epoch):
@@ -525,25 +603,34 @@ class Run:
     def run(self):
         try:
             for epoch in range(self.position["epoch"], self.opts.epochs):
-                self.train_epoch(epoch)
-                record = self.end_epoch(epoch)
-                val = f"  val mse {record['val_mse']:.6g} ({record['val_psnr']:.2f} dB)" \
-                    if "val_mse" in record else ""
-                if self.lead:
-                    print(f"epoch {epoch + 1}/{self.opts.epochs}  train mse "
-                          f"{record['train_mse']:.6g} ({record['train_psnr']:.2f} dB){val}  "
-                          f"{record['images_per_s']:.1f} images/s", flush=True)
+                last = self.queue_epoch(epoch)
+                self.close_epoch(epoch, last)
+            self.finish_epoch()
             if self._plotted_epoch != self.opts.epochs - 1 and \
                     self.position["epoch"] == self.opts.epochs:
                 self.plot(self.opts.epochs - 1)
+        except (KeyboardInterrupt, DataError):
+            if self.comm.size == 1:     # (ranks would wait in its collectives for the others)
+                self.finish_epoch()     # a queued epoch's end is written before stopping
+            raise
         finally:
-            if self._next_loader is not None:
-                self._next_loader.close()
+            self.close_loader()
             self.finish_writing()
             self._writer.shutdown()
             if self.workers is not None:
                 self._host_buffers.clear()
                 self.workers.close()
+
+
+@dataclass
+class EpochEnd:
+    """An epoch's end, queued on the device (Run.close_epoch), not yet written: its meter,
+    the step count, the state's snapshot, the validation pass's losses on their way."""
+    epoch: int
+    meter: LossMeter
+    step: int
+    snapshot: object
+    validation: list
 
 
 def print_demo_scores(run):

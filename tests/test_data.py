@@ -1,4 +1,6 @@
 """Epoch order, crops, the validation split and normalization: functions of the seed alone."""
+import itertools
+
 import mrcfile
 import numpy as np
 import pytest
@@ -79,6 +81,30 @@ def test_loader_yields_the_batches_in_order(tmp_path):
             affine = normalization(data[i], "per-image")
             assert np.array_equal(bits(noisy[k, 0]), bits(normalize(data[i], affine)))
             assert np.array_equal(bits(clean[k, 0]), bits(normalize(data[i] * 0.5, affine)))
+    loader.close()
+
+
+def test_a_loader_over_several_epochs_gives_each_epochs_batches(tmp_path):
+    """train's one loader for the whole run: specs drawn lazily, epoch after epoch, on the
+    loader's thread; taken an epoch at a time, the batches of per-epoch loaders."""
+    images, data = stack_pair(tmp_path)
+    sub = Subset(images, np.arange(7))
+    drawn = []
+
+    def specs():
+        for epoch in range(3):
+            drawn.append(epoch)
+            yield from epoch_batches(sub, 3, seed=0, epoch=epoch)
+    buffers = [(np.empty((3, 1, 10, 14), np.float32), np.empty((3, 1, 10, 14), np.float32))
+               for _ in range(2)]
+    loader = BatchLoader(sub, specs(), "none", buffers)
+    batches = iter(loader)
+    for epoch in range(3):
+        want = epoch_batches(sub, 3, seed=0, epoch=epoch)
+        for spec, (noisy, _, _, _) in zip(want, itertools.islice(batches, len(want))):
+            assert np.array_equal(noisy[:, 0], data[spec.indices])
+        assert drawn[-1] <= epoch + 1       # two buffers: at most a batch or two ahead
+    assert next(batches, None) is None
     loader.close()
 
 

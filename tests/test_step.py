@@ -139,3 +139,30 @@ def test_the_default_pass_holds_what_its_memory_budget_allows(net):
     allocated = sum(a.nbytes for a in (arrays.values() if isinstance(arrays, dict) else arrays))
     assert allocated == workspace_bytes(net, images, 64, 64) <= DEFAULT_PASS_BYTES
     assert workspace_bytes(net, images + 1, 64, 64) > DEFAULT_PASS_BYTES
+
+
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
+def test_snapshot_is_the_state_when_taken_and_queued_loss_equals_loss(backend):
+    """snapshot() is the state behind the steps queued before it (one wait for all arrays),
+    whatever runs after; queue_loss, recorded or not, gives loss()'s bits. (The kernels'
+    snapshot in the simulator: test_train's kernel-backend run, whose checkpoints are
+    snapshots.)"""
+    net = Network((1, 2, 2, 1))
+    noisy, clean = synthetic_batch(np.random.default_rng(6), n=2, size=(5, 6))
+    be = get_backend(backend)
+    trainer = TrainStep(be, net, init_params(net, 3), OptimizerConfig("sgd", 0.05, momentum=0.9))
+    x, y = be.to_device(noisy), be.to_device(clean)
+    trainer.launch(x, y)
+    snapshot = trainer.snapshot()
+    want = trainer.host_params(), trainer.host_state()
+    trainer.launch(x, y)
+    got = snapshot.result()
+    assert got[1] and [list(g) for g in got] == [list(w) for w in want]
+    for g, w in zip(got, want):
+        for k in w:
+            assert np.array_equal(bits(g[k]), bits(w[k])), k
+    assert not np.array_equal(trainer.host_params()["layers.0.weight"], got[0]["layers.0.weight"])
+    sse = trainer.loss(x, y)
+    for _ in range(3):          # recorded from the second sighting where there are graphs
+        pending, count = trainer.queue_loss(x, y, record=True)
+        assert (pending.result(), count) == sse

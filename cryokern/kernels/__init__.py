@@ -18,7 +18,7 @@ from .pool import maxpool2x2_backward, maxpool2x2_forward
 from .reduce import sum_images
 from .upsample import upsample2x_backward, upsample2x_forward
 from .graph import Recorder
-from .transfer import Uploads, fetch
+from .transfer import Uploads, fetch, fetch_arrays
 
 __all__ = ["conv2d_forward", "conv2d_backward_data", "conv2d_backward_weights", "relu_backward",
            "leaky_relu", "leaky_relu_backward", "maxpool2x2_forward", "maxpool2x2_backward",
@@ -46,4 +46,4 @@ def gpu_backend():
                    copy_in=lambda dst, src: dst.copy_to_device(src),
                    copy_out=lambda dst, src: src.copy_to_host(dst),
                    empty64=lambda shape: cuda.device_array(shape, np.float64), fetch=fetch,
-                   uploads=Uploads, recorder=Recorder)
+                   fetch_arrays=fetch_arrays, uploads=Uploads, recorder=Recorder)

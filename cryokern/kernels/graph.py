@@ -55,13 +55,15 @@ def _address(a):
 
 
 class Recorder:
-    """run(arrays, queue): queue() launches kernels that read or write `arrays` (and buffers
-    that stay put). The first time these arrays are seen it runs as it is; the second time it
-    is recorded as a graph, which that call and every later one with the same arrays launch.
-    Graphs run on one stream of their own, which (being a blocking stream) is ordered with
-    the work queued on the legacy default stream before and after. The `keep` most recently
-    used graphs are kept. Host arrays (copied to the device by each call) and the simulator
-    have no graphs: queue() runs as it is."""
+    """run(arrays, queue, kind): queue() launches kernels that read or write `arrays` (and
+    buffers that stay put); `kind` names what it does (a step, a validation loss), so that
+    different work on the same arrays has graphs of its own. The first time these arrays are
+    seen it runs as it is; the second time it is recorded as a graph, which that call and
+    every later one with the same arrays launch. Graphs run on one stream of their own (all
+    kinds on one, so they are ordered among themselves), which (being a blocking stream) is
+    ordered with the work queued on the legacy default stream before and after. The `keep`
+    most recently used graphs are kept. Host arrays (copied to the device by each call) and
+    the simulator have no graphs: queue() runs as it is."""
 
     def __init__(self, keep=4):
         self._keep = keep
@@ -69,11 +71,11 @@ class Recorder:
         self._graphs = OrderedDict()
         self._stream = None
 
-    def run(self, arrays, queue):
+    def run(self, arrays, queue, kind="step"):
         if config.ENABLE_CUDASIM or not all(is_device_array(a) for a in arrays):
             queue()
             return
-        key = tuple(_address(a) for a in arrays)
+        key = (kind,) + tuple(_address(a) for a in arrays)
         graph = self._graphs.get(key)
         if graph is None:
             if key not in self._seen:

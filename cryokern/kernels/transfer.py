@@ -56,6 +56,41 @@ def fetch(device_scalar):
     return PendingScalar(device_scalar, _slots)
 
 
+class PendingArrays:
+    """Device arrays on their way to the host: their copies into page-locked buffers queued
+    behind the work queued so far, and one event after them. result() waits for that event
+    alone (one synchronization for all the arrays, where a copy_to_host each waited for the
+    whole device in turn) and gives NumPy copies, so that the buffers can be reused."""
+
+    def __init__(self, arrays, pool):
+        self._key = tuple((k, tuple(a.shape), a.dtype.str) for k, a in arrays.items())
+        free = pool.setdefault(self._key, [])
+        self._pool = free
+        self._slot = free.pop() if free else (
+            {k: cuda.pinned_array(a.shape, a.dtype) for k, a in arrays.items()}, cuda.event())
+        hosts, event = self._slot
+        for k, a in arrays.items():
+            a.copy_to_host(hosts[k], stream=cuda.default_stream())
+        event.record()
+        self._value = None
+
+    def result(self):
+        if self._value is None:
+            hosts, event = self._slot
+            event.synchronize()
+            self._value = {k: np.array(h) for k, h in hosts.items()}
+            self._pool.append(self._slot)
+        return self._value
+
+
+_array_slots = {}
+
+
+def fetch_arrays(arrays):
+    """Start copying {key: device array} to the host, behind the work queued before."""
+    return PendingArrays(arrays, _array_slots)
+
+
 class Uploads:
     """Device copies of host batches, in `slots` sets of buffers used in turn.
 
