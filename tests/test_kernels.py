@@ -335,7 +335,7 @@ def declared_shared_bytes(kernel):
     (97, 64, False, False, 96), (144, 96, False, False, None), (96, 144, True, True, None),
     (96, 144, False, True, 48), (512, 16, False, False, None)],
     ids=["16-16", "77-16", "78-16", "96+1-64", "144-96", "backward-data-144-96",
-         "backward-data-48+48-96", "512-16"])
+         "backward-data-48+96-96", "512-16"])
 def test_forward_kernels_declare_the_shared_memory_of_the_rule(cin, cout, masked, transposed,
                                                                first):
     """The generated source declares what forward_shared_bytes counts (no compilation)."""
