@@ -13,11 +13,12 @@ tests=("wide_layers_forward_and_backward_data and 1x48x48" "wide_layers_forward_
        "wide_layers_forward_and_backward_data and 1x64x128" "wide_layers_forward_and_backward_data and 1x144x96"
        "wide_layers_forward_and_backward_data and 1x256x256" "wide_layers_forward_and_backward_data and 1x97x64"
        "wide_layers_forward_and_backward_data and 1x64x192"
-       "groups or shared or refused" "test_conv_leaky_kernels_equal_reference or two_inputs")
+       "groups or shared or refused" "test_conv_leaky_kernels_equal_reference or two_inputs"
+       "48-wide")        # whole U-Net steps: their concatenation 48+48 -> 48 is a grouped one
 pids=()
 for i in "${!tests[@]}"; do
   python3 -m pytest -q -rs -p no:cacheprovider tests/test_kernels.py tests/test_unet_ops.py \
-    -k "${tests[$i]}" > "$out/pytest_$i.txt" 2>&1 &
+    tests/test_unet_step.py -k "${tests[$i]}" > "$out/pytest_$i.txt" 2>&1 &
   pids+=($!)
 done
 for shape in "${shapes[@]}"; do
