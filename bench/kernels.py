@@ -5,8 +5,14 @@ kernels report TFLOP/s (2 FLOP per multiply-add) and their fraction of the FMA r
 memory-bound ones report GB/s (bytes they must move) and their fraction of the copy bandwidth.
 Each kernel call (with its float64 folds) is recorded as a CUDA graph and the replays are
 timed, as the training step runs them: numba's host time per launch (0.2-0.3 ms) would
-otherwise be the figure of every short kernel. Usage: python bench/kernels.py
+otherwise be the figure of every short kernel. `--widths` sets the U-Net widths timed (from
+78 channels forward and backward-data stage their weights in groups of input channels);
+`--unet-only` leaves out the chain's kernels; `--batches` sets the batches (NxS: N images of
+S x S).
+Usage: python bench/kernels.py [--widths 48 96 144] [--unet-only] [--batches 4x1024 64x256]
 """
+import argparse
+
 import numpy as np
 from numba import cuda, float32
 
@@ -174,6 +180,13 @@ def unet_cases(n, s, rng, width=48):
 
 
 def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--widths", type=int, nargs="+", default=[48],
+                    help="U-Net widths whose operations are timed (default 48)")
+    ap.add_argument("--unet-only", action="store_true", help="leave out the chain's kernels")
+    ap.add_argument("--batches", nargs="+", default=["4x1024", "64x256"],
+                    help="NxS: N images of S x S (default: %(default)s)")
+    args = ap.parse_args()
     name = cuda.get_current_device().name
     name = name.decode() if isinstance(name, bytes) else name
     fma, sgemm, bandwidth = fma_rate(), sgemm_rate(), copy_bandwidth()
@@ -185,8 +198,10 @@ def main():
     stream = cuda.stream()
     print(f"{'kernel':34s} {'batch':>11s} {'median ms':>10s} {'TFLOP/s':>8s} {'GB/s':>7s} "
           f"{'of peak':>8s}")
-    for n, s in ((4, 1024), (64, 256)):
-        for label, fn, flop, nbytes in cases(n, s, rng) + unet_cases(n, s, rng):
+    for n, s in (tuple(int(v) for v in batch.split("x")) for batch in args.batches):
+        chain = [] if args.unet_only else cases(n, s, rng)
+        for label, fn, flop, nbytes in chain + [case for width in args.widths
+                                                for case in unet_cases(n, s, rng, width)]:
             fn()                                # compile and allocate, then record
             med, _, _ = event_times(_Graph(fn, stream).launch, 20)
             secs = med * 1e-3

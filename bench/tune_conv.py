@@ -1,8 +1,12 @@
 """Geometry variants of the generated forward convolution (bias + ReLU) for the default network's
 three layer shapes, timed side by side, each checked bit for bit against the default geometry.
 Then backward-data with the ReLU mask (the 16 -> 1 and 16 -> 16 layers'), and the
-weight-gradient kernel's variants (conv.WeightsVariant) for the same shapes.
-Usage: python bench/tune_conv.py [--batch 4] [--size 1024] [--parts forward backward-data weights]
+weight-gradient kernel's variants (conv.WeightsVariant) for the same shapes. `channel-groups`
+(not in the default parts): wide layers' forward and backward-data with their weights staged
+in groups of input channels of several sizes (conv.forward_channel_group).
+Usage: python bench/tune_conv.py [--batch 4] [--size 1024]
+                                 [--parts forward backward-data weights channel-groups]
+                                 [--wide-shapes 96x96 144x96 ...]
 """
 import argparse
 
@@ -23,14 +27,18 @@ SHAPES = [(16, 16), (1, 16), (16, 1)]
 
 
 PARTS = ("forward", "backward-data", "weights")
+# wide U-Net layers (Cin x Cout) whose forward or backward-data stages its weights in groups
+WIDE_SHAPES = ["96x96", "144x96", "97x64", "192x192"]
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--size", type=int, default=1024)
-    ap.add_argument("--parts", nargs="+", choices=PARTS, default=PARTS,
-                    help="which kernels' variants to time (default: all)")
+    ap.add_argument("--parts", nargs="+", choices=PARTS + ("channel-groups",), default=PARTS,
+                    help="which kernels' variants to time (default: all but channel-groups)")
+    ap.add_argument("--wide-shapes", nargs="+", default=WIDE_SHAPES,
+                    help="channel-groups' layers, CINxCOUT (default: %(default)s)")
     args = ap.parse_args()
     n, s = args.batch, args.size
     if "forward" in args.parts:
@@ -40,6 +48,9 @@ def main():
             backward_data(n, s, np.random.default_rng(2), cin)
     if "weights" in args.parts:
         weights(n, s, np.random.default_rng(1))
+    if "channel-groups" in args.parts:
+        shapes = [tuple(int(c) for c in shape.split("x")) for shape in args.wide_shapes]
+        channel_groups(n, s, np.random.default_rng(3), shapes)
 
 
 def forward(n, s, rng):
@@ -151,6 +162,48 @@ def weights(n, s, rng):
                   f"{flops / med / 1e9:6.1f} TFLOP/s "
                   f"{'same' if np.array_equal(got, want) else 'DIFFERENT'}"
                   f"{'  <- default' if variant == default else ''}")
+
+
+def channel_groups(n, s, rng, shapes):
+    """Forward with LeakyReLU and backward-data with its mask of `shapes`, the weights staged
+    in groups of input channels (the kernel's: the layer's output channels for backward-data):
+    the default group (the fewest within 48 KB of static shared memory), all channels at once
+    (the kernels before groups, past 48 KB: they may not compile), half the default and 16.
+    Bits against the default's."""
+    from cryokern.contract import leaky_slope
+    slope = leaky_slope(0.1)
+    dev = lambda *shape: cuda.to_device(rng.standard_normal(shape).astype(np.float32))
+    print(f"{'kernel':28s} {'group':>5s} {'shared B':>8s} {'median ms':>10s} {'TFLOP/s':>8s} bits")
+    for cin, cout in shapes:
+        w = dev(cout, cin, 3, 3)
+        flops = 2 * n * s * s * cin * cout * 9
+        for transposed in (False, True):
+            kin, kout = (cout, cin) if transposed else (cin, cout)  # the kernel's channels
+            x, y = dev(n, kin, s, s), cuda.device_array((n, kout, s, s), np.float32)
+            b = cuda.to_device(np.zeros(kout, np.float32)) if transposed else dev(kout)
+            mask = dev(n, kout, s, s) if transposed else None
+            geometry = conv.forward_variant(kin, kout, transposed, transposed)[0]
+            default = conv.forward_channel_group(kin, geometry)
+            label = f"{'backward-data' if transposed else 'forward'} {cin}->{cout}"
+            want = None
+            for group in dict.fromkeys([default, kin, max(1, default // 2), min(16, kin)]):
+                fn = lambda: conv._launch_forward(x, w, b, y, False, mask, transposed,
+                                                  leaky_slope=slope, channel_group=group)
+                shared = conv.forward_shared_bytes(geometry, group)
+                limit = conv.STATIC_SHARED_BYTES
+                conv.STATIC_SHARED_BYTES = max(limit, shared)   # past it: only to time it here
+                try:
+                    med = replay_ms(fn)
+                except Exception as e:  # noqa: BLE001  (a compile or launch error)
+                    print(f"{label:28s} {group:5d} {shared:8d} does not run ({type(e).__name__})")
+                    continue
+                finally:
+                    conv.STATIC_SHARED_BYTES = limit
+                got = y.copy_to_host().view(np.uint32)
+                want = got if want is None else want
+                print(f"{label:28s} {group:5d} {shared:8d} {med:10.3f} {flops / med / 1e9:8.1f} "
+                      f"{'same' if np.array_equal(got, want) else 'DIFFERENT'}"
+                      f"{'  <- default' if group == default else ''}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 Outputs are poisoned with NaN before each launch, so an element the kernel never wrote fails.
 """
+import re
+
 import numpy as np
 import pytest
 from numba import cuda
@@ -233,10 +235,14 @@ def test_weights_block_must_tile_the_channels():
 
 
 # the U-Net's wide layers, whose weight gradients one block could not hold (48 -> 48: 624
-# threads at 128 registers; the concatenation's 96 -> 48: 1,216 threads), and wider ones
+# threads at 128 registers; the concatenation's 96 -> 48: 1,216 threads), and wider ones,
+# whose forward or backward-data blocks stage their weights in groups of channels (from 78
+# input channels forward, 78 output channels backward-data: 96 + 1 -> 64 forward in groups of
+# 49, 64 -> 192 backward-data in groups of 64, 256 -> 256 both in groups of 64)
 # (N, Cin, Cout, H, W, and Ca: the input a concatenation of Ca and Cin - Ca channels, or None)
 WIDE = [(1, 48, 48, 18, 66, None), (2, 96, 48, 17, 67, 48), (1, 64, 128, 18, 66, None),
-        (1, 144, 96, 18, 66, None), (1, 256, 256, 5, 7, None)]
+        (1, 144, 96, 18, 66, None), (1, 256, 256, 5, 7, None), (1, 97, 64, 18, 66, 96),
+        (1, 64, 192, 17, 67, None)]
 wide_cases = pytest.mark.parametrize("shape", [
     pytest.param(s, id=ident(s[:5]) + ("" if s[5] is None else f"-cat{s[5]}"),
                  marks=pytest.mark.gpu) for s in WIDE])
@@ -264,9 +270,9 @@ def test_wide_layers_weight_gradients(rng, shape):
 
 @wide_cases
 def test_wide_layers_forward_and_backward_data(rng, shape):
-    """Their static shared memory passes 48 KB from 78 input channels (forward) or output
-    channels (backward-data): 96 -> 48 is known to run on an H200."""
-    n, cin, cout, h, w, _ = shape
+    """Forward with ReLU, backward-data with its mask, and of a concatenation backward-data
+    into the two parts."""
+    n, cin, cout, h, w, ca = shape
     x, x_first, x2 = wide_inputs(rng, shape)
     wt, b, gy = randn(rng, cout, cin, 3, 3), randn(rng, cout), randn(rng, n, cout, h, w)
     y = poisoned((n, cout, h, w))
@@ -276,13 +282,115 @@ def test_wide_layers_forward_and_backward_data(rng, shape):
     K.conv2d_backward_data(cuda.to_device(gy), cuda.to_device(wt),
                            relu_output=cuda.to_device(active), out=gx)
     assert same_bits(gx, R.conv2d_backward_data(gy, wt, relu_output=active))
+    if ca is not None:
+        parts = poisoned((n, ca, h, w)), poisoned((n, cin - ca, h, w))
+        K.conv2d_backward_data(cuda.to_device(gy), cuda.to_device(wt), out=parts, split=ca)
+        want = R.conv2d_backward_data(gy, wt)
+        assert same_bits(parts[0], want[:, :ca]) and same_bits(parts[1], want[:, ca:])
 
 
-def test_a_convolution_no_block_can_stage_is_refused():
-    """Forward stages all input channels' weights of its 16 output channels: past 395 input
-    channels, more shared memory than a block has."""
-    with pytest.raises(ValueError, match="more than a GPU block has"):
-        conv._forward_kernel(400, 16, False, False, False)
+# Forward and backward-data blocks stage their weights in shared memory: all input channels' at
+# once where they fit the 48 KB a static declaration may hold, else in groups of input channels
+# (conv.forward_channel_group). Before groups, every layer with 78 or more input channels (16
+# output channels a block; backward-data: 78 or more output channels) declared more.
+def forward_geometries():
+    """Every geometry forward_variant gives a layer of 1..512 channels on each side."""
+    return {conv.forward_variant(cin, cout, transposed, masked)[0]
+            for cin in (1, 2) for cout in range(1, 513)
+            for transposed in (False, True) for masked in (False, True)}
+
+
+def test_forward_blocks_stay_within_static_shared_memory():
+    """For every layer of 1..512 channels on each side (forward and backward-data, masked or
+    not), the block's static shared memory fits 48 KB; the layers that fit whole keep every
+    channel in one group (their kernels unchanged), the others take the fewest groups."""
+    limit = 48 * 1024
+    geometries = forward_geometries()
+    assert {(8, 8, 2), (4, 16, 1), (8, 1, 1)} <= geometries    # wide, from 1 channel, to 1
+    for geometry in geometries:
+        for cin in range(1, 513):
+            group = conv.forward_channel_group(cin, geometry)
+            assert 0 < group <= cin
+            assert conv.forward_shared_bytes(geometry, group) <= limit
+            if conv.forward_shared_bytes(geometry, cin) <= limit:
+                assert group == cin
+            else:
+                fewer = -(-cin // (-(-cin // group) - 1))     # one group less
+                assert conv.forward_shared_bytes(geometry, fewer) > limit
+    wide = (8, 8, 2)                                # 16 output channels a block
+    assert conv.forward_channel_group(77, wide) == 77
+    assert [conv.forward_channel_group(c, wide) for c in (78, 96, 97, 144, 192, 512)] == \
+        [39, 48, 49, 72, 64, 74]
+
+
+def declared_shared_bytes(kernel):
+    """Bytes of the float32 shared arrays a generated kernel's source declares."""
+    with open(kernel.py_func.__code__.co_filename) as f:
+        sizes = re.findall(r"cuda\.shared\.array\((\d+), float32\)", f.read())
+    return 4 * sum(map(int, sizes))
+
+
+@pytest.mark.parametrize("cin, cout, masked, transposed, first", [
+    (16, 16, False, False, None), (77, 16, False, False, None), (78, 16, False, False, None),
+    (97, 64, False, False, 96), (144, 96, False, False, None), (96, 144, True, True, None),
+    (96, 144, False, True, 48), (512, 16, False, False, None)],
+    ids=["16-16", "77-16", "78-16", "96+1-64", "144-96", "backward-data-144-96",
+         "backward-data-48+96-96", "512-16"])
+def test_forward_kernels_declare_the_shared_memory_of_the_rule(cin, cout, masked, transposed,
+                                                               first):
+    """The generated source declares what forward_shared_bytes counts (no compilation)."""
+    kernel = conv._forward_kernel(cin, cout, False, masked, transposed, first=first)[0]
+    geometry = conv.forward_variant(cin, cout, transposed, masked)[0]
+    want = conv.forward_shared_bytes(geometry, conv.forward_channel_group(cin, geometry))
+    assert declared_shared_bytes(kernel) == want <= 48 * 1024
+
+
+def test_a_forward_block_that_cannot_stage_its_weights_is_refused():
+    """A geometry whose input window alone passes 48 KB, and a group larger than fits."""
+    with pytest.raises(ValueError, match="cannot stage one input channel"):
+        conv._forward_kernel(4, 4, False, False, False, geometry=(96, 1, 1))
+    with pytest.raises(ValueError, match="cannot stage the weights of 78 input channels"):
+        conv._forward_kernel(78, 16, False, False, False, channel_group=78)
+
+
+# In the simulator, groups cut small: a channel count crossing a group boundary, a last group
+# part full, the mask read in turns across groups, two inputs and two outputs
+def test_forward_in_groups_of_input_channels_at_the_shared_memory_limit(rng):
+    """A geometry of 64 output channels a block holds 20 input channels' weights in 48 KB: 21
+    input channels (x's 5 and x2's 16) go in groups of 11 and 10, as the rule makes them."""
+    geometry = (1, 64, 1)
+    assert conv.forward_channel_group(21, geometry) == 11
+    n, ca, cin, cout, h, w = 1, 5, 21, 3, 3, 4
+    x, wt, b = randn(rng, n, cin, h, w), randn(rng, cout, cin, 3, 3), randn(rng, cout)
+    y = poisoned((n, cout, h, w))
+    conv._launch_forward(cuda.to_device(x[:, :ca].copy()), cuda.to_device(wt),
+                         cuda.to_device(b), y, False, None, False, leaky_slope=np.float32(0.1),
+                         x2=cuda.to_device(x[:, ca:].copy()), geometry=geometry)
+    assert same_bits(y, R.conv2d_forward(x, wt, b, leaky_slope=0.1))
+
+
+@pytest.mark.parametrize("split", [None, 2], ids=["masked", "split"])
+def test_backward_data_in_groups_of_channels(rng, split):
+    """Backward-data of a 3 -> 5 layer staging 2 of its 5 output channels' weights at a time
+    (groups 2, 2, 1): with the LeakyReLU mask, read in turns (8 x 3 outputs a thread, 6 a
+    turn, in 4 of the 5 channel turns), or split into two outputs (the gradient of a
+    concatenation)."""
+    n, cin, cout, h, w = 1, 3, 5, 9, 6
+    gy, wt, y = randn(rng, n, cout, h, w), randn(rng, cout, cin, 3, 3), randn(rng, n, cin, h, w)
+    y[0, 0, 0, :3] = [np.nan, -0.0, 0.0]
+    zero = cuda.to_device(np.zeros(cin, np.float32))
+    if split is None:
+        out = poisoned((n, cin, h, w))
+        conv._launch_forward(cuda.to_device(gy), cuda.to_device(wt), zero, out, False,
+                             cuda.to_device(y), True, leaky_slope=np.float32(0.1),
+                             channel_group=2)
+        assert same_bits(out, R.conv2d_backward_data(gy, wt, relu_output=y, leaky_slope=0.1))
+        return
+    out, out2 = poisoned((n, split, h, w)), poisoned((n, cin - split, h, w))
+    conv._launch_forward(cuda.to_device(gy), cuda.to_device(wt), zero, out, False, None, True,
+                         y2=out2, channel_group=2)
+    want = R.conv2d_backward_data(gy, wt)
+    assert same_bits(out, want[:, :split]) and same_bits(out2, want[:, split:])
 
 
 def check_weights_variant(rng, shape, variant):

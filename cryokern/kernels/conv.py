@@ -21,16 +21,18 @@ from .reduce import fold_images, fold_tiles
 # tz*G .. tz*G+G-1: R*G accumulators in registers. Input channel by input channel, the block
 # stages its (BH+2) x (BW+2) input window in shared memory (the next channel's values are loaded
 # into registers while the current one is computed), each thread copies its (R+2) x 3 window
-# into registers, and every weight read from shared memory serves R fmas.
+# into registers, and every weight read from shared memory serves R fmas. The block's weights
+# are staged in shared memory too: all input channels' at once, or for wide layers a group of
+# input channels at a time (forward_channel_group).
 BW, TY = 32, 4
 
 # What one block may hold on the GPUs we run on (compute capability 9.0): threads, 32-bit
-# registers (a block's threads times its register cap), static shared memory (the portable
-# limit; past it ptxas may refuse a kernel), and shared memory at all (H100, H200).
+# registers (a block's threads times its register cap), and static shared memory (the portable
+# limit: CUDA allows no more in a static declaration; more needs dynamic shared memory and an
+# opt-in per kernel).
 BLOCK_THREADS = 1024
 BLOCK_REGISTERS = 65536
 STATIC_SHARED_BYTES = 48 * 1024
-SHARED_BYTES_MAX = 227 * 1024
 UNCAPPED_REGISTERS = 255        # what ptxas may give a thread without a cap
 GRID_Z_MAX = 65535
 
@@ -55,6 +57,34 @@ def forward_variant(cin, cout, transposed, masked):
         return (8, 1, 1), None
     g_out = min(cout, 8)
     return (8, g_out, min(2, -(-cout // g_out))), (128 if masked else None)
+
+
+def _forward_block_floats(geometry):
+    """(floats of shared memory per input channel's weights, floats of the input window) of a
+    forward block of this geometry."""
+    rows, g_out, groups = geometry
+    return 9 * g_out * groups, (BW + 2) * (TY * rows + 2)
+
+
+def forward_shared_bytes(geometry, channel_group):
+    """Static shared memory of a forward block staging `channel_group` input channels' weights."""
+    per_channel, window = _forward_block_floats(geometry)
+    return 4 * (channel_group * per_channel + window)
+
+
+def forward_channel_group(cin, geometry):
+    """Input channels whose weights a forward block holds in shared memory at once: all `cin`
+    where they fit STATIC_SHARED_BYTES beside the input window (every layer below 78 input
+    channels with 16 outputs a block: their kernels are as they were), else the fewest equal
+    groups that fit (the last may hold fewer). The block stages group after group; each
+    thread's chains still run over the channels in order with the same operands, so no bit
+    changes, and the weights are read from global memory once per block as before."""
+    per_channel, window = _forward_block_floats(geometry)
+    most = (STATIC_SHARED_BYTES // 4 - window) // per_channel
+    if most < 1:
+        raise ValueError(f"a forward block of geometry {geometry} cannot stage one input "
+                         f"channel's weights in {STATIC_SHARED_BYTES} bytes of shared memory")
+    return -(-cin // -(-cin // most))
 
 
 class _MaskPlan:
@@ -161,13 +191,15 @@ class _MaskPlan:
 
 @lru_cache(maxsize=None)
 def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_registers=None,
-                    leaky_slope=None, first=None):
+                    leaky_slope=None, first=None, channel_group=None):
     """Numerics section 1 (transposed=False) or 2 (w read as w'[ci,o,2-a,2-b]), generated.
     With leaky_slope (a float32), the epilogue is LeakyReLU's (§9a): its activation, or with
     `masked` its gradient mask. The slope is written into the source as a float32 constant.
     With `first`, the channels are in two arrays, `first` of them in the first (numerics §12:
     a convolution of a concatenation, without the copy): the input channels (x, then x2)
     forward, the output channels (y, then y2) transposed; the kernel then takes x2 and y2.
+    `channel_group`: input channels whose weights are staged at once (forward_channel_group's
+    unless given).
 
     Returns (kernel, block, output channels per block, rows per block)."""
     if relu and leaky_slope is not None:
@@ -185,10 +217,12 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
     ob_size = g_out * groups
     threads = BW * TY * groups
     nx = XW * XH
-    shared = 4 * (cin * 9 * ob_size + nx)   # past 48 KB from 78 input channels: ran on an H200
-    if shared > SHARED_BYTES_MAX:
-        raise ValueError(f"a {cin} -> {cout} convolution's block would need {shared} bytes of "
-                         f"shared memory, more than a GPU block has ({SHARED_BYTES_MAX})")
+    group = forward_channel_group(cin, geometry) if channel_group is None else channel_group
+    if not 0 < group <= cin or forward_shared_bytes(geometry, group) > STATIC_SHARED_BYTES:
+        raise ValueError(f"a {cin} -> {cout} convolution cannot stage the weights of "
+                         f"{group} input channels at once within {STATIC_SHARED_BYTES} bytes")
+    grouped = group < cin
+    ws_size = group * 9 * ob_size
     slots = -(-nx // threads)
     src = Source().kernel("x, w, b, mask, y, height, width, n_oblocks" if first is None else
                           "x, x2, w, b, mask, y, y2, height, width, n_oblocks", max_registers)
@@ -198,18 +232,26 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
     src(f"h0 = cuda.blockIdx.y * {BH}")
     src(f"c0 = cuda.blockIdx.x * {BW}")
     src("plane = height * width")
-    src(f"ws = cuda.shared.array({cin * 9 * ob_size}, float32)")
+    src(f"ws = cuda.shared.array({ws_size}, float32)")
     src(f"xs = cuda.shared.array({nx}, float32)")
-    # weights of the block's channels, laid out [ci][ky*3+kx][channel]
-    src(f"for i in range(tid, {cin * 9 * ob_size}, {threads}):").indent()
-    src(f"o = ob * {ob_size} + i % {ob_size}")
-    src(f"k = (i // {ob_size}) % 9")
-    src(f"ci = i // {ob_size * 9}")
-    src("v = float32(0)")
-    src(f"if o < {cout}:").indent()
-    src("v = w[ci, o, 2 - k // 3, 2 - k % 3]" if transposed else "v = w[o, ci, k // 3, k % 3]")
-    src.dedent()
-    src("ws[i] = v").dedent()
+
+    def stage_weights(channel, first_channel=""):
+        """ws: the weights of the block's output channels and of input channels `channel` =
+        first_channel + 0, 1, .., laid out [channel][ky*3+kx][output channel] (0 outside the
+        layer)."""
+        src(f"for i in range(tid, {ws_size}, {threads}):").indent()
+        src(f"o = ob * {ob_size} + i % {ob_size}")
+        src(f"k = (i // {ob_size}) % 9")
+        src(f"{channel} = {first_channel}i // {ob_size * 9}")
+        src("v = float32(0)")
+        src(f"if o < {cout}{f' and {channel} < {cin}' if cin % group else ''}:").indent()
+        src(f"v = w[{channel}, o, 2 - k // 3, 2 - k % 3]" if transposed else
+            f"v = w[o, {channel}, k // 3, k % 3]")
+        src.dedent()
+        src("ws[i] = v").dedent()
+
+    if not grouped:
+        stage_weights("ci")
     # staging slots: element e of the window, its image offset, and whether it is in the image
     for s_ in range(slots):
         src(f"e{s_} = tid + {s_ * threads}")
@@ -239,6 +281,10 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
             src(f"if e{s_} < {nx}:").indent()(f"xs[uint64(e{s_})] = p{s_}").dedent()
         else:
             src(f"xs[uint64(e{s_})] = p{s_}")
+    if grouped:     # between the barriers: every thread has read the last group's weights
+        src(f"if ci % {group} == 0:").indent()
+        stage_weights("cw", "ci + ")
+        src.dedent()
     src("cuda.syncthreads()")
     if masked and plan.late:
         plan.convert(src, "ci > 0" + (f" and ci <= {plan.turns}" if plan.active_guard else ""))
@@ -258,7 +304,7 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
     for r in range(R + 2):
         for k in range(3):
             src(f"v{r}_{k} = xs[xb + uint64({r * XW + k})]")
-    src(f"wc = uint64(wb + ci * {9 * ob_size})")
+    src(f"wc = uint64(wb + {f'ci % {group}' if grouped else 'ci'} * {9 * ob_size})")
     for ky in range(3):
         for kx in range(3):
             for g in range(g_out):
@@ -301,8 +347,9 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
         src.dedent()
     leaky = "" if slope is None else f"_leaky{np.float32(leaky_slope).view(np.uint32):08x}"
     two = "" if first is None else f"_first{first}"
+    groups_of = f"_group{group}" if grouped else ""
     module = load_module(f"conv_forward_{cin}_{cout}_{int(relu)}{int(masked)}{int(transposed)}"
-                         f"{leaky}{two}", src.text())
+                         f"{leaky}{two}{groups_of}", src.text())
     return module.kernel, (BW, TY, groups), ob_size, BH
 
 
