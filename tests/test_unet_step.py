@@ -197,43 +197,31 @@ def test_gpu_steps_equal_reference(opt, residual, widths, shape, steps):
     steps_equal_reference(UNet(widths, residual=residual), opt, shape, steps=steps)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
-def test_one_step_matches_pytorch_float64(residual):
-    """The GPU step's loss and gradients within 1e-5 (relative) of PyTorch's float64 autograd
-    of the same U-Net (padded odd sides)."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("network", [UNet((8, 8, 8, 8)), UNet((8, 8, 8, 8), residual=True),
+                                     Network((1, 4, 4, 1))], ids=["plain", "residual", "chain"])
+def test_one_step_matches_pytorch_float64(network, device):
+    """The step's forward output, loss and gradients within 1e-5 (relative) of PyTorch's
+    float64 autograd of the same network (cryokern.torch_mirror; padded odd sides), on the
+    compiled CPU backend and on the GPU."""
     torch = pytest.importorskip("torch")
-    F = torch.nn.functional
-    net = UNet((8, 8, 8, 8), residual=residual)
-    params = init_params(net, seed=5)
+    from cryokern.torch_mirror import torch_network
+    params = init_params(network, seed=5)
     noisy, clean = batch(7, (2, 1, 67, 91))
-    trainer = TrainStep(get_backend("gpu"), net, params, OptimizerConfig("sgd", lr=0.0))
+    backend = get_backend(device)
+    trainer = TrainStep(backend, network, params, OptimizerConfig("sgd", lr=0.0))
     sse, count = trainer(noisy, clean)
-    t = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in params.items()}
-    h, w = noisy.shape[2:]
-    hp, wp = net.padded_size(h, w)
-    x = F.pad(torch.tensor(noisy, dtype=torch.float64), (0, wp - w, 0, hp - h))
-
-    def conv(prefix, a, leaky=True):
-        y = F.conv2d(a, t[f"{prefix}.weight"], t[f"{prefix}.bias"], padding=1)
-        return F.leaky_relu(y, net.leaky_slope) if leaky else y
-
-    skips, a = [], x
-    for level in range(net.levels + 1):
-        if level > 0:
-            a = F.max_pool2d(a, 2)
-        a = conv(f"enc.{level}.conv1", conv(f"enc.{level}.conv0", a))
-        skips.append(a)
-    for level in reversed(range(net.levels)):
-        a = torch.cat([F.interpolate(a, scale_factor=2, mode="nearest"), skips[level]], dim=1)
-        a = conv(f"dec.{level}.conv1", conv(f"dec.{level}.conv0", a))
-    y = conv("out", a, leaky=False) + (x if residual else 0)
-    loss = ((y[:, :, :h, :w] - torch.tensor(clean, dtype=torch.float64)) ** 2).mean()
+    mirror = torch_network(network, params, dtype=torch.float64)
+    y = mirror(torch.tensor(noisy, dtype=torch.float64))
+    got = backend.to_host(forward(backend, network, trainer.params, backend.to_device(noisy)))
+    assert rel_err(got, y.detach().numpy()) < 1e-5
+    loss = ((y - torch.tensor(clean, dtype=torch.float64)) ** 2).mean()
     loss.backward()
     assert abs(sse / count - loss.item()) / loss.item() < 1e-5
+    grads = dict(mirror.named_parameters())
+    assert set(grads) == set(trainer.grads)
     for name, g in trainer.grads.items():
-        want = t[name].grad.numpy()
-        assert rel_err(trainer.backend.to_host(g), want) < 1e-5, name
+        assert rel_err(backend.to_host(g), grads[name].grad.numpy()) < 1e-5, name
 
 
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
