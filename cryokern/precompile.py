@@ -37,7 +37,7 @@ import numpy as np
 
 from .backends import Backend
 from .cachedir import cache_root
-from .model import Network, init_params
+from .model import Network, UNet, init_params
 from .step import TrainStep
 
 # operations whose kernels are generated per channel count: a job each, the rest share one
@@ -73,24 +73,39 @@ class _RecordingOps:
         return record
 
 
-def step_operations(channels, optimizer):
+def as_network(network):
+    """A model network; a chain's channel list (what the chain's callers pass) as its Network."""
+    return network if isinstance(network, (Network, UNet)) else Network(tuple(network))
+
+
+def record_shape(network):
+    """RECORD_SHAPE, or for a U-Net a batch whose sides need padding to its pooling grid (so
+    that pad_zeros and crop are recorded too)."""
+    if isinstance(network, UNet):
+        side = (1 << network.levels) + 1
+        return (1, network.in_channels, side, side)
+    return RECORD_SHAPE
+
+
+def step_operations(network, optimizer):
     """The distinct kernel operations (name, args, kwargs) of one training step and one
-    validation loss of the network `channels` with `optimizer` (an OptimizerConfig)."""
+    validation loss of `network` (a model.Network or UNet, or a chain's channel list) with
+    `optimizer` (an OptimizerConfig)."""
     ops = _RecordingOps()
     backend = Backend("record", ops, to_device=lambda a: np.array(a, np.float32),
                       to_host=lambda a: a, empty=lambda shape: np.zeros(shape, np.float32))
-    network = Network(tuple(channels))
+    network = as_network(network)
     step = TrainStep(backend, network, init_params(network, 0), optimizer)
-    x = np.zeros(RECORD_SHAPE, np.float32)
+    x = np.zeros(record_shape(network), np.float32)
     step.launch(x, x)
     step.loss(x, x)
     return list(dict.fromkeys(ops.calls))
 
 
-def jobs(channels, optimizer):
+def jobs(network, optimizer):
     """The operations grouped into jobs, longest first (a job is a tuple of operations, or
     HOST_JOB): one per generated-kernel operation, one for the rest, and the image math."""
-    operations = step_operations(channels, optimizer)
+    operations = step_operations(network, optimizer)
     heavy = [(op,) for op in operations if op[0] in HEAVY]
     heavy.sort(key=lambda job: -_size(job[0]))
     light = tuple(op for op in operations if op[0] not in HEAVY)
@@ -238,21 +253,22 @@ class Ready:
         pass
 
 
-def start(channels, optimizer, processes=None):
-    """Start compiling the kernels of network `channels` with `optimizer` in worker processes
-    and return the handle to wait() on; a no-op handle when an earlier run compiled them, or
-    in numba's CUDA simulator (which compiles nothing)."""
+def start(network, optimizer, processes=None):
+    """Start compiling the kernels of `network` (as step_operations takes it) with `optimizer`
+    in worker processes and return the handle to wait() on; a no-op handle when an earlier run
+    compiled them, or in numba's CUDA simulator (which compiles nothing)."""
     from numba import config
     if config.ENABLE_CUDASIM:
         return Ready()
-    job_list = jobs(channels, optimizer)
+    network = as_network(network)
+    job_list = jobs(network, optimizer)
     h = _sources_digest()
     h.update(repr(job_list).encode())
     marker = cache_root() / "kernels" / f"ready-{h.hexdigest()[:16]}.json"
     if marker.exists():
         return Ready()
     processes = min(len(job_list), processes or os.cpu_count() or 1)
-    print(f"cryokern: compiling the GPU kernels of {','.join(map(str, channels))} "
+    print(f"cryokern: compiling the GPU kernels of the {network.label()} "
           f"({len(job_list)} jobs in {processes} processes, first run only; cached under "
           f"{cache_root()})", flush=True)
     return Compiling(job_list, marker, processes)

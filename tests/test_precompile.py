@@ -6,11 +6,12 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from cryokern import precompile
 from cryokern.backends import get_backend
 from cryokern.kernels import codegen, conv, loss, reduce
-from cryokern.model import Network, init_params
+from cryokern.model import UNet, init_params
 from cryokern.step import OptimizerConfig, TrainStep
 
 SGD = OptimizerConfig("sgd", lr=0.1, momentum=0.9)
@@ -27,21 +28,24 @@ def _forget_loaded_kernels():
         generator.cache_clear()
 
 
-def test_jobs_compile_the_kernels_a_step_launches(tmp_path, monkeypatch):
+@pytest.mark.parametrize("network,shape", [
+    ((1, 2, 1), (2, 1, 5, 7)),                          # a chain's channel list, as train gives
+    (UNet((1, 2), residual=True), (1, 1, 3, 5))], ids=["chain", "unet"])
+def test_jobs_compile_the_kernels_a_step_launches(tmp_path, monkeypatch, network, shape):
     """Every generated kernel module of a real step and validation loss (another batch and
     image size) comes from the jobs, and no other; the jobs run through the kernel functions."""
-    channels, optimizer = (1, 2, 1), OptimizerConfig("adam", 1e-3)
+    optimizer = OptimizerConfig("adam", 1e-3)
     monkeypatch.setenv("CRYOKERN_CACHE", str(tmp_path / "jobs"))
     _forget_loaded_kernels()
-    job_list = precompile.jobs(channels, optimizer)
+    job_list = precompile.jobs(network, optimizer)
     assert job_list[-1] == precompile.HOST_JOB
     for job in job_list[:-1]:
         assert precompile.run_job(job) >= 0
     monkeypatch.setenv("CRYOKERN_CACHE", str(tmp_path / "step"))
     _forget_loaded_kernels()
-    network = Network(channels)
+    network = precompile.as_network(network)
     step = TrainStep(get_backend("gpu"), network, init_params(network, 0), optimizer)
-    x = np.random.default_rng(0).random((2, 1, 5, 7), np.float32)
+    x = np.random.default_rng(0).random(shape, np.float32)
     step(x, x)
     step.loss(x, x)
     assert _generated(tmp_path / "jobs") == _generated(tmp_path / "step")
