@@ -1,28 +1,119 @@
-"""Training-step benchmark: cryokern's GPU step beside PyTorch's eager fp32 step, same process.
+"""Training-step benchmark: cryokern's step beside PyTorch's eager step of the same network with
+the same weights and batch, same process.
 
-Median of CUDA-event-timed steps after warm-up, default network, SGD with momentum, each step
-bringing its loss to the host before the next starts (cryokern's step(); PyTorch's
-loss.item()); then both pipelined as the training loop runs them, each loss read only after the
-next step is queued (cryokern's launch(); PyTorch's item() one step late). Also times each
-kernel of the 16 -> 16 layer alone, with its achieved TFLOP/s (2 FLOP per multiply-add).
-Usage: python bench/step.py [--batch 4] [--size 1024] [--steps 40]
+Median of timed steps after warm-up (CUDA events on the GPU), each step bringing its loss to the
+host before the next starts (cryokern's step(); PyTorch's loss.item()); then both pipelined as
+the training loop runs them, each loss read only after the next step is queued (cryokern's
+launch(); PyTorch's item() one step late). PyTorch (cryokern.torch_mirror, cuDNN) three ways:
+fp32 with TF32 off (the peer of the acceptance), TF32 convolutions (PyTorch's default, what
+Topaz gets) and bf16 autocast (TF32 allowed, the loss in fp32).
+
+Networks: --arch chain (default: the seed's 1,16,16,1, SGD momentum 0.9 lr 0.01) or --arch unet
+(--unet-widths, --residual; Adam lr 1e-3), or --preset NAME (bench/nets.py: n2n, the 48-wide
+U-Net; lean, 16,24,32,48,64; unets, both in one run). A U-Net's kernels are compiled first, in
+worker processes (cryokern.precompile), outside the timing.
+
+Device memory: PyTorch's torch.cuda.max_memory_allocated() over the timed steps, after
+reset_peak_memory_stats (its caching allocator's tensors: batch, weights, gradients, Adam's
+state, activations, cuDNN workspaces; not the CUDA context). cryokern's two ways: "held", the
+drop of the driver's free memory (cuMemGetInfo) from before the step was built to after it was
+timed (every allocation in its granularity, the CUDA graphs and loaded modules included), and
+"arrays", the bytes of the arrays the step holds (batch, parameters, gradients, optimizer
+state, one pass's work arrays, per-image float64 sums). The table's GiB is "held" (cryokern)
+and the peak (PyTorch).
+
+The chain also times each kernel of its 16 -> 16 layer alone (TFLOP/s, 2 FLOP per
+multiply-add) and prints their registers; every network gets a step breakdown (median ms per
+kernel call, summed over calls of the same kernel and shape, largest first).
+
+--device cpu runs the compiled CPU backend and PyTorch on the CPU (wall-clock times, no device
+memory): a smoke test of this script at toy sizes, not a figure.
+Usage: python bench/step.py [--preset unets] [--arch unet --unet-widths 16,24,32,48,64]
+       [--batch 4] [--size 1024] [--steps N] [--json FILE] [--device gpu|cpu]
 """
 import argparse
+import contextlib
 import datetime
+import gc
+import json
+import os
 import statistics
+import sys
+import time
 
 import numpy as np
 from numba import cuda
 
-from cryokern.backends import Eager, get_backend
 from cryokern import kernels as K
-from cryokern.model import Network, init_params
+from cryokern.backends import Eager, get_backend
+from cryokern.model import UNet, init_params
 from cryokern.step import OptimizerConfig, TrainStep
+from nets import add_network_options, chosen_networks, step_flops
+
+TORCH_MODES = ("fp32", "tf32", "bf16")
+TORCH_LABELS = {"fp32": "PyTorch eager fp32 (TF32 off)", "tf32": "PyTorch eager TF32",
+                "bf16": "PyTorch eager bf16 autocast"}
 
 
 def _device_name():
     name = cuda.get_current_device().name
     return name.decode() if isinstance(name, bytes) else name
+
+
+class CudaClock:
+    """Marks on the legacy default stream (PyTorch queues its work there too)."""
+
+    @staticmethod
+    def mark():
+        event = cuda.event(timing=True)
+        event.record()
+        return event
+
+    @staticmethod
+    def ms(start, stop):
+        stop.synchronize()
+        return cuda.event_elapsed_time(start, stop)
+
+    synchronize = staticmethod(lambda: cuda.synchronize())
+
+
+class HostClock:
+    """Wall-clock marks, for the CPU backends (they compute before returning)."""
+    mark = staticmethod(time.perf_counter)
+    ms = staticmethod(lambda start, stop: (stop - start) * 1e3)
+    synchronize = staticmethod(lambda: None)
+
+
+def event_times(fn, steps, warmup=3, clock=CudaClock):
+    """(median, min, max) ms of `steps` calls of fn() after `warmup`, each between two marks
+    of `clock` (CUDA events on the legacy default stream by default)."""
+    for _ in range(warmup):
+        fn()
+    clock.synchronize()
+    times = []
+    for _ in range(steps):
+        start = clock.mark()
+        fn()
+        times.append(clock.ms(start, clock.mark()))
+    return statistics.median(times), min(times), max(times)
+
+
+def pipelined_ms(launch, steps, warmup=3, clock=CudaClock):
+    """Mean ms per step when each step's loss is read only after the next step is queued, as
+    the training loop does: marks around `steps` steps. launch() queues a step and returns an
+    object whose result() waits for its loss."""
+    for _ in range(warmup):
+        launch().result()
+    clock.synchronize()
+    start = clock.mark()
+    previous = launch()
+    for _ in range(steps - 1):
+        current = launch()
+        previous.result()
+        previous = current
+    stop = clock.mark()
+    previous.result()
+    return clock.ms(start, stop) / steps
 
 
 def resource_report():
@@ -35,44 +126,6 @@ def resource_report():
         for overload in k.overloads.values():
             print(f"  {name:30s} registers {overload.regs_per_thread:4d}  "
                   f"local bytes {overload.local_mem_per_thread:5d}")
-
-
-def event_times(fn, steps, warmup=3):
-    """(median, min, max) ms of `steps` calls of fn() after `warmup`, each between two CUDA
-    events on the legacy default stream; PyTorch queues its work there too, so it is timed
-    the same way."""
-    for _ in range(warmup):
-        fn()
-    cuda.synchronize()
-    times = []
-    for _ in range(steps):
-        start, stop = cuda.event(timing=True), cuda.event(timing=True)
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(cuda.event_elapsed_time(start, stop))
-    return statistics.median(times), min(times), max(times)
-
-
-def pipelined_ms(launch, steps, warmup=3):
-    """Mean ms per step when each step's loss is read only after the next step is queued, as
-    the training loop does: CUDA events around `steps` steps. launch() queues a step and
-    returns an object whose result() waits for its loss."""
-    for _ in range(warmup):
-        launch().result()
-    cuda.synchronize()
-    start, stop = cuda.event(timing=True), cuda.event(timing=True)
-    start.record()
-    previous = launch()
-    for _ in range(steps - 1):
-        current = launch()
-        previous.result()
-        previous = current
-    stop.record()
-    previous.result()
-    stop.synchronize()
-    return cuda.event_elapsed_time(start, stop) / steps
 
 
 class _TimedOps:
@@ -95,13 +148,14 @@ class _TimedOps:
         return timed
 
 
-def step_breakdown(net, params, x, y, steps=10):
-    """Median time of each kernel call in a step, in call order (includes launch overhead)."""
+def step_breakdown(net, params, optimizer, x, y, steps=10):
+    """[(kernel and its first argument's shape, calls per step, median ms per step summed over
+    those calls)], largest first (launch overhead included)."""
     ops = _TimedOps()
     timed = get_backend("gpu")              # a new Backend object: its ops may be replaced
     # each kernel bracketed by events, so launched as it is: no graph
     timed.name, timed.ops, timed.recorder = "gpu-timed", ops, Eager
-    trainer = TrainStep(timed, net, params, OptimizerConfig("sgd", 0.01, momentum=0.9))
+    trainer = TrainStep(timed, net, params, optimizer)
     trainer(x, y)
     per_call = None
     for _ in range(steps):
@@ -111,114 +165,266 @@ def step_breakdown(net, params, x, y, steps=10):
         times = [cuda.event_elapsed_time(a, b) for _, a, b in ops.calls]
         per_call = [[t] for t in times] if per_call is None else \
             [acc + [t] for acc, t in zip(per_call, times)]
-    return [(name, statistics.median(t)) for (name, _, _), t in zip(ops.calls, per_call)]
+    grouped = {}
+    for (name, _, _), t in zip(ops.calls, per_call):
+        calls, ms = grouped.get(name, (0, 0.0))
+        grouped[name] = (calls + 1, ms + statistics.median(t))
+    return sorted(((name, c, ms) for name, (c, ms) in grouped.items()), key=lambda r: -r[2])
 
 
-def torch_step_times(noisy, clean, params, steps):
-    import torch
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    net = torch.nn.Sequential(torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(),
-                              torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU(),
-                              torch.nn.Conv2d(16, 1, 3, padding=1)).cuda()
-    with torch.no_grad():
-        for i, layer in enumerate([net[0], net[2], net[4]]):
-            layer.weight.copy_(torch.from_numpy(params[f"layers.{i}.weight"]))
-            layer.bias.copy_(torch.from_numpy(params[f"layers.{i}.bias"]))
-    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-    x, y = torch.from_numpy(noisy).cuda(), torch.from_numpy(clean).cuda()
-
-    def launch():
-        opt.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.mse_loss(net(x), y)
-        loss.backward()
-        opt.step()
-        return loss.detach()
-
-    def step():
-        return launch().item()
-
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    timing = event_times(step, steps, warmup=0)   # PyTorch queues on the same legacy stream
-    peak = torch.cuda.max_memory_allocated()
-
-    class Pending:
-        def __init__(self):
-            self.loss = launch()
-
-        def result(self):
-            return self.loss.item()
-    return (*timing, peak, pipelined_ms(Pending, steps))
+def array_bytes(*things):
+    """Bytes of the arrays in nested dicts, lists and tuples (None and scalars count 0)."""
+    total = 0
+    for thing in things:
+        if isinstance(thing, dict):
+            total += array_bytes(*thing.values())
+        elif isinstance(thing, (list, tuple)):
+            total += array_bytes(*thing)
+        elif hasattr(thing, "nbytes"):
+            total += int(thing.nbytes)
+    return total
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--size", type=int, default=1024)
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--pass-pixels", type=int,
-                    help="cryokern's passes (fewer pixels: less memory, a little slower; "
-                         "default train's)")
-    args = ap.parse_args()
-    n, s = args.batch, args.size
-    rng = np.random.default_rng(0)
-    clean = rng.random((n, 1, s, s)).astype(np.float32)
-    noisy = (clean + 0.3 * rng.standard_normal(clean.shape)).astype(np.float32)
-    net = Network()
-    params = init_params(net, 0)
-    free_before = cuda.current_context().get_memory_info()[0]
-    trainer = TrainStep(get_backend("gpu"), net, params, OptimizerConfig("sgd", 0.01, momentum=0.9),
-                        pass_pixels=args.pass_pixels)
-    x, y = cuda.to_device(noisy), cuda.to_device(clean)
-    rows = [("cryokern step",) + event_times(lambda: trainer(x, y), args.steps)]
-    pipelined = [("cryokern step", pipelined_ms(lambda: trainer.launch(x, y)[0], args.steps))]
-    # device memory the step holds: batch, activations, gradients, parameters, scratch (as the
-    # driver counts it, in its allocation granularity)
-    held = free_before - cuda.current_context().get_memory_info()[0]
+def free_device_bytes():
+    """The driver's free device memory, after numba has freed what it only queued to free
+    (a previous network's arrays)."""
+    gc.collect()
+    context = cuda.current_context()
+    if hasattr(context, "deallocations"):       # numba's CUDA simulator has none
+        context.deallocations.clear()
+    return context.get_memory_info()[0]
+
+
+def optimizer_for(network):
+    """The step's optimizer: train's defaults for the chain (SGD momentum), Adam lr 1e-3 for
+    the U-Net (as the issue's PyTorch probe trained it)."""
+    if isinstance(network, UNet):
+        return OptimizerConfig("adam", 1e-3)
+    return OptimizerConfig("sgd", 0.01, momentum=0.9)
+
+
+@contextlib.contextmanager
+def torch_mode(torch, mode, device):
+    """PyTorch set for `mode`: fp32 (TF32 off), tf32 (TF32 convolutions and matmuls) or bf16
+    (autocast to bfloat16, TF32 allowed); the flags restored after."""
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    tf32 = mode != "fp32"
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
     try:
-        *t, peak, torch_pipelined = torch_step_times(noisy, clean, params, args.steps)
-        rows.append(("pytorch eager fp32 step (tf32 off)",) + tuple(t))
-        pipelined.append(("pytorch eager fp32 step (tf32 off)", torch_pipelined))
-    except ImportError:
-        peak = None
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mode == "bf16"):
+            yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+
+
+def torch_device(torch, on_gpu):
+    return torch.device("cuda" if on_gpu else "cpu")
+
+
+def torch_peak(torch, device):
+    return torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+
+
+def torch_reset_peak(torch, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def torch_step_rows(network, params, optimizer, noisy, clean, steps, clock, on_gpu):
+    """{mode: {median_ms, min_ms, max_ms, peak_bytes[, pipelined_ms]}} of PyTorch's eager step of
+    the same network, weights, optimizer and batch, fresh weights and optimizer per mode."""
+    import torch
+    from cryokern.torch_mirror import torch_network
+    device = torch_device(torch, on_gpu)
+    x, y = torch.from_numpy(noisy).to(device), torch.from_numpy(clean).to(device)
+    rows = {}
+    for mode in TORCH_MODES:
+        net = torch_network(network, params, device=device)
+        if optimizer.kind == "adam":
+            opt = torch.optim.Adam(net.parameters(), lr=optimizer.lr,
+                                   betas=(optimizer.beta1, optimizer.beta2), eps=optimizer.eps)
+        else:
+            opt = torch.optim.SGD(net.parameters(), lr=optimizer.lr, momentum=optimizer.momentum)
+        with torch_mode(torch, mode, device):
+            def launch():
+                opt.zero_grad(set_to_none=True)
+                loss = torch.nn.functional.mse_loss(net(x).float(), y)
+                loss.backward()
+                opt.step()
+                return loss.detach()
+
+            def step():
+                return launch().item()
+
+            for _ in range(3):
+                step()
+            torch_reset_peak(torch, device)
+            med, lo, hi = event_times(step, steps, warmup=0, clock=clock)
+            rows[mode] = {"median_ms": med, "min_ms": lo, "max_ms": hi,
+                          "peak_bytes": torch_peak(torch, device)}
+            if mode == "fp32":
+                class Pending:
+                    def __init__(self):
+                        self.loss = launch()
+
+                    def result(self):
+                        return self.loss.item()
+                rows[mode]["pipelined_ms"] = pipelined_ms(Pending, steps, clock=clock)
+        del net, opt
+        torch_reset_peak(torch, device)
+    return rows
+
+
+def chain_kernel_rows(params, n, s, rng):
+    """The 16 -> 16 layer's kernels alone: (name, median, min, max, TFLOP/s)."""
     a16 = cuda.to_device(rng.standard_normal((n, 16, s, s)).astype(np.float32))
     g16 = cuda.to_device(rng.standard_normal((n, 16, s, s)).astype(np.float32))
     w16 = cuda.to_device(params["layers.1.weight"])
     b16 = cuda.to_device(params["layers.1.bias"])
     out = cuda.device_array((n, 16, s, s), np.float32)
     gw, gb = cuda.device_array((16, 16, 3, 3), np.float32), cuda.device_array(16, np.float32)
-    kernel_rows = [
+    kernels = [
         ("conv 16->16 forward+relu", lambda: K.conv2d_forward(a16, w16, b16, relu=True, out=out)),
         ("conv 16->16 backward-data+mask",
          lambda: K.conv2d_backward_data(g16, w16, relu_output=a16, out=out)),
         ("conv 16->16 weight grads", lambda: K.conv2d_backward_weights(g16, a16, out=(gw, gb))),
     ]
     flops = 2 * n * s * s * 16 * 16 * 9
-    print(f"\n{datetime.date.today()}  {_device_name()}  "
-          f"batch {n}x1x{s}x{s}, default network, SGD momentum, {args.steps} steps, "
-          f"{len(trainer._passes(x.shape))} pass(es) of <= {trainer.pass_pixels} pixels")
-    print(f"{'what':38s} {'median ms':>10s} {'min':>8s} {'max':>8s} {'images/s':>9s}")
-    for name, med, lo, hi in rows:
-        print(f"{name:38s} {med:10.3f} {lo:8.3f} {hi:8.3f} {n / med * 1e3:9.0f}")
-    if len(rows) == 2:
-        print(f"ratio pytorch/cryokern: {rows[1][1] / rows[0][1]:.2f}x;  pytorch peak memory "
-              f"{peak / 2**20:.0f} MiB")
-    print(f"device memory held by the cryokern step: {held / 2**20:.0f} MiB")
-    print(f"pipelined (each loss read after the next step is queued; mean of {args.steps}):")
-    for name, ms in pipelined:
-        print(f"  {name:36s} {ms:10.3f} ms {n / ms * 1e3:9.0f} images/s")
-    if len(pipelined) == 2:
-        print(f"  ratio pytorch/cryokern, pipelined: {pipelined[1][1] / pipelined[0][1]:.2f}x")
-    for name, fn in kernel_rows:
+    rows = []
+    for name, fn in kernels:
         med, lo, hi = event_times(fn, 20)
-        print(f"{name:38s} {med:10.3f} {lo:8.3f} {hi:8.3f} {flops / med / 1e9:7.1f} TFLOP/s")
-    print("step breakdown (median ms per call, launch overhead included):")
-    for name, ms in step_breakdown(net, params, x, y):
-        print(f"  {name:60s} {ms:8.3f}")
-    resource_report()
+        rows.append((name, med, lo, hi, flops / med / 1e9))
+    return rows
+
+
+def bench_network(spec, args, on_gpu, torch_required):
+    """One network's figures (a dict, also printed as they come)."""
+    net = spec.network
+    n, s = args.batch, args.size
+    steps = args.steps or (20 if isinstance(net, UNet) else 40)
+    clock = CudaClock if on_gpu else HostClock
+    rng = np.random.default_rng(0)
+    clean = rng.random((n, 1, s, s)).astype(np.float32)
+    noisy = (clean + 0.3 * rng.standard_normal(clean.shape)).astype(np.float32)
+    params = init_params(net, 0)
+    optimizer = optimizer_for(net)
+    backend = get_backend("gpu" if on_gpu else "cpu")
+    if on_gpu:
+        from cryokern import precompile
+        precompile.start(net, optimizer).wait()
+        free_before = free_device_bytes()
+    trainer = TrainStep(backend, net, params, optimizer, pass_pixels=args.pass_pixels)
+    x, y = backend.to_device(noisy), backend.to_device(clean)
+    med, lo, hi = event_times(lambda: trainer(x, y), steps, clock=clock)
+    result = {"network": spec.spec, "label": net.label(), "params": net.param_count(), "n": n,
+              "optimizer": f"{optimizer.kind} lr {optimizer.lr:g}", "steps": steps,
+              "step_gflop_per_image": step_flops(net, s, s) / 1e9,
+              "passes": len(trainer._passes(x.shape)), "pass_pixels": trainer.pass_pixels,
+              "cryokern": {"median_ms": med, "min_ms": lo, "max_ms": hi,
+                           "pipelined_ms": pipelined_ms(lambda: trainer.launch(x, y)[0], steps,
+                                                        clock=clock),
+                           "array_bytes": array_bytes(x, y, trainer.params, trainer.grads,
+                                                      trainer.state, trainer._workspaces,
+                                                      trainer._sums, trainer._sse)}}
+    if on_gpu:
+        result["cryokern"]["held_bytes"] = free_before - free_device_bytes()
+    print(f"  {spec.spec}: cryokern {med:.3f} ms/step", flush=True)
+    try:
+        result["pytorch"] = torch_step_rows(net, params, optimizer, noisy, clean, steps, clock,
+                                            on_gpu)
+        print(f"  {spec.spec}: PyTorch fp32 {result['pytorch']['fp32']['median_ms']:.3f} "
+              "ms/step", flush=True)
+    except ImportError:
+        if torch_required:
+            raise
+    if on_gpu:
+        result["breakdown"] = step_breakdown(net, params, optimizer, x, y)
+        if not isinstance(net, UNet) and net.channels[1:3] == (16, 16):
+            result["kernels"] = chain_kernel_rows(params, n, s, rng)
+    return result
+
+
+def gib(nbytes):
+    return "-" if nbytes is None else f"{nbytes / 2 ** 30:.2f}"
+
+
+def print_details(r):
+    print(f"\n{r['label']} ({r['params']:,} parameters, {r['optimizer']}, "
+          f"{r['step_gflop_per_image']:.1f} GFLOP per image per step), {r['steps']} steps, "
+          f"{r['passes']} pass(es) of <= {r['pass_pixels']} pixels")
+    c = r["cryokern"]
+    print(f"  cryokern step median {c['median_ms']:.3f} ms (min {c['min_ms']:.3f}, max "
+          f"{c['max_ms']:.3f}); pipelined {c['pipelined_ms']:.3f} ms; arrays "
+          f"{gib(c['array_bytes'])} GiB, held {gib(c.get('held_bytes'))} GiB")
+    for mode, t in r.get("pytorch", {}).items():
+        print(f"  {TORCH_LABELS[mode]:32s} median {t['median_ms']:.3f} ms (min "
+              f"{t['min_ms']:.3f}, max {t['max_ms']:.3f}); peak {gib(t['peak_bytes'])} GiB"
+              + (f"; pipelined {t['pipelined_ms']:.3f} ms" if "pipelined_ms" in t else ""))
+    for name, med, lo, hi, tflops in r.get("kernels", []):
+        print(f"  {name:38s} {med:10.3f} {lo:8.3f} {hi:8.3f} {tflops:7.1f} TFLOP/s")
+    if "breakdown" in r:
+        rows = r["breakdown"]
+        print(f"  step breakdown (median ms per step, launch overhead included; "
+              f"{min(len(rows), 25)} largest of {len(rows)}):")
+        for name, calls, ms in rows[:25]:
+            print(f"    {name:60s} x{calls:<3d} {ms:9.3f}")
+
+
+def print_table(results, header):
+    """The short table: ms/step, speed relative to PyTorch fp32 (its ms / this ms), TFLOP/s,
+    device memory (cryokern held, PyTorch peak)."""
+    print(f"\n{header}")
+    print(f"{'network':30s} {'what':34s} {'ms/step':>9s} {'x fp32':>7s} {'TFLOP/s':>8s} "
+          f"{'GiB':>6s}")
+    for r in results:
+        fp32 = r.get("pytorch", {}).get("fp32", {}).get("median_ms")
+        flop = r["step_gflop_per_image"] * 1e9 * r["n"]
+        c = r["cryokern"]
+        rows = [("cryokern step", c["median_ms"], c.get("held_bytes", c["array_bytes"])),
+                ("cryokern pipelined", r["cryokern"]["pipelined_ms"], None)]
+        rows += [(TORCH_LABELS[m], t["median_ms"], t["peak_bytes"])
+                 for m, t in r.get("pytorch", {}).items()]
+        for k, (what, ms, nbytes) in enumerate(rows):
+            ratio = f"{fp32 / ms:.2f}" if fp32 else "-"
+            print(f"{r['network'] if k == 0 else '':30s} {what:34s} {ms:9.3f} {ratio:>7s} "
+                  f"{flop / ms / 1e9:8.1f} {gib(nbytes):>6s}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_network_options(ap)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--steps", type=int, help="timed steps (default 40 chain, 20 U-Net)")
+    ap.add_argument("--pass-pixels", type=int,
+                    help="cryokern's passes (fewer pixels: less memory, a little slower; "
+                         "default train's)")
+    ap.add_argument("--device", choices=("gpu", "cpu"), default="gpu",
+                    help="cpu: the compiled CPU backend and PyTorch on the CPU (a smoke test)")
+    ap.add_argument("--json", help="write the figures there too")
+    args = ap.parse_args(argv)
+    specs = chosen_networks(ap, args)
+    on_gpu = args.device == "gpu"
+    torch_required = os.environ.get("CRYOKERN_REQUIRE_TORCH") == "1"
+    results = []
+    for spec in specs:
+        results.append(bench_network(spec, args, on_gpu, torch_required))
+        print_details(results[-1])
+    if on_gpu and any(not isinstance(s.network, UNet) for s in specs):
+        resource_report()
+    device = _device_name() if on_gpu else "CPU (compiled CPU backend; a smoke test)"
+    header = (f"{datetime.date.today()}  {device}  batch {args.batch}x1x{args.size}x"
+              f"{args.size}; x fp32: PyTorch fp32's ms / this ms; GiB: cryokern's held device "
+              "memory, PyTorch's peak")
+    print_table(results, header)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"date": str(datetime.date.today()), "device": device,
+                       "argv": sys.argv[1:] if argv is None else argv, "results": results}, f,
+                      indent=1)
+    return results
 
 
 if __name__ == "__main__":
