@@ -14,10 +14,14 @@ Methods:
 - noisy: the even half itself.
 - gaussian: the best Gaussian blur, its sigma chosen on the test set by mean r (an optimistic
   baseline: it is tuned on the answers).
-- cryokern NET (--nets, channel lists): trained through cryokern.train's own loop (train.Run:
-  its loader, TrainStep, per-image normalization, train's default optimizer) on whole
-  micrographs, whole epochs until the budget is spent. The kernels are compiled first (in
-  background processes on a GPU, then one throwaway epoch in this process), outside the budget.
+- cryokern NET (--nets: chains like 1,16,16,1 or U-Nets like unet:16,24,32,48,64[+residual],
+  bench/nets.py): trained through cryokern.train's own loop (train.Run: its loader, TrainStep,
+  per-image normalization, train's options for the architecture, train's default optimizer or
+  --optimizer's with its default learning rate) on whole micrographs, whole epochs until the
+  budget is spent. The kernels are compiled first (on a GPU in background processes, each
+  network's in parallel workers of cryokern.precompile, while the baselines and Topaz run, or
+  before them with --compile-first; then one throwaway epoch in this process), outside the
+  budget.
 - topaz scratch: Topaz-Denoise's U-Net (UDenoiseNet(base_width=11, top_width=5), the
   architecture of its packaged 'unet') from a fresh PyTorch initialization, trained by topaz's
   own topaz.denoising.models.train_model with topaz's command-line defaults (Adagrad, lr 1e-3,
@@ -33,7 +37,8 @@ Writes OUT/quality.json (settings, device, date, per-image and mean scores, trai
 seconds), OUT/quality.png (noisy | each method | truth, a crop of the first test micrograph; each
 output affinely fitted to the truth and shown on the truth's range, the noisy half on its own)
 and prints a table.
-Usage: python bench/quality.py [--budget-s 60] [--nets 1,16,16,1 1,32,32,32,32,32,32,1] [--out DIR]
+Usage: python bench/quality.py [--budget-s 60] [--nets 1,16,16,1 unet:16,24,32,48,64]
+       [--optimizer adam] [--compile-first] [--out DIR]
 """
 import argparse
 import json
@@ -57,8 +62,8 @@ from cryokern.data import PairedImages, Subset
 from cryokern.inference import Model, TiledDenoiser
 from cryokern.metrics import (FIT_NAMES, HIGHPASS_SIGMA, affine_fit, fitted_metrics, gaussian_blur,
                               mean_metrics, pearson)
-from cryokern.model import Network
 from cryokern.simulate import Simulator
+from nets import SPEC_HELP, parse_net
 
 GAUSSIAN_SIGMAS = (0.5, 1, 1.5, 2, 3, 4, 5, 6, 8, 10, 12, 16)
 TOPAZ_DEFAULTS = {"loss_fn": "L2", "optim": "adagrad", "lr": 1e-3, "batch_size": 4,
@@ -70,8 +75,16 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--budget-s", type=float, default=60.0,
                    help="training seconds for every trained method (default 60)")
-    p.add_argument("--nets", nargs="+", default=["1,16,16,1", "1,32,32,32,32,32,32,1"],
-                   metavar="NET", help="cryokern networks: channel lists")
+    p.add_argument("--nets", nargs="+", type=parse_net,
+                   default=[parse_net("1,16,16,1"), parse_net("1,32,32,32,32,32,32,1")],
+                   metavar="NET", help=f"cryokern networks: {SPEC_HELP}")
+    p.add_argument("--optimizer", choices=("sgd", "adam"),
+                   help="cryokern's optimizer, with train's default learning rate for it "
+                        "(default: train's, SGD)")
+    p.add_argument("--compile-first", action="store_true",
+                   help="on a GPU, compile cryokern's kernels before any method trains (else "
+                        "while the baselines and Topaz run, sharing the CPU with Topaz's "
+                        "loader)")
     p.add_argument("--train", type=int, default=40, help="training micrographs (default 40)")
     p.add_argument("--test", type=int, default=4, help="test micrographs (default 4)")
     p.add_argument("--size", type=int, default=1024, help="micrograph side in pixels")
@@ -88,23 +101,13 @@ def build_parser():
     return p
 
 
-def parse_net(spec):
-    """A --nets entry as cryokern channels; the one place to add other architectures."""
-    try:
-        channels = tuple(int(c) for c in spec.split(","))
-        Network(channels)
-    except ValueError:
-        raise SystemExit(f"quality.py: error: --nets {spec!r}: give channel counts like "
-                         "1,16,16,1") from None
-    if channels[0] != 1 or channels[-1] != 1:
-        raise SystemExit(f"quality.py: error: --nets {spec}: one channel in and out")
-    return channels
-
-
-def train_options(opts, channels, out):
-    """cryokern.train's options for a network: its defaults, except channels and crop."""
-    argv = ["--channels", ",".join(map(str, channels)), "--crop", str(opts.crop),
-            "--seed", str(opts.seed), "--out", str(out)]
+def train_options(opts, net, out):
+    """cryokern.train's options for a network (a nets.NetSpec): its defaults, except the
+    architecture, crop, seed and --optimizer."""
+    argv = list(net.train_args) + ["--crop", str(opts.crop), "--seed", str(opts.seed),
+                                   "--out", str(out)]
+    if opts.optimizer:
+        argv += ["--optimizer", opts.optimizer]
     options = T.build_parser().parse_args(argv)
     options.lr = T.DEFAULT_LR[options.optimizer]
     return options
@@ -141,12 +144,15 @@ def write_halves(micrographs, directory, pixel_size):
     return dirs, names
 
 
-def warm_up(channels, opts_dict, image_shape, size):
-    """Compile (and cache) every kernel a network's training and inference use: one epoch of
-    a throwaway run on random images of the training shape, and one forward pass of a test
-    micrograph's size. Run in a subprocess per network, so networks compile in parallel."""
+def warm_up(net, opts_dict, image_shape, size):
+    """Compile (and cache) every kernel a network's training and inference use: its step's
+    kernels in parallel worker processes (cryokern.precompile), then one epoch of a throwaway
+    run on random images of the training shape and one forward pass of a test micrograph's
+    size. Run in a subprocess per network, so networks compile in parallel."""
+    from cryokern import precompile
     quiet_numba()
     opts = argparse.Namespace(**opts_dict)
+    precompile.start(net.network, T.optimizer_config(opts)).wait()
     backend = get_backend("gpu")
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as d:
@@ -156,27 +162,27 @@ def warm_up(channels, opts_dict, image_shape, size):
             with mrcfile.new(path) as mrc:
                 mrc.set_data(images)
                 mrc.set_image_stack()
-        run = new_run(opts, channels, backend, [tuple(paths)], crop=0)
+        run = new_run(opts, net, backend, [tuple(paths)], crop=0)
         run.train_epoch(0)
         model = Model("warm-up", run.network, run.step.host_params(), opts.normalize)
         TiledDenoiser(model, backend).denoise(
             rng.standard_normal((size, size)).astype(np.float32))
 
 
-def new_run(opts, channels, backend, pairs, crop):
+def new_run(opts, net, backend, pairs, crop):
     images = PairedImages(pairs)
     subset = Subset(images, np.arange(len(images)), crop)
-    return T.Run(opts, Network(channels), backend, subset, None, {"train": images.describe()})
+    return T.Run(opts, net.network, backend, subset, None, {"train": images.describe()})
 
 
-def train_cryokern(opts, channels, backend, pairs, budget):
+def train_cryokern(opts, net, backend, pairs, budget):
     """(Model, record): whole epochs of train.Run's loop until `budget` seconds are spent,
     after one throwaway epoch (kernels loaded, buffers allocated) outside the budget."""
-    options = train_options(opts, channels, Path(opts.out) / "unused")
+    options = train_options(opts, net, Path(opts.out) / "unused")
     start = time.perf_counter()
-    new_run(options, channels, backend, pairs, opts.crop).train_epoch(0)
+    new_run(options, net, backend, pairs, opts.crop).train_epoch(0)
     warm = time.perf_counter() - start
-    run = new_run(options, channels, backend, pairs, opts.crop)
+    run = new_run(options, net, backend, pairs, opts.crop)
     start = time.perf_counter()
     epoch, last_mse = 0, None
     while time.perf_counter() - start < budget:
@@ -185,11 +191,12 @@ def train_cryokern(opts, channels, backend, pairs, budget):
         epoch += 1
         run.position, run.meter = {"epoch": epoch, "batch": 0}, T.LossMeter()
     seconds = time.perf_counter() - start
-    model = Model(f"cryokern {channels}", run.network, run.step.host_params(), options.normalize)
+    model = Model(net.name, run.network, run.step.host_params(), options.normalize)
     return model, {"train_s": seconds, "warm_up_s": warm, "steps": run.step.step,
                    "epochs": epoch, "images": epoch * len(run.train),
                    "images_per_s": epoch * len(run.train) / seconds,
                    "last_epoch_train_mse": last_mse,
+                   "network": run.network.describe(), "parameters": run.network.param_count(),
                    "optimizer": {"kind": options.optimizer, "lr": options.lr,
                                  "momentum": options.momentum},
                    "batch_size": options.batch_size, "crop": opts.crop or "whole micrographs",
@@ -335,16 +342,16 @@ def print_table(report, file=None):
           f"{report['settings']['test']} test micrographs of {report['settings']['size']}² px; "
           f"training budget {report['settings']['budget_s']:g} s per trained method "
           "(compile/warm-up excluded)", file=file)
-    print(f"{'method':<34}{'train s':>9}{'steps':>8}{'r':>8}{'PSNR dB':>9}{'SSIM':>8}"
+    print(f"{'method':<40}{'train s':>9}{'steps':>8}{'r':>8}{'PSNR dB':>9}{'SSIM':>8}"
           f"{'r hp':>8}", file=file)
     for name, m in report["methods"].items():
         if "error" in m:
-            print(f"{name:<34}  failed: {m['error'].splitlines()[-1]}", file=file)
+            print(f"{name:<40}  failed: {m['error'].splitlines()[-1]}", file=file)
             continue
         s, t = m["scores"]["mean"], m.get("training", {})
         train_s = f"{t['train_s']:.1f}" if "train_s" in t else "-"
         steps = str(t["steps"]) if "steps" in t else "-"
-        print(f"{name:<34}{train_s:>9}{steps:>8}{s['pearson']:>8.3f}{s['psnr_fit']:>9.2f}"
+        print(f"{name:<40}{train_s:>9}{steps:>8}{s['pearson']:>8.3f}{s['psnr_fit']:>9.2f}"
               f"{s['ssim_fit']:>8.3f}{s['pearson_highpass']:>8.3f}", file=file)
     for note in report["notes"]:
         print(f"note: {note}", file=file)
@@ -357,7 +364,7 @@ def quiet_numba():
 def main(argv=None):
     quiet_numba()
     opts = build_parser().parse_args(argv)
-    nets = [parse_net(spec) for spec in opts.nets]
+    nets = opts.nets
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     backend = get_backend(opts.device)
@@ -366,11 +373,16 @@ def main(argv=None):
     warmers = []
     if backend.name == "gpu":      # compile every network's kernels in parallel, meanwhile
         spawn = multiprocessing.get_context("spawn")
-        for channels in nets:
-            options = vars(train_options(opts, channels, out / "unused"))
-            warmers.append(spawn.Process(target=warm_up, args=(channels, options, image_shape,
+        for net in nets:
+            options = vars(train_options(opts, net, out / "unused"))
+            warmers.append(spawn.Process(target=warm_up, args=(net, options, image_shape,
                                                                opts.size)))
             warmers[-1].start()
+    t = time.perf_counter()
+    if opts.compile_first:
+        for warmer in warmers:
+            warmer.join()
+    compile_first_s = time.perf_counter() - t
     t = time.perf_counter()
     micrographs = simulate(opts)
     simulate_s = time.perf_counter() - t
@@ -379,7 +391,9 @@ def main(argv=None):
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "settings": {"train": opts.train, "test": opts.test, "size": opts.size,
                            "pixel_size_A": opts.pixel_size, "seed": opts.seed,
-                           "budget_s": opts.budget_s, "simulator": Simulator(
+                           "budget_s": opts.budget_s, "nets": [n.spec for n in nets],
+                           "cryokern_optimizer": opts.optimizer or "train's default",
+                           "simulator": Simulator(
                                opts.seed, (opts.size, opts.size), opts.pixel_size).describe(),
                            "simulate_s": simulate_s, "input": "each test micrograph's even half",
                            "truth": "its expected counts",
@@ -435,17 +449,19 @@ def main(argv=None):
         for warmer in warmers:
             warmer.join()
         if warmers:
+            when = (f"before any method trained, {compile_first_s:.0f} s" if opts.compile_first
+                    else f"while the steps above ran; waited {time.perf_counter() - t:.0f} s "
+                         "more for them")
             report["notes"].append(f"cryokern kernels compiled in {len(warmers)} background "
-                                   f"processes (while the steps above ran; exit codes "
-                                   f"{[w.exitcode for w in warmers]}); waited "
-                                   f"{time.perf_counter() - t:.0f} s more for them")
+                                   f"processes ({when}; exit codes "
+                                   f"{[w.exitcode for w in warmers]})")
         pairs = [(str(dirs["even"] / n), str(dirs["odd"] / n)) for n in names] + \
                 [(str(dirs["odd"] / n), str(dirs["even"] / n)) for n in names]
-        for channels in nets:
-            name = f"cryokern {','.join(map(str, channels))}"
+        for net in nets:
+            name = net.name
 
             def cryokern_net():
-                model, extra = train_cryokern(opts, channels, backend, pairs, opts.budget_s)
+                model, extra = train_cryokern(opts, net, backend, pairs, opts.budget_s)
                 denoiser = TiledDenoiser(model, backend)
                 record(name, [denoiser.denoise(m.even) for m in test], {"training": extra})
             attempt(name, cryokern_net)
