@@ -788,13 +788,11 @@ def write_run_directory(opts, network, backend, description, resume_from):
 
 
 def start_compiling(opts, network):
-    """The chain's GPU kernels, compiling in worker processes while the data are opened
-    (precompile.py); nothing to do for the CPU backends. The U-Net's kernels compile on first
-    use (precompile.py knows the chain's operations only)."""
-    if opts.device in ("cpu", "reference") or not gpu_available() or \
-            not isinstance(network, Network):
+    """The network's GPU kernels, compiling in worker processes while the data are opened
+    (precompile.py); nothing to do for the CPU backends."""
+    if opts.device in ("cpu", "reference") or not gpu_available():
         return precompile.Ready()
-    return precompile.start(network.channels, optimizer_config(opts))
+    return precompile.start(network, optimizer_config(opts))
 
 
 def main(argv=None):

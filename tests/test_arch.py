@@ -118,16 +118,16 @@ def test_resume_keeps_the_architecture(trained, tmp_path, capsys):
     assert "--unet-widths 4,6 differs" in capsys.readouterr().err
 
 
-def test_a_unet_on_the_gpu_is_not_precompiled_and_the_chain_still_is(monkeypatch):
-    """precompile.py knows the chain's operations: the U-Net's kernels compile on first use."""
+def test_the_gpu_kernels_of_either_network_are_precompiled(monkeypatch):
+    """train starts compiling the network's kernels, chain or U-Net, while the data open."""
     started = []
     monkeypatch.setattr(T, "gpu_available", lambda: True)
-    monkeypatch.setattr(T.precompile, "start", lambda channels, opt: started.append(channels))
+    monkeypatch.setattr(T.precompile, "start", lambda network, opt: started.append(network))
     opts = T.build_parser().parse_args(["--device", "gpu"])
     opts.lr = 0.01
-    assert isinstance(T.start_compiling(opts, UNet((4, 6))), T.precompile.Ready)
+    T.start_compiling(opts, UNet((4, 6)))
     T.start_compiling(opts, Network((1, 4, 1)))
-    assert started == [(1, 4, 1)]
+    assert started == [UNet((4, 6)), Network((1, 4, 1))]
 
 
 def test_a_run_from_before_the_unet_resumes_as_a_chain(tmp_path):
