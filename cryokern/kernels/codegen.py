@@ -74,6 +74,19 @@ def _write_once(directory, path, source):
         os.unlink(tmp)
 
 
+def select_load(array, index, test):
+    """`array[index]` where `test` holds, else float32 0, written as two selects instead of a
+    branch: where `test` fails the load reads element 0 (every array a kernel gets has one)
+    and its value is dropped. `test` is an expression without branches (`&`, not `and`).
+
+    Why: each branch of a written-out kernel is a few blocks of numba IR, and numba's front
+    end (liveness, SSA reconstruction, rewrites) takes time growing with blocks times
+    variables. Backward-data from one input channel had 287 branches (its 64 mask elements
+    loaded, converted to bits and applied, one branch each): 16-25 s of numba front end on a
+    2-core VM, its compile's all but ~0.5 s (bench/compile_time.py, NOTES v28)."""
+    return f"cuda.selp({test}, {array}[cuda.selp({test}, uint64({index}), uint64(0))], float32(0))"
+
+
 class Source:
     """Lines of Python with indentation, for the generators."""
 
@@ -94,6 +107,18 @@ class Source:
         self(f"@cuda.jit(cache=True{cap})")
         self(f"def kernel({params}):").indent()
         return self
+
+    def known(self, condition):
+        """Test `condition` again where it is known to hold, and go on inside it (dedent at
+        the end): a new basic block for numba, none for LLVM, whose GVN knows the condition
+        from the dominating test and folds this one away (the PTX is unchanged).
+
+        Why: numba's front end takes time quadratic in a basic block's statements (SSA
+        reconstruction finds each definition by a scan of its block; lowering scans the block
+        for each variable assigned in it). The 16 -> 16 weight gradients' written-out tile
+        row, 32 columns in one block, took 14 of its 16 s of numba (bench/compile_time.py,
+        NOTES v28)."""
+        return self(f"if {condition}:").indent()
 
     def indent(self):
         self.depth += 1
