@@ -56,10 +56,11 @@ def job_kernels(job):
         kernel = conv._weights_kernel(cin, cout, variant, None,
                                       None if block == (cout, cin) else block)[0]
         yield label, kernel, (f32, f32, part, part) + ints(3), variant.max_registers
-        kcs = tuple(reduce._chains(k) for k in (cout * cin * 9, cout))
+    elif name == "reduce.fold_tiles":
+        kcs = tuple(reduce._chains(sums[1][1]) for _, (_, sums) in args)
         fold_args = sum(((f32, types.uint32[::1], f64) if kc == 1 else (f32, f64) for kc in kcs),
                         ())
-        yield (f"  fold tiles {kcs}", reduce._fold_tiles(kcs),
+        yield (label, reduce._fold_tiles(kcs),
                fold_args + ints(len(kcs)) + ((types.int64,) if 1 in kcs else ()), None)
     elif name == "mse_loss_and_grad":
         yield (label, loss._loss_kernel(), (f32, f32, types.float32, f32, part) + ints(6) +

@@ -23,6 +23,7 @@ later runs start no workers.
 import atexit
 import base64
 import hashlib
+import importlib
 import json
 import os
 import pickle
@@ -87,12 +88,30 @@ def step_operations(channels, optimizer):
     return list(dict.fromkeys(ops.calls))
 
 
+def _weights_fold(operation):
+    """The tile fold that conv2d_backward_weights launches after its kernel, as an operation
+    of its own: `reduce.fold_tiles` of float32 partials and float64 sums for the weights and
+    the biases, with as many outputs as one block's chains (the generated fold depends on
+    those alone). Why: compiled inside the weights job, it added ~4 s to the longest job of
+    the default network (bench/compile_time.py, NOTES v28); run beside it, it is in numba's
+    disk cache when the weights job reaches it, and that job loads it instead."""
+    from .kernels import reduce
+    gy, x = (a[1] for a in operation[1][:2])
+    chains = [reduce._chains(k) for k in (gy[1] * x[1] * 9, gy[1])]
+    return ("reduce.fold_tiles", tuple(
+        ("tuple", (("array", (1, 1, kc), "<f4"), ("array", (1, kc), "<f8"))) for kc in chains),
+        ())
+
+
 def jobs(channels, optimizer):
     """The operations grouped into jobs, longest first (a job is a tuple of operations, or
-    HOST_JOB): one per generated-kernel operation, one for the rest, and the image math."""
+    HOST_JOB): one per generated-kernel operation and per distinct weight-gradient fold, one
+    for the rest, and the image math."""
     operations = step_operations(channels, optimizer)
     heavy = [(op,) for op in operations if op[0] in HEAVY]
     heavy.sort(key=lambda job: -_size(job[0]))
+    heavy += [(fold,) for fold in dict.fromkeys(_weights_fold(op) for op in operations
+                                                if op[0] == "conv2d_backward_weights")]
     light = tuple(op for op in operations if op[0] not in HEAVY)
     return heavy + ([light] if light else []) + [HOST_JOB]
 
@@ -110,6 +129,8 @@ def label(job):
     if len(job) > 1:
         return "+".join(sorted({op[0] for op in job}))
     name, args, _ = job[0]
+    if name == "reduce.fold_tiles":      # (partials, sums) pairs; the sums are (1, chains)
+        return f"fold_tiles {tuple(sums[1][1] for _, (_, sums) in args)}"
     shapes = [a[1] for a in args if a[0] == "array"]
     if name == "conv2d_forward":
         return f"{name} {shapes[0][1]}->{shapes[1][0]}"
@@ -152,8 +173,10 @@ def run_job(job):
         from .kernels import codegen
         codegen.mark_announced()        # the parent's line says what is compiled
         for name, args, kwargs in job:
-            getattr(kernels, name)(*(_materialize(a) for a in args),
-                                   **{k: _materialize(v) for k, v in kwargs})
+            module, _, function = name.rpartition(".")     # 'reduce.fold_tiles': a module's
+            target = importlib.import_module(f"{kernels.__name__}.{module}") if module else kernels
+            getattr(target, function)(*(_materialize(a) for a in args),
+                                      **{k: _materialize(v) for k, v in kwargs})
         cuda.synchronize()
     return time.perf_counter() - start
 
