@@ -82,8 +82,9 @@ def select_load(array, index, test):
     Why: each branch of a written-out kernel is a few blocks of numba IR, and numba's front
     end (liveness, SSA reconstruction, rewrites) takes time growing with blocks times
     variables. Backward-data from one input channel had 287 branches (its 64 mask elements
-    loaded, converted to bits and applied, one branch each): 16-25 s of numba front end on a
-    2-core VM, its compile's all but ~0.5 s (bench/compile_time.py, NOTES v28)."""
+    loaded, set as bits and applied, a branch each, and the stores' guards): 17.9 of its 18.4
+    CPU s of compiling were numba's front end, NVVM and ptxas the rest (bench/compile_time.py,
+    NOTES v28)."""
     return f"cuda.selp({test}, {array}[cuda.selp({test}, uint64({index}), uint64(0))], float32(0))"
 
 

@@ -132,8 +132,8 @@ class _MaskPlan:
         """m0.. from row mr, channel mg on (0 outside the image). (Names apart from the
         staging's p0, p1, ...) A branch per row, selects for the channels (see
         codegen.select_load): a branch per element made backward-data 1 -> 16's compile
-        slow, and loads without any branch were all issued at once (its 64 in flight: ptxas
-        spilled 356 bytes at the cap, against 28)."""
+        slow; loads without any branch compiled no faster and moved the PTX further from the
+        tuned kernel's (NOTES v28)."""
         for dp in range(-(-self.per // self.g_out)):
             row = range(dp * self.g_out, min(self.per, (dp + 1) * self.g_out))
             for j in row:
@@ -148,7 +148,10 @@ class _MaskPlan:
 
     def convert(self, src, when=None):
         """Shift the words and set the bits of the elements in m0.. (`m > 0` decides: NaN
-        gives 0), where `when` holds. A select per bit, not a branch (see select_load)."""
+        gives 0), where `when` holds. A select per bit, not a branch (see select_load), in
+        the form `selp(m > 0, live | bit, live)`: written `live | selp(m > 0, bit, 0)`, LLVM
+        saw through the packing and tested each m again after the fma loop (64 floats live
+        through it: 356 bytes of spills at the cap, against 28; NOTES v28)."""
         if when:
             src(f"if {when}:").indent()
         if self.turns > 1:      # (a shift by 64 is undefined: LLVM made the bits poison)
