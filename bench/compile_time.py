@@ -6,13 +6,17 @@ Why: on a cold cache the first step waits for the longest single kernel compilat
 the H200 host). A numba kernel compiles in three stages, and each job is timed here as the
 device's dispatcher runs them (numba-cuda's _Kernel): numba's front end (bytecode to numba IR,
 its untyped passes such as SSA reconstruction, typing, lowering to LLVM IR: `compile_cuda`),
-NVVM (LLVM IR to PTX) and the PTX's assembly for sm_90. On the GPU the last is the driver's JIT
-at the kernel's load; here ptxas stands in for it (when on PATH), and also says whether the
-kernel keeps within its register cap without spills.
+NVVM (LLVM IR to PTX, compute_90a as on an H100/H200) and the PTX's assembly for sm_90a. On
+the GPU the last is the driver's JIT at the kernel's load; here ptxas stands in for it (when on
+PATH), and also says whether the kernel keeps within its register cap without spills. Times are
+the process's CPU seconds (ptxas's: its own), so that other work on a shared machine does not
+count; with --compare, whether each kernel's PTX is that of an earlier run (a change of the
+generated code's form that leaves the PTX alone cannot change the kernel's speed).
 
 Needs NVVM (the CUDA toolkit's libnvvm) and the nvidia-cuda-nvrtc wheel (numba-cuda asks NVRTC
 for the architecture); no GPU. Kernels are generated into a fresh cache directory.
 Usage: python bench/compile_time.py [--channels 1,16,16,1] [--only SUBSTRING] [--keep DIR]
+                                    [--compare EARLIER_KEEP_DIR]
 """
 import argparse
 import os
@@ -24,7 +28,7 @@ import sys
 import tempfile
 import time
 
-CC = (9, 0)
+CC = (9, 0, "a")      # what the dispatcher asks for on compute capability 9.0
 
 
 def job_kernels(job):
@@ -76,11 +80,12 @@ def compile_stages(kernel, argtypes, cap, ptx_path):
     seconds = {}
     start = time.process_time()
     cres = compiler.compile_cuda(kernel.py_func, types.void, argtypes,
-                                 nvvm_options={"fastmath": False, "opt": 3}, cc=CC,
+                                 nvvm_options={"fastmath": False, "opt": 3}, cc=CC[:2],
                                  max_registers=cap)
     lib = cres.library
-    compiler.kernel_fixup(lib.get_function(cres.fndesc.llvm_func_name), False)
-    nvvm.set_launch_bounds(lib.get_function(cres.fndesc.llvm_func_name), None)
+    entry = lib.get_function(cres.fndesc.llvm_func_name)
+    compiler.kernel_fixup(entry, False)
+    nvvm.set_launch_bounds(entry, None)
     seconds["front end"] = time.process_time() - start
     passes = sorted(((t.init + t.run + t.finalize, name.split("_", 1)[1])
                      for timings in cres.metadata["pipeline_times"].values()
@@ -92,7 +97,7 @@ def compile_stages(kernel, argtypes, cap, ptx_path):
     registers = spills = None
     if shutil.which("ptxas"):
         start = os.times()
-        info = subprocess.run(["ptxas", f"-arch=sm_{CC[0]}{CC[1]}", "-O3", "-v",
+        info = subprocess.run(["ptxas", "-arch=sm_{}{}{}".format(*CC), "-O3", "-v",
                                *(["-maxrregcount", str(cap)] if cap else []), str(ptx_path),
                                "-o", str(ptx_path.with_suffix(".cubin"))],
                               capture_output=True, text=True, check=True).stderr
@@ -144,7 +149,7 @@ def main():
     jobs = [job for job in precompile.jobs(channels, OptimizerConfig())
             if job != precompile.HOST_JOB and len(job) == 1 and
             (not args.only or args.only in precompile.label(job))]
-    print(f"network {args.channels}, sm_{CC[0]}{CC[1]}, {os.cpu_count()} cores, "
+    print(f"network {args.channels}, sm_{''.join(map(str, CC))}, {os.cpu_count()} cores, "
           f"{time.strftime('%Y-%m-%d %H:%M %Z')}; imports {time.process_time() - started:.1f} "
           f"CPU s; CPU seconds below; cache {out / 'cache'}")
     print(f"{'kernel':32s} {'lines':>5s} {'front':>6s} {'NVVM':>5s} {'ptxas':>5s} {'PTX KB':>6s} "
