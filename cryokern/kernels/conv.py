@@ -287,13 +287,20 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
         for k in range(3):
             src(f"v{r}_{k} = xs[xb + uint64({r * XW + k})]")
     src(f"wc = uint64(wb + ci * {9 * ob_size})")
+    # from one input channel, each kernel row's fmas a numba block of their own (Source.known:
+    # the loop has one turn, LLVM drops it and folds the re-test, the PTX is the same); with
+    # more turns the re-test moved the loop's address arithmetic (NOTES v28)
+    split = cin == 1
     for ky in range(3):
+        if ky and split:
+            src.known("ci == 0")
         for kx in range(3):
             for g in range(g_out):
                 src(f"t = ws[wc + uint64({(ky * 3 + kx) * ob_size + g})]")
                 for p in range(R):
                     src(f"a{p}_{g} = cuda.fma(v{p + ky}_{kx}, t, a{p}_{g})")
-    src.dedent()
+    for _ in range(3 if split else 1):
+        src.dedent()
     if masked and plan.late and not plan.active_guard:
         plan.convert(src)       # the last turn's (with fewer turns than channels, done in the loop)
     # the outputs, row by row
