@@ -111,14 +111,15 @@ class Source:
 
     def known(self, condition):
         """Test `condition` again where it is known to hold, and go on inside it (dedent at
-        the end): a new basic block for numba, none for LLVM, whose GVN knows the condition
-        from the dominating test and folds this one away (the PTX is unchanged).
+        the end): a new basic block for numba, none for LLVM, which knows the condition (from
+        the dominating test, or a loop of one turn) and folds this one away. Use it only where
+        bench/compile_time.py --compare shows the PTX unchanged.
 
         Why: numba's front end takes time quadratic in a basic block's statements (SSA
         reconstruction finds each definition by a scan of its block; lowering scans the block
         for each variable assigned in it). The 16 -> 16 weight gradients' written-out tile
-        row, 32 columns in one block, took 14 of its 16 s of numba (bench/compile_time.py,
-        NOTES v28)."""
+        row, 64 columns in one block: 17.4 CPU s of numba, 6.9 in blocks of 8 columns
+        (bench/compile_time.py, NOTES v28)."""
         return self(f"if {condition}:").indent()
 
     def indent(self):
