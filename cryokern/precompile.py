@@ -92,9 +92,9 @@ def _weights_fold(operation):
     """The tile fold that conv2d_backward_weights launches after its kernel, as an operation
     of its own: `reduce.fold_tiles` of float32 partials and float64 sums for the weights and
     the biases, with as many outputs as one block's chains (the generated fold depends on
-    those alone). Why: compiled inside the weights job, it added ~4 s to the longest job of
-    the default network (bench/compile_time.py, NOTES v28); run beside it, it is in numba's
-    disk cache when the weights job reaches it, and that job loads it instead."""
+    those alone). Why: compiled inside the weights job, it added 4-7 s to the longest jobs of
+    the default network (bench/compile_time.py, NOTES v28). The weights jobs skip it
+    (run_job), so that the two compile side by side; the training process loads both."""
     from .kernels import reduce
     gy, x = (a[1] for a in operation[1][:2])
     chains = [reduce._chains(k) for k in (gy[1] * x[1] * 9, gy[1])]
@@ -170,13 +170,18 @@ def run_job(job):
         from numba import cuda
 
         from . import kernels
-        from .kernels import codegen
+        from .kernels import codegen, conv
         codegen.mark_announced()        # the parent's line says what is compiled
-        for name, args, kwargs in job:
-            module, _, function = name.rpartition(".")     # 'reduce.fold_tiles': a module's
-            target = importlib.import_module(f"{kernels.__name__}.{module}") if module else kernels
-            getattr(target, function)(*(_materialize(a) for a in args),
-                                      **{k: _materialize(v) for k, v in kwargs})
+        fold_tiles, conv.fold_tiles = conv.fold_tiles, lambda *folds: None   # jobs of their own
+        try:
+            for name, args, kwargs in job:
+                module, _, function = name.rpartition(".")     # 'reduce.fold_tiles': a module's
+                target = importlib.import_module(f"{kernels.__name__}.{module}") if module \
+                    else kernels
+                getattr(target, function)(*(_materialize(a) for a in args),
+                                          **{k: _materialize(v) for k, v in kwargs})
+        finally:
+            conv.fold_tiles = fold_tiles
         cuda.synchronize()
     return time.perf_counter() - start
 
