@@ -15,7 +15,9 @@ compiles the very kernels and argument types that the step launches: the kernels
 channel counts and flags alone, never by image or batch size. The few small kernels outside the
 generated modules (image folds, optimizer updates) are one job, so no two workers write entries
 of different signatures into one numba index at once (numba's index update is not safe for
-that; entries of the same signature are). One more job compiles the data loader's image math.
+that; entries of the same signature are). The weight gradients' tile folds (generated, ~4-7 s
+each) are jobs of their own, which the weights jobs leave to them. One more job compiles the
+data loader's image math.
 
 A marker file per network and kernel sources says that all jobs once succeeded with this cache:
 later runs start no workers.
