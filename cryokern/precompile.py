@@ -15,7 +15,9 @@ compiles the very kernels and argument types that the step launches: the kernels
 channel counts and flags alone, never by image or batch size. The few small kernels outside the
 generated modules (image folds, optimizer updates) are one job, so no two workers write entries
 of different signatures into one numba index at once (numba's index update is not safe for
-that; entries of the same signature are). One more job compiles the data loader's image math.
+that; entries of the same signature are). The weight gradients' tile folds (generated, ~4-7 s
+each) are jobs of their own, which the weights jobs leave to them. One more job compiles the
+data loader's image math.
 
 A marker file per network and kernel sources says that all jobs once succeeded with this cache:
 later runs start no workers.
@@ -23,6 +25,7 @@ later runs start no workers.
 import atexit
 import base64
 import hashlib
+import importlib
 import json
 import os
 import pickle
@@ -102,12 +105,30 @@ def step_operations(network, optimizer):
     return list(dict.fromkeys(ops.calls))
 
 
+def _weights_fold(operation):
+    """The tile fold that conv2d_backward_weights launches after its kernel, as an operation
+    of its own: `reduce.fold_tiles` of float32 partials and float64 sums for the weights and
+    the biases, with as many outputs as one block's chains (the generated fold depends on
+    those alone). Why: compiled inside the weights job, it added 4-7 s to the longest jobs of
+    the default network (bench/compile_time.py, NOTES v28). The weights jobs skip it
+    (run_job), so that the two compile side by side; the training process loads both."""
+    from .kernels import reduce
+    gy, x = (a[1] for a in operation[1][:2])
+    chains = [reduce._chains(k) for k in (gy[1] * x[1] * 9, gy[1])]
+    return ("reduce.fold_tiles", tuple(
+        ("tuple", (("array", (1, 1, kc), "<f4"), ("array", (1, kc), "<f8"))) for kc in chains),
+        ())
+
+
 def jobs(network, optimizer):
     """The operations grouped into jobs, longest first (a job is a tuple of operations, or
-    HOST_JOB): one per generated-kernel operation, one for the rest, and the image math."""
+    HOST_JOB): one per generated-kernel operation and per distinct weight-gradient fold, one
+    for the rest, and the image math."""
     operations = step_operations(network, optimizer)
     heavy = [(op,) for op in operations if op[0] in HEAVY]
     heavy.sort(key=lambda job: -_size(job[0]))
+    heavy += [(fold,) for fold in dict.fromkeys(_weights_fold(op) for op in operations
+                                                if op[0] == "conv2d_backward_weights")]
     light = tuple(op for op in operations if op[0] not in HEAVY)
     return heavy + ([light] if light else []) + [HOST_JOB]
 
@@ -125,6 +146,8 @@ def label(job):
     if len(job) > 1:
         return "+".join(sorted({op[0] for op in job}))
     name, args, _ = job[0]
+    if name == "reduce.fold_tiles":      # (partials, sums) pairs; the sums are (1, chains)
+        return f"fold_tiles {tuple(sums[1][1] for _, (_, sums) in args)}"
     shapes = [a[1] for a in args if a[0] == "array"]
     if name == "conv2d_forward":
         return f"{name} {shapes[0][1]}->{shapes[1][0]}"
@@ -164,11 +187,18 @@ def run_job(job):
         from numba import cuda
 
         from . import kernels
-        from .kernels import codegen
+        from .kernels import codegen, conv
         codegen.mark_announced()        # the parent's line says what is compiled
-        for name, args, kwargs in job:
-            getattr(kernels, name)(*(_materialize(a) for a in args),
-                                   **{k: _materialize(v) for k, v in kwargs})
+        fold_tiles, conv.fold_tiles = conv.fold_tiles, lambda *folds: None   # jobs of their own
+        try:
+            for name, args, kwargs in job:
+                module, _, function = name.rpartition(".")     # 'reduce.fold_tiles': a module's
+                target = importlib.import_module(f"{kernels.__name__}.{module}") if module \
+                    else kernels
+                getattr(target, function)(*(_materialize(a) for a in args),
+                                          **{k: _materialize(v) for k, v in kwargs})
+        finally:
+            conv.fold_tiles = fold_tiles
         cuda.synchronize()
     return time.perf_counter() - start
 

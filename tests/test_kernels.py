@@ -119,6 +119,39 @@ def test_backward_data_mask_plans(rng, geometry, shape):
     assert same_bits(out, R.conv2d_backward_data(gy, wt, relu_output=y))
 
 
+def test_backward_data_mask_past_the_last_channel(rng):
+    """In a block whose channels overhang the layer's (17 = 16 + 1), the mask is loaded
+    through selects (codegen.select_load): the channels past the last read element 0 instead
+    (the simulator raises on a read past the array) and drop it; special values in the last
+    channel, at the image's last row and column, decide as the reference does."""
+    n, cin, cout, h, w = 1, 17, 2, 9, 33
+    gy, wt, y = randn(rng, n, cout, h, w), randn(rng, cout, cin, 3, 3), randn(rng, n, cin, h, w)
+    y[0, 16, -1, -4:] = [np.nan, -0.0, 0.0, np.inf]
+    y[0, 16, :4, -1] = [np.nan, -0.0, 0.0, np.inf]
+    y[0, 0, 0, 0] = np.nan          # element 0, which the overhanging channels' selects read
+    out = poisoned((n, cin, h, w))
+    K.conv2d_backward_data(cuda.to_device(gy), cuda.to_device(wt), relu_output=cuda.to_device(y),
+                           out=out)
+    assert same_bits(out, R.conv2d_backward_data(gy, wt, relu_output=y))
+
+
+def test_written_out_kernels_branch_little():
+    """Branches per mask element and per output (287 in backward-data 1 -> 16) made numba's
+    front end take most of a cold start (bench/compile_time.py, NOTES v28): backward-data
+    now loads its mask a row at a time and sets and applies its bits with selects (103 left,
+    64 of them the stores' channel guards), and the 16 -> 16 weight gradients' written-out
+    tile row is cut into numba blocks of SPLIT_COLUMNS columns."""
+    import inspect
+    source = inspect.getsource(conv._forward_kernel(1, 16, False, True, True)[0].py_func)
+    assert source.count("if ") < 120
+    assert not [line for line in source.splitlines() if "mask[" in line and " if " in line]
+    weights = inspect.getsource(conv._weights_kernel(16, 16, conv.weights_variant(16, 16))[0]
+                                .py_func)
+    # the chains' test, its re-tests between blocks of columns, the bias chains' test
+    assert weights.count(f"if cols == {conv.TILE_W}:") == \
+        2 + (conv.TILE_W - 1) // conv.SPLIT_COLUMNS
+
+
 @pytest.mark.parametrize("shape", cases(LARGE + LARGE_MANY_OUTPUTS, SMALL_WEIGHTS))
 def test_backward_weights(rng, shape):
     n, cin, cout, h, w = shape

@@ -52,6 +52,21 @@ def test_jobs_compile_the_kernels_a_step_launches(tmp_path, monkeypatch, network
     assert len(_generated(tmp_path / "step")) > 0
 
 
+def test_weights_jobs_leave_their_folds_to_the_fold_jobs(tmp_path, monkeypatch):
+    """A weight-gradient job compiles its kernel and not the tile fold after it (the fold's own
+    job does, side by side); the fold job generates the fold."""
+    monkeypatch.setenv("CRYOKERN_CACHE", str(tmp_path))
+    _forget_loaded_kernels()
+    job_list = precompile.jobs((1, 2, 1), SGD)
+    weights = [job for job in job_list if job[0][0] == "conv2d_backward_weights"]
+    for job in weights:
+        precompile.run_job(job)
+    assert not [name for name in _generated(tmp_path) if name.startswith("fold_tiles")]
+    assert len([name for name in _generated(tmp_path) if name.startswith("conv_weights")]) == 2
+    precompile.run_job(next(job for job in job_list if job[0][0] == "reduce.fold_tiles"))
+    assert [name for name in _generated(tmp_path) if name.startswith("fold_tiles")]
+
+
 def test_one_job_per_generated_operation_and_one_for_the_rest():
     job_list = precompile.jobs((1, 16, 16, 1), SGD)
     labels = [precompile.label(job) for job in job_list]
@@ -59,7 +74,8 @@ def test_one_job_per_generated_operation_and_one_for_the_rest():
         [f"conv2d_forward {a}->{b}" for a, b in ((1, 16), (16, 16), (16, 1))] +
         [f"conv2d_backward_weights {a}->{b}" for a, b in ((1, 16), (16, 16), (16, 1))] +
         ["conv2d_backward_data 16->16", "conv2d_backward_data 1->16", "mse_loss_and_grad"])
-    assert labels[9:] == ["sgd_update+sum_images", "image math"]
+    assert labels[9:] == ["fold_tiles (32, 1)", "fold_tiles (32, 16)",     # the weights' folds
+                          "sgd_update+sum_images", "image math"]
     assert labels[0].endswith("16->16")          # the longest compiles start first
 
 

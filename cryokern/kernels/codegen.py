@@ -74,6 +74,20 @@ def _write_once(directory, path, source):
         os.unlink(tmp)
 
 
+def select_load(array, index, test):
+    """`array[index]` where `test` holds, else float32 0, written as two selects instead of a
+    branch: where `test` fails the load reads element 0 (every array a kernel gets has one)
+    and its value is dropped. `test` is an expression without branches (`&`, not `and`).
+
+    Why: each branch of a written-out kernel is a few blocks of numba IR, and numba's front
+    end (liveness, SSA reconstruction, rewrites) takes time growing with blocks times
+    variables. Backward-data from one input channel had 287 branches (its 64 mask elements
+    loaded, set as bits and applied, a branch each, and the stores' guards): 17.9 of its 18.4
+    CPU s of compiling were numba's front end, NVVM and ptxas the rest (bench/compile_time.py,
+    NOTES v28)."""
+    return f"cuda.selp({test}, {array}[cuda.selp({test}, uint64({index}), uint64(0))], float32(0))"
+
+
 class Source:
     """Lines of Python with indentation, for the generators."""
 
@@ -94,6 +108,19 @@ class Source:
         self(f"@cuda.jit(cache=True{cap})")
         self(f"def kernel({params}):").indent()
         return self
+
+    def known(self, condition):
+        """Test `condition` again where it is known to hold, and go on inside it (dedent at
+        the end): a new basic block for numba, none for LLVM, which knows the condition (from
+        the dominating test, or a loop of one turn) and folds this one away. Use it only where
+        bench/compile_time.py --compare shows the PTX unchanged.
+
+        Why: numba's front end takes time quadratic in a basic block's statements (SSA
+        reconstruction finds each definition by a scan of its block; lowering scans the block
+        for each variable assigned in it). The 16 -> 16 weight gradients' written-out tile
+        row, 64 columns in one block: 17.4 CPU s of numba, 6.9 in blocks of 8 columns
+        (bench/compile_time.py, NOTES v28)."""
+        return self(f"if {condition}:").indent()
 
     def indent(self):
         self.depth += 1

@@ -13,7 +13,7 @@ from ..contract import (TILE_H, TILE_W, concatenated_channels, leaky_slope as le
                         tile_grid)
 from .arrays import (Operand, as_device_array, launch_stream, output, placeholder, result,
                      scratch)
-from .codegen import Source, load_module
+from .codegen import Source, load_module, select_load
 from .reduce import fold_images, fold_tiles
 
 # Forward (also backward-data): a block computes BH x BW output pixels of OB = G * GB output
@@ -160,26 +160,37 @@ class _MaskPlan:
 
     def _elements(self, src):
         """m0.. from row mr, channel mg on (0 outside the image). (Names apart from the
-        staging's p0, p1, ...)"""
-        for j in range(self.per):
-            dp, dg = divmod(j, self.g_out)
-            at = "mt" + (f" + {dp} * width" if dp else "") + (f" + {dg} * plane" if dg else "")
-            test = (f"mr + {dp}" if dp else "mr") + " < mrows" + (
-                f" and mg + {dg} < {self.cout}" if self.channel_test else "")
-            src(f"m{j} = mask[uint64({at})] if {test} else float32(0)")
+        staging's p0, p1, ...) A branch per row, selects for the channels (see
+        codegen.select_load): a branch per element made backward-data 1 -> 16's compile
+        slow; loads without any branch compiled no faster and moved the PTX further from the
+        tuned kernel's (NOTES v28)."""
+        for dp in range(-(-self.per // self.g_out)):
+            row = range(dp * self.g_out, min(self.per, (dp + 1) * self.g_out))
+            for j in row:
+                src(f"m{j} = float32(0)")
+            src(f"if {'mr + %d' % dp if dp else 'mr'} < mrows:").indent()
+            for j in row:
+                dg = j % self.g_out
+                at = "mt" + (f" + {dp} * width" if dp else "") + (f" + {dg} * plane" if dg else "")
+                src(f"m{j} = " + (select_load("mask", at, f"mg + {dg} < {self.cout}")
+                                  if self.channel_test else f"mask[uint64({at})]"))
+            src.dedent()
 
     def convert(self, src, when=None):
         """Shift the words and set the bits of the elements in m0.. (`m > 0` decides: NaN
-        gives 0), where `when` holds."""
+        gives 0), where `when` holds. A select per bit, not a branch (see select_load), in
+        the form `selp(m > 0, live | bit, live)`: written `live | selp(m > 0, bit, 0)`, LLVM
+        saw through the packing and tested each m again after the fma loop (64 floats live
+        through it: 356 bytes of spills at the cap, against 28; NOTES v28)."""
         if when:
             src(f"if {when}:").indent()
         if self.turns > 1:      # (a shift by 64 is undefined: LLVM made the bits poison)
             for q in range(self.words):
                 src(f"live{q} = live{q} << uint64({self.span})")
         for j in range(self.per):
-            src(f"if m{j} > float32(0):").indent()
-            src(f"live{j // self.span} = live{j // self.span} | uint64({1 << j % self.span})")
-            src.dedent()
+            word = f"live{j // self.span}"
+            src(f"{word} = cuda.selp(m{j} > float32(0), {word} | uint64({1 << j % self.span}), "
+                f"{word})")
         if when:
             src.dedent()
 
@@ -187,6 +198,23 @@ class _MaskPlan:
         """(word, bit) of output (row p, channel g)."""
         turn, j = divmod(p * self.g_out + g, self.per)
         return j // self.span, (self.turns - 1 - turn) * self.span + j % self.span
+
+
+def _epilogue_value(acc, relu, slope, mask_bit):
+    """The stored value of accumulator `acc`: ReLU'd (§1), LeakyReLU'd with `slope` (§9a), or,
+    with `mask_bit` (word, bit) of the mask's bits, the ReLU (or, with slope, LeakyReLU)
+    gradient mask applied (§2, §9a). Selects rather than branches (codegen.select_load says
+    why); each keeps the value the branch kept, NaN included."""
+    value = acc
+    if relu:
+        value = f"cuda.selp({value} <= float32(0), float32(0), {value})"
+    if slope and not mask_bit:
+        value = f"cuda.selp({value} > float32(0), {value}, {value} * {slope})"
+    if mask_bit:
+        word, bit = mask_bit
+        dropped = f"{value} * {slope}" if slope else "float32(0)"
+        value = f"cuda.selp((live{word} & uint64({1 << bit})) != uint64(0), {value}, {dropped})"
+    return value
 
 
 @lru_cache(maxsize=None)
@@ -305,13 +333,20 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
         for k in range(3):
             src(f"v{r}_{k} = xs[xb + uint64({r * XW + k})]")
     src(f"wc = uint64(wb + {f'ci % {group}' if grouped else 'ci'} * {9 * ob_size})")
+    # from one input channel, each kernel row's fmas a numba block of their own (Source.known:
+    # the loop has one turn, LLVM drops it and folds the re-test, the PTX is the same); with
+    # more turns the re-test moved the loop's address arithmetic (NOTES v28)
+    split = cin == 1
     for ky in range(3):
+        if ky and split:
+            src.known("ci == 0")
         for kx in range(3):
             for g in range(g_out):
                 src(f"t = ws[wc + uint64({(ky * 3 + kx) * ob_size + g})]")
                 for p in range(R):
                     src(f"a{p}_{g} = cuda.fma(v{p + ky}_{kx}, t, a{p}_{g})")
-    src.dedent()
+    for _ in range(3 if split else 1):
+        src.dedent()
     if masked and plan.late and not plan.active_guard:
         plan.convert(src)       # the last turn's (with fewer turns than channels, done in the loop)
     # the outputs, row by row
@@ -326,24 +361,16 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
         src(f"if row{p} < height:").indent()
         for g in range(g_out):
             src(f"if o0 + {g} < {cout}:").indent()
-            src(f"v = a{p}_{g}")
-            if relu:
-                src("if v <= float32(0):").indent()("v = float32(0)").dedent()
-            if slope and not masked:
-                src("if not (v > float32(0)):").indent()(f"v = v * {slope}").dedent()
-            if masked:
-                word, bit = plan.bit(p, g)
-                src(f"if (live{word} & uint64({1 << bit})) == uint64(0):").indent()
-                src(f"v = v * {slope}" if slope else "v = float32(0)").dedent()
+            src(f"v = {_epilogue_value(f'a{p}_{g}', relu, slope, masked and plan.bit(p, g))}")
             if out_first is None:
-                src(f"y[uint64(i{p} + {g} * plane)] = v").dedent()
-                continue
-            src(f"if o0 + {g} < {out_first}:").indent()
-            src(f"y[uint64((n * {out_first} + o0 + {g}) * plane + i{p})] = v").dedent()
-            src("else:").indent()
-            src(f"y2[uint64((n * {cout - out_first} + o0 + {g} - {out_first}) * plane "
-                f"+ i{p})] = v")
-            src.dedent().dedent()
+                src(f"y[uint64(i{p} + {g} * plane)] = v")
+            else:
+                src(f"if o0 + {g} < {out_first}:").indent()
+                src(f"y[uint64((n * {out_first} + o0 + {g}) * plane + i{p})] = v").dedent()
+                src("else:").indent()
+                src(f"y2[uint64((n * {cout - out_first} + o0 + {g} - {out_first}) * plane "
+                    f"+ i{p})] = v").dedent()
+            src.dedent()
         src.dedent()
     leaky = "" if slope is None else f"_leaky{np.float32(leaky_slope).view(np.uint32):08x}"
     two = "" if first is None else f"_first{first}"
@@ -488,6 +515,7 @@ def _relu_mask(gy, y, gx):
 # WeightsVariant says how each layer's kernel is built.
 GS = TILE_W + 1              # gy row stride: the warp's output groups fall in different banks
 XROW = TILE_W + 2
+SPLIT_COLUMNS = 8           # a written-out tile row in numba blocks of this many columns
 XS_STRIDE = 3 * XROW + (2 - 3 * XROW) % 16   # floats per input channel in the x ring, = 2 mod 16
                                              # so the warp's input channels spread over banks
 
@@ -783,11 +811,15 @@ def _weights_kernel(cin, cout, variant, first=None, block=None):
             src(f"w{k}_0 = xs[x{k}]")
             src(f"w{k}_1 = xs[x{k} + uint64(1)]")
         for c in range(TILE_W):
+            if c % SPLIT_COLUMNS == 0 and c:
+                src.known(f"cols == {TILE_W}")
             for k in range(held):
                 src(f"w{k}_{c + 2} = xs[x{k} + uint64({c + 2})]")
             for j in range(go):
                 src(f"g{j} = gs[gb + uint64({j * GS + c})]")
             fmas(lambda kx: c + kx)
+        for _ in range((TILE_W - 1) // SPLIT_COLUMNS):
+            src.dedent()
 
     def bias_rolled():
         src("for c in range(cols):").indent()("bias = bias + gs[gb + uint64(c)]").dedent()
