@@ -109,6 +109,9 @@ def bench_network(spec, args, backend, work, stack):
     model = Model(model_path, net, params, "per-image")
     denoiser = TiledDenoiser(model, backend, args.tile)
     whole = TiledDenoiser(model, backend, 0)
+    rows_each = denoiser.core_rows(stack.shape)
+    tiling = (f"default: {'whole images' if rows_each >= size else f'strips of {rows_each} rows'}"
+              if args.tile is None else f"tile {args.tile}")
     a, b = (backend.host_empty(stack.shape) for _ in "ab")     # as denoise_file's slots
     image = stack.read(0, np.empty(stack.shape, np.float32))
     affine = normalization(image, "per-image")
@@ -148,10 +151,10 @@ def bench_network(spec, args, backend, work, stack):
     torch_figures = torch_forward(net, params, x, clock, on_gpu)
 
     t = time.perf_counter()
+    tile_option = [] if args.tile is None else ["--tile", str(args.tile)]
     rc = subprocess.call([sys.executable, "-m", "cryokern.denoise", model_path, stack.path,
-                          "-o", os.path.join(work, "cli"), "--tile", str(args.tile),
-                          "--device", backend.name], stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
+                          "-o", os.path.join(work, "cli"), "--device", backend.name]
+                         + tile_option, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     cli_s = time.perf_counter() - t
     shutil.rmtree(os.path.join(work, "cli"), ignore_errors=True)
 
@@ -160,11 +163,11 @@ def bench_network(spec, args, backend, work, stack):
     torch_ms = (torch_figures or {}).get("fp32_ms")
     print(f"\n{spec.spec} ({net.label()}, {flop / 1e9:.0f} GFLOP per image forward), "
           f"{count} micrographs of {size}x{size} float32 ({size * size * 4 / 2 ** 20:.0f} MiB "
-          f"each), tile {args.tile} + halo {denoiser.halo}")
+          f"each), {tiling} + halo {denoiser.halo}")
     print(f"{'what':56s} {'ms/image':>9s} {'images/s':>9s}")
     rows = [("pipeline: denoise_file, page cache -> file", pipeline * 1e3 / count),
             ("  stage: read + normalize (one thread)", read_s * 1e3),
-            (f"  stage: TiledDenoiser, strips of ~{args.tile}^2 px incl. copies", tiles_s * 1e3),
+            ("  stage: TiledDenoiser incl. copies", tiles_s * 1e3),
             ("  stage: un-normalize + write + fsync (one thread)", write_s * 1e3),
             ("plain write + fsync of as many bytes (disk floor)", disk_s * 1e3 / count),
             ("whole image at once incl. copies (tile 0)", whole_s * 1e3),
@@ -182,7 +185,7 @@ def bench_network(spec, args, backend, work, stack):
           + ("-" if not (torch_figures or {}).get("peak_bytes")
              else f"{torch_figures['peak_bytes'] / 2 ** 30:.2f} GiB"))
     return {"network": spec.spec, "label": net.label(), "forward_gflop": flop / 1e9,
-            "tile": args.tile, "halo": denoiser.halo, "rows": dict(rows),
+            "tiling": tiling, "halo": denoiser.halo, "rows": dict(rows),
             "tiled_bytes": tiled_bytes, "whole_bytes": whole_bytes + param_bytes,
             "pytorch": torch_figures}
 
@@ -193,8 +196,8 @@ def print_table(results, header):
     for r in results:
         fp32 = (r["pytorch"] or {}).get("fp32_ms")
         peak = (r["pytorch"] or {}).get("peak_bytes")
-        rows = [(f"cryokern TiledDenoiser (tile {r['tile']}) incl. copies",
-                 r["rows"][f"  stage: TiledDenoiser, strips of ~{r['tile']}^2 px incl. copies"],
+        rows = [(f"cryokern TiledDenoiser ({r['tiling']}) incl. copies",
+                 r["rows"]["  stage: TiledDenoiser incl. copies"],
                  r["tiled_bytes"]),
                 ("cryokern whole image, forward kernels", r["rows"][
                     "forward kernels alone, whole image"], r["whole_bytes"]),
@@ -214,7 +217,8 @@ def main(argv=None):
     ap.add_argument("--size", type=int, default=4096)
     ap.add_argument("--count", type=int, default=24)
     ap.add_argument("--repeats", type=int, default=3, help="pipeline repeats (default 3)")
-    ap.add_argument("--tile", type=int, default=DEFAULT_TILE)
+    ap.add_argument("--tile", type=int, default=DEFAULT_TILE,
+                    help="as denoise's --tile (default: by the device's free memory)")
     ap.add_argument("--dir", default=tempfile.gettempdir())
     ap.add_argument("--device", choices=("gpu", "cpu"), default="gpu",
                     help="cpu: the compiled CPU backend and PyTorch on the CPU (a smoke test)")

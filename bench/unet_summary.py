@@ -64,9 +64,9 @@ def denoise(out):
     for r in report["results"]:
         torch = r["pytorch"] or {}
         fp32 = torch.get("fp32_ms")
-        tiled = r["rows"][f"  stage: TiledDenoiser, strips of ~{r['tile']}^2 px incl. copies"]
+        tiled = r["rows"]["  stage: TiledDenoiser incl. copies"]
         kernels = r["rows"]["forward kernels alone, whole image"]
-        rows = [(f"cryokern tile {r['tile']}", tiled, r["tiled_bytes"]),
+        rows = [(f"cryokern ({r['tiling']})", tiled, r["tiled_bytes"]),
                 ("cryokern whole", kernels, r["whole_bytes"]),
                 ("PyTorch fp32", fp32, torch.get("peak_bytes"))]
         print(f"  {r['network']}")

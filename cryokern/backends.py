@@ -4,6 +4,8 @@ reference (the oracle the other two equal bit for bit).
 A backend offers the kernel functions (same names and signatures in both) plus the few array
 operations the model layer needs to keep its buffers where the kernels want them.
 """
+import os
+
 import numpy as np
 
 
@@ -12,7 +14,7 @@ class Backend:
 
     def __init__(self, name, ops, to_device, to_host, empty, synchronize=lambda: None,
                  host_empty=None, copy_in=None, copy_out=None, empty64=None, fetch=None,
-                 fetch_arrays=None, uploads=None, recorder=None):
+                 fetch_arrays=None, uploads=None, recorder=None, free_memory=None):
         self.name = name
         self.ops = ops
         self.to_device = to_device
@@ -37,12 +39,23 @@ class Backend:
         # recorder(keep).run(arrays, queue, kind): queue() as it is, or replayed from a recording
         # (kernels.graph.Recorder: CUDA graphs)
         self.recorder = recorder or Eager
+        # free_memory(): bytes the backend's arrays may still take (the device's free memory;
+        # the host's available memory for the CPU backends)
+        self.free_memory = free_memory or available_host_memory
 
     def __getattr__(self, name):
         return getattr(self.ops, name)
 
     def zeros(self, shape):
         return self.to_device(np.zeros(shape, np.float32))
+
+
+def available_host_memory():
+    """Physical memory not in use (Linux's available pages; 4 GiB where it cannot be read)."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
 
 
 class Ready:

@@ -51,10 +51,11 @@ def build_parser():
     p.add_argument("-o", "--out", required=True, metavar="OUTDIR",
                    help="directory for the outputs, one per input under the input's file name")
     p.add_argument("--tile", type=int, default=DEFAULT_TILE, metavar="SIZE",
-                   help=f"process tiles of about SIZE x SIZE pixels (strips of whole rows) plus "
-                        f"a halo of the network's receptive radius (default {DEFAULT_TILE}; 0: "
-                        "whole images). The output does not depend on it; device memory does "
-                        "(about 132 bytes per pixel of a tile for the default network)")
+                   help="process tiles of about SIZE x SIZE pixels (strips of whole rows) plus "
+                        "a halo of the network's receptive radius (0: whole images). The output "
+                        "does not depend on it; device memory and time do (halo rows are "
+                        "computed twice). Default: whole images where the network's arrays for "
+                        "one fit half the device's free memory, else the tallest strips that do")
     p.add_argument("--float16", action="store_true",
                    help="write float16 (MRC mode 12) instead of float32 (mode 2)")
     p.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
@@ -263,7 +264,8 @@ def setup(opts, comm):
     """(model, plan, denoiser) once every rank has checked the inputs and outputs: a problem
     any rank finds stops all alike (DataError) before anything is written."""
     try:
-        refuse([(opts.tile < 0, f"--tile {opts.tile}: must be at least 1 (or 0: whole images)")])
+        refuse([(opts.tile is not None and opts.tile < 0,
+                 f"--tile {opts.tile}: must be at least 1 (or 0: whole images)")])
         if opts.preview == "jpg":
             jpeg_library()
         model = load_model(opts.model)
@@ -281,6 +283,20 @@ def setup(opts, comm):
     denoiser = TiledDenoiser(model, get_backend(name), opts.tile)
     Path(opts.out).mkdir(parents=True, exist_ok=True)
     return model, plan, denoiser
+
+
+def tiling(tile, denoiser, plan):
+    """How the first input's images are cut, for the opening line."""
+    if tile is None:
+        shape = tuple(plan[0][0].shape)
+        rows = denoiser.core_rows(shape)
+        if rows >= shape[0]:
+            return "whole images (they fit half the device's free memory)"
+        return (f"strips of {rows} rows + halo {denoiser.halo} (what half the device's free "
+                "memory holds)")
+    if tile == 0:
+        return "whole images"
+    return f"tiles of ~{tile}^2 px + halo {denoiser.halo}"
 
 
 def terminated(signum, frame):
@@ -305,9 +321,8 @@ def main(argv=None):
             print(f"cryokern: denoising {total} images from {len(plan)} files with "
                   f"{Path(model.path).name} ({model.network.label()}, normalization "
                   f"{model.normalize}); backend {denoiser.backend.name}"
-                  f"{f' on {comm.size} ranks' if comm.size > 1 else ''}, tiles of "
-                  f"{f'~{opts.tile}^2 px' if opts.tile else 'whole images'} + halo "
-                  f"{denoiser.halo}", flush=True)
+                  f"{f' on {comm.size} ranks' if comm.size > 1 else ''}, "
+                  f"{tiling(opts.tile, denoiser, plan)}", flush=True)
         start = time.perf_counter()
         with tqdm(total=total, unit="img", disable=None if comm.rank == 0 else True) as bar:
             run(comm, plan, denoiser, dtype, opts.preview, bar if comm.rank == 0 else None)

@@ -46,8 +46,9 @@ def build_parser():
     p.add_argument("--panel-images", type=int, default=3, metavar="N",
                    help="images in the panel (default 3)")
     p.add_argument("--tile", type=int, default=DEFAULT_TILE, metavar="SIZE",
-                   help=f"denoise in tiles of about SIZE x SIZE pixels (default {DEFAULT_TILE}; "
-                        "0: whole images); the scores do not depend on it")
+                   help="denoise in tiles of about SIZE x SIZE pixels (0: whole images; "
+                        "default: as denoise's, by the device's free memory); the scores do "
+                        "not depend on it")
     p.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
     return p
 
@@ -92,7 +93,8 @@ def evaluate(opts):
     refuse([(opts.data_range is not None
              and not (finite(opts.data_range) and opts.data_range > 0),
              f"--data-range {opts.data_range}: must be positive and finite"),
-            (opts.tile < 0, f"--tile {opts.tile}: must be at least 1 (or 0: whole images)"),
+            (opts.tile is not None and opts.tile < 0,
+             f"--tile {opts.tile}: must be at least 1 (or 0: whole images)"),
             (opts.panel and opts.panel_images < 1,
              f"--panel-images {opts.panel_images}: must be at least 1")])
     model = load_model(opts.model)

@@ -17,6 +17,8 @@ the image's last row is padded at the bottom to a multiple of 2**levels exactly 
 image is (its top is on the grid); interior windows end on the grid and need no padding; the
 right side is the image's in every window, padded as the whole image's. Device memory: one
 forward pass's arrays for the largest window (about tile^2 + 2 halo * width pixels), reused.
+Without a tile the strips are as tall as half the device's free memory holds: whole images
+where they fit, so that no halo row is computed twice.
 """
 import json
 import os
@@ -30,7 +32,8 @@ from .data import NORMALIZATIONS, denormalize, normalization, normalize
 from .model import Network, UNet, forward, network_from_description
 from .mrcstack import DataError
 
-DEFAULT_TILE = 2048
+# --tile's default: None, the strips chosen by memory (TiledDenoiser.core_rows)
+DEFAULT_TILE = None
 
 
 @dataclass(frozen=True)
@@ -70,14 +73,20 @@ def load_model(path):
     return Model(path, network, {k: params[k] for k in network.param_shapes()}, mode)
 
 
-def strips(shape, tile, halo, grid=1):
-    """(window, core) row ranges covering an image of `shape`: cores of about tile * tile
-    pixels in whole rows (a multiple of `grid` rows, at least one grid), windows the cores
-    grown by `halo` rows (a multiple of `grid` for a U-Net) and clipped to the image. Whole
-    rows are contiguous in memory, so a window goes to the device, and a core comes back, by
-    one copy each with no staging. tile <= 0 means the whole image."""
+def tile_rows(shape, tile, grid=1):
+    """Core rows for tiles of about tile * tile pixels: whole rows, a multiple of `grid` rows
+    (at least one grid); tile <= 0 means the whole image."""
     h, w = shape
-    rows = h if tile <= 0 else max(grid, (tile * tile) // w // grid * grid)
+    return h if tile <= 0 else max(grid, (tile * tile) // w // grid * grid)
+
+
+def strips(shape, tile, halo, grid=1, rows=None):
+    """(window, core) row ranges covering an image of `shape`: cores of `rows` rows (default
+    tile_rows(shape, tile, grid)), windows the cores grown by `halo` rows (a multiple of `grid`
+    for a U-Net) and clipped to the image. Whole rows are contiguous in memory, so a window
+    goes to the device, and a core comes back, by one copy each with no staging."""
+    h, w = shape
+    rows = tile_rows(shape, tile, grid) if rows is None else rows
     for top in range(0, h, rows):
         bottom = min(top + rows, h)
         yield (max(0, top - halo), min(bottom + halo, h)), (top, bottom)
@@ -92,8 +101,9 @@ class TiledDenoiser:
     `out` for the fastest copies.
     """
 
-    def __init__(self, model, backend, tile=DEFAULT_TILE, halo=None):
+    def __init__(self, model, backend, tile=DEFAULT_TILE, halo=None, memory=None):
         self.model, self.backend, self.tile = model, backend, tile
+        self.memory = memory        # the budget of tile None, in bytes (default: core_rows)
         net = model.network
         self.grid = net.row_grid
         self.halo = -(-net.receptive_radius // self.grid) * self.grid if halo is None else halo
@@ -133,10 +143,46 @@ class TiledDenoiser:
             acts[name] = self._flat[start:start + int(np.prod(shape))].reshape(shape)
         return self._input[:h * w].reshape(1, 1, h, w), acts
 
+    def _acts_floats(self, h, w):
+        net = self.model.network
+        if isinstance(net, UNet):
+            return sum(net.inference_buffers(1, h, w)[1].values())
+        return 2 * max(net.channels[1:]) * h * w
+
+    def window_bytes(self, h, w):
+        """Device bytes of the input and the forward pass's arrays for an h x w window."""
+        return 4 * (h * w + self._acts_floats(h, w))
+
+    def strips_bytes(self, rows, w):
+        """What the buffers kept for an image's strips of `rows` core rows come to at most: the
+        tallest window's input, and the arrays of a window that tall or, padded to the pooling
+        grid (the image's last window), one row less."""
+        h = rows + 2 * self.halo
+        return 4 * (h * w + max(self._acts_floats(h, w), self._acts_floats(h - 1, w)))
+
     def device_bytes(self):
+        """What the buffers kept for the largest window so far hold."""
         if isinstance(self.model.network, UNet):
             return 4 * (self.capacity + self._acts_size)
         return 4 * self.capacity * (1 + 2 * max(self.model.network.channels[1:]))
+
+    def core_rows(self, shape):
+        """The core rows of an image's strips: --tile's, or with tile None the whole image where
+        its window fits the memory budget (default: half the device's free memory, the host's
+        for the CPU backends, when first asked), else the tallest cores whose windows fit (at
+        least one grid). Halo rows are computed twice, and a U-Net's halo is large (192 rows
+        for five poolings): the fewer strips, the less work."""
+        if self.tile is not None:
+            return tile_rows(shape, self.tile, self.grid)
+        if self.memory is None:
+            self.memory = self.backend.free_memory() // 2
+        h, w = shape
+        if self.window_bytes(h, w) <= self.memory:
+            return h
+        fits = 1
+        while self.strips_bytes((fits + 1) * self.grid, w) <= self.memory:
+            fits += 1
+        return min(h, fits * self.grid)
 
     def __call__(self, image, out=None):
         """The network's output for a normalized 2-D float32 image, in its units."""
@@ -147,7 +193,7 @@ class TiledDenoiser:
         be, net = self.backend, self.model.network
         w = image.shape[1]
         for (start, stop), (top, bottom) in strips(image.shape, self.tile, self.halo,
-                                                   self.grid):
+                                                   rows=self.core_rows(image.shape)):
             h = stop - start
             n = h * w
             if isinstance(net, UNet):

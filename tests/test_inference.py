@@ -245,3 +245,31 @@ def test_unet_tiles_on_the_gpu_backend_equal_the_reference_whole_image(rng):
     tiled = TiledDenoiser(m, get_backend("gpu"), tile=4)
     assert len(list(strips(image.shape, 4, tiled.halo, tiled.grid))) == 4
     assert np.array_equal(bits(tiled(image)), bits(whole))
+
+
+@pytest.mark.parametrize("widths, shape", [((4, 6, 8), (203, 40)), ((4, 6, 8), (190, 37)),
+                                          (None, (57, 31))])
+def test_the_default_strips_are_as_tall_as_the_memory_budget_allows(rng, widths, shape):
+    """Without --tile: the whole image where its window fits the budget, else the tallest
+    cores (on the pooling grid) whose windows fit; the same bits either way."""
+    m = unet_model(widths) if widths else model(channels=(1, 4, 4, 1))
+    be = get_backend("cpu")
+    image = rng.standard_normal(shape).astype(np.float32)
+    roomy = TiledDenoiser(m, be, memory=1 << 30)
+    assert roomy.core_rows(shape) == shape[0]
+    whole = roomy(image)
+    budget = roomy.window_bytes(shape[0] // 2, shape[1])
+    tight = TiledDenoiser(m, be, memory=budget)
+    rows = tight.core_rows(shape)
+    assert rows % tight.grid == 0 and rows < shape[0]
+    assert tight.strips_bytes(rows, shape[1]) <= budget < \
+        tight.strips_bytes(rows + tight.grid, shape[1])
+    assert np.array_equal(bits(tight(image)), bits(whole))
+    assert tight.device_bytes() <= budget
+
+
+def test_the_default_budget_is_half_the_free_memory():
+    be = get_backend("cpu")
+    tiled = TiledDenoiser(model(), be)
+    tiled.core_rows((64, 64))
+    assert 0 < tiled.memory <= be.free_memory() // 2 + (64 << 20)

@@ -33,6 +33,16 @@ def _to_device(a):
     return cuda.to_device(np.ascontiguousarray(a, np.float32))
 
 
+def _free_memory():
+    """The current device's free memory in bytes (numba's simulator, which says infinite: the
+    host's)."""
+    from numba import config
+    if config.ENABLE_CUDASIM:
+        from ..backends import available_host_memory
+        return available_host_memory()
+    return cuda.current_context().get_memory_info()[0]
+
+
 def gpu_backend():
     """The Backend whose arrays live on the current CUDA device."""
     import sys
@@ -46,4 +56,5 @@ def gpu_backend():
                    copy_in=lambda dst, src: dst.copy_to_device(src),
                    copy_out=lambda dst, src: src.copy_to_host(dst),
                    empty64=lambda shape: cuda.device_array(shape, np.float64), fetch=fetch,
-                   fetch_arrays=fetch_arrays, uploads=Uploads, recorder=Recorder)
+                   fetch_arrays=fetch_arrays, uploads=Uploads, recorder=Recorder,
+                   free_memory=_free_memory)
