@@ -515,7 +515,10 @@ def _relu_mask(gy, y, gx):
 # WeightsVariant says how each layer's kernel is built.
 GS = TILE_W + 1              # gy row stride: the warp's output groups fall in different banks
 XROW = TILE_W + 2
-SPLIT_COLUMNS = 8           # a written-out tile row in numba blocks of this many columns
+SPLIT_COLUMNS = 8           # a written-out tile row in numba blocks of this many columns,
+SPLIT_FMAS = 144            # fewer where their fmas would be more than this (4 outputs a
+                            # thread: 4 columns; the 48 -> 48 kernel's 12.3 s of numba's front
+                            # end in blocks of 8 columns, NOTES v32)
 XS_STRIDE = 3 * XROW + (2 - 3 * XROW) % 16   # floats per input channel in the x ring, = 2 mod 16
                                              # so the warp's input channels spread over banks
 
@@ -810,15 +813,16 @@ def _weights_kernel(cin, cout, variant, first=None, block=None):
         for k in range(held):
             src(f"w{k}_0 = xs[x{k}]")
             src(f"w{k}_1 = xs[x{k} + uint64(1)]")
+        columns = min(SPLIT_COLUMNS, SPLIT_FMAS // (go * 3 * held))    # a numba block's
         for c in range(TILE_W):
-            if c % SPLIT_COLUMNS == 0 and c:
+            if c % columns == 0 and c:
                 src.known(f"cols == {TILE_W}")
             for k in range(held):
                 src(f"w{k}_{c + 2} = xs[x{k} + uint64({c + 2})]")
             for j in range(go):
                 src(f"g{j} = gs[gb + uint64({j * GS + c})]")
             fmas(lambda kx: c + kx)
-        for _ in range((TILE_W - 1) // SPLIT_COLUMNS):
+        for _ in range((TILE_W - 1) // columns):
             src.dedent()
 
     def bias_rolled():
