@@ -174,11 +174,16 @@ def main():
     print(f"{'kernel':32s} {'lines':>5s} {'front':>6s} {'NVVM':>5s} {'ptxas':>5s} {'PTX KB':>6s} "
           f"{'regs':>4s} {'spill':>5s} {'PTX':>5s}  slowest front-end passes (wall s)")
     totals = []
+    compiled = set()
     for job in jobs:
         total = 0.0
         for label, kernel, argtypes, cap in job_kernels(job):
-            lines = len(pathlib.Path(kernel.py_func.__code__.co_filename).read_text().splitlines())
-            name = re.sub(r"\W+", "_", label.strip())
+            source = pathlib.Path(kernel.py_func.__code__.co_filename)
+            name = source.stem.rsplit("_", 1)[0]   # the generated module's, without its hash
+            if name in compiled:                   # (an older job list's duplicates)
+                continue
+            compiled.add(name)
+            lines = len(source.read_text().splitlines())
             seconds, passes, ptx, registers, spills = compile_stages(
                 kernel, argtypes, cap, out / f"{name}.ptx")
             total += sum(seconds.values())

@@ -174,7 +174,9 @@ def label(job):
     if name == "conv2d_forward":
         return f"{name} {shapes[0][1]}{second}->{shapes[1][0]}"
     if name == "conv2d_backward_data":
-        return f"{name} {shapes[0][1]}->{shapes[1][1]}"
+        masked = " masked" if dict(job[0][2]).get("relu_output", ("value",))[0] == "array" \
+            else ""
+        return f"{name} {shapes[0][1]}->{shapes[1][1]}{masked}"
     if name == "conv2d_backward_weights":
         return f"{name} {shapes[1][1]}{second}->{shapes[0][1]}"
     return name

@@ -74,7 +74,8 @@ def test_one_job_per_generated_operation_and_one_for_the_rest():
     assert sorted(labels[:9]) == sorted(
         [f"conv2d_forward {a}->{b}" for a, b in ((1, 16), (16, 16), (16, 1))] +
         [f"conv2d_backward_weights {a}->{b}" for a, b in ((1, 16), (16, 16), (16, 1))] +
-        ["conv2d_backward_data 16->16", "conv2d_backward_data 1->16", "mse_loss_and_grad"])
+        ["conv2d_backward_data 16->16 masked", "conv2d_backward_data 1->16 masked",
+         "mse_loss_and_grad"])
     assert labels[9:] == ["fold_tiles (32, 1)", "fold_tiles (32, 16)",     # the weights' folds
                           "sgd_update+sum_images", "image math"]
     assert labels[0].endswith("16->16")          # the longest compiles start first

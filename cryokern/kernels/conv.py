@@ -189,7 +189,7 @@ class _MaskPlan:
                 src(f"live{q} = live{q} << uint64({self.span})")
         for j in range(self.per):
             word = f"live{j // self.span}"
-            src(f"{word} = cuda.selp(m{j} > float32(0), {word} | uint64({1 << j % self.span}), "
+            src(f"{word} = selp(m{j} > float32(0), {word} | uint64({1 << j % self.span}), "
                 f"{word})")
         if when:
             src.dedent()
@@ -207,13 +207,13 @@ def _epilogue_value(acc, relu, slope, mask_bit):
     why); each keeps the value the branch kept, NaN included."""
     value = acc
     if relu:
-        value = f"cuda.selp({value} <= float32(0), float32(0), {value})"
+        value = f"selp({value} <= float32(0), float32(0), {value})"
     if slope and not mask_bit:
-        value = f"cuda.selp({value} > float32(0), {value}, {value} * {slope})"
+        value = f"selp({value} > float32(0), {value}, {value} * {slope})"
     if mask_bit:
         word, bit = mask_bit
         dropped = f"{value} * {slope}" if slope else "float32(0)"
-        value = f"cuda.selp((live{word} & uint64({1 << bit})) != uint64(0), {value}, {dropped})"
+        value = f"selp((live{word} & uint64({1 << bit})) != uint64(0), {value}, {dropped})"
     return value
 
 
@@ -344,7 +344,7 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
             for g in range(g_out):
                 src(f"t = ws[wc + uint64({(ky * 3 + kx) * ob_size + g})]")
                 for p in range(R):
-                    src(f"a{p}_{g} = cuda.fma(v{p + ky}_{kx}, t, a{p}_{g})")
+                    src(f"a{p}_{g} = fma(v{p + ky}_{kx}, t, a{p}_{g})")
     for _ in range(3 if split else 1):
         src.dedent()
     if masked and plan.late and not plan.active_guard:
@@ -791,7 +791,7 @@ def _weights_kernel(cin, cout, variant, first=None, block=None):
         for j in range(go):
             for ky in range(held):
                 for kx in range(3):
-                    src(f"a{j}_{ky * 3 + kx} = cuda.fma(g{j}, w{ky}_{window_column(kx)}, "
+                    src(f"a{j}_{ky * 3 + kx} = fma(g{j}, w{ky}_{window_column(kx)}, "
                         f"a{j}_{ky * 3 + kx})")
 
     def chains_rolled():
