@@ -15,8 +15,8 @@ generated code's form that leaves the PTX alone cannot change the kernel's speed
 
 Needs NVVM (the CUDA toolkit's libnvvm) and the nvidia-cuda-nvrtc wheel (numba-cuda asks NVRTC
 for the architecture); no GPU. Kernels are generated into a fresh cache directory.
-Usage: python bench/compile_time.py [--channels 1,16,16,1] [--only SUBSTRING] [--keep DIR]
-                                    [--compare EARLIER_KEEP_DIR]
+Usage: python bench/compile_time.py [--channels 1,16,16,1 | --arch unet [--unet-widths 48,...]]
+                                    [--only SUBSTRING] [--keep DIR] [--compare EARLIER_KEEP_DIR]
 """
 import argparse
 import os
@@ -28,6 +28,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import nets  # noqa: E402  (bench/nets.py: the networks a benchmark names)
+
 CC = (9, 0, "a")      # what the dispatcher asks for on compute capability 9.0
 
 
@@ -36,7 +39,7 @@ def job_kernels(job):
     precompile.py's jobs launches, typed as the launches type them (conv.py, loss.py, reduce.py)."""
     from numba import types
 
-    from cryokern import precompile
+    from cryokern import contract, precompile
     from cryokern.kernels import conv, loss, reduce
     f32, f64 = types.float32[::1], types.float64[:, ::1]
     part = types.float32[:, :, ::1]
@@ -44,22 +47,38 @@ def job_kernels(job):
     name, args, kwargs = job[0]
     shapes = [a[1] for a in args if a[0] == "array"]
     kw = dict(kwargs)
+    array = lambda key: kw[key][1] if kw.get(key, ("value", None))[0] == "array" else None
+    value = lambda key, default=None: kw[key][1] if key in kw and kw[key][0] != "array" \
+        else default
     label = precompile.label(job)
     if name in ("conv2d_forward", "conv2d_backward_data"):
         transposed = name == "conv2d_backward_data"
-        masked = "relu_output" in kw
-        relu = kw.get("relu", ("value", False))[1]
+        masked = array("relu_output") is not None
+        relu = value("relu", False)
+        slope = value("leaky_slope")
         cin, cout = (shapes[0][1], shapes[1][1]) if transposed else (shapes[0][1], shapes[1][0])
-        kernel = conv._forward_kernel(cin, cout, relu, masked, transposed)[0]
+        first = value("split") if transposed else (
+            None if array("x2") is None else shapes[0][1])    # §12: channels in two arrays
+        if not transposed and first is not None:
+            cin = first + array("x2")[1]
+        kernel = conv._forward_kernel(cin, cout, relu, masked, transposed,
+                                      leaky_slope=None if slope is None else
+                                      contract.leaky_slope(slope), first=first)[0]
         cap = conv.forward_variant(cin, cout, transposed, masked)[1]
-        yield label, kernel, (f32, types.float32[:, :, :, ::1], f32, f32, f32) + ints(3), cap
+        two = () if first is None else (f32,)
+        yield label, kernel, (f32,) + two + (types.float32[:, :, :, ::1], f32, f32, f32) + two \
+            + ints(3), cap
     elif name == "conv2d_backward_weights":
         cout, cin = shapes[0][1], shapes[1][1]
+        first = None if array("x2") is None else cin
+        if first is not None:
+            cin += array("x2")[1]
         variant = conv.weights_variant(cin, cout)
         block = conv.weights_block(cin, cout, variant)
-        kernel = conv._weights_kernel(cin, cout, variant, None,
+        kernel = conv._weights_kernel(cin, cout, variant, first,
                                       None if block == (cout, cin) else block)[0]
-        yield label, kernel, (f32, f32, part, part) + ints(3), variant.max_registers
+        two = () if first is None else (f32,)
+        yield label, kernel, (f32, f32) + two + (part, part) + ints(3), variant.max_registers
     elif name == "reduce.fold_tiles":
         kcs = tuple(reduce._chains(sums[1][1]) for _, (_, sums) in args)
         fold_args = sum(((f32, types.uint32[::1], f64) if kc == 1 else (f32, f64) for kc in kcs),
@@ -130,7 +149,7 @@ def compared(ptx, earlier):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--channels", default="1,16,16,1", help="the network (default %(default)s)")
+    nets.add_network_options(ap)     # --arch unet --unet-widths ...: a U-Net's jobs
     ap.add_argument("--only", help="jobs whose label contains this, e.g. 'backward_data 1->16'")
     ap.add_argument("--keep", help="directory for the generated sources, .ptx and .cubin files")
     ap.add_argument("--compare", help="a --keep directory of an earlier run: whether each "
@@ -145,21 +164,26 @@ def main():
         sys.exit("compile_time.py times the real compiler: unset NUMBA_ENABLE_CUDASIM")
     from cryokern import precompile
     from cryokern.step import OptimizerConfig
-    channels = tuple(int(c) for c in args.channels.split(","))
-    jobs = [job for job in precompile.jobs(channels, OptimizerConfig())
+    spec, = nets.chosen_networks(ap, args)
+    jobs = [job for job in precompile.jobs(spec.network, OptimizerConfig())
             if job != precompile.HOST_JOB and len(job) == 1 and
             (not args.only or args.only in precompile.label(job))]
-    print(f"network {args.channels}, sm_{''.join(map(str, CC))}, {os.cpu_count()} cores, "
+    print(f"network {spec.spec}, sm_{''.join(map(str, CC))}, {os.cpu_count()} cores, "
           f"{time.strftime('%Y-%m-%d %H:%M %Z')}; imports {time.process_time() - started:.1f} "
           f"CPU s; CPU seconds below; cache {out / 'cache'}")
     print(f"{'kernel':32s} {'lines':>5s} {'front':>6s} {'NVVM':>5s} {'ptxas':>5s} {'PTX KB':>6s} "
           f"{'regs':>4s} {'spill':>5s} {'PTX':>5s}  slowest front-end passes (wall s)")
     totals = []
+    compiled = set()
     for job in jobs:
         total = 0.0
         for label, kernel, argtypes, cap in job_kernels(job):
-            lines = len(pathlib.Path(kernel.py_func.__code__.co_filename).read_text().splitlines())
-            name = re.sub(r"\W+", "_", label.strip())
+            source = pathlib.Path(kernel.py_func.__code__.co_filename)
+            name = source.stem.rsplit("_", 1)[0]   # the generated module's, without its hash
+            if name in compiled:                   # (an older job list's duplicates)
+                continue
+            compiled.add(name)
+            lines = len(source.read_text().splitlines())
             seconds, passes, ptx, registers, spills = compile_stages(
                 kernel, argtypes, cap, out / f"{name}.ptx")
             total += sum(seconds.values())

@@ -3,13 +3,16 @@
 Runs `python -m cryokern.train --epochs 1` on the built-in synthetic set with $CRYOKERN_CACHE
 and $NUMBA_CACHE_DIR in a fresh directory (nothing compiled, the synthetic set not yet made,
 as for a new user), timing each line of its output from the command's start:
-  cold          the default network, empty caches
-  new channels  each further --channels list, with the caches the default network left
-  warm          the default network again (everything cached)
+  cold          the first network (--cold, default the chain 1,16,16,1), empty caches
+  new network   each further network (--channels: channel lists or U-Net widths), with the
+                caches the first one left
+  warm          the first network again (everything cached)
 `to epoch 1` is when the first epoch's line is printed: an upper bound on the first step (the
 epoch is 48 images of 64^2, validation and checkpoints included); `epoch 1 s` is that epoch's
 training time as metrics.jsonl records it (with any kernel compiled inside the epoch).
-Usage: python bench/first_step.py [--tree DIR] [--channels 1,8,24,1 ...] [--cache DIR] [--json FILE]
+Usage: python bench/first_step.py [--tree DIR] [--cold SPEC] [--channels SPEC ...] [--cache DIR]
+                                  [--json FILE]
+  SPEC: a chain's channels (1,8,24,1) or a U-Net's widths (unet:48,48,48,48,48,48), bench/nets.py.
   --tree: the cryokern checkout to run (default this one), e.g. an older commit's for before/after.
 """
 import argparse
@@ -21,15 +24,17 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import nets  # noqa: E402  (bench/nets.py: the networks a benchmark names)
 
 
-def timed_run(tree, cache, channels, out):
+def timed_run(tree, cache, net, out):
     """(seconds to epoch 1's line, the lines with their seconds, epoch 1's training seconds)."""
     path = [tree] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(path),
                CRYOKERN_CACHE=os.path.join(cache, "cryokern"),
                NUMBA_CACHE_DIR=os.path.join(cache, "numba"))
-    cmd = [sys.executable, "-m", "cryokern.train", "--epochs", "1", "--channels", channels,
+    cmd = [sys.executable, "-m", "cryokern.train", "--epochs", "1", *net.train_args,
            "--out", out, "--force"]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, cwd=tree, stdout=subprocess.PIPE,
@@ -46,7 +51,10 @@ def timed_run(tree, cache, channels, out):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tree", default=ROOT)
-    ap.add_argument("--channels", nargs="*", default=["1,8,24,1"])
+    ap.add_argument("--cold", type=nets.parse_net, default="1,16,16,1",
+                    help="the network run first, on empty caches, and last, warm")
+    ap.add_argument("--channels", nargs="*", type=nets.parse_net,
+                    help="networks run after it (default 1,8,24,1): " + nets.SPEC_HELP)
     ap.add_argument("--cache", help="the caches' directory: new or empty (default: a new "
                                     "temporary one); later runs may reuse what it holds")
     ap.add_argument("--json")
@@ -55,23 +63,24 @@ def main():
     os.makedirs(cache, exist_ok=True)
     if os.listdir(cache):
         raise SystemExit(f"{cache}: not empty; a cold start needs empty caches")
-    cases = [("cold", "1,16,16,1")] + [("new channels", c) for c in args.channels] + \
-        [("warm", "1,16,16,1")]
+    later = [nets.parse_net("1,8,24,1")] if args.channels is None else args.channels
+    cases = [("cold", args.cold)] + [("new network", n) for n in later] + \
+        [("warm", args.cold)]
     rows = []
-    for kind, channels in cases:
-        seconds, lines, epoch = timed_run(args.tree, cache, channels,
+    for kind, net in cases:
+        seconds, lines, epoch = timed_run(args.tree, cache, net,
                                           os.path.join(cache, f"run-{len(rows)}"))
         for t, line in lines:
             if line.startswith("cryokern:"):
                 print(f"  [{t:6.1f} s] {line}", flush=True)
-        rows.append({"case": kind, "channels": channels, "to_epoch_1_s": round(seconds, 2),
+        rows.append({"case": kind, "network": net.spec, "to_epoch_1_s": round(seconds, 2),
                      "epoch_1_s": round(epoch, 2)})
-        print(f"{kind:13s} {channels:12s} to epoch 1 {seconds:6.1f} s  (epoch 1 {epoch:.2f} s)",
+        print(f"{kind:13s} {net.spec:24s} to epoch 1 {seconds:6.1f} s  (epoch 1 {epoch:.2f} s)",
               flush=True)
     print(f"\n{time.strftime('%Y-%m-%d %H:%M')}  tree {args.tree}  {os.cpu_count()} cores")
-    print(f"{'case':13s} {'channels':12s} {'to epoch 1 s':>12s} {'epoch 1 s':>10s}")
+    print(f"{'case':13s} {'network':24s} {'to epoch 1 s':>12s} {'epoch 1 s':>10s}")
     for r in rows:
-        print(f"{r['case']:13s} {r['channels']:12s} {r['to_epoch_1_s']:12.1f} "
+        print(f"{r['case']:13s} {r['network']:24s} {r['to_epoch_1_s']:12.1f} "
               f"{r['epoch_1_s']:10.2f}")
     if args.json:
         with open(args.json, "w") as f:

@@ -125,12 +125,32 @@ def jobs(network, optimizer):
     HOST_JOB): one per generated-kernel operation and per distinct weight-gradient fold, one
     for the rest, and the image math."""
     operations = step_operations(network, optimizer)
-    heavy = [(op,) for op in operations if op[0] in HEAVY]
+    distinct = {}
+    for op in operations:
+        if op[0] in HEAVY:
+            distinct.setdefault(_kernel_key(op), op)
+    heavy = [(op,) for op in distinct.values()]
     heavy.sort(key=lambda job: -_size(job[0]))
     heavy += [(fold,) for fold in dict.fromkeys(_weights_fold(op) for op in operations
                                                 if op[0] == "conv2d_backward_weights")]
     light = tuple(op for op in operations if op[0] not in HEAVY)
     return heavy + ([light] if light else []) + [HOST_JOB]
+
+
+def _kernel_key(operation):
+    """What selects an operation's generated kernel: the operation without its images' sizes.
+    Why: a U-Net runs the same convolution at several levels, recorded with different image
+    sides; as jobs of their own, the 48-wide U-Net's 48 jobs compiled 14 distinct kernels,
+    the same kernel in up to 11 workers at once (and a worker's later jobs waited behind
+    them)."""
+    def key(description):
+        if description[0] == "array" and len(description[1]) == 4:
+            return ("array", description[1][:2], description[2])
+        if description[0] == "tuple":
+            return ("tuple", tuple(key(d) for d in description[1]))
+        return description
+    name, args, kwargs = operation
+    return name, tuple(key(a) for a in args), tuple((k, key(v)) for k, v in kwargs)
 
 
 def _size(operation):
@@ -149,12 +169,16 @@ def label(job):
     if name == "reduce.fold_tiles":      # (partials, sums) pairs; the sums are (1, chains)
         return f"fold_tiles {tuple(sums[1][1] for _, (_, sums) in args)}"
     shapes = [a[1] for a in args if a[0] == "array"]
+    x2 = dict(job[0][2]).get("x2", ("value", None))     # a concatenation's second input
+    second = f"+{x2[1][1]}" if x2[0] == "array" else ""
     if name == "conv2d_forward":
-        return f"{name} {shapes[0][1]}->{shapes[1][0]}"
+        return f"{name} {shapes[0][1]}{second}->{shapes[1][0]}"
     if name == "conv2d_backward_data":
-        return f"{name} {shapes[0][1]}->{shapes[1][1]}"
+        masked = " masked" if dict(job[0][2]).get("relu_output", ("value",))[0] == "array" \
+            else ""
+        return f"{name} {shapes[0][1]}->{shapes[1][1]}{masked}"
     if name == "conv2d_backward_weights":
-        return f"{name} {shapes[1][1]}->{shapes[0][1]}"
+        return f"{name} {shapes[1][1]}{second}->{shapes[0][1]}"
     return name
 
 
@@ -223,22 +247,26 @@ class Compiling:
 
     Plain `python -m cryokern.precompile` processes, not multiprocessing's: those re-import
     the parent's main script, which (unguarded by `if __name__ == "__main__"`) would start a
-    training run in every worker. Each gets its share of the jobs pickled on its command line,
-    runs in a session of its own (Ctrl-C is the parent's to handle) and prints its jobs'
-    seconds; workers still running when the parent exits (bad data, Ctrl-C) are killed."""
+    training run in every worker. Each gets the whole job list pickled on its command line and
+    takes the next unclaimed job (longest first) whenever it is free, so that the jobs of a
+    network with more jobs than workers (the U-Net 16,24,32,48,64: 50) go to whichever worker
+    is free, not in fixed shares; it runs in a session of its own (Ctrl-C is the parent's to
+    handle) and prints its jobs' seconds. Workers still running when the parent exits (bad
+    data, Ctrl-C) are killed."""
 
     def __init__(self, job_list, marker, processes):
         self.marker = marker
+        self.job_list = job_list
         self.started = time.perf_counter()
-        self.shares = [job_list[i::processes] for i in range(processes)]
+        self.claims = tempfile.TemporaryDirectory(prefix="cryokern-jobs-")
         path = [p or os.getcwd() for p in sys.path]     # cryokern as the parent found it
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
-        self.errors = [tempfile.TemporaryFile() for _ in self.shares]   # never a full pipe
+        encoded = base64.b64encode(pickle.dumps(job_list)).decode()
+        self.errors = [tempfile.TemporaryFile() for _ in range(processes)]   # never a full pipe
         self.workers = [subprocess.Popen(
-            [sys.executable, "-m", "cryokern.precompile",
-             base64.b64encode(pickle.dumps(share)).decode()],
+            [sys.executable, "-m", "cryokern.precompile", encoded, self.claims.name],
             env=env, stdout=subprocess.PIPE, stderr=errors, start_new_session=True)
-            for share, errors in zip(self.shares, self.errors)]
+            for errors in self.errors]
         atexit.register(self.stop)
 
     def stop(self):
@@ -255,6 +283,7 @@ class Compiling:
         finally:
             self.stop()
             atexit.unregister(self.stop)
+            self.claims.cleanup()
         failed = [(w, e) for w, e in zip(self.workers, self.errors) if w.returncode != 0]
         if failed:
             worker, errors = failed[0]
@@ -266,8 +295,8 @@ class Compiling:
                   "instead", flush=True)
             return
         seconds = time.perf_counter() - self.started
-        timings = [(t, job) for share, out in zip(self.shares, outputs)
-                   for t, job in zip(json.loads(out.decode().splitlines()[-1]), share)]
+        timings = [(t, self.job_list[k]) for out in outputs
+                   for k, t in json.loads(out.decode().splitlines()[-1])]
         slowest, slowest_job = max(timings, key=lambda tj: tj[0])
         print(f"cryokern: compiled in {seconds:.1f} s (longest: {label(slowest_job)}, "
               f"{slowest:.1f} s)", flush=True)
@@ -304,11 +333,24 @@ def start(network, optimizer, processes=None):
     return Compiling(job_list, marker, processes)
 
 
-def main(encoded_jobs):
-    """A worker: run the pickled jobs in turn, print their seconds (JSON) on stdout."""
+def claim(claims, index):
+    """Whether this worker is the first to take job `index` (a file created exclusively in the
+    directory `claims`, which the parent made for this run)."""
+    try:
+        os.close(os.open(os.path.join(claims, str(index)), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
+def main(encoded_jobs, claims):
+    """A worker: run each job of the pickled list that no other worker has claimed, in order;
+    print [job index, seconds] of those it ran (JSON) on stdout."""
     warnings.filterwarnings("ignore", message=".*GPU under-utilization")
-    print(json.dumps([run_job(job) for job in pickle.loads(base64.b64decode(encoded_jobs))]))
+    job_list = pickle.loads(base64.b64decode(encoded_jobs))
+    print(json.dumps([(k, run_job(job)) for k, job in enumerate(job_list)
+                      if claim(claims, k)]))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:3])

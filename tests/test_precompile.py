@@ -1,5 +1,6 @@
 """Parallel precompilation: the jobs compile exactly the kernels a training step launches, the
 workers run them, and the generated sources are written once (numba's cache keys on them)."""
+import json
 import os
 import signal
 import subprocess
@@ -73,10 +74,35 @@ def test_one_job_per_generated_operation_and_one_for_the_rest():
     assert sorted(labels[:9]) == sorted(
         [f"conv2d_forward {a}->{b}" for a, b in ((1, 16), (16, 16), (16, 1))] +
         [f"conv2d_backward_weights {a}->{b}" for a, b in ((1, 16), (16, 16), (16, 1))] +
-        ["conv2d_backward_data 16->16", "conv2d_backward_data 1->16", "mse_loss_and_grad"])
+        ["conv2d_backward_data 16->16 masked", "conv2d_backward_data 1->16 masked",
+         "mse_loss_and_grad"])
     assert labels[9:] == ["fold_tiles (32, 1)", "fold_tiles (32, 16)",     # the weights' folds
                           "sgd_update+sum_images", "image math"]
     assert labels[0].endswith("16->16")          # the longest compiles start first
+
+
+def test_a_convolution_run_at_several_levels_is_one_job():
+    """A U-Net runs the same convolution at each level (other image sizes, the same kernel):
+    one job each distinct kernel, not one per level (the 48-wide U-Net: 48 jobs for 14)."""
+    network = UNet((2, 2, 2))
+    operations = [op for op in precompile.step_operations(network, SGD)
+                  if op[0] in precompile.HEAVY]
+    heavy = [job for job in precompile.jobs(network, SGD) if job[0][0] in precompile.HEAVY]
+    assert len(heavy) < len(operations)
+    assert {precompile._kernel_key(job[0]) for job in heavy} == \
+        {precompile._kernel_key(op) for op in operations}
+    assert len({precompile._kernel_key(job[0]) for job in heavy}) == len(heavy)
+    labels = [precompile.label(job) for job in heavy]
+    assert labels.count("conv2d_forward 2->2") == 1
+    assert "conv2d_forward 2+2->2" in labels      # a concatenation's two inputs named
+
+
+def test_workers_take_each_job_once(tmp_path, monkeypatch):
+    """Workers take the next unclaimed job when free: every job runs, once."""
+    monkeypatch.setenv("CRYOKERN_CACHE", str(tmp_path))
+    marker = tmp_path / "kernels" / "ready-test.json"
+    precompile.Compiling([precompile.HOST_JOB] * 3, marker, 2).wait()
+    assert json.loads(marker.read_text())["jobs"] == ["image math"] * 3
 
 
 def test_workers_fill_and_mark_the_cache(tmp_path, monkeypatch, capsys):

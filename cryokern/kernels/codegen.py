@@ -85,7 +85,7 @@ def select_load(array, index, test):
     loaded, set as bits and applied, a branch each, and the stores' guards): 17.9 of its 18.4
     CPU s of compiling were numba's front end, NVVM and ptxas the rest (bench/compile_time.py,
     NOTES v28)."""
-    return f"cuda.selp({test}, {array}[cuda.selp({test}, uint64({index}), uint64(0))], float32(0))"
+    return f"selp({test}, {array}[selp({test}, uint64({index}), uint64(0))], float32(0))"
 
 
 class Source:
@@ -107,6 +107,13 @@ class Source:
             f", max_registers={max_registers}"     # the simulator's jit takes no cap
         self(f"@cuda.jit(cache=True{cap})")
         self(f"def kernel({params}):").indent()
+        # the intrinsics as locals: `fma(a, b, c)` is two statements of numba IR where
+        # `cuda.fma(a, b, c)` is four (the module, its attribute); the generated kernels are
+        # thousands of them, and numba's front end takes time growing with the statements
+        # of a block times the variables assigned more than once (NOTES v32). The PTX is
+        # the same (bench/compile_time.py --compare).
+        self("fma = cuda.fma")
+        self("selp = cuda.selp")
         return self
 
     def known(self, condition):

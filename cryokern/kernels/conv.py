@@ -189,7 +189,7 @@ class _MaskPlan:
                 src(f"live{q} = live{q} << uint64({self.span})")
         for j in range(self.per):
             word = f"live{j // self.span}"
-            src(f"{word} = cuda.selp(m{j} > float32(0), {word} | uint64({1 << j % self.span}), "
+            src(f"{word} = selp(m{j} > float32(0), {word} | uint64({1 << j % self.span}), "
                 f"{word})")
         if when:
             src.dedent()
@@ -207,13 +207,13 @@ def _epilogue_value(acc, relu, slope, mask_bit):
     why); each keeps the value the branch kept, NaN included."""
     value = acc
     if relu:
-        value = f"cuda.selp({value} <= float32(0), float32(0), {value})"
+        value = f"selp({value} <= float32(0), float32(0), {value})"
     if slope and not mask_bit:
-        value = f"cuda.selp({value} > float32(0), {value}, {value} * {slope})"
+        value = f"selp({value} > float32(0), {value}, {value} * {slope})"
     if mask_bit:
         word, bit = mask_bit
         dropped = f"{value} * {slope}" if slope else "float32(0)"
-        value = f"cuda.selp((live{word} & uint64({1 << bit})) != uint64(0), {value}, {dropped})"
+        value = f"selp((live{word} & uint64({1 << bit})) != uint64(0), {value}, {dropped})"
     return value
 
 
@@ -344,7 +344,7 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
             for g in range(g_out):
                 src(f"t = ws[wc + uint64({(ky * 3 + kx) * ob_size + g})]")
                 for p in range(R):
-                    src(f"a{p}_{g} = cuda.fma(v{p + ky}_{kx}, t, a{p}_{g})")
+                    src(f"a{p}_{g} = fma(v{p + ky}_{kx}, t, a{p}_{g})")
     for _ in range(3 if split else 1):
         src.dedent()
     if masked and plan.late and not plan.active_guard:
@@ -515,7 +515,10 @@ def _relu_mask(gy, y, gx):
 # WeightsVariant says how each layer's kernel is built.
 GS = TILE_W + 1              # gy row stride: the warp's output groups fall in different banks
 XROW = TILE_W + 2
-SPLIT_COLUMNS = 8           # a written-out tile row in numba blocks of this many columns
+SPLIT_COLUMNS = 8           # a written-out tile row in numba blocks of this many columns,
+SPLIT_FMAS = 144            # fewer where their fmas would be more than this (4 outputs a
+                            # thread: 4 columns; the 48 -> 48 kernel's 12.3 s of numba's front
+                            # end in blocks of 8 columns, NOTES v32)
 XS_STRIDE = 3 * XROW + (2 - 3 * XROW) % 16   # floats per input channel in the x ring, = 2 mod 16
                                              # so the warp's input channels spread over banks
 
@@ -788,7 +791,7 @@ def _weights_kernel(cin, cout, variant, first=None, block=None):
         for j in range(go):
             for ky in range(held):
                 for kx in range(3):
-                    src(f"a{j}_{ky * 3 + kx} = cuda.fma(g{j}, w{ky}_{window_column(kx)}, "
+                    src(f"a{j}_{ky * 3 + kx} = fma(g{j}, w{ky}_{window_column(kx)}, "
                         f"a{j}_{ky * 3 + kx})")
 
     def chains_rolled():
@@ -810,15 +813,16 @@ def _weights_kernel(cin, cout, variant, first=None, block=None):
         for k in range(held):
             src(f"w{k}_0 = xs[x{k}]")
             src(f"w{k}_1 = xs[x{k} + uint64(1)]")
+        columns = min(SPLIT_COLUMNS, SPLIT_FMAS // (go * 3 * held))    # a numba block's
         for c in range(TILE_W):
-            if c % SPLIT_COLUMNS == 0 and c:
+            if c % columns == 0 and c:
                 src.known(f"cols == {TILE_W}")
             for k in range(held):
                 src(f"w{k}_{c + 2} = xs[x{k} + uint64({c + 2})]")
             for j in range(go):
                 src(f"g{j} = gs[gb + uint64({j * GS + c})]")
             fmas(lambda kx: c + kx)
-        for _ in range((TILE_W - 1) // SPLIT_COLUMNS):
+        for _ in range((TILE_W - 1) // columns):
             src.dedent()
 
     def bias_rolled():

@@ -94,16 +94,16 @@ def _loss_kernel():
         src(", ".join(f"b{u}" for u in group) + " = " +
             ", ".join(f"buf[row + uint64(k + {u})]" for u in group))
         for u in group:
-            src(f"acc = cuda.fma(a{u}, a{u}, acc)")
+            src(f"acc = fma(a{u}, a{u}, acc)")
         src(", ".join(f"a{u}" for u in group) + " = " + ", ".join(f"b{u}" for u in group))
         src.dedent()
         for u in group:
-            src(f"acc = cuda.fma(a{u}, a{u}, acc)")
+            src(f"acc = fma(a{u}, a{u}, acc)")
         src.dedent()
         src("else:").indent()
         src("for k in range(chain_cols):").indent()
         src("v = buf[row + uint64(k)]")
-        src("acc = cuda.fma(v, v, acc)").dedent().dedent().dedent()
+        src("acc = fma(v, v, acc)").dedent().dedent().dedent()
     for j in range(ahead):
         for i in range(per_lane):
             for name in "pt":
