@@ -10,7 +10,8 @@ import numpy as np
 from .contract import DEFAULT_LEAKY_SLOPE, leaky_slope as leaky_slope_f32
 
 DEFAULT_CHANNELS = (1, 16, 16, 1)
-# The Noise2Noise paper's U-Net (Lehtinen et al. 2018): 48 channels, five poolings
+# After the Noise2Noise paper's U-Net (Lehtinen et al. 2018): five poolings, 48 channels at every
+# level (the paper's decoder convolutions are 96 wide; here every level is 48)
 DEFAULT_UNET_WIDTHS = (48,) * 6
 
 

@@ -104,7 +104,8 @@ def build_parser():
                    metavar="W0,...,WL",
                    help="the U-Net's channels per level, full resolution first, the bottom "
                         "last: L = count - 1 poolings, image sides padded to multiples of 2^L "
-                        "(default 48,48,48,48,48,48: the Noise2Noise paper's five poolings)")
+                        "(default 48,48,48,48,48,48: the Noise2Noise paper's five poolings, 48 "
+                        "channels at every level)")
     t.add_argument("--residual", action="store_true",
                    help="the U-Net predicts the difference to its input")
     t.add_argument("--leaky-slope", type=float, default=DEFAULT_LEAKY_SLOPE, metavar="S",
