@@ -42,7 +42,6 @@ Usage: python bench/quality.py [--budget-s 60] [--nets 1,16,16,1 unet:16,24,32,4
 """
 import argparse
 import json
-import math
 import multiprocessing
 import os
 import sys
