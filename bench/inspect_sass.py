@@ -6,7 +6,17 @@ How this found the signed-index wrap-around (NOTES v16): numba compiles each ker
 ptxas on PATH (the CUDA toolkit's) and the wheels nvidia-cuda-nvrtc and nvidia-cuda-cuobjdump
 (development tools, not run-time dependencies). The device JIT may allocate registers a little
 differently; bench/step.py prints the device's figures.
-Usage: python bench/inspect_sass.py [--keep DIR]   (DIR keeps the .ptx and .sass files)
+With --wide, the 48-wide U-Net's hot convolutions instead (LeakyReLU 0.1 epilogues, the
+concatenation 48+48 -> 48), and for each the mix of its innermost loop with the most FFMA
+(nested loops left out: the edge tiles' rolled rows, the weight staging's loop), as static
+counts of instructions (a loop's rarely taken branches, e.g. the next channel's staging
+loads, are counted once like the rest). --geometry R,G,GB [--cap N] builds the forward and
+backward-data kernels in that geometry (conv._forward_kernel's `geometry`) instead, and
+--early-loads with the next channel's loads without a branch (`early_loads`); both leave the
+weight gradients out.
+Usage: python bench/inspect_sass.py [--keep DIR] [--wide [--geometry R,G,GB] [--cap N]
+                                                         [--early-loads]]
+       (DIR keeps the .ptx and .sass files)
 """
 import argparse
 import collections
@@ -24,8 +34,11 @@ from cryokern.kernels import conv, loss, reduce
 F32 = types.float32[::1]
 FORWARD_SIG = (F32, types.float32[:, :, :, ::1], F32, F32, F32, types.int64, types.int64,
                types.int64)
+FORWARD_TWO_SIG = (F32, F32, types.float32[:, :, :, ::1], F32, F32, F32, F32, types.int64,
+                   types.int64, types.int64)       # a concatenation's: x, x2, .., y, y2, ..
 WEIGHTS_SIG = (F32, F32, types.float32[:, :, ::1], types.float32[:, :, ::1], types.int64,
                types.int64, types.int64)
+WEIGHTS_TWO_SIG = (F32,) + WEIGHTS_SIG
 LOSS_SIG = (F32, F32, types.float32, F32, types.float32[:, :, ::1], types.int64, types.int64,
             types.int64, types.int64, types.int64, types.int64, types.boolean)
 FOLD_SIG = (F32, types.float64[:, ::1], F32, types.float64[:, ::1], types.int64, types.int64)
@@ -51,11 +64,72 @@ def kernels():
     yield "fold tiles (32, 16)", reduce._fold_tiles((32, 16)).py_func, FOLD_SIG, None
 
 
+def wide_kernels(geometry=None, cap=None, early_loads=False):
+    """(label, python function, signature, register cap) of the 48-wide U-Net's hot
+    convolutions: its forward and backward-data kernels in `geometry` (with register cap
+    `cap`) where given, else forward_variant's."""
+    import numpy as np
+    slope = np.float32(0.1)
+    for cin, cout, masked, transposed, first, label in [
+            (48, 48, False, False, None, "forward 48->48 leaky"),
+            (96, 48, False, False, 48, "forward 48+48->48 leaky"),
+            (48, 48, True, True, None, "backward-data 48->48 masked")]:
+        variant = conv.forward_variant(cin, cout, transposed, masked)
+        if geometry is not None:
+            variant = geometry, cap
+        kernel = conv._forward_kernel(cin, cout, False, masked, transposed, leaky_slope=slope,
+                                      first=first, geometry=variant[0],
+                                      max_registers=variant[1], early_loads=early_loads)[0]
+        label += ("" if geometry is None else f" {geometry}") + (" early" if early_loads else "")
+        yield label, kernel.py_func, FORWARD_SIG if first is None else FORWARD_TWO_SIG, \
+            variant[1]
+    if geometry is not None or early_loads:
+        return              # (the weight gradients take neither)
+    for cin, cout, first in [(48, 48, None), (96, 48, 48)]:
+        variant = conv.weights_variant(cin, cout)
+        block = conv.weights_block(cin, cout, variant)
+        kernel = conv._weights_kernel(cin, cout, variant, first,
+                                      None if block == (cout, cin) else block)[0]
+        yield (f"weights {cin}->{cout}" if first is None else "weights 48+48->48",
+               kernel.py_func, WEIGHTS_SIG if first is None else WEIGHTS_TWO_SIG,
+               variant.max_registers)
+
+
+def instructions(sass):
+    """(address, opcode, line) of each SASS instruction."""
+    return [(int(m.group(1), 16), m.group(2), line) for line in sass.splitlines()
+            for m in [INSTRUCTION.search(line)] if m]
+
+
+def with_width(op, line):
+    """A memory opcode with its vector width (LDS.128), others as they are."""
+    width = re.search(op + r"\S*?\.(64|128)\b", line) if op in ("LDS", "LDG", "STS", "STG") \
+        else None
+    return op + ("." + width.group(1) if width else "")
+
+
+def hot_loop(sass):
+    """Opcode counts of the innermost loop (a backward branch's range) holding the most FFMA,
+    without the loops nested in it, or None where no loop holds an FFMA."""
+    lines = instructions(sass)
+    loops = [(int(t.group(1), 16), address) for address, op, line in lines if op == "BRA"
+             for t in [re.search(r"BRA\s+(?:`\(\.L_x_\d+\)\s*)?(0x[0-9a-f]+)", line)]
+             if t and int(t.group(1), 16) <= address]
+    best = None
+    for start, end in loops:
+        nested = [(a, b) for a, b in loops if start <= a and b <= end and (a, b) != (start, end)]
+        mix = collections.Counter(with_width(op, line) for address, op, line in lines
+                                  if start <= address <= end
+                                  and not any(a <= address <= b for a, b in nested))
+        if mix["FFMA"] and (best is None or mix["FFMA"] > best["FFMA"]):
+            best = mix
+    return best
+
+
 def hot_block(sass):
     """Opcode counts of the basic block (a run between branches and branch targets) with the
     most FFMA, or the longest where none has any."""
-    lines = [(int(m.group(1), 16), m.group(2), line) for line in sass.splitlines()
-             for m in [INSTRUCTION.search(line)] if m]
+    lines = instructions(sass)
     cuts = {0}
     for address, op, line in lines:
         if op in ("BRA", "EXIT"):
@@ -83,20 +157,31 @@ def find_cuobjdump():
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--keep", help="directory for the .ptx and .sass files")
+    ap.add_argument("--wide", action="store_true",
+                    help="the 48-wide U-Net's convolutions, with their hot loops' mix")
+    ap.add_argument("--geometry", help="R,G,GB: --wide's forward and backward-data geometry")
+    ap.add_argument("--cap", type=int, help="--geometry's register cap")
+    ap.add_argument("--early-loads", action="store_true",
+                    help="--wide's forward and backward-data with conv's early_loads")
     args = ap.parse_args()
+    geometry = None if args.geometry is None else tuple(int(v) for v in args.geometry.split(","))
     cuobjdump = find_cuobjdump()
     if shutil.which("ptxas") is None or cuobjdump is None:
         sys.exit("needs ptxas on PATH and cuobjdump (pip install nvidia-cuda-cuobjdump)")
     out = pathlib.Path(args.keep or tempfile.mkdtemp())
     out.mkdir(parents=True, exist_ok=True)
-    print(f"{'kernel':26s} {'regs':>4s} {'spill B':>7s} {'hot block':>9s} {'FFMA':>5s} "
-          f"{'LDS':>4s}  other")
-    for label, fn, sig, cap in kernels():
+    if args.wide:
+        print(f"{'kernel':40s} {'regs':>4s} {'spill B':>7s} {'loop':>5s} {'FFMA':>5s} "
+              f"{'FFMA %':>6s} {'LDS':>4s} {'FFMA/LDS':>8s}  other")
+    else:
+        print(f"{'kernel':26s} {'regs':>4s} {'spill B':>7s} {'hot block':>9s} {'FFMA':>5s} "
+              f"{'LDS':>4s}  other")
+    for label, fn, sig, cap in (wide_kernels(geometry, args.cap, args.early_loads) if args.wide else kernels()):
         name = out / re.sub(r"\W+", "_", label)
         ptx, _ = cuda.compile_ptx(fn, sig, cc=(9, 0))
         name.with_suffix(".ptx").write_text(ptx)
         flags = ["-maxrregcount", str(cap)] if cap else []
-        info = subprocess.run(["ptxas", "-arch=sm_90", "-O3", "-v", *flags, str(name) + ".ptx",
+        info = subprocess.run(["ptxas", "-arch=sm_90a", "-O3", "-v", *flags, str(name) + ".ptx",
                                "-o", str(name) + ".cubin"], capture_output=True, text=True,
                               check=True).stderr
         sass = subprocess.run([cuobjdump, "-sass", str(name) + ".cubin"], capture_output=True,
@@ -104,6 +189,14 @@ def main():
         name.with_suffix(".sass").write_text(sass)
         regs = re.search(r"Used (\d+) registers", info).group(1)
         spill = re.search(r"(\d+) bytes spill stores", info).group(1)
+        if args.wide:
+            loop = hot_loop(sass)
+            loads = sum(n for op, n in loop.items() if op.startswith("LDS"))
+            other = ", ".join(f"{op} {n}" for op, n in loop.most_common(9) if op != "FFMA")
+            print(f"{label:40s} {regs:>4s} {spill:>7s} {sum(loop.values()):5d} "
+                  f"{loop['FFMA']:5d} {100 * loop['FFMA'] / sum(loop.values()):6.1f} "
+                  f"{loads:4d} {loop['FFMA'] / max(loads, 1):8.1f}  {other}", flush=True)
+            continue
         block = hot_block(sass)
         other = ", ".join(f"{op} {n}" for op, n in block.most_common(6)
                           if op not in ("FFMA", "LDS"))

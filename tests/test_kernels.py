@@ -426,6 +426,36 @@ def test_backward_data_in_groups_of_channels(rng, split):
     assert same_bits(out, want[:, :split]) and same_bits(out2, want[:, split:])
 
 
+# conv._forward_kernel's opt-in early_loads (the next input channel's window loaded without a
+# branch, NOTES v34): over 2 x 2 blocks (2 rows x 4 channels a thread: blocks of 8 x 32 pixels,
+# a window of 3 staging slots, the last part full), two blocks of output channels (the last
+# overhanging the layer's 5), weights staged in groups of 2 of the 5 input channels; forward
+# with LeakyReLU from one array and from a concatenation (2 + 3 channels, a group across the
+# seam), backward-data with the LeakyReLU mask; and THE variant's geometry (8, 16, 1), one block
+@pytest.mark.parametrize("case", ["forward", "concatenation", "backward-data", "8x16x1"])
+def test_forward_early_loads(rng, case):
+    geometry, channel_group = ((8, 16, 1), None) if case == "8x16x1" else ((2, 4, 1), 2)
+    n, cin, cout, h, w = (1, 2, 3, 5, 7) if case == "8x16x1" else (1, 5, 5, 9, 33)
+    variant = dict(geometry=geometry, channel_group=channel_group, early_loads=True)
+    slope = np.float32(0.1)
+    if case == "backward-data":
+        gy, wt, y = randn(rng, n, cout, h, w), randn(rng, cout, cin, 3, 3), randn(rng, n, cin, h, w)
+        y[0, 0, 0, :3] = [np.nan, -0.0, 0.0]
+        out = poisoned((n, cin, h, w))
+        conv._launch_forward(cuda.to_device(gy), cuda.to_device(wt),
+                             cuda.to_device(np.zeros(cin, np.float32)), out, False,
+                             cuda.to_device(y), True, leaky_slope=slope, **variant)
+        assert same_bits(out, R.conv2d_backward_data(gy, wt, relu_output=y, leaky_slope=0.1))
+        return
+    x, wt, b = randn(rng, n, cin, h, w), randn(rng, cout, cin, 3, 3), randn(rng, cout)
+    y = poisoned((n, cout, h, w))
+    two = case == "concatenation"
+    conv._launch_forward(cuda.to_device(x[:, :2].copy() if two else x), cuda.to_device(wt),
+                         cuda.to_device(b), y, False, None, False, leaky_slope=slope,
+                         x2=cuda.to_device(x[:, 2:].copy()) if two else None, **variant)
+    assert same_bits(y, R.conv2d_forward(x, wt, b, leaky_slope=0.1))
+
+
 def check_weights_variant(rng, shape, variant):
     n, cin, cout, h, w = shape
     gy, x = randn(rng, n, cout, h, w), randn(rng, n, cin, h, w)

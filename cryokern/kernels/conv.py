@@ -219,7 +219,7 @@ def _epilogue_value(acc, relu, slope, mask_bit):
 
 @lru_cache(maxsize=None)
 def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_registers=None,
-                    leaky_slope=None, first=None, channel_group=None):
+                    leaky_slope=None, first=None, channel_group=None, early_loads=False):
     """Numerics section 1 (transposed=False) or 2 (w read as w'[ci,o,2-a,2-b]), generated.
     With leaky_slope (a float32), the epilogue is LeakyReLU's (§9a): its activation, or with
     `masked` its gradient mask. The slope is written into the source as a float32 constant.
@@ -227,7 +227,10 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
     a convolution of a concatenation, without the copy): the input channels (x, then x2)
     forward, the output channels (y, then y2) transposed; the kernel then takes x2 and y2.
     `channel_group`: input channels whose weights are staged at once (forward_channel_group's
-    unless given).
+    unless given). `early_loads` (opt-in, for bench/tune_conv.py --parts wide): the next input
+    channel's loads written without a branch; behind one (the default) ptxas placed them after
+    the channel's fmas, so the next turn's stores wait out their whole latency between the
+    barriers (SASS, NOTES v34). The same operands in the same order: no bit changes.
 
     Returns (kernel, block, output channels per block, rows per block)."""
     if relu and leaky_slope is not None:
@@ -278,6 +281,22 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
         src.dedent()
         src("ws[i] = v").dedent()
 
+    def next_channel_without_branches():
+        """early_loads: the next input channel's window into p0.. without a branch (a clamped
+        channel at the last, reading element 0 outside the image, both arrays of a
+        concatenation read and one kept), so the loads stay in the block of the fmas."""
+        last = cin if in_first is None else in_first
+        src(f"base += selp(ci + 1 < {last}, plane, base - base)")
+        if in_first is not None:
+            src(f"base2 = (n * {cin - in_first} + min(max(ci + 1 - {in_first}, 0), "
+                f"{cin - in_first - 1})) * plane")
+        for s_ in range(slots):
+            value = f"x[uint64(selp(ok{s_}, base + off{s_}, base - base))]"
+            if in_first is not None:
+                value = (f"selp(ci + 1 < {in_first}, {value}, "
+                         f"x2[uint64(selp(ok{s_}, base2 + off{s_}, base - base))])")
+            src(f"p{s_} = selp(ok{s_}, {value}, float32(0))")
+
     if not grouped:
         stage_weights("ci")
     # staging slots: element e of the window, its image offset, and whether it is in the image
@@ -316,12 +335,15 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
     src("cuda.syncthreads()")
     if masked and plan.late:
         plan.convert(src, "ci > 0" + (f" and ci <= {plan.turns}" if plan.active_guard else ""))
-    src(f"if ci + 1 < {cin if in_first is None else in_first}:").indent()
-    src("base += plane")
-    for s_ in range(slots):
-        src(f"p{s_} = x[uint64(base + off{s_})] if ok{s_} else float32(0)")
-    src.dedent()
-    if in_first is not None:            # the next channel is x2's
+    if early_loads:
+        next_channel_without_branches()
+    else:
+        src(f"if ci + 1 < {cin if in_first is None else in_first}:").indent()
+        src("base += plane")
+        for s_ in range(slots):
+            src(f"p{s_} = x[uint64(base + off{s_})] if ok{s_} else float32(0)")
+        src.dedent()
+    if in_first is not None and not early_loads:    # the next channel is x2's
         src(f"elif ci + 1 < {cin}:").indent()
         src(f"base2 = (n * {cin - in_first} + ci + 1 - {in_first}) * plane")
         for s_ in range(slots):
@@ -376,7 +398,8 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
     two = "" if first is None else f"_first{first}"
     groups_of = f"_group{group}" if grouped else ""
     module = load_module(f"conv_forward_{cin}_{cout}_{int(relu)}{int(masked)}{int(transposed)}"
-                         f"{leaky}{two}{groups_of}", src.text())
+                         f"{leaky}{two}{groups_of}{'_early' if early_loads else ''}",
+                         src.text())
     return module.kernel, (BW, TY, groups), ob_size, BH
 
 
