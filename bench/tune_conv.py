@@ -3,9 +3,13 @@ three layer shapes, timed side by side, each checked bit for bit against the def
 Then backward-data with the ReLU mask (the 16 -> 1 and 16 -> 16 layers'), and the
 weight-gradient kernel's variants (conv.WeightsVariant) for the same shapes. `channel-groups`
 (not in the default parts): wide layers' forward and backward-data with their weights staged
-in groups of input channels of several sizes (conv.forward_channel_group).
+in groups of input channels of several sizes (conv.forward_channel_group). `wide` (not in the
+default parts either): the 48-wide U-Net's hot forward and backward-data kernels (and the
+chain's forward 16 -> 16) in WIDE_VARIANTS, the next input channel's loads without a branch
+(conv's early_loads, NOTES v34) beside the default, with each kernel's fraction of PyTorch's
+SGEMM rate measured in the same run.
 Usage: python bench/tune_conv.py [--batch 4] [--size 1024]
-                                 [--parts forward backward-data weights channel-groups]
+                                 [--parts forward backward-data weights channel-groups wide]
                                  [--wide-shapes 96x96 144x96 ...]
 """
 import argparse
@@ -29,14 +33,24 @@ SHAPES = [(16, 16), (1, 16), (16, 1)]
 PARTS = ("forward", "backward-data", "weights")
 # wide U-Net layers (Cin x Cout) whose forward or backward-data stages its weights in groups
 WIDE_SHAPES = ["96x96", "144x96", "97x64", "192x192"]
+# `wide`'s candidates beside each kernel's default (forward_variant's geometry and cap): conv's
+# keyword arguments. NOTES v34's SASS: the default's loads of the next input channel sit after
+# the fmas (early_loads moves them before, 128 registers, no spills); (8, 16, 1) feeds each
+# loaded input value to 16 output channels (17.5 fmas per shared-memory load, not 12) at
+# ~230 registers, one warp in four of the default's per SM; the concatenation's default takes
+# 151 registers (one block of 256 threads per SM): capped at 128 (92 bytes of spills), two.
+WIDE_VARIANTS = [dict(early_loads=True),
+                 dict(geometry=(8, 16, 1), max_registers=None, early_loads=True),
+                 dict(max_registers=128)]
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--size", type=int, default=1024)
-    ap.add_argument("--parts", nargs="+", choices=PARTS + ("channel-groups",), default=PARTS,
-                    help="which kernels' variants to time (default: all but channel-groups)")
+    ap.add_argument("--parts", nargs="+", choices=PARTS + ("channel-groups", "wide"),
+                    default=PARTS, help="which kernels' variants to time (default: all but "
+                                        "channel-groups and wide)")
     ap.add_argument("--wide-shapes", nargs="+", default=WIDE_SHAPES,
                     help="channel-groups' layers, CINxCOUT (default: %(default)s)")
     args = ap.parse_args()
@@ -51,6 +65,8 @@ def main():
     if "channel-groups" in args.parts:
         shapes = [tuple(int(c) for c in shape.split("x")) for shape in args.wide_shapes]
         channel_groups(n, s, np.random.default_rng(3), shapes)
+    if "wide" in args.parts:
+        wide(n, s, np.random.default_rng(4))
 
 
 def forward(n, s, rng):
@@ -204,6 +220,59 @@ def channel_groups(n, s, rng, shapes):
                 print(f"{label:28s} {group:5d} {shared:8d} {med:10.3f} {flops / med / 1e9:8.1f} "
                       f"{'same' if np.array_equal(got, want) else 'DIFFERENT'}"
                       f"{'  <- default' if group == default else ''}")
+
+
+def wide(n, s, rng):
+    """The 48-wide U-Net's forward 48 -> 48 and 48+48 -> 48 (LeakyReLU 0.1) and backward-data
+    48 -> 48 (its mask), and the chain's forward 16 -> 16 (ReLU), each in its default variant
+    and WIDE_VARIANTS; bits against the default's; % of PyTorch's SGEMM (kernels.py)."""
+    from kernels import sgemm_rate
+    from cryokern.contract import leaky_slope
+    sgemm = sgemm_rate()
+    slope = leaky_slope(0.1)
+    dev = lambda *shape: cuda.to_device(rng.standard_normal(shape).astype(np.float32))
+    print(f"PyTorch SGEMM {'n/a' if sgemm is None else f'{sgemm / 1e12:.1f} TFLOP/s'}")
+    print(f"{'kernel':28s} {'variant':30s} {'regs':>4s} {'median ms':>10s} {'TFLOP/s':>8s} "
+          f"{'% SGEMM':>7s} bits")
+    for label, kin, kout, first, masked in [("forward 48->48 leaky", 48, 48, None, False),
+                                            ("forward 48+48->48 leaky", 96, 48, 48, False),
+                                            ("backward-data 48->48 mask", 48, 48, None, True),
+                                            ("forward 16->16 relu", 16, 16, None, False)]:
+        relu = kout == 16
+        x, y = dev(n, first or kin, s, s), cuda.device_array((n, kout, s, s), np.float32)
+        x2 = None if first is None else dev(n, kin - first, s, s)
+        w = dev(kin, kout, 3, 3) if masked else dev(kout, kin, 3, 3)
+        b = cuda.to_device(np.zeros(kout, np.float32)) if masked else dev(kout)
+        mask = dev(n, kout, s, s) if masked else None
+        flops = 2 * n * s * s * kin * kout * 9
+        want = None
+        for candidate in [{}] + WIDE_VARIANTS:
+            if candidate.get("max_registers") and first is None:
+                continue            # (the cap is for the concatenation's 151 registers)
+            geometry, cap = conv.forward_variant(kin, kout, masked, masked)
+            variant = dict(dict(geometry=geometry, max_registers=cap), **candidate)
+            name = f"{variant['geometry']} cap {variant['max_registers']}" + (
+                " early loads" if candidate.get("early_loads") else "")
+            fn = lambda: conv._launch_forward(x, w, b, y, relu, mask, masked,
+                                              leaky_slope=None if relu else slope, x2=x2,
+                                              **variant)
+            try:
+                med = replay_ms(fn)
+            except Exception as e:  # noqa: BLE001  (a compile or launch error)
+                print(f"{label:28s} {name:30s} does not run ({type(e).__name__})")
+                continue
+            kernel = conv._forward_kernel(kin, kout, relu, masked, masked,
+                                          leaky_slope=None if relu else slope, first=first,
+                                          **variant)[0]
+            overloads = list(kernel.overloads.values())    # (none: not the launched one)
+            regs = overloads[0].regs_per_thread if overloads else -1
+            got = y.copy_to_host().view(np.uint32)
+            want = got if want is None else want
+            rate = flops / med / 1e9
+            print(f"{label:28s} {name:30s} {regs:4d} {med:10.3f} {rate:8.1f} "
+                  f"{'-' if sgemm is None else f'{100 * rate * 1e12 / sgemm:.0f}':>7s} "
+                  f"{'same' if np.array_equal(got, want) else 'DIFFERENT'}"
+                  f"{'' if candidate else '  <- default'}")
 
 
 if __name__ == "__main__":
