@@ -11,6 +11,7 @@ SGEMM rate measured in the same run.
 Usage: python bench/tune_conv.py [--batch 4] [--size 1024]
                                  [--parts forward backward-data weights channel-groups wide]
                                  [--wide-shapes 96x96 144x96 ...]
+                                 [--wide-kernels "48+48" "16->16" ...]
 """
 import argparse
 
@@ -53,6 +54,8 @@ def main():
                                         "channel-groups and wide)")
     ap.add_argument("--wide-shapes", nargs="+", default=WIDE_SHAPES,
                     help="channel-groups' layers, CINxCOUT (default: %(default)s)")
+    ap.add_argument("--wide-kernels", nargs="+", default=[""], metavar="SUBSTRING",
+                    help="wide's kernels whose label holds one of these (default: all)")
     args = ap.parse_args()
     n, s = args.batch, args.size
     if "forward" in args.parts:
@@ -66,7 +69,7 @@ def main():
         shapes = [tuple(int(c) for c in shape.split("x")) for shape in args.wide_shapes]
         channel_groups(n, s, np.random.default_rng(3), shapes)
     if "wide" in args.parts:
-        wide(n, s, np.random.default_rng(4))
+        wide(n, s, np.random.default_rng(4), args.wide_kernels)
 
 
 def forward(n, s, rng):
@@ -222,10 +225,11 @@ def channel_groups(n, s, rng, shapes):
                       f"{'  <- default' if group == default else ''}")
 
 
-def wide(n, s, rng):
+def wide(n, s, rng, only=("",)):
     """The 48-wide U-Net's forward 48 -> 48 and 48+48 -> 48 (LeakyReLU 0.1) and backward-data
     48 -> 48 (its mask), and the chain's forward 16 -> 16 (ReLU), each in its default variant
-    and WIDE_VARIANTS; bits against the default's; % of PyTorch's SGEMM (kernels.py)."""
+    and WIDE_VARIANTS; bits against the default's; % of PyTorch's SGEMM (kernels.py). Only the
+    kernels whose label holds a string of `only`."""
     from kernels import sgemm_rate
     from cryokern.contract import leaky_slope
     sgemm = sgemm_rate()
@@ -238,6 +242,8 @@ def wide(n, s, rng):
                                             ("forward 48+48->48 leaky", 96, 48, 48, False),
                                             ("backward-data 48->48 mask", 48, 48, None, True),
                                             ("forward 16->16 relu", 16, 16, None, False)]:
+        if not any(part in label for part in only):
+            continue
         relu = kout == 16
         x, y = dev(n, first or kin, s, s), cuda.device_array((n, kout, s, s), np.float32)
         x2 = None if first is None else dev(n, kin - first, s, s)
