@@ -1,16 +1,18 @@
-"""The default network's kernels as sm_90 SASS, on a machine without a GPU: registers, spills
+"""The default network's kernels as sm_90a SASS, on a machine without a GPU: registers, spills
 and the instruction mix of each kernel's hot basic block (the most FFMA: its loop, written out).
 
 How this found the signed-index wrap-around (NOTES v16): numba compiles each kernel to PTX
-(`cuda.compile_ptx`, NVVM), ptxas assembles it for sm_90, cuobjdump prints the SASS. Needs
-ptxas on PATH (the CUDA toolkit's) and the wheels nvidia-cuda-nvrtc and nvidia-cuda-cuobjdump
-(development tools, not run-time dependencies). The device JIT may allocate registers a little
+(`cuda.compile_ptx`, NVVM), ptxas assembles it for sm_90a, cuobjdump prints the SASS. Needs
+ptxas on PATH (the CUDA toolkit's) and the wheels nvidia-cuda-nvrtc, nvidia-cuda-cuobjdump and
+nvidia-cuda-nvdisasm (cuobjdump -sass runs nvdisasm; development tools, not run-time
+dependencies). The device JIT may allocate registers a little
 differently; bench/step.py prints the device's figures.
 With --wide, the 48-wide U-Net's hot convolutions instead (LeakyReLU 0.1 epilogues, the
 concatenation 48+48 -> 48), and for each the mix of its innermost loop with the most FFMA
 (nested loops left out: the edge tiles' rolled rows, the weight staging's loop), as static
 counts of instructions (a loop's rarely taken branches, e.g. the next channel's staging
-loads, are counted once like the rest). --geometry R,G,GB [--cap N] builds the forward and
+loads, are counted once like the rest), and its global loads after its last FFMA ("late
+LDG": the next turn waits for them, NOTES v34). --geometry R,G,GB [--cap N] builds the forward and
 backward-data kernels in that geometry (conv._forward_kernel's `geometry`) instead, and
 --early-loads with the next channel's loads without a branch (`early_loads`); both leave the
 weight gradients out.
@@ -20,6 +22,7 @@ Usage: python bench/inspect_sass.py [--keep DIR] [--wide [--geometry R,G,GB] [--
 """
 import argparse
 import collections
+import os
 import pathlib
 import re
 import shutil
@@ -109,21 +112,23 @@ def with_width(op, line):
 
 
 def hot_loop(sass):
-    """Opcode counts of the innermost loop (a backward branch's range) holding the most FFMA,
-    without the loops nested in it, or None where no loop holds an FFMA."""
+    """(opcode counts, global loads after the last FFMA) of the innermost loop (a backward
+    branch's range) holding the most FFMA, without the loops nested in it, or (None, 0) where
+    no loop holds an FFMA. Loads after the fmas wait out their latency at the next turn."""
     lines = instructions(sass)
     loops = [(int(t.group(1), 16), address) for address, op, line in lines if op == "BRA"
              for t in [re.search(r"BRA\s+(?:`\(\.L_x_\d+\)\s*)?(0x[0-9a-f]+)", line)]
              if t and int(t.group(1), 16) <= address]
-    best = None
+    best, late = None, 0
     for start, end in loops:
         nested = [(a, b) for a, b in loops if start <= a and b <= end and (a, b) != (start, end)]
-        mix = collections.Counter(with_width(op, line) for address, op, line in lines
-                                  if start <= address <= end
-                                  and not any(a <= address <= b for a, b in nested))
+        body = [(op, line) for address, op, line in lines if start <= address <= end
+                and not any(a <= address <= b for a, b in nested)]
+        mix = collections.Counter(with_width(op, line) for op, line in body)
         if mix["FFMA"] and (best is None or mix["FFMA"] > best["FFMA"]):
-            best = mix
-    return best
+            last = max(i for i, (op, _) in enumerate(body) if op == "FFMA")
+            best, late = mix, sum(op == "LDG" for op, _ in body[last:])
+    return best, late
 
 
 def hot_block(sass):
@@ -168,11 +173,14 @@ def main():
     cuobjdump = find_cuobjdump()
     if shutil.which("ptxas") is None or cuobjdump is None:
         sys.exit("needs ptxas on PATH and cuobjdump (pip install nvidia-cuda-cuobjdump)")
+    # nvdisasm from its wheel sits beside cuobjdump's
+    beside_cuobjdump = dict(os.environ, PATH=os.pathsep.join(
+        [str(pathlib.Path(cuobjdump).parent), os.environ.get("PATH", "")]))
     out = pathlib.Path(args.keep or tempfile.mkdtemp())
     out.mkdir(parents=True, exist_ok=True)
     if args.wide:
         print(f"{'kernel':40s} {'regs':>4s} {'spill B':>7s} {'loop':>5s} {'FFMA':>5s} "
-              f"{'FFMA %':>6s} {'LDS':>4s} {'FFMA/LDS':>8s}  other")
+              f"{'FFMA %':>6s} {'LDS':>4s} {'FFMA/LDS':>8s} {'late LDG':>4s}  other")
     else:
         print(f"{'kernel':26s} {'regs':>4s} {'spill B':>7s} {'hot block':>9s} {'FFMA':>5s} "
               f"{'LDS':>4s}  other")
@@ -185,17 +193,18 @@ def main():
                                "-o", str(name) + ".cubin"], capture_output=True, text=True,
                               check=True).stderr
         sass = subprocess.run([cuobjdump, "-sass", str(name) + ".cubin"], capture_output=True,
-                              text=True, check=True).stdout
+                              text=True, check=True, env=beside_cuobjdump).stdout
         name.with_suffix(".sass").write_text(sass)
         regs = re.search(r"Used (\d+) registers", info).group(1)
         spill = re.search(r"(\d+) bytes spill stores", info).group(1)
         if args.wide:
-            loop = hot_loop(sass)
+            loop, late = hot_loop(sass)
             loads = sum(n for op, n in loop.items() if op.startswith("LDS"))
             other = ", ".join(f"{op} {n}" for op, n in loop.most_common(9) if op != "FFMA")
             print(f"{label:40s} {regs:>4s} {spill:>7s} {sum(loop.values()):5d} "
                   f"{loop['FFMA']:5d} {100 * loop['FFMA'] / sum(loop.values()):6.1f} "
-                  f"{loads:4d} {loop['FFMA'] / max(loads, 1):8.1f}  {other}", flush=True)
+                  f"{loads:4d} {loop['FFMA'] / max(loads, 1):8.1f} {late:4d}  {other}",
+                  flush=True)
             continue
         block = hot_block(sass)
         other = ", ".join(f"{op} {n}" for op, n in block.most_common(6)
