@@ -56,6 +56,14 @@ def halved_shape(shape, what="2x2 max-pooling"):
     return n, c, h // 2, w // 2
 
 
+def same_shape(name, a, shape):
+    """`a` (anything with a shape: a NumPy array, a backend's operand), checked to have `shape`;
+    the one wording of the check for every backend."""
+    if tuple(a.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(a.shape)}, expected {tuple(shape)}")
+    return a
+
+
 def concatenated_channels(x_shape, x2_shape):
     """The channels of x followed by x2's (numerics §12), which must share batch and image
     size."""

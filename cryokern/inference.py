@@ -104,6 +104,7 @@ class TiledDenoiser:
     def __init__(self, model, backend, tile=DEFAULT_TILE, halo=None, memory=None):
         self.model, self.backend, self.tile = model, backend, tile
         self.memory = memory        # the budget of tile None, in bytes (default: core_rows)
+        self._rows = {}             # image shape -> core rows, for tile None
         net = model.network
         self.grid = net.row_grid
         self.halo = -(-net.receptive_radius // self.grid) * self.grid if halo is None else halo
@@ -174,15 +175,19 @@ class TiledDenoiser:
         for five poolings): the fewer strips, the less work."""
         if self.tile is not None:
             return tile_rows(shape, self.tile, self.grid)
-        if self.memory is None:
-            self.memory = self.backend.free_memory() // 2
-        h, w = shape
-        if self.window_bytes(h, w) <= self.memory:
-            return h
-        fits = 1
-        while self.strips_bytes((fits + 1) * self.grid, w) <= self.memory:
-            fits += 1
-        return min(h, fits * self.grid)
+        shape = tuple(shape)
+        if shape not in self._rows:         # once per image shape, not per image of a stack
+            if self.memory is None:
+                self.memory = self.backend.free_memory() // 2
+            h, w = shape
+            rows = h
+            if self.window_bytes(h, w) > self.memory:
+                fits = 1
+                while self.strips_bytes((fits + 1) * self.grid, w) <= self.memory:
+                    fits += 1
+                rows = min(h, fits * self.grid)
+            self._rows[shape] = rows
+        return self._rows[shape]
 
     def __call__(self, image, out=None):
         """The network's output for a normalized 2-D float32 image, in its units."""

@@ -7,7 +7,7 @@ file only: after editing this file, clear the cache (or touch conv.py, pool.py, 
 import numpy as np
 from numba import njit, prange
 
-from ..contract import DEFAULT_LEAKY_SLOPE, leaky_slope as slope_f32
+from ..contract import DEFAULT_LEAKY_SLOPE, leaky_slope as slope_f32, same_shape
 from .arrays import Output, operand
 
 ZERO = np.float32(0)
@@ -42,9 +42,7 @@ def mask_args(relu_output, leaky_slope, shape):
         if leaky_slope is not None:
             raise ValueError("leaky_slope needs relu_output, the activation's stored output")
         return None, PLAIN, ZERO
-    m = operand("relu_output", relu_output, 4)
-    if m.shape != tuple(shape):
-        raise ValueError(f"relu_output has shape {m.shape}, expected {tuple(shape)}")
+    m = same_shape("relu_output", operand("relu_output", relu_output, 4), shape)
     if leaky_slope is None:
         return m, RELU, ZERO
     return m, LEAKY, slope_f32(leaky_slope)

@@ -3,6 +3,7 @@ and one float32 addition per element, which NumPy does at memory speed with the 
 bits, so nothing here is compiled."""
 import numpy as np
 
+from ..contract import same_shape
 from .arrays import Output, operand
 
 
@@ -32,9 +33,8 @@ def crop(x, height, width, out=None):
 def add(a, b, out=None):
     """a + b, one float32 addition per element (the residual: network output first); out may
     be a or b."""
-    a, b = operand("a", a, 4), operand("b", b, 4)
-    if b.shape != a.shape:
-        raise ValueError(f"b has shape {b.shape}, expected {a.shape}")
+    a = operand("a", a, 4)
+    b = same_shape("b", operand("b", b, 4), a.shape)
     dst = Output(out, a.shape)        # elementwise: NumPy reads each element before writing it
     np.add(a, b, out=dst.array)
     return dst.done()

@@ -3,7 +3,7 @@ cores. The backward pass recomputes each window's selection from x (nothing is s
 reads a whole window before writing it, so `out` may be `add`, `relu_output` or x itself."""
 from numba import njit, prange
 
-from ..contract import halved_shape
+from ..contract import halved_shape, same_shape
 from .activation import ZERO, mask_args, masked
 from .arrays import Output, operand, same_elements
 
@@ -89,12 +89,9 @@ def maxpool2x2_backward(gy, x, out=None, add=None, relu_output=None, leaky_slope
     first), then masked by relu_output (numerics §10, §9b)."""
     gy, x = operand("gy", gy, 4), operand("x", x, 4)
     shape = halved_shape(x.shape)
-    if gy.shape != shape:
-        raise ValueError(f"gy has shape {gy.shape}, expected {shape}")
+    same_shape("gy", gy, shape)
     if add is not None:
-        add = operand("add", add, 4)
-        if add.shape != x.shape:
-            raise ValueError(f"add has shape {add.shape}, expected {x.shape}")
+        add = same_shape("add", operand("add", add, 4), x.shape)
     mask, act, slope = mask_args(relu_output, leaky_slope, x.shape)
     window_local = [a for a in (x, add, mask) if a is not None]
     inputs = [gy] + [a for a in window_local if not same_elements(out, a)]

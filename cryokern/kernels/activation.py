@@ -3,7 +3,7 @@ kernels (numerics §9). The convolutions fuse the same rules into their generate
 import numpy as np
 from numba import cuda, float32
 
-from ..contract import DEFAULT_LEAKY_SLOPE, leaky_slope as slope_f32
+from ..contract import DEFAULT_LEAKY_SLOPE, leaky_slope as slope_f32, same_shape
 from .arrays import Operand, launch_stream, output, placeholder, result
 
 NO_MASK, RELU_MASK, LEAKY_MASK = 0, 1, 2
@@ -32,9 +32,7 @@ class Mask:
                 raise ValueError("leaky_slope needs relu_output, the activation's stored output")
             self.device, self.mode, self.slope = placeholder(1), NO_MASK, float32(0)
             return
-        op = Operand("relu_output", relu_output, 4)
-        if op.shape != tuple(shape):
-            raise ValueError(f"relu_output has shape {op.shape}, expected {tuple(shape)}")
+        op = same_shape("relu_output", Operand("relu_output", relu_output, 4), shape)
         self.device = op.device.reshape(op.device.size)
         self.mode = RELU_MASK if leaky_slope is None else LEAKY_MASK
         self.slope = float32(0) if leaky_slope is None else slope_f32(leaky_slope)

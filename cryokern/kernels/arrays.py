@@ -6,6 +6,7 @@ import threading
 import numpy as np
 from numba import cuda
 
+from ..contract import same_shape
 _launch = threading.local()
 
 
@@ -71,9 +72,7 @@ def output(name, out, shape, like):
     """The device array to write a result of `shape` into: `out` (checked) or a new one."""
     if out is None:
         return None, cuda.device_array(shape, np.float32)
-    op = Operand(name, out)
-    if op.shape != tuple(shape):
-        raise ValueError(f"{name} has shape {op.shape}, expected {tuple(shape)}")
+    op = same_shape(name, Operand(name, out), shape)
     return op, op.device
 
 

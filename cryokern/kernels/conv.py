@@ -10,7 +10,7 @@ import numpy as np
 from numba import cuda, float32
 
 from ..contract import (TILE_H, TILE_W, concatenated_channels, leaky_slope as leaky_slope_f32,
-                        tile_grid)
+                        same_shape, tile_grid)
 from .arrays import (Operand, as_device_array, launch_stream, output, placeholder, result,
                      scratch)
 from .codegen import Source, load_module, select_load
@@ -492,9 +492,7 @@ def conv2d_backward_data(gy, w, relu_output=None, out=None, leaky_slope=None, sp
     shape = (gy.shape[0], w.shape[1]) + gy.shape[2:]
     mask = None
     if relu_output is not None:
-        mask = Operand("relu_output", relu_output, 4)
-        if mask.shape != shape:
-            raise ValueError(f"relu_output has shape {mask.shape}, expected {shape}")
+        mask = same_shape("relu_output", Operand("relu_output", relu_output, 4), shape)
     out_op, gx = output("out", out, shape, gy)
     _launch_forward(gy.device, w.device, _zero_bias(w.shape[1]), gx, False,
                     None if mask is None else mask.device, transposed=True, leaky_slope=slope)

@@ -4,6 +4,7 @@ elementwise sum (§12)."""
 import numpy as np
 from numba import cuda, float32
 
+from ..contract import same_shape
 from .activation import THREADS, blocks
 from .arrays import Operand, launch_stream, output, result
 
@@ -64,9 +65,8 @@ def _add(a, b, c):
 
 def add(a, b, out=None):
     """a + b, one float32 addition per element (numerics §12); out may be a or b."""
-    a, b = Operand("a", a, 4), Operand("b", b, 4)
-    if a.shape != b.shape:
-        raise ValueError(f"b has shape {b.shape}, expected {a.shape}")
+    a = Operand("a", a, 4)
+    b = same_shape("b", Operand("b", b, 4), a.shape)
     out_op, y = output("out", out, a.shape, a)
     size = int(np.prod(a.shape))
     if size:

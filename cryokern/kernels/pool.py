@@ -4,7 +4,7 @@ writes only its own window, so `out` may alias `add`, `relu_output` or x."""
 import numpy as np
 from numba import cuda, float32
 
-from ..contract import halved_shape
+from ..contract import halved_shape, same_shape
 from .activation import NO_MASK, THREADS, Mask, blocks, masked
 from .arrays import Operand, launch_stream, output, placeholder, result
 
@@ -92,12 +92,9 @@ def maxpool2x2_backward(gy, x, out=None, add=None, relu_output=None, leaky_slope
     first), then masked by relu_output (numerics §10, §9b)."""
     gy, x = Operand("gy", gy, 4), Operand("x", x, 4)
     shape = halved_shape(x.shape)
-    if gy.shape != shape:
-        raise ValueError(f"gy has shape {gy.shape}, expected {shape}")
+    same_shape("gy", gy, shape)
     if add is not None:
-        add = Operand("add", add, 4)
-        if add.shape != x.shape:
-            raise ValueError(f"add has shape {add.shape}, expected {x.shape}")
+        add = same_shape("add", Operand("add", add, 4), x.shape)
     mask = Mask(relu_output, leaky_slope, x.shape)
     out_op, gx = output("out", out, x.shape, gy)
     count = int(np.prod(shape))

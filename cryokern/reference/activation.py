@@ -2,8 +2,8 @@
 (numerics §0, §9)."""
 import numpy as np
 
-from ..contract import DEFAULT_LEAKY_SLOPE, leaky_slope as _slope
-from .arrays import f32_array, finish, same_shape
+from ..contract import DEFAULT_LEAKY_SLOPE, leaky_slope as _slope, same_shape
+from .arrays import f32_array, finish
 
 
 def activate(v, relu=False, leaky_slope=None):

@@ -11,12 +11,6 @@ def f32_array(name, a, ndim):
     return a
 
 
-def same_shape(name, a, shape):
-    if a.shape != tuple(shape):
-        raise ValueError(f"{name} has shape {a.shape}, expected {tuple(shape)}")
-    return a
-
-
 def finish(result, out):
     """`result`, or written into `out` (which may alias an input: `result` is complete first)."""
     if out is None:

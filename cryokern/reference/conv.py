@@ -2,7 +2,7 @@
 chains (docs/numerics.md)."""
 import numpy as np
 
-from ..contract import TILE_H, TILE_W, concatenated_channels, tile_grid
+from ..contract import TILE_H, TILE_W, concatenated_channels, same_shape, tile_grid
 from .activation import activate, mask_gradient
 from .arrays import f32_array as _f32, finish as _finish
 from .fma import fma32
@@ -68,9 +68,7 @@ def conv2d_backward_data(gy, w, relu_output=None, out=None, leaky_slope=None, sp
     flipped = np.ascontiguousarray(w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
     gx = conv2d_forward(gy, flipped, np.zeros(flipped.shape[0], np.float32))
     if relu_output is not None:
-        relu_output = _f32("relu_output", relu_output, 4)
-        if relu_output.shape != gx.shape:
-            raise ValueError(f"relu_output has shape {relu_output.shape}, expected {gx.shape}")
+        relu_output = same_shape("relu_output", _f32("relu_output", relu_output, 4), gx.shape)
         gx = mask_gradient(gx, relu_output, leaky_slope)
     if split is None:
         return _finish(gx, out)

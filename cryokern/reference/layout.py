@@ -3,7 +3,8 @@ residual's sum (numerics §12, §13). (Concatenation needs no copy: the convolut
 arrays.)"""
 import numpy as np
 
-from .arrays import f32_array, finish, same_shape
+from ..contract import same_shape
+from .arrays import f32_array, finish
 
 
 def pad_zeros(x, height, width, out=None):

@@ -2,9 +2,9 @@
 (numerics §10)."""
 import numpy as np
 
-from ..contract import halved_shape
+from ..contract import halved_shape, same_shape
 from .activation import mask_gradient
-from .arrays import f32_array, finish, same_shape
+from .arrays import f32_array, finish
 
 OFFSETS = ((0, 0), (0, 1), (1, 0), (1, 1))     # a window's elements, in row-major order
 

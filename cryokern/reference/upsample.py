@@ -1,9 +1,9 @@
 """x2 nearest-neighbour upsampling and its gradient, a fixed four-term sum (numerics §11)."""
 import numpy as np
 
-from ..contract import halved_shape
+from ..contract import halved_shape, same_shape
 from .activation import mask_gradient
-from .arrays import f32_array, finish, same_shape
+from .arrays import f32_array, finish
 
 
 def upsample2x_forward(x, out=None):
