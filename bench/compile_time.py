@@ -64,7 +64,7 @@ def job_kernels(job):
         kernel = conv._forward_kernel(cin, cout, relu, masked, transposed,
                                       leaky_slope=None if slope is None else
                                       contract.leaky_slope(slope), first=first)[0]
-        cap = conv.forward_variant(cin, cout, transposed, masked)[1]
+        cap = conv.forward_variant(cin, cout, transposed, masked, first)[1]
         two = () if first is None else (f32,)
         yield label, kernel, (f32,) + two + (types.float32[:, :, :, ::1], f32, f32, f32) + two \
             + ints(3), cap

@@ -67,26 +67,27 @@ def kernels():
     yield "fold tiles (32, 16)", reduce._fold_tiles((32, 16)).py_func, FOLD_SIG, None
 
 
-def wide_kernels(geometry=None, cap=None, early_loads=False):
+def wide_kernels(geometry=None, cap=None, early_loads=None):
     """(label, python function, signature, register cap) of the 48-wide U-Net's hot
     convolutions: its forward and backward-data kernels in `geometry` (with register cap
-    `cap`) where given, else forward_variant's."""
+    `cap`) where given, else forward_variant's; `early_loads` where given, else the default's."""
     import numpy as np
     slope = np.float32(0.1)
     for cin, cout, masked, transposed, first, label in [
             (48, 48, False, False, None, "forward 48->48 leaky"),
             (96, 48, False, False, 48, "forward 48+48->48 leaky"),
             (48, 48, True, True, None, "backward-data 48->48 masked")]:
-        variant = conv.forward_variant(cin, cout, transposed, masked)
+        variant = conv.forward_variant(cin, cout, transposed, masked, first)
         if geometry is not None:
             variant = geometry, cap
         kernel = conv._forward_kernel(cin, cout, False, masked, transposed, leaky_slope=slope,
                                       first=first, geometry=variant[0],
                                       max_registers=variant[1], early_loads=early_loads)[0]
-        label += ("" if geometry is None else f" {geometry}") + (" early" if early_loads else "")
+        label += ("" if geometry is None else f" {geometry}") + (
+            "" if early_loads is None else " early" if early_loads else " late")
         yield label, kernel.py_func, FORWARD_SIG if first is None else FORWARD_TWO_SIG, \
             variant[1]
-    if geometry is not None or early_loads:
+    if geometry is not None or early_loads is not None:
         return              # (the weight gradients take neither)
     for cin, cout, first in [(48, 48, None), (96, 48, 48)]:
         variant = conv.weights_variant(cin, cout)
@@ -166,8 +167,9 @@ def main():
                     help="the 48-wide U-Net's convolutions, with their hot loops' mix")
     ap.add_argument("--geometry", help="R,G,GB: --wide's forward and backward-data geometry")
     ap.add_argument("--cap", type=int, help="--geometry's register cap")
-    ap.add_argument("--early-loads", action="store_true",
-                    help="--wide's forward and backward-data with conv's early_loads")
+    ap.add_argument("--early-loads", choices=("on", "off"),
+                    help="--wide's forward and backward-data with conv's early_loads on or off "
+                         "(default: each kernel's default)")
     args = ap.parse_args()
     geometry = None if args.geometry is None else tuple(int(v) for v in args.geometry.split(","))
     cuobjdump = find_cuobjdump()
@@ -184,7 +186,8 @@ def main():
     else:
         print(f"{'kernel':26s} {'regs':>4s} {'spill B':>7s} {'hot block':>9s} {'FFMA':>5s} "
               f"{'LDS':>4s}  other")
-    for label, fn, sig, cap in (wide_kernels(geometry, args.cap, args.early_loads) if args.wide else kernels()):
+    early = None if args.early_loads is None else args.early_loads == "on"
+    for label, fn, sig, cap in (wide_kernels(geometry, args.cap, early) if args.wide else kernels()):
         name = out / re.sub(r"\W+", "_", label)
         ptx, _ = cuda.compile_ptx(fn, sig, cc=(9, 0))
         name.with_suffix(".ptx").write_text(ptx)

@@ -34,15 +34,16 @@ SHAPES = [(16, 16), (1, 16), (16, 1)]
 PARTS = ("forward", "backward-data", "weights")
 # wide U-Net layers (Cin x Cout) whose forward or backward-data stages its weights in groups
 WIDE_SHAPES = ["96x96", "144x96", "97x64", "192x192"]
-# `wide`'s candidates beside each kernel's default (forward_variant's geometry and cap): conv's
-# keyword arguments. NOTES v34's SASS: the default's loads of the next input channel sit after
-# the fmas (early_loads moves them before, 128 registers, no spills); (8, 16, 1) feeds each
-# loaded input value to 16 output channels (17.5 fmas per shared-memory load, not 12) at
-# ~230 registers, one warp in four of the default's per SM; the concatenation's default takes
-# 151 registers (one block of 256 threads per SM): capped at 128 (92 bytes of spills), two.
-WIDE_VARIANTS = [dict(early_loads=True),
+# `wide`'s candidates beside each kernel's default (forward_variant's geometry and cap,
+# early_loads_for's loads): conv's keyword arguments. NOTES v34's SASS: behind a branch the
+# next input channel's loads sit after the fmas (early_loads, the default from one array since
+# v35, moves them before: 128 registers, no spills); (8, 16, 1) feeds each loaded input value
+# to 16 output channels (17.5 fmas per shared-memory load, not 12) at ~230 registers, one warp
+# in four of the default's per SM; the concatenation's forward takes 151 registers uncapped
+# (one block of 256 threads per SM), capped at 128 by default (92 bytes of spills), two.
+WIDE_VARIANTS = [dict(early_loads=False), dict(early_loads=True),
                  dict(geometry=(8, 16, 1), max_registers=None, early_loads=True),
-                 dict(max_registers=128)]
+                 dict(max_registers=None)]
 
 
 def main():
@@ -252,13 +253,16 @@ def wide(n, s, rng, only=("",)):
         mask = dev(n, kout, s, s) if masked else None
         flops = 2 * n * s * s * kin * kout * 9
         want = None
+        geometry, cap = conv.forward_variant(kin, kout, masked, masked, first)
+        default = dict(geometry=geometry, max_registers=cap,
+                       early_loads=conv.early_loads_for(kin, kout, first))
         for candidate in [{}] + WIDE_VARIANTS:
-            if candidate.get("max_registers") and first is None:
-                continue            # (the cap is for the concatenation's 151 registers)
-            geometry, cap = conv.forward_variant(kin, kout, masked, masked)
-            variant = dict(dict(geometry=geometry, max_registers=cap), **candidate)
+            variant = dict(default, **candidate)
+            if candidate and (variant == default or ("max_registers" in candidate
+                                                     and first is None)):
+                continue    # (the default again; the cap is for the concatenation's)
             name = f"{variant['geometry']} cap {variant['max_registers']}" + (
-                " early loads" if candidate.get("early_loads") else "")
+                " early loads" if variant["early_loads"] else " late loads")
             fn = lambda: conv._launch_forward(x, w, b, y, relu, mask, masked,
                                               leaky_slope=None if relu else slope, x2=x2,
                                               **variant)

@@ -37,7 +37,7 @@ UNCAPPED_REGISTERS = 255        # what ptxas may give a thread without a cap
 GRID_Z_MAX = 65535
 
 
-def forward_variant(cin, cout, transposed, masked):
+def forward_variant(cin, cout, transposed, masked, first=None):
     """((R, G, GB), register cap): rows and output channels per thread, thread groups per
     block, and the cap, the fastest of bench/tune_conv.py's variants (H100, 4x1024^2, graph
     replays, 2026-11-26, with unsigned indices; backward-data then read its mask after the fmas).
@@ -48,7 +48,9 @@ def forward_variant(cin, cout, transposed, masked):
     from one input channel, 136 registers (0.295 ms) without the cap.
     From one input channel, the forward pass: 4 rows x all (up to 16) outputs per thread
     (0.133); backward-data (the 16 -> 1 layer's, with the ReLU mask): 8 x 8 x 2 (0.399 ->
-    0.246 against 4 x 4 x 2)."""
+    0.246 against 4 x 4 x 2). A forward pass over a concatenation (`first` input channels in
+    the first array; ptxas took 151 registers uncapped, one block per SM): capped at 128 (H200,
+    48+48 -> 48 LeakyReLU, 13.01 -> 11.02 ms, 2026-12-01)."""
     if cin == 1:
         if transposed:
             return (8, min(cout, 8), 2), (128 if masked else None)
@@ -56,7 +58,17 @@ def forward_variant(cin, cout, transposed, masked):
     if cout == 1:
         return (8, 1, 1), None
     g_out = min(cout, 8)
-    return (8, g_out, min(2, -(-cout // g_out))), (128 if masked else None)
+    concatenation = first is not None and not transposed
+    return (8, g_out, min(2, -(-cout // g_out))), (128 if masked or concatenation else None)
+
+
+def early_loads_for(cin, cout, first):
+    """Whether _forward_kernel loads the next input channel's window without a branch
+    (early_loads): for the generic geometry (cin, cout > 1) reading one array. H200, 4x1024^2,
+    bits equal (bench/tune_conv.py --parts wide, 2026-12-01): forward 48 -> 48 LeakyReLU 5.996
+    -> 5.527 ms, backward-data 48 -> 48 masked 5.787 -> 5.608, forward 16 -> 16 ReLU 0.694 ->
+    0.641; over a concatenation it was slower (13.01 -> 16.02), both arrays' loads issued."""
+    return first is None and cin > 1 and cout > 1
 
 
 def _forward_block_floats(geometry):
@@ -219,7 +231,7 @@ def _epilogue_value(acc, relu, slope, mask_bit):
 
 @lru_cache(maxsize=None)
 def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_registers=None,
-                    leaky_slope=None, first=None, channel_group=None, early_loads=False):
+                    leaky_slope=None, first=None, channel_group=None, early_loads=None):
     """Numerics section 1 (transposed=False) or 2 (w read as w'[ci,o,2-a,2-b]), generated.
     With leaky_slope (a float32), the epilogue is LeakyReLU's (§9a): its activation, or with
     `masked` its gradient mask. The slope is written into the source as a float32 constant.
@@ -227,10 +239,10 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
     a convolution of a concatenation, without the copy): the input channels (x, then x2)
     forward, the output channels (y, then y2) transposed; the kernel then takes x2 and y2.
     `channel_group`: input channels whose weights are staged at once (forward_channel_group's
-    unless given). `early_loads` (opt-in, for bench/tune_conv.py --parts wide): the next input
-    channel's loads written without a branch; behind one (the default) ptxas placed them after
-    the channel's fmas, so the next turn's stores wait out their whole latency between the
-    barriers (SASS, NOTES v34). The same operands in the same order: no bit changes.
+    unless given). `early_loads` (early_loads_for's unless given): the next input channel's
+    loads written without a branch; behind one, ptxas placed them after the channel's fmas, so
+    the next turn's stores wait out their whole latency between the barriers (SASS, NOTES v34).
+    The same operands in the same order: no bit changes.
 
     Returns (kernel, block, output channels per block, rows per block)."""
     if relu and leaky_slope is not None:
@@ -241,7 +253,9 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
     in_first = None if transposed else first       # input channels in x, the rest in x2
     out_first = first if transposed else None      # output channels in y, the rest in y2
     if geometry is None:
-        geometry, max_registers = forward_variant(cin, cout, transposed, masked)
+        geometry, max_registers = forward_variant(cin, cout, transposed, masked, first)
+    if early_loads is None:
+        early_loads = early_loads_for(cin, cout, first)
     R, g_out, groups = geometry
     BH = TY * R
     XW, XH = BW + 2, BH + 2
@@ -405,7 +419,7 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
 
 def _launch_forward(x, w, b, y, relu, mask, transposed, leaky_slope=None, x2=None, y2=None,
                     **variant):
-    """`variant` (geometry, max_registers) is for bench/tune_conv.py. With x2 (forward) or y2
+    """`variant` (geometry, max_registers, early_loads) is for bench/tune_conv.py. With x2 (forward) or y2
     (transposed), the input or output channels continue in that second array."""
     n, cin, h, wd = x.shape
     cout = y.shape[1]
