@@ -88,8 +88,8 @@ def main():
     opts = p.parse_args()
     os.makedirs(opts.out, exist_ok=True)
     noisy, clean = write_pair(opts.out, opts.images, opts.size)
-    args = ["--noisy", noisy, "--clean", clean, "--device", opts.device, "--batch-size",
-            str(opts.batch_size), "--epochs", str(opts.epochs)]
+    args = ["--noisy", noisy, "--clean", clean, "--device", opts.device, "--channels",
+            "1,16,16,1", "--batch-size", str(opts.batch_size), "--epochs", str(opts.epochs)]
     one = os.path.join(opts.out, "ranks1")
     results = [train(None, 1, args, one)]
     if results[0] is None:

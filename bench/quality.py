@@ -37,7 +37,7 @@ Writes OUT/quality.json (settings, device, date, per-image and mean scores, trai
 seconds), OUT/quality.png (noisy | each method | truth, a crop of the first test micrograph; each
 output affinely fitted to the truth and shown on the truth's range, the noisy half on its own)
 and prints a table.
-Usage: python bench/quality.py [--budget-s 60] [--nets 1,16,16,1 unet:16,24,32,48,64]
+Usage: python bench/quality.py [--budget-s 60] [--nets unet:48,48,48,48,48,48 1,16,16,1]
        [--optimizer adam] [--compile-first] [--out DIR]
 """
 import argparse
@@ -75,11 +75,12 @@ def build_parser():
     p.add_argument("--budget-s", type=float, default=60.0,
                    help="training seconds for every trained method (default 60)")
     p.add_argument("--nets", nargs="+", type=parse_net,
-                   default=[parse_net("1,16,16,1"), parse_net("1,32,32,32,32,32,32,1")],
-                   metavar="NET", help=f"cryokern networks: {SPEC_HELP}")
+                   default=[parse_net("unet:48,48,48,48,48,48"), parse_net("1,16,16,1")],
+                   metavar="NET", help=f"cryokern networks: {SPEC_HELP} (default: train's "
+                                       "default U-Net and the chain 1,16,16,1)")
     p.add_argument("--optimizer", choices=("sgd", "adam"),
                    help="cryokern's optimizer, with train's default learning rate for it "
-                        "(default: train's, SGD)")
+                        "(default: train's for each network: Adam for U-Nets, SGD for chains)")
     p.add_argument("--compile-first", action="store_true",
                    help="on a GPU, compile cryokern's kernels before any method trains (else "
                         "while the baselines and Topaz run, sharing the CPU with Topaz's "
@@ -107,7 +108,7 @@ def train_options(opts, net, out):
                                    "--out", str(out)]
     if opts.optimizer:
         argv += ["--optimizer", opts.optimizer]
-    options = T.build_parser().parse_args(argv)
+    options = T.resolve_defaults(T.build_parser().parse_args(argv))
     options.lr = T.DEFAULT_LR[options.optimizer]
     return options
 

@@ -59,9 +59,9 @@ def execute(cmd):
 
 def train(opts, pair, name, ranks, batch, extra=()):
     out = os.path.join(opts.out, name)
-    args = ["--noisy", pair[0], "--clean", pair[1], "--device", opts.device, "--batch-size",
-            str(batch), "--epochs", str(opts.epochs), "--val-fraction", "0", "--out", out,
-            "--force", *extra]
+    args = ["--noisy", pair[0], "--clean", pair[1], "--device", opts.device, "--channels",
+            ",".join(map(str, opts.channels)), "--batch-size", str(batch), "--epochs",
+            str(opts.epochs), "--val-fraction", "0", "--out", out, "--force", *extra]
     _, seconds = execute(command("cryokern.train", ranks, opts.launcher, args))
     records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     return {"run": name, "ranks": ranks, "batch": batch, "wall_s": round(seconds, 1),

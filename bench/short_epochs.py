@@ -7,7 +7,10 @@ loss.png every epoch as the command does them. End to end: training images per s
 the first and the last epoch's printed lines (start-up and compiling excluded, everything an
 epoch does included). In epoch: metrics.jsonl's images_per_s (the training loop alone), median.
 Step only: this tree's training step on a device-resident batch, pipelined as train runs it.
-Usage: python bench/short_epochs.py [--tree DIR ...] [--epochs N ...] [--cache DIR] [--json FILE]
+--net (bench/nets.py's specs; default the chain 1,16,16,1, whose short step makes an epoch's
+end weigh most) picks the network of both.
+Usage: python bench/short_epochs.py [--tree DIR ...] [--epochs N ...] [--net SPEC] [--cache DIR]
+                                    [--json FILE]
   --cache: the kernels' caches, laid out as bench/first_step.py leaves them (CACHE/cryokern,
   CACHE/numba), so that no run compiles inside the timing.
 """
@@ -20,6 +23,9 @@ import sys
 import time
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import nets  # noqa: E402  (bench/nets.py: the networks a benchmark names)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,11 +42,11 @@ def make_stack(path, n, size, seed):
     return path
 
 
-def train_run(tree, data, epochs, out, env):
+def train_run(tree, data, epochs, out, env, net):
     """(end-to-end images/s, median in-epoch images/s, seconds of the whole command)."""
     cmd = [sys.executable, "-m", "cryokern.train", "--noisy", data["noisy"], "--clean",
            data["clean"], "--val-noisy", data["val_noisy"], "--val-clean", data["val_clean"],
-           "--epochs", str(epochs), "--out", out, "--force"]
+           "--epochs", str(epochs), "--out", out, "--force", *net.train_args]
     env = dict(env, PYTHONPATH=os.pathsep.join(
         [tree] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]))
     start = time.perf_counter()
@@ -61,21 +67,24 @@ def train_run(tree, data, epochs, out, env):
     return end_to_end, in_epoch, total
 
 
-def step_only(batch, size):
-    """Images/s of this tree's step on a device-resident batch (bench/step.py's pipelining)."""
+def step_only(batch, size, net):
+    """Images/s of this tree's step on a device-resident batch (bench/step.py's pipelining),
+    with train's optimizer for the network."""
     from numba import cuda
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from step import pipelined_ms
 
+    from cryokern import train as T
     from cryokern.backends import get_backend
-    from cryokern.model import Network, init_params
+    from cryokern.model import init_params
     from cryokern.step import OptimizerConfig, TrainStep
     rng = np.random.default_rng(0)
     x = cuda.to_device(rng.standard_normal((batch, 1, size, size)).astype(np.float32))
     y = cuda.to_device(rng.standard_normal((batch, 1, size, size)).astype(np.float32))
-    net = Network()
-    step = TrainStep(get_backend("gpu"), net, init_params(net, 0),
-                     OptimizerConfig("sgd", 0.01, momentum=0.9))
+    opts = T.resolve_defaults(T.build_parser().parse_args(["--noisy", "x", "--clean", "y",
+                                                           *net.train_args]))
+    step = TrainStep(get_backend("gpu"), net.network, init_params(net.network, 0),
+                     OptimizerConfig(opts.optimizer, T.DEFAULT_LR[opts.optimizer],
+                                     momentum=opts.momentum if opts.optimizer == "sgd" else 0.0))
     return batch / pipelined_ms(lambda: step.launch(x, y)[0], 50) * 1e3
 
 
@@ -88,6 +97,8 @@ def main():
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--epochs", type=int, nargs="*", default=[60],
                     help="epochs per run: one for all trees, or one per --tree")
+    ap.add_argument("--net", type=nets.parse_net, default=nets.parse_net("chain:1,16,16,1"),
+                    help=f"the network ({nets.SPEC_HELP}; default chain:1,16,16,1)")
     ap.add_argument("--cache")
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -109,16 +120,17 @@ def main():
     except ImportError:
         plots = "no loss.png (matplotlib not installed)"
     from cryokern.backends import gpu_available
-    step = step_only(4, args.size) if gpu_available() else float("nan")
+    step = step_only(4, args.size, args.net) if gpu_available() else float("nan")
     rows = []
     epochs = args.epochs * len(args.tree) if len(args.epochs) == 1 else args.epochs
     for i, (tree, n) in enumerate(zip(args.tree, epochs)):
-        e2e, in_epoch, total = train_run(tree, data, n, os.path.join(args.dir, f"run{i}"), env)
+        e2e, in_epoch, total = train_run(tree, data, n, os.path.join(args.dir, f"run{i}"), env,
+                                           args.net)
         rows.append({"tree": tree, "epochs": n, "end_to_end": round(e2e, 1),
                      "in_epoch": round(in_epoch, 1), "step_only": round(step, 1),
                      "ratio": round(e2e / step, 3), "command_s": round(total, 1)})
     print(f"\n{time.strftime('%Y-%m-%d %H:%M')}  {args.train} + {args.val} images of "
-          f"{args.size}^2, batch 4; {plots}")
+          f"{args.size}^2, batch 4, {args.net.spec}; {plots}")
     print(f"{'tree':40s} {'epochs':>6s} {'end-to-end':>10s} {'in epoch':>9s} "
           f"{'step only':>9s} {'ratio':>6s} {'command s':>9s}")
     for r in rows:

@@ -81,8 +81,8 @@ def train_pass(noisy, clean, batch, out, extra=()):
     """The metrics of two epochs: the first includes start-up (loading the compiled kernels,
     allocating), the second is the steady state."""
     cmd = [sys.executable, "-m", "cryokern.train", "--noisy", noisy, "--clean", clean,
-           "--epochs", "2", "--val-fraction", "0", "--batch-size", str(batch), "--out", out,
-           "--force", *extra]
+           "--channels", "1,16,16,1", "--epochs", "2", "--val-fraction", "0", "--batch-size",
+           str(batch), "--out", out, "--force", *extra]
     subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL)
     return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
 

@@ -37,6 +37,15 @@ RUN_FILES = ("config.json", "metrics.jsonl", "last.npz", "best.npz", "loss.png")
 RESUME_MAY_CHANGE = {"epochs", "device", "out", "resume", "force", "save_every", "pass_pixels",
                      "loader_threads", "loader_workers", "keep_epochs", "gpus"}
 DEFAULT_LR = {"sgd": 0.01, "adam": 1e-3}
+# Each architecture's optimizer is the one it was benchmarked with: the chain the Fortran
+# original's SGD, the U-Net Adam (bench/quality.py's winner, bench/RESULTS.md 2026-12-01).
+DEFAULT_OPTIMIZER = {"chain": "sgd", "unet": "adam"}
+DEFAULT_CHANNELS = "1,16,16,1"
+DEFAULT_EPOCHS = 5
+# The built-in simulated set (no data options): a U-Net small enough for a 2-core CPU, trained
+# long enough to beat the chain's score against the ground truth (README).
+DEMO_UNET_WIDTHS = (16, 16, 16)
+DEMO_EPOCHS = 20
 PLOT_EVERY_S = 5.0              # loss.png is drawn at most this often, and after the last epoch
 VAL_KEPT_BYTES = 256 << 20      # a validation set up to this size stays on the device
 WRITES_IN_FLIGHT = 2            # checkpoints queued on the writer thread at most
@@ -83,9 +92,12 @@ def build_parser():
                    help="per-image: standardize each noisy image by its own mean and std and "
                         "apply the same affine map to its target (default)")
     t = p.add_argument_group("training")
-    t.add_argument("--epochs", type=int, default=5)
+    t.add_argument("--epochs", type=int, default=None,
+                   help=f"passes over the training images (default {DEFAULT_EPOCHS}; "
+                        f"{DEMO_EPOCHS} on the built-in simulated set)")
     t.add_argument("--batch-size", type=int, default=4)
-    t.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
+    t.add_argument("--optimizer", choices=("sgd", "adam"), default=None,
+                   help="default: adam for the U-Net, sgd (momentum 0.9) for the chain")
     t.add_argument("--lr", type=float, default=None,
                    help="learning rate (default 0.01 for SGD, 0.001 for Adam)")
     t.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
@@ -94,18 +106,20 @@ def build_parser():
     t.add_argument("--betas", type=float, nargs=2, default=[0.9, 0.999], metavar=("B1", "B2"),
                    help="Adam's moment decay rates (default 0.9 0.999)")
     t.add_argument("--eps", type=float, default=1e-8, help="Adam's epsilon (default 1e-8)")
-    t.add_argument("--arch", choices=("chain", "unet"), default="chain",
-                   help="chain: 3x3 convolutions with ReLU, shaped by --channels (default, "
-                        "the seed's network); unet: the U-Net of docs/numerics.md section 14, "
-                        "shaped by --unet-widths, --residual, --leaky-slope")
-    t.add_argument("--channels", default="1,16,16,1",
-                   help="the chain's channel counts, input to output (default 1,16,16,1)")
-    t.add_argument("--unet-widths", default=",".join(map(str, DEFAULT_UNET_WIDTHS)),
-                   metavar="W0,...,WL",
+    t.add_argument("--arch", choices=("chain", "unet"), default=None,
+                   help="unet: the U-Net of docs/numerics.md section 14, shaped by "
+                        "--unet-widths, --residual, --leaky-slope (default; the chain where "
+                        "--channels is given); chain: 3x3 convolutions with ReLU, shaped by "
+                        "--channels (the CUDA Fortran original's network)")
+    t.add_argument("--channels", default=None,
+                   help=f"the chain's channel counts, input to output (default "
+                        f"{DEFAULT_CHANNELS}); implies --arch chain")
+    t.add_argument("--unet-widths", default=None, metavar="W0,...,WL",
                    help="the U-Net's channels per level, full resolution first, the bottom "
                         "last: L = count - 1 poolings, image sides padded to multiples of 2^L "
-                        "(default 48,48,48,48,48,48: the Noise2Noise paper's five poolings, 48 "
-                        "channels at every level)")
+                        f"(default {','.join(map(str, DEFAULT_UNET_WIDTHS))}: five poolings "
+                        f"with 48 channels at every level; {','.join(map(str, DEMO_UNET_WIDTHS))} "
+                        "on the built-in simulated set)")
     t.add_argument("--residual", action="store_true",
                    help="the U-Net predicts the difference to its input")
     t.add_argument("--leaky-slope", type=float, default=DEFAULT_LEAKY_SLOPE, metavar="S",
@@ -205,8 +219,31 @@ def open_data(opts):
     return train, val, description
 
 
+def uses_builtin_data(opts):
+    return not (opts.noisy or opts.clean or opts.pairs or opts.val_noisy or opts.val_clean)
+
+
+def resolve_defaults(opts):
+    """Fill in the defaults that depend on other options (left None by the parser): the
+    architecture (the chain where --channels is given, else the U-Net), its optimizer, and the
+    built-in simulated set's smaller U-Net and longer training."""
+    demo = uses_builtin_data(opts)
+    if opts.arch is None:
+        opts.arch = "chain" if opts.channels is not None else "unet"
+    if opts.channels is None:
+        opts.channels = DEFAULT_CHANNELS
+    if opts.unet_widths is None:
+        opts.unet_widths = ",".join(map(str, DEMO_UNET_WIDTHS if demo else DEFAULT_UNET_WIDTHS))
+    if opts.optimizer is None:
+        opts.optimizer = DEFAULT_OPTIMIZER[opts.arch]
+    if opts.epochs is None:
+        opts.epochs = DEMO_EPOCHS if demo else DEFAULT_EPOCHS
+    return opts
+
+
 def check_options(opts):
     """The options' problems as DataError; returns the network they describe."""
+    resolve_defaults(opts)
     refuse([(opts.epochs < 1, f"--epochs {opts.epochs}: must be at least 1"),
             (opts.batch_size < 1, f"--batch-size {opts.batch_size}: must be at least 1"),
             (opts.crop != 0 and opts.crop < 3,
@@ -259,7 +296,11 @@ def check_architecture_options(opts, explicit):
         raise DataError("--channels shapes the chain; the U-Net takes --unet-widths")
     given = [o for o in UNET_OPTIONS if o in explicit]
     if opts.arch == "chain" and given:
-        raise DataError(f"--{given[0].replace('_', '-')} shapes the U-Net; give --arch unet")
+        flag = f"--{given[0].replace('_', '-')}"
+        if "arch" in explicit:
+            raise DataError(f"{flag} shapes the U-Net; give --arch unet")
+        raise DataError(f"{flag} shapes the U-Net and --channels the chain: give one network's "
+                        "options")
 
 
 @dataclass
@@ -702,9 +743,11 @@ def prepare_out(opts):
 
 
 def resumed_options(opts, explicit, meta):
-    """The resumed run's options: the checkpoint's, with those a resume may change."""
+    """The resumed run's options: the checkpoint's, with those a resume may change. `opts` as
+    parsed: options newer than the run take their defaults before resolve_defaults (a run from
+    before --arch, with its --channels, stays a chain)."""
     saved = argparse.Namespace(**meta["options"])
-    for name, value in vars(opts).items():      # options newer than the run: their defaults
+    for name, value in vars(opts).items():
         if not hasattr(saved, name):
             setattr(saved, name, value)
     for name in explicit - RESUME_MAY_CHANGE:
@@ -730,11 +773,12 @@ def start(opts, explicit, comm=None):
     """Every rank checks the options and reads the inputs; a problem any rank finds stops all
     (the same DataError on every rank) before rank 0 writes anything into the run directory."""
     comm = comm or distributed.Single()
+    parsed = argparse.Namespace(**vars(opts))
     try:
         network = check_options(opts)
         resume_from = prepare_out(opts)
         if resume_from is not None:
-            opts = resumed_options(opts, explicit, resume_from[2])
+            opts = resumed_options(parsed, explicit, resume_from[2])
             network = check_options(opts)
             if network != saved_network(opts.out, resume_from[2]):
                 raise DataError(f"{opts.out}: the run's network is not the one the options "

@@ -86,10 +86,25 @@ def test_denoise_and_evaluate_load_the_unet(trained, tmp_path):
     assert json.loads(report.read_text())["network"]["widths"] == [4, 6, 8]
 
 
+@pytest.mark.parametrize("args, network, optimizer, epochs", [
+    ([], (16, 16, 16), "adam", 20),                       # the built-in simulated set
+    (["--noisy", "a.mrc", "--clean", "b.mrc"], (48,) * 6, "adam", 5),
+    (["--pairs", "list.txt", "--unet-widths", "8,8"], (8, 8), "adam", 5),
+    (["--channels", "1,4,1", "--epochs", "3"], (1, 4, 1), "sgd", 3),
+    (["--arch", "chain", "--optimizer", "adam"], (1, 16, 16, 1), "adam", 20)])
+def test_defaults_follow_the_data_and_the_architecture(args, network, optimizer, epochs):
+    """The U-Net by default (a small one on the demo's data), the chain where --channels is
+    given; each architecture's own optimizer; the demo trains longer."""
+    opts = T.build_parser().parse_args(args)
+    net = T.check_options(opts)
+    assert (net.widths if isinstance(net, UNet) else net.channels) == network
+    assert (opts.optimizer, opts.epochs) == (optimizer, epochs)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--arch", "unet", "--channels", "1,4,1"], "--channels shapes the chain"),
-    (["--residual"], "--residual shapes the U-Net; give --arch unet"),
-    (["--leaky-slope", "0.2"], "--leaky-slope shapes the U-Net"),
+    (["--arch", "chain", "--residual"], "--residual shapes the U-Net; give --arch unet"),
+    (["--channels", "1,4,1", "--leaky-slope", "0.2"], "--leaky-slope shapes the U-Net"),
     (["--arch", "unet", "--unet-widths", "8"], "--unet-widths '8': give at least two")])
 def test_mixed_or_bad_architecture_options_exit_2_in_one_line(tmp_path, capsys, args, message):
     out = tmp_path / "run"
@@ -123,7 +138,7 @@ def test_the_gpu_kernels_of_either_network_are_precompiled(monkeypatch):
     started = []
     monkeypatch.setattr(T, "gpu_available", lambda: True)
     monkeypatch.setattr(T.precompile, "start", lambda network, opt: started.append(network))
-    opts = T.build_parser().parse_args(["--device", "gpu"])
+    opts = T.resolve_defaults(T.build_parser().parse_args(["--device", "gpu"]))
     opts.lr = 0.01
     T.start_compiling(opts, UNet((4, 6)))
     T.start_compiling(opts, Network((1, 4, 1)))

@@ -63,7 +63,8 @@ def test_epoch_mse_is_exact_over_a_ragged_last_batch(tmp_path):
     pair = make_pair(tmp_path, noise=noise)
     out = str(tmp_path / "run")
     args = data_args(pair) + ["--out", out, "--lr", "1e-30", "--batch-size", "4", "--epochs", "1",
-                              "--val-fraction", "0", "--normalize", "none", "--device", "cpu"]
+                              "--val-fraction", "0", "--normalize", "none", "--device", "cpu",
+                              "--arch", "chain"]
     assert T.main(args) == 0
     reported = metrics(out)[0]["train_mse"]
 
