@@ -3,7 +3,8 @@
 Runs `python -m cryokern.train --epochs 1` on the built-in synthetic set with $CRYOKERN_CACHE
 and $NUMBA_CACHE_DIR in a fresh directory (nothing compiled, the synthetic set not yet made,
 as for a new user), timing each line of its output from the command's start:
-  cold          the first network (--cold, default the chain 1,16,16,1), empty caches
+  cold          the first network (--cold, default train's default U-Net 48,48,48,48,48,48),
+                empty caches
   new network   each further network (--channels: channel lists or U-Net widths), with the
                 caches the first one left
   warm          the first network again (everything cached)
@@ -51,7 +52,7 @@ def timed_run(tree, cache, net, out):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tree", default=ROOT)
-    ap.add_argument("--cold", type=nets.parse_net, default="1,16,16,1",
+    ap.add_argument("--cold", type=nets.parse_net, default="unet:48,48,48,48,48,48",
                     help="the network run first, on empty caches, and last, warm")
     ap.add_argument("--channels", nargs="*", type=nets.parse_net,
                     help="networks run after it (default 1,8,24,1): " + nets.SPEC_HELP)
