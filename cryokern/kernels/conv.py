@@ -275,7 +275,8 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
     ws_size = group * 9 * ob_size
     slots = -(-nx // threads)
     src = Source().kernel("x, w, b, mask, y, height, width, n_oblocks" if first is None else
-                          "x, x2, w, b, mask, y, y2, height, width, n_oblocks", max_registers)
+                          "x, x2, w, b, mask, y, y2, height, width, n_oblocks", max_registers,
+                          ("uint32",) if upsampled else ())
     src(f"tid = (cuda.threadIdx.z * {TY} + cuda.threadIdx.y) * {BW} + cuda.threadIdx.x")
     src("n = cuda.blockIdx.z // n_oblocks")
     src("ob = cuda.blockIdx.z % n_oblocks")
@@ -330,8 +331,9 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
         src("cc = c0 + c - 1")
         src(f"ok{s_} = e{s_} < {nx} and hh >= 0 and hh < height and cc >= 0 and cc < width")
         src(f"off{s_} = hh * width + cc")
-        if upsampled:
-            src(f"offx{s_} = (hh >> 1) * (width >> 1) + (cc >> 1)")
+        if upsampled:   # 32 bits (64 spilled 176 B, not 136), never negative (0 outside)
+            src(f"offx{s_} = uint32(selp(ok{s_}, (hh >> 1) * (width >> 1) + (cc >> 1), "
+                "hh - hh))")
     src(f"base = n * {cin if in_first is None else in_first} * {x_plane}")
     for s_ in range(slots):
         src(f"p{s_} = x[uint64(base + {x_off}{s_})] if ok{s_} else float32(0)")
