@@ -153,6 +153,11 @@ def unet_cases(n, s, rng, width=48):
         (f"conv {c}+{c}->{c} forward+leaky (concatenation)",
          lambda: K.conv2d_forward(a, w_2c, b, leaky_slope=0.1, out=o, x2=g), mac(c2, c),
          3 * c * plane),
+        # denoising's decoder: the level below read upsampled in place, against the upsample
+        # row below plus the concatenation's row above
+        (f"conv up({c})+{c}->{c} forward+leaky (upsampled in place)",
+         lambda: K.conv2d_forward(half, w_2c, b, leaky_slope=0.1, out=o, x2=g, upsampled=True),
+         mac(c2, c), (c // 4 + 2 * c) * plane),
         (f"conv {c}->{c} backward-data+leaky mask",
          lambda: K.conv2d_backward_data(g, w_cc, relu_output=a, leaky_slope=0.1, out=o),
          mac(c, c), 3 * c * plane),

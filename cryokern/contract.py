@@ -64,11 +64,13 @@ def same_shape(name, a, shape):
     return a
 
 
-def concatenated_channels(x_shape, x2_shape):
+def concatenated_channels(x_shape, x2_shape, upsampled=False):
     """The channels of x followed by x2's (numerics §12), which must share batch and image
-    size."""
-    if x2_shape[0] != x_shape[0] or x2_shape[2:] != x_shape[2:]:
-        raise ValueError(f"x {x_shape} and x2 {x2_shape} differ in batch or image size")
+    size; with `upsampled`, x is read x2 nearest-upsampled and must be half x2's size."""
+    scale = 2 if upsampled else 1
+    if x2_shape[0] != x_shape[0] or tuple(x2_shape[2:]) != tuple(scale * s for s in x_shape[2:]):
+        raise ValueError(f"x {x_shape}{' upsampled x2' if upsampled else ''} and x2 {x2_shape} "
+                         "differ in batch or image size")
     return x_shape[1] + x2_shape[1]
 
 

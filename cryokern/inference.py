@@ -139,9 +139,10 @@ class TiledDenoiser:
         for buffer, size in sizes.items():
             starts[buffer], at = at, at + size
         acts = {}
-        for name, shape in net.activation_shapes(1, h, w).items():
-            start = starts[home[name]]
-            acts[name] = self._flat[start:start + int(np.prod(shape))].reshape(shape)
+        shapes = net.activation_shapes(1, h, w)
+        for name, buffer in home.items():
+            start = starts[buffer]
+            acts[name] = self._flat[start:start + int(np.prod(shapes[name]))].reshape(shapes[name])
         return self._input[:h * w].reshape(1, 1, h, w), acts
 
     def _acts_floats(self, h, w):

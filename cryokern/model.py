@@ -192,18 +192,20 @@ class UNet:
     def inference_buffers(self, n, height, width):
         """For a forward pass only (denoising): {array name: buffer name} and {buffer name:
         floats}, arrays sharing a buffer where unet_forward's order lets one's last read come
-        before the next one's first write. Per level l: "skip.l" holds enc.l.1 until the
-        decoder reads it; "a.l" and "b.l" take turns (pool.l in b.l, enc.l.0 in a.l; up.l,
-        dec.l.0, dec.l.1 in a.l, b.l, a.l), so that a level holds three arrays instead of five
-        or six: ~190 floats a pixel for the 48-wide U-Net instead of ~340. Each array is a
-        prefix of its buffer, which is sized for the largest it holds."""
-        shapes = self.activation_shapes(n, height, width)
+        before the next one's first write; no up.l (the decoder reads the level below
+        upsampled in place). Per level l: "skip.l" holds enc.l.1 until the decoder reads it;
+        "a.l" and "b.l" take turns (pool.l in b.l, enc.l.0 in a.l; dec.l.0, dec.l.1 in b.l,
+        a.l), so that a level holds three arrays instead of five or six: ~190 floats a pixel
+        for the 48-wide U-Net instead of ~340. Each array is a prefix of its buffer, which is
+        sized for the largest it holds."""
+        shapes = {name: shape for name, shape in self.activation_shapes(n, height, width).items()
+                  if not name.startswith("up.")}
         bottom = self.levels
         home = {"input": "input", "out": "b.0", "pred": "a.0"}
         for level in range(bottom + 1):
             home.update({f"pool.{level}": f"b.{level}", f"enc.{level}.0": f"a.{level}",
                          f"enc.{level}.1": f"skip.{level}" if level < bottom else f"b.{level}",
-                         f"up.{level}": f"a.{level}", f"dec.{level}.0": f"b.{level}",
+                         f"dec.{level}.0": f"b.{level}",
                          f"dec.{level}.1": f"a.{level}"})
         home = {name: home[name] for name in shapes}
         sizes = {}
@@ -272,16 +274,20 @@ def forward(backend, network, params, x, outs=None):
 
 def unet_forward(backend, net, params, x, acts=None):
     """The U-Net's forward pass (numerics §14) into `acts` (allocated when None); returns its
-    output: acts["pred"] where the image was padded, else acts["out"]."""
+    output: acts["pred"] where the image was padded, else acts["out"]. Where `acts` has an
+    up.l (training keeps it for the backward pass), the level below is upsampled into it;
+    else the decoder's first convolution reads the level below upsampled in place (§12)."""
     n, _, height, width = x.shape
     shapes = net.activation_shapes(n, height, width)
     if acts is None:
-        acts = {name: backend.empty(shape) for name, shape in shapes.items()}
+        acts = {name: backend.empty(shape) for name, shape in shapes.items()
+                if not name.startswith("up.")}
     slope = net.leaky_slope
 
-    def conv(prefix, source, target, leaky=True, skip=None):
+    def conv(prefix, source, target, leaky=True, skip=None, upsampled=False):
         backend.conv2d_forward(source, params[f"{prefix}.weight"], params[f"{prefix}.bias"],
-                               out=acts[target], leaky_slope=slope if leaky else None, x2=skip)
+                               out=acts[target], leaky_slope=slope if leaky else None, x2=skip,
+                               upsampled=upsampled)
 
     source = x
     if "input" in shapes:
@@ -293,9 +299,11 @@ def unet_forward(backend, net, params, x, acts=None):
         conv(f"enc.{level}.conv0", source, f"enc.{level}.0")
         conv(f"enc.{level}.conv1", acts[f"enc.{level}.0"], f"enc.{level}.1")
     for level in reversed(range(net.levels)):
-        backend.upsample2x_forward(acts[net.level_output(level)], out=acts[f"up.{level}"])
-        conv(f"dec.{level}.conv0", acts[f"up.{level}"], f"dec.{level}.0",
-             skip=acts[f"enc.{level}.1"])
+        below, up = acts[net.level_output(level)], acts.get(f"up.{level}")
+        if up is not None:
+            backend.upsample2x_forward(below, out=up)
+        conv(f"dec.{level}.conv0", below if up is None else up, f"dec.{level}.0",
+             skip=acts[f"enc.{level}.1"], upsampled=up is None)
         conv(f"dec.{level}.conv1", acts[f"dec.{level}.0"], f"dec.{level}.1")
     conv("out", acts["dec.0.1"], "out", leaky=False)
     if net.residual:

@@ -8,7 +8,9 @@ then loads from: codegen.py's generated sources under the cache root (written on
 replaced: numba's index keys on the file's mtime and size) and numba's `cache=True` index and
 data files beside them (or under $NUMBA_CACHE_DIR).
 
-Which kernels: a TrainStep is run once (a step and a validation loss) on a backend that records
+Which kernels: a TrainStep is run once (a step and a validation loss), and the network's forward
+pass as denoising runs it (a U-Net's decoder then reads the level below upsampled in place, other
+kernels than training's), on a backend that records
 the operations it is asked for instead of computing them. Each distinct operation is a job that
 a worker replays through the same `cryokern.kernels` function on small zero device arrays, so it
 compiles the very kernels and argument types that the step launches: the kernels are chosen by
@@ -40,7 +42,7 @@ import numpy as np
 
 from .backends import Backend
 from .cachedir import cache_root
-from .model import Network, UNet, init_params
+from .model import Network, UNet, forward, init_params
 from .step import TrainStep
 
 # operations whose kernels are generated per channel count: a job each, the rest share one
@@ -91,17 +93,20 @@ def record_shape(network):
 
 
 def step_operations(network, optimizer):
-    """The distinct kernel operations (name, args, kwargs) of one training step and one
-    validation loss of `network` (a model.Network or UNet, or a chain's channel list) with
-    `optimizer` (an OptimizerConfig)."""
+    """The distinct kernel operations (name, args, kwargs) of one training step, one
+    validation loss and one denoising forward pass of `network` (a model.Network or UNet, or a
+    chain's channel list) with `optimizer` (an OptimizerConfig)."""
     ops = _RecordingOps()
     backend = Backend("record", ops, to_device=lambda a: np.array(a, np.float32),
                       to_host=lambda a: a, empty=lambda shape: np.zeros(shape, np.float32))
     network = as_network(network)
-    step = TrainStep(backend, network, init_params(network, 0), optimizer)
+    params = init_params(network, 0)
+    step = TrainStep(backend, network, params, optimizer)
     x = np.zeros(record_shape(network), np.float32)
     step.launch(x, x)
     step.loss(x, x)
+    if isinstance(network, UNet):   # (a chain's forward pass launches its training kernels)
+        forward(backend, network, params, x)
     return list(dict.fromkeys(ops.calls))
 
 
@@ -172,7 +177,8 @@ def label(job):
     x2 = dict(job[0][2]).get("x2", ("value", None))     # a concatenation's second input
     second = f"+{x2[1][1]}" if x2[0] == "array" else ""
     if name == "conv2d_forward":
-        return f"{name} {shapes[0][1]}{second}->{shapes[1][0]}"
+        upsampled = " upsampled" if dict(job[0][2]).get("upsampled", ("value", False))[1] else ""
+        return f"{name} {shapes[0][1]}{second}->{shapes[1][0]}{upsampled}"
     if name == "conv2d_backward_data":
         masked = " masked" if dict(job[0][2]).get("relu_output", ("value",))[0] == "array" \
             else ""

@@ -12,7 +12,7 @@ import pytest
 from cryokern import precompile
 from cryokern.backends import get_backend
 from cryokern.kernels import codegen, conv, loss, reduce
-from cryokern.model import UNet, init_params
+from cryokern.model import UNet, forward, init_params
 from cryokern.step import OptimizerConfig, TrainStep
 
 SGD = OptimizerConfig("sgd", lr=0.1, momentum=0.9)
@@ -33,8 +33,9 @@ def _forget_loaded_kernels():
     ((1, 2, 1), (2, 1, 5, 7)),                          # a chain's channel list, as train gives
     (UNet((1, 2), residual=True), (1, 1, 3, 5))], ids=["chain", "unet"])
 def test_jobs_compile_the_kernels_a_step_launches(tmp_path, monkeypatch, network, shape):
-    """Every generated kernel module of a real step and validation loss (another batch and
-    image size) comes from the jobs, and no other; the jobs run through the kernel functions."""
+    """Every generated kernel module of a real step, validation loss and denoising forward pass
+    (another batch and image size) comes from the jobs, and no other; the jobs run through the
+    kernel functions."""
     optimizer = OptimizerConfig("adam", 1e-3)
     monkeypatch.setenv("CRYOKERN_CACHE", str(tmp_path / "jobs"))
     _forget_loaded_kernels()
@@ -49,6 +50,7 @@ def test_jobs_compile_the_kernels_a_step_launches(tmp_path, monkeypatch, network
     x = np.random.default_rng(0).random(shape, np.float32)
     step(x, x)
     step.loss(x, x)
+    forward(step.backend, network, step.params, x)
     assert _generated(tmp_path / "jobs") == _generated(tmp_path / "step")
     assert len(_generated(tmp_path / "step")) > 0
 
@@ -95,6 +97,7 @@ def test_a_convolution_run_at_several_levels_is_one_job():
     labels = [precompile.label(job) for job in heavy]
     assert labels.count("conv2d_forward 2->2") == 1
     assert "conv2d_forward 2+2->2" in labels      # a concatenation's two inputs named
+    assert "conv2d_forward 2+2->2 upsampled" in labels    # denoising's decoder
 
 
 def test_workers_take_each_job_once(tmp_path, monkeypatch):

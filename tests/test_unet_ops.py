@@ -324,6 +324,42 @@ def test_conv_leaky_kernels_equal_reference(rng, shape):
                                                            leaky_slope=0.1))
 
 
+# the decoder's convolution reading the level below nearest-upsampled in place (N, Ca, Cb,
+# Cout, h, w: x is h x w, x2 and the output 2h x 2w): over several blocks of 32 x 16 (and the
+# third case's rows and columns past a block's edge), odd h and w
+UPSAMPLED_SMALL = [(2, 2, 3, 4, 5, 9), (1, 1, 1, 2, 9, 33), (1, 5, 3, 8, 3, 4)]
+UPSAMPLED_LARGE = [(1, 48, 48, 48, 67, 101)]
+
+
+@pytest.mark.parametrize("shape", shape_cases(UPSAMPLED_SMALL, UPSAMPLED_LARGE))
+def test_conv_of_an_upsampled_input_equals_conv_of_its_upsampled_copy(rng, shape):
+    from cryokern import cpu as C
+    n, ca, cb, cout, h, w = shape
+    xa, xb = randn(rng, n, ca, h, w), randn(rng, n, cb, 2 * h, 2 * w)
+    xa[0, 0, 0, :2] = [np.nan, -0.0]
+    wt, b = randn(rng, cout, ca + cb, 3, 3), randn(rng, cout)
+    want = R.conv2d_forward(R.upsample2x_forward(xa), wt, b, leaky_slope=0.1, x2=xb)
+    assert same_bits(R.conv2d_forward(xa, wt, b, leaky_slope=0.1, x2=xb, upsampled=True), want)
+    assert same_bits(C.conv2d_forward(xa, wt, b, leaky_slope=0.1, x2=xb, upsampled=True), want)
+    out = poisoned((n, cout, 2 * h, 2 * w))
+    K.conv2d_forward(dev(xa), dev(wt), dev(b), leaky_slope=0.1, out=out, x2=dev(xb),
+                     upsampled=True)
+    assert same_device_bits(out, want)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "kernels"])
+def test_an_upsampled_input_needs_a_second_input_of_twice_its_size(rng, backend):
+    from cryokern import cpu as C
+    be = {"reference": R, "cpu": C, "kernels": K}[backend]
+    put = dev if backend == "kernels" else (lambda a: a)
+    xa, wt, b = randn(rng, 1, 2, 4, 6), randn(rng, 3, 4, 3, 3), randn(rng, 3)
+    with pytest.raises(ValueError, match="beside x2"):
+        be.conv2d_forward(put(xa), put(randn(rng, 3, 2, 3, 3)), put(b), upsampled=True)
+    with pytest.raises(ValueError, match="differ in batch or image size"):
+        be.conv2d_forward(put(xa), put(wt), put(b), x2=put(randn(rng, 1, 2, 4, 6)),
+                          upsampled=True)
+
+
 # convolutions of a concatenation without the copy (N, Ca, Cb, Cout, H, W): x2's channels
 # after x's forward and in the weight gradients, the input gradient split into two arrays;
 # the third case takes the weight gradients' precomputed-address path (Cin * Cout >= 64)

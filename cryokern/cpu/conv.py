@@ -16,6 +16,7 @@ from .activation import (LEAKY, PLAIN, RELU, ZERO, activated, mask_args, mask_el
 from .arrays import Output, operand, same_elements
 from .fma import fma32
 from .reduce import finish_reduction, fold_tiles
+from .upsample import upsample2x_forward
 
 
 
@@ -128,12 +129,18 @@ def _activation(relu, leaky_slope):
     return (RELU if relu else PLAIN), ZERO
 
 
-def conv2d_forward(x, w, b, relu=False, out=None, leaky_slope=None, x2=None):
+def conv2d_forward(x, w, b, relu=False, out=None, leaky_slope=None, x2=None, upsampled=False):
     """y[n,o] = chain from b[o] of fma over ci, ky, kx (ascending) of
     x[n,ci,h+ky-1,w+kx-1] * w[o,ci,ky,kx], then ReLU or LeakyReLU if asked (numerics §1, §9a).
-    With x2, x is the concatenation of x's channels and x2's (§12), never copied."""
+    With x2, x is the concatenation of x's channels and x2's (§12), never copied; with
+    `upsampled`, of x nearest-upsampled (here upsampled first: a copy costs little on a CPU)."""
     act, slope = _activation(relu, leaky_slope)
     x, w, b = operand("x", x, 4), operand("w", w, 4), operand("b", b, 1)
+    if upsampled:
+        if x2 is None:
+            raise ValueError("an upsampled x is read only beside x2 (a concatenation)")
+        concatenated_channels(x.shape, operand("x2", x2, 4).shape, upsampled=True)
+        x = upsample2x_forward(x)
     x2, cin = _second_input(x, x2)
     _check_conv(x, w, 1, cin)
     if b.shape != (w.shape[0],):

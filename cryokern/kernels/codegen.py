@@ -99,9 +99,10 @@ class Source:
         self.lines.append("    " * self.depth + line if line else "")
         return self
 
-    def kernel(self, params, max_registers=None):
-        """Start a module holding one `kernel(params)`, register-capped on a real GPU."""
-        self("from numba import cuda, float32, float64, uint64")
+    def kernel(self, params, max_registers=None, types=()):
+        """Start a module holding one `kernel(params)`, register-capped on a real GPU; numba
+        `types` beyond float32, float64 and uint64 imported too."""
+        self(f"from numba import {', '.join(('cuda', 'float32', 'float64', *types, 'uint64'))}")
         self()
         cap = "" if max_registers is None or config.ENABLE_CUDASIM else \
             f", max_registers={max_registers}"     # the simulator's jit takes no cap

@@ -231,7 +231,8 @@ def _epilogue_value(acc, relu, slope, mask_bit):
 
 @lru_cache(maxsize=None)
 def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_registers=None,
-                    leaky_slope=None, first=None, channel_group=None, early_loads=None):
+                    leaky_slope=None, first=None, channel_group=None, early_loads=None,
+                    upsampled=False):
     """Numerics section 1 (transposed=False) or 2 (w read as w'[ci,o,2-a,2-b]), generated.
     With leaky_slope (a float32), the epilogue is LeakyReLU's (§9a): its activation, or with
     `masked` its gradient mask. The slope is written into the source as a float32 constant.
@@ -242,9 +243,13 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
     unless given). `early_loads` (early_loads_for's unless given): the next input channel's
     loads written without a branch; behind one, ptxas placed them after the channel's fmas, so
     the next turn's stores wait out their whole latency between the barriers (SASS, NOTES v34).
-    The same operands in the same order: no bit changes.
+    The same operands in the same order: no bit changes. `upsampled` (forward, with `first`):
+    x is half the output's height and width and read x2 nearest-upsampled (§12), element
+    (h // 2, w // 2) for output pixel (h, w): the decoder's input without the upsampled copy.
 
     Returns (kernel, block, output channels per block, rows per block)."""
+    if upsampled and (transposed or first is None):
+        raise ValueError("an upsampled input is read only by a forward pass over a concatenation")
     if relu and leaky_slope is not None:
         raise ValueError("relu and leaky_slope exclude each other")
     if first is not None and masked:
@@ -270,13 +275,17 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
     ws_size = group * 9 * ob_size
     slots = -(-nx // threads)
     src = Source().kernel("x, w, b, mask, y, height, width, n_oblocks" if first is None else
-                          "x, x2, w, b, mask, y, y2, height, width, n_oblocks", max_registers)
+                          "x, x2, w, b, mask, y, y2, height, width, n_oblocks", max_registers,
+                          ("uint32",) if upsampled else ())
     src(f"tid = (cuda.threadIdx.z * {TY} + cuda.threadIdx.y) * {BW} + cuda.threadIdx.x")
     src("n = cuda.blockIdx.z // n_oblocks")
     src("ob = cuda.blockIdx.z % n_oblocks")
     src(f"h0 = cuda.blockIdx.y * {BH}")
     src(f"c0 = cuda.blockIdx.x * {BW}")
     src("plane = height * width")
+    x_plane, x_off = ("xplane", "offx") if upsampled else ("plane", "off")   # x's own
+    if upsampled:
+        src("xplane = (height >> 1) * (width >> 1)")
     src(f"ws = cuda.shared.array({ws_size}, float32)")
     src(f"xs = cuda.shared.array({nx}, float32)")
 
@@ -300,12 +309,12 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
         channel at the last, reading element 0 outside the image, both arrays of a
         concatenation read and one kept), so the loads stay in the block of the fmas."""
         last = cin if in_first is None else in_first
-        src(f"base += selp(ci + 1 < {last}, plane, base - base)")
+        src(f"base += selp(ci + 1 < {last}, {x_plane}, base - base)")
         if in_first is not None:
             src(f"base2 = (n * {cin - in_first} + min(max(ci + 1 - {in_first}, 0), "
                 f"{cin - in_first - 1})) * plane")
         for s_ in range(slots):
-            value = f"x[uint64(selp(ok{s_}, base + off{s_}, base - base))]"
+            value = f"x[uint64(selp(ok{s_}, base + {x_off}{s_}, base - base))]"
             if in_first is not None:
                 value = (f"selp(ci + 1 < {in_first}, {value}, "
                          f"x2[uint64(selp(ok{s_}, base2 + off{s_}, base - base))])")
@@ -322,9 +331,12 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
         src("cc = c0 + c - 1")
         src(f"ok{s_} = e{s_} < {nx} and hh >= 0 and hh < height and cc >= 0 and cc < width")
         src(f"off{s_} = hh * width + cc")
-    src(f"base = n * {cin if in_first is None else in_first} * plane")
+        if upsampled:   # 32 bits (64 spilled 176 B, not 136), never negative (0 outside)
+            src(f"offx{s_} = uint32(selp(ok{s_}, (hh >> 1) * (width >> 1) + (cc >> 1), "
+                "hh - hh))")
+    src(f"base = n * {cin if in_first is None else in_first} * {x_plane}")
     for s_ in range(slots):
-        src(f"p{s_} = x[uint64(base + off{s_})] if ok{s_} else float32(0)")
+        src(f"p{s_} = x[uint64(base + {x_off}{s_})] if ok{s_} else float32(0)")
     src(f"o0 = (ob * {groups} + cuda.threadIdx.z) * {g_out}")
     if masked:
         plan = _MaskPlan(R, g_out, cin, cout, ob_size)
@@ -353,9 +365,9 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
         next_channel_without_branches()
     else:
         src(f"if ci + 1 < {cin if in_first is None else in_first}:").indent()
-        src("base += plane")
+        src(f"base += {x_plane}")
         for s_ in range(slots):
-            src(f"p{s_} = x[uint64(base + off{s_})] if ok{s_} else float32(0)")
+            src(f"p{s_} = x[uint64(base + {x_off}{s_})] if ok{s_} else float32(0)")
         src.dedent()
     if in_first is not None and not early_loads:    # the next channel is x2's
         src(f"elif ci + 1 < {cin}:").indent()
@@ -412,24 +424,27 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
     two = "" if first is None else f"_first{first}"
     groups_of = f"_group{group}" if grouped else ""
     module = load_module(f"conv_forward_{cin}_{cout}_{int(relu)}{int(masked)}{int(transposed)}"
-                         f"{leaky}{two}{groups_of}{'_early' if early_loads else ''}",
+                         f"{leaky}{two}{groups_of}{'_early' if early_loads else ''}"
+                         f"{'_up' if upsampled else ''}",
                          src.text())
     return module.kernel, (BW, TY, groups), ob_size, BH
 
 
 def _launch_forward(x, w, b, y, relu, mask, transposed, leaky_slope=None, x2=None, y2=None,
-                    **variant):
-    """`variant` (geometry, max_registers, early_loads) is for bench/tune_conv.py. With x2 (forward) or y2
-    (transposed), the input or output channels continue in that second array."""
-    n, cin, h, wd = x.shape
-    cout = y.shape[1]
+                    upsampled=False, **variant):
+    """`variant` (geometry, max_registers, early_loads) is for bench/tune_conv.py. With x2
+    (forward) or y2 (transposed), the input or output channels continue in that second array;
+    `upsampled`: x is read x2 upsampled (half the output's size)."""
+    n, cin = x.shape[:2]
+    cout, h, wd = y.shape[1:]
     first = None
     if x2 is not None:
         first, cin = cin, cin + x2.shape[1]
     if y2 is not None:
         first, cout = cout, cout + y2.shape[1]
     kernel, block, ob_size, BH = _forward_kernel(cin, cout, relu, mask is not None, transposed,
-                                                 leaky_slope=leaky_slope, first=first, **variant)
+                                                 leaky_slope=leaky_slope, first=first,
+                                                 upsampled=upsampled, **variant)
     n_oblocks = -(-cout // ob_size)
     grid = (-(-wd // BW), -(-h // BH), n * n_oblocks)
     flat_mask = placeholder(1) if mask is None else mask.reshape(mask.size)
@@ -451,27 +466,31 @@ def _check_conv(x, w, cin_axis, channels=None):
                          "(OIHW, 3x3)")
 
 
-def _second_input(x, x2):
-    """x2 as an Operand beside x (same batch and image size), or None; and the channels of
-    both together."""
+def _second_input(x, x2, upsampled=False):
+    """x2 as an Operand beside x (same batch and image size, or twice x's with `upsampled`),
+    or None; and the channels of both together."""
     if x2 is None:
+        if upsampled:
+            raise ValueError("an upsampled x is read only beside x2 (a concatenation)")
         return None, x.shape[1]
     x2 = Operand("x2", x2, 4)
-    return x2, concatenated_channels(x.shape, x2.shape)
+    return x2, concatenated_channels(x.shape, x2.shape, upsampled)
 
 
-def conv2d_forward(x, w, b, relu=False, out=None, leaky_slope=None, x2=None):
+def conv2d_forward(x, w, b, relu=False, out=None, leaky_slope=None, x2=None, upsampled=False):
     """Forward convolution with fused bias and optional ReLU or LeakyReLU (numerics §1, §9a);
-    with x2, of x's channels followed by x2's (their concatenation, not copied: §12)."""
+    with x2, of x's channels followed by x2's (their concatenation, not copied: §12); with
+    `upsampled` too, of x nearest-upsampled x2 (read in place, not copied: §12)."""
     slope = None if leaky_slope is None else leaky_slope_f32(leaky_slope)
     x, w, b = Operand("x", x, 4), Operand("w", w, 4), Operand("b", b, 1)
-    x2, cin = _second_input(x, x2)
+    x2, cin = _second_input(x, x2, upsampled)
     _check_conv(x, w, 1, cin)
     if b.shape != (w.shape[0],):
         raise ValueError(f"bias of shape {b.shape} does not fit {w.shape[0]} output channels")
-    out_op, y = output("out", out, (x.shape[0], w.shape[0]) + x.shape[2:], x)
+    size = x.shape[2:] if x2 is None else x2.shape[2:]
+    out_op, y = output("out", out, (x.shape[0], w.shape[0]) + size, x)
     _launch_forward(x.device, w.device, b.device, y, relu, None, transposed=False,
-                    leaky_slope=slope, x2=None if x2 is None else x2.device)
+                    leaky_slope=slope, x2=None if x2 is None else x2.device, upsampled=upsampled)
     return result(out_op, y, x)
 
 

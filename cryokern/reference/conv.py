@@ -7,6 +7,7 @@ from .activation import activate, mask_gradient
 from .arrays import f32_array as _f32, finish as _finish
 from .fma import fma32
 from .reduce import fold_images, in_image_mask, per_image, tile_chain, tile_view
+from .upsample import upsample2x_forward
 
 
 def _check_weights(w, cin):
@@ -14,21 +15,27 @@ def _check_weights(w, cin):
         raise ValueError(f"weights of shape {w.shape} do not fit {cin} input channels (OIHW, 3x3)")
 
 
-def _concatenated(x, x2):
-    """x, or x's channels followed by x2's (numerics §12)."""
+def _concatenated(x, x2, upsampled=False):
+    """x, or x's channels (with `upsampled`, of x nearest-upsampled) followed by x2's
+    (numerics §12)."""
     x = _f32("x", x, 4)
     if x2 is None:
+        if upsampled:
+            raise ValueError("an upsampled x is read only beside x2 (a concatenation)")
         return x
     x2 = _f32("x2", x2, 4)
-    concatenated_channels(x.shape, x2.shape)
+    concatenated_channels(x.shape, x2.shape, upsampled)
+    if upsampled:
+        x = upsample2x_forward(x)
     return np.concatenate([x, x2], axis=1)
 
 
-def conv2d_forward(x, w, b, relu=False, out=None, leaky_slope=None, x2=None):
+def conv2d_forward(x, w, b, relu=False, out=None, leaky_slope=None, x2=None, upsampled=False):
     """y[n,o] = chain from b[o] of fma over ci, ky, kx (ascending) of
     x[n,ci,h+ky-1,w+kx-1] * w[o,ci,ky,kx], then ReLU or LeakyReLU (numerics §9a) if asked.
-    With x2, x is the concatenation of x's channels and x2's (§12)."""
-    x = _concatenated(x, x2)
+    With x2, x is the concatenation of x's channels and x2's (§12); with `upsampled`, of x
+    nearest-upsampled (§11) and x2's."""
+    x = _concatenated(x, x2, upsampled)
     w = _f32("w", w, 4)
     b = _f32("b", b, 1)
     n, cin, h, wd = x.shape
