@@ -5,12 +5,16 @@
 #   bash bench/unet_acceptance.sh quality  # bench/quality.py: both U-Nets (Adam) beside Topaz,
 #                                          # BUDGET_S (default 70) s of training each (~7.5
 #                                          # min with cold kernel caches)
-#   bash bench/unet_acceptance.sh speed    # bench/step.py and bench/denoise.py on both U-Nets,
-#                                          # then the U-Net parity tests in parallel groups and
-#                                          # compute-sanitizer on bench/sanitize_unet.py (~8 min)
+#   bash bench/unet_acceptance.sh speed    # bench/step.py and bench/denoise.py on the three
+#                                          # U-Nets (bench/nets.py's preset unets: the 48-wide,
+#                                          # the Noise2Noise paper's and the lean), then the
+#                                          # U-Net parity tests in parallel groups and
+#                                          # compute-sanitizer on bench/sanitize_unet.py (~8 min
+#                                          # with two U-Nets; the paper's adds ~1.5 min, its
+#                                          # kernels' compile included: not yet measured)
 #   bash bench/unet_acceptance.sh all      # both in turn (over 10 minutes: not one call)
-# Both U-Nets: the 48-wide 48,48,48,48,48,48 (train's default U-Net) and the lean
-# 16,24,32,48,64 (NETS overrides, e.g. NETS="unet:16,24,32,48,64+residual"). Logs and JSON
+# quality's U-Nets: the 48-wide 48,48,48,48,48,48 (train's default U-Net) and the lean
+# 16,24,32,48,64 (NETS overrides, e.g. NETS="unet:16,24,32,48,64+residual n2n"). Logs and JSON
 # in ${OUT:-/tmp/unet_acceptance}; bench/unet_summary.py's table last. Kernels are cached in
 # $CRYOKERN_CACHE (default /tmp/cryokern-cache-unet: a second call on a machine that is still
 # warm finds them). Topaz runs when it imports (PYTHONPATH with .topaz).

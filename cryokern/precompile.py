@@ -40,7 +40,7 @@ import numpy as np
 
 from .backends import Backend
 from .cachedir import cache_root
-from .model import Network, UNet, init_params
+from .model import Network, PooledNetwork, init_params
 from .step import TrainStep
 
 # operations whose kernels are generated per channel count: a job each, the rest share one
@@ -78,13 +78,13 @@ class _RecordingOps:
 
 def as_network(network):
     """A model network; a chain's channel list (what the chain's callers pass) as its Network."""
-    return network if isinstance(network, (Network, UNet)) else Network(tuple(network))
+    return network if isinstance(network, (Network, PooledNetwork)) else Network(tuple(network))
 
 
 def record_shape(network):
     """RECORD_SHAPE, or for a U-Net a batch whose sides need padding to its pooling grid (so
     that pad_zeros and crop are recorded too)."""
-    if isinstance(network, UNet):
+    if isinstance(network, PooledNetwork):
         side = (1 << network.levels) + 1
         return (1, network.in_channels, side, side)
     return RECORD_SHAPE
@@ -92,7 +92,7 @@ def record_shape(network):
 
 def step_operations(network, optimizer):
     """The distinct kernel operations (name, args, kwargs) of one training step and one
-    validation loss of `network` (a model.Network or UNet, or a chain's channel list) with
+    validation loss of `network` (a model.Network, UNet or N2NUNet, or a chain's channel list) with
     `optimizer` (an OptimizerConfig)."""
     ops = _RecordingOps()
     backend = Backend("record", ops, to_device=lambda a: np.array(a, np.float32),
