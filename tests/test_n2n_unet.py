@@ -171,12 +171,10 @@ def test_cpu_steps_equal_reference(opt, residual):
 
 @pytest.mark.parametrize("opt,residual", CASES)
 def test_gpu_steps_equal_reference_small(opt, residual):
-    """The kernels (numba's simulator here): one step of one image, padded, one pooling, so
-    that the simulator's pass stays short; both concatenations' gradients (the skip's and,
-    at level 0, the first part only), the split of pool.1's gradient (with two levels) in the
-    CPU case above and the GPU cases below."""
-    net = small(residual, levels=1)
-    steps_equal_reference("gpu", net, opt, (1, 1, 5, 6), steps=1)
+    """The kernels (numba's simulator here), two poolings on padded sides: both
+    concatenations' gradients (the skip's, and at level 0 the first part only) and pool.1's
+    two parts added."""
+    steps_equal_reference("gpu", small(residual), opt, (1, 1, 7, 10), steps=1)
 
 
 @pytest.mark.gpu
