@@ -40,11 +40,15 @@ status() {  # status NAME EXIT LOGFILE [NOTE]: one line in NAME.status for the s
 precompile_tests() {  # the parity tests' own networks, compiled before their groups share the cache
   timeout "$(left)" python3 -c "
 from cryokern import precompile
-from cryokern.model import Network, UNet
+from cryokern.model import N2NUNet, Network, UNet
 from cryokern.step import OptimizerConfig as O
 started = [precompile.start(UNet((8, 8, 8, 8), residual=True), O('adam', 1e-3)),
            precompile.start(UNet((8, 8, 8, 8)), O('sgd', 0.05, momentum=0.9)),
-           precompile.start(Network((1, 4, 4, 1)), O('sgd', 0.0))]
+           precompile.start(Network((1, 4, 4, 1)), O('sgd', 0.0)),
+           precompile.start(N2NUNet(), O('adam', 1e-3)),
+           precompile.start(N2NUNet(3, 8, 12, (8, 4)), O('sgd', 0.05, momentum=0.9)),
+           precompile.start(N2NUNet(3, 6, 8, (6, 4)), O('sgd', 0.0)),
+           precompile.start(N2NUNet(2, 2, 3, (3, 2)), O('adam', 1e-3))]
 for s in started:
     s.wait()" > "$out/precompile_tests.txt" 2>&1
   status precompile_tests $? "$out/precompile_tests.txt"
@@ -85,6 +89,7 @@ if [ "$stage" != quality ]; then
           "tests/test_unet_step.py||adam-residual-odd"
           "tests/test_unet_step.py||48-wide"
           "tests/test_unet_step.py||not (test_gpu_steps_equal_reference and not small)"
+          "tests/test_n2n_unet.py|gpu|"
           "tests/test_unet_ops.py|gpu|conv"
           "tests/test_unet_ops.py|gpu|not conv")
   pids=()
