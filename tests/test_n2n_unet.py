@@ -11,6 +11,7 @@ import pytest
 from conftest import bits
 from float64_math import conv64, rel_err
 from test_inference import _OwnerCheckingBackend
+from test_unet_ops import dev, poisoned, randn, same_device_bits, shape_cases
 from test_train import data_args, make_pair, npz
 from cryokern import train as T
 from cryokern.backends import get_backend
@@ -52,6 +53,32 @@ def test_description_refuses_bad_options():
         N2NUNet(levels=0)
     with pytest.raises(ValueError, match="slope"):
         N2NUNet(leaky_slope=-1.0)
+
+
+# --- the concatenation's gradient, first part only (numerics §12) ------------------------------
+
+# (N, Ca, Cb, Cout, H, W): only the first Ca input channels' gradient; the paper's level-0
+# concatenation (96 + 1 -> 64) and its widest (96 + 48 -> 96) on the GPU
+FIRST_SMALL = [(1, 3, 1, 4, 5, 7), (2, 2, 3, 5, 6, 4)]
+FIRST_LARGE = [(1, 96, 1, 64, 67, 101), (1, 96, 48, 96, 45, 70)]
+
+
+@pytest.mark.parametrize("shape", shape_cases(FIRST_SMALL, FIRST_LARGE))
+def test_backward_data_of_the_first_part_only_is_the_splits_first_part(rng, shape):
+    """Every backend: the split's first part, bit for bit, the second not written."""
+    from cryokern import cpu
+    from cryokern import kernels as K
+    from cryokern import reference as R
+    n, ca, cb, cout, h, w = shape
+    wt, gy = randn(rng, cout, ca + cb, 3, 3), randn(rng, n, cout, h, w)
+    want, _ = R.conv2d_backward_data(gy, wt, split=ca)
+    for ops in (R, cpu):
+        out = np.full((n, ca, h, w), np.nan, np.float32)
+        assert ops.conv2d_backward_data(gy, wt, out=(out, None), split=ca)[1] is None
+        assert np.array_equal(bits(out), bits(want)), ops.__name__
+    out = poisoned((n, ca, h, w))
+    assert K.conv2d_backward_data(dev(gy), dev(wt), out=(out, None), split=ca)[1] is None
+    assert same_device_bits(out, want)
 
 
 # --- an independent float64 network ----------------------------------------------------------
