@@ -13,6 +13,8 @@ from float64_math import conv64, rel_err
 from test_inference import _OwnerCheckingBackend
 from test_unet_ops import dev, poisoned, randn, same_device_bits, shape_cases
 from test_train import data_args, make_pair, npz
+from cryokern import denoise as D
+from cryokern import evaluate as E
 from cryokern import train as T
 from cryokern.backends import get_backend
 from cryokern.inference import Model, TiledDenoiser, load_model, strips
@@ -372,7 +374,8 @@ def test_denoising_holds_fewer_floats_than_every_array():
 
 def test_arch_n2n_trains_and_its_checkpoint_denoises(tmp_path):
     """The paper's network (five poolings: 24 x 40 padded to 32 x 64), one epoch on the CPU;
-    the checkpoint rebuilds it, and denoising it equals the trained parameters' forward."""
+    the checkpoint rebuilds it, denoising it equals the trained parameters' forward, and the
+    denoise and evaluate commands load it."""
     pair = make_pair(tmp_path, n=3, shape=(24, 40))
     out = str(tmp_path / "run")
     args = data_args(pair) + ["--arch", "n2n", "--residual", "--epochs", "1", "--batch-size",
@@ -387,6 +390,14 @@ def test_arch_n2n_trains_and_its_checkpoint_denoises(tmp_path):
     be = get_backend("cpu")
     want = forward(be, model.network, model.params, image[None, None])[0, 0]
     assert np.array_equal(bits(TiledDenoiser(model, be, tile=0)(image)), bits(want))
+    noisy, clean = pair
+    assert D.main([os.path.join(out, "last.npz"), noisy, "-o", str(tmp_path / "den"),
+                   "--device", "cpu"]) == 0
+    assert (tmp_path / "den" / os.path.basename(noisy)).exists()
+    report = tmp_path / "r.json"
+    assert E.main([os.path.join(out, "last.npz"), "--noisy", noisy, "--clean", clean,
+                   "--json", str(report), "--device", "cpu"]) == 0
+    assert json.loads(report.read_text())["network"]["kind"] == "n2n"
 
 
 @pytest.mark.parametrize("args, message", [
