@@ -342,6 +342,27 @@ def test_tiles_are_bit_identical_to_the_whole_image(rng, residual, tile):
     assert np.array_equal(bits(whole), bits(be.to_host(apart)[0, 0]))
 
 
+def test_tiles_on_the_gpu_backend_equal_the_reference_whole_image(rng):
+    """Device arrays carved from one flat buffer per strip (simulator-sized: one pooling)."""
+    image = rng.standard_normal((21, 4)).astype(np.float32)
+    m = n2n_model(True, levels=1, enc_width=2, head_widths=(2,))
+    whole = TiledDenoiser(m, get_backend("reference"), tile=0)(image)
+    tiled = TiledDenoiser(m, get_backend("gpu"), tile=4)
+    assert len(list(strips(image.shape, 4, tiled.halo, tiled.grid))) == 6
+    assert np.array_equal(bits(tiled(image)), bits(whole))
+
+
+@pytest.mark.gpu
+def test_gpu_tiles_of_the_papers_network_equal_the_whole_image(rng):
+    image = rng.standard_normal((700, 333)).astype(np.float32)
+    net = N2NUNet(residual=True)
+    m = Model("m.npz", net, init_params(net, 4), "per-image")
+    whole = TiledDenoiser(m, get_backend("gpu"), tile=0)(image)
+    for tile in (64, 300):
+        assert np.array_equal(bits(TiledDenoiser(m, get_backend("gpu"), tile=tile)(image)),
+                              bits(whole)), tile
+
+
 def test_a_halo_one_grid_short_of_the_radius_changes_the_bits(rng):
     image = rng.standard_normal((90, 20)).astype(np.float32)
     be = get_backend("cpu")
