@@ -8,11 +8,12 @@ at the image's edges (which are then the tile's edges too), computes its core fr
 values by the same fma chains (numerics section 1) as the whole image: the same bits, with
 device memory bounded by the tile instead of the image. Tiles are strips of whole rows.
 
-A U-Net (model.UNet, and model.N2NUNet alike) pools 2x2 blocks, so a strip must group rows as the whole image does:
-cores and halos are whole multiples of 2**levels rows (`row_grid`), so every window's top row
-is on the pooling grid. Its receptive radius beyond a grid block is 6 * 2**levels - 2 rows
-(UNet.receptive_radius derives it), rounded up to the grid for the halo (6 * 2**levels for
-two poolings or more: 192 rows for the default five; N2NUNet's: 4 * 2**levels, 128 rows). A window that ends at
+A U-Net (model.UNet, model.N2NUNet) pools 2x2 blocks, so a strip must group rows as the whole
+image does: cores and halos are whole multiples of 2**levels rows (`row_grid`), so every
+window's top row is on the pooling grid. Its receptive radius beyond a grid block is
+6 * 2**levels - 2 rows (UNet.receptive_radius derives it; N2NUNet's is 4 * 2**levels), rounded
+up to the grid for the halo (6 * 2**levels for two poolings or more: 192 rows for the default
+five; 128 for the paper's network). A window that ends at
 the image's last row is padded at the bottom to a multiple of 2**levels exactly as the whole
 image is (its top is on the grid); interior windows end on the grid and need no padding; the
 right side is the image's in every window, padded as the whole image's. Device memory: one
