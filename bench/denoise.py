@@ -39,7 +39,7 @@ from cryokern.backends import get_backend
 from cryokern.data import denormalize, normalization, normalize
 from cryokern.denoise import denoise_file
 from cryokern.inference import DEFAULT_TILE, Model, TiledDenoiser
-from cryokern.model import UNet, forward, init_params
+from cryokern.model import PooledNetwork, forward, init_params
 from cryokern.mrcstack import MrcStack
 from cryokern.mrcwrite import StackWriter
 from nets import add_network_options, chosen_networks, forward_flops
@@ -60,7 +60,7 @@ def forward_kernels_ms(whole, image, clock):
     device buffers (its input copied in once), timed by `clock`."""
     be, net, n = whole.backend, whole.model.network, image.size
     whole(image)                                    # sizes its buffers for the whole image
-    if isinstance(net, UNet):
+    if isinstance(net, PooledNetwork):
         x, outs = whole._unet_buffers(*image.shape)
     else:
         x = whole._input[:n].reshape((1, 1) + image.shape)

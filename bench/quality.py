@@ -14,8 +14,9 @@ Methods:
 - noisy: the even half itself.
 - gaussian: the best Gaussian blur, its sigma chosen on the test set by mean r (an optimistic
   baseline: it is tuned on the answers).
-- cryokern NET (--nets: chains like 1,16,16,1 or U-Nets like unet:16,24,32,48,64[+residual],
-  bench/nets.py): trained through cryokern.train's own loop (train.Run: its loader, TrainStep,
+- cryokern NET (--nets: chains like 1,16,16,1, U-Nets like unet:16,24,32,48,64[+residual] or
+  n2n[+residual], the Noise2Noise paper's U-Net; bench/nets.py): trained through
+  cryokern.train's own loop (train.Run: its loader, TrainStep,
   per-image normalization, train's options for the architecture, train's default optimizer or
   --optimizer's with its default learning rate) on whole micrographs, whole epochs until the
   budget is spent. The kernels are compiled first (on a GPU in background processes, each

@@ -3,7 +3,9 @@ racecheck, initcheck).
 
 Two U-Nets whose kernels are the benchmarked ones (the kernels are generated per channel count,
 not per image size): 48,48,48 (the channel counts of the 48-wide U-Net) with the residual and
-Adam, and 16,24,32 (a part of the lean 16,24,32,48,64) with SGD and momentum; each a training
+Adam, 16,24,32 (a part of the lean 16,24,32,48,64) with SGD and momentum, and the Noise2Noise
+paper's U-Net with three poolings (the same kernels as its five) with the residual and Adam;
+each a training
 step (pad, pool, upsample, the concatenation's convolutions, loss, folds, update), a
 validation loss, and a TiledDenoiser pass in strips with halos, on 37 x 70 images (padded to
 40 x 72: edge blocks and a partial pooling grid).
@@ -15,11 +17,12 @@ import numpy as np
 
 from cryokern.backends import get_backend
 from cryokern.inference import Model, TiledDenoiser
-from cryokern.model import UNet, init_params
+from cryokern.model import N2NUNet, UNet, init_params
 from cryokern.step import OptimizerConfig, TrainStep
 
 CASES = [(UNet((48, 48, 48), residual=True), OptimizerConfig("adam", 1e-3), 2),
-         (UNet((16, 24, 32)), OptimizerConfig("sgd", 0.01, momentum=0.9), 1)]
+         (UNet((16, 24, 32)), OptimizerConfig("sgd", 0.01, momentum=0.9), 1),
+         (N2NUNet(levels=3, residual=True), OptimizerConfig("adam", 1e-3), 1)]
 
 
 def main(argv=None):

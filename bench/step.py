@@ -9,8 +9,9 @@ fp32 with TF32 off (the peer of the acceptance), TF32 convolutions (PyTorch's de
 Topaz gets) and bf16 autocast (TF32 allowed, the loss in fp32).
 
 Networks: --arch chain (default: the seed's 1,16,16,1, SGD momentum 0.9 lr 0.01) or --arch unet
-(--unet-widths, --residual; Adam lr 1e-3), or --preset NAME (bench/nets.py: n2n, the 48-wide
-U-Net; lean, 16,24,32,48,64; unets, both in one run). A U-Net's kernels are compiled first, in
+(--unet-widths, --residual; Adam lr 1e-3) or --arch n2n (the Noise2Noise paper's U-Net), or
+--preset NAME (bench/nets.py: unet48, the 48-wide U-Net; n2n, the paper's; lean,
+16,24,32,48,64; unets, all three in one run). A U-Net's kernels are compiled first, in
 worker processes (cryokern.precompile), outside the timing.
 
 Device memory: PyTorch's torch.cuda.max_memory_allocated() over the timed steps, after
@@ -46,7 +47,7 @@ from numba import cuda
 
 from cryokern import kernels as K
 from cryokern.backends import Eager, get_backend
-from cryokern.model import UNet, init_params
+from cryokern.model import PooledNetwork, init_params
 from cryokern.step import OptimizerConfig, TrainStep
 from nets import add_network_options, chosen_networks, step_flops
 
@@ -198,7 +199,7 @@ def free_device_bytes():
 def optimizer_for(network):
     """The step's optimizer: train's defaults for the chain (SGD momentum), Adam lr 1e-3 for
     the U-Net (as the issue's PyTorch probe trained it)."""
-    if isinstance(network, UNet):
+    if isinstance(network, PooledNetwork):
         return OptimizerConfig("adam", 1e-3)
     return OptimizerConfig("sgd", 0.01, momentum=0.9)
 
@@ -303,7 +304,7 @@ def bench_network(spec, args, on_gpu, torch_required):
     """One network's figures (a dict, also printed as they come)."""
     net = spec.network
     n, s = args.batch, args.size
-    steps = args.steps or (20 if isinstance(net, UNet) else 40)
+    steps = args.steps or (20 if isinstance(net, PooledNetwork) else 40)
     clock = CudaClock if on_gpu else HostClock
     rng = np.random.default_rng(0)
     clean = rng.random((n, 1, s, s)).astype(np.float32)
@@ -341,7 +342,7 @@ def bench_network(spec, args, on_gpu, torch_required):
             raise
     if on_gpu:
         result["breakdown"] = step_breakdown(net, params, optimizer, x, y)
-        if not isinstance(net, UNet) and net.channels[1:3] == (16, 16):
+        if not isinstance(net, PooledNetwork) and net.channels[1:3] == (16, 16):
             result["kernels"] = chain_kernel_rows(params, n, s, rng)
     return result
 
@@ -412,7 +413,7 @@ def main(argv=None):
     for spec in specs:
         results.append(bench_network(spec, args, on_gpu, torch_required))
         print_details(results[-1])
-    if on_gpu and any(not isinstance(s.network, UNet) for s in specs):
+    if on_gpu and any(not isinstance(s.network, PooledNetwork) for s in specs):
         resource_report()
     device = _device_name() if on_gpu else "CPU (compiled CPU backend; a smoke test)"
     header = (f"{datetime.date.today()}  {device}  batch {args.batch}x1x{args.size}x"

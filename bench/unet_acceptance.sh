@@ -5,12 +5,16 @@
 #   bash bench/unet_acceptance.sh quality  # bench/quality.py: both U-Nets (Adam) beside Topaz,
 #                                          # BUDGET_S (default 70) s of training each (~7.5
 #                                          # min with cold kernel caches)
-#   bash bench/unet_acceptance.sh speed    # bench/step.py and bench/denoise.py on both U-Nets,
-#                                          # then the U-Net parity tests in parallel groups and
-#                                          # compute-sanitizer on bench/sanitize_unet.py (~8 min)
+#   bash bench/unet_acceptance.sh speed    # bench/step.py and bench/denoise.py on the three
+#                                          # U-Nets (bench/nets.py's preset unets: the 48-wide,
+#                                          # the Noise2Noise paper's and the lean), then the
+#                                          # U-Net parity tests in parallel groups and
+#                                          # compute-sanitizer on bench/sanitize_unet.py (~8 min
+#                                          # with two U-Nets; the paper's adds ~1.5 min, its
+#                                          # kernels' compile included: not yet measured)
 #   bash bench/unet_acceptance.sh all      # both in turn (over 10 minutes: not one call)
-# Both U-Nets: the 48-wide 48,48,48,48,48,48 (train's default U-Net) and the lean
-# 16,24,32,48,64 (NETS overrides, e.g. NETS="unet:16,24,32,48,64+residual"). Logs and JSON
+# quality's U-Nets: the 48-wide 48,48,48,48,48,48 (train's default U-Net) and the lean
+# 16,24,32,48,64 (NETS overrides, e.g. NETS="unet:16,24,32,48,64+residual n2n"). Logs and JSON
 # in ${OUT:-/tmp/unet_acceptance}; bench/unet_summary.py's table last. Kernels are cached in
 # $CRYOKERN_CACHE (default /tmp/cryokern-cache-unet: a second call on a machine that is still
 # warm finds them). Topaz runs when it imports (PYTHONPATH with .topaz).
@@ -36,11 +40,15 @@ status() {  # status NAME EXIT LOGFILE [NOTE]: one line in NAME.status for the s
 precompile_tests() {  # the parity tests' own networks, compiled before their groups share the cache
   timeout "$(left)" python3 -c "
 from cryokern import precompile
-from cryokern.model import Network, UNet
+from cryokern.model import N2NUNet, Network, UNet
 from cryokern.step import OptimizerConfig as O
 started = [precompile.start(UNet((8, 8, 8, 8), residual=True), O('adam', 1e-3)),
            precompile.start(UNet((8, 8, 8, 8)), O('sgd', 0.05, momentum=0.9)),
-           precompile.start(Network((1, 4, 4, 1)), O('sgd', 0.0))]
+           precompile.start(Network((1, 4, 4, 1)), O('sgd', 0.0)),
+           precompile.start(N2NUNet(), O('adam', 1e-3)),
+           precompile.start(N2NUNet(3, 8, 12, (8, 4)), O('sgd', 0.05, momentum=0.9)),
+           precompile.start(N2NUNet(3, 6, 8, (6, 4)), O('sgd', 0.0)),
+           precompile.start(N2NUNet(2, 2, 3, (3, 2)), O('adam', 1e-3))]
 for s in started:
     s.wait()" > "$out/precompile_tests.txt" 2>&1
   status precompile_tests $? "$out/precompile_tests.txt"
@@ -81,6 +89,7 @@ if [ "$stage" != quality ]; then
           "tests/test_unet_step.py||adam-residual-odd"
           "tests/test_unet_step.py||48-wide"
           "tests/test_unet_step.py||not (test_gpu_steps_equal_reference and not small)"
+          "tests/test_n2n_unet.py|gpu|"
           "tests/test_unet_ops.py|gpu|conv"
           "tests/test_unet_ops.py|gpu|not conv")
   pids=()

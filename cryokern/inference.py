@@ -8,11 +8,12 @@ at the image's edges (which are then the tile's edges too), computes its core fr
 values by the same fma chains (numerics section 1) as the whole image: the same bits, with
 device memory bounded by the tile instead of the image. Tiles are strips of whole rows.
 
-A U-Net (model.UNet) pools 2x2 blocks, so a strip must group rows as the whole image does:
-cores and halos are whole multiples of 2**levels rows (`row_grid`), so every window's top row
-is on the pooling grid. Its receptive radius beyond a grid block is 6 * 2**levels - 2 rows
-(UNet.receptive_radius derives it), rounded up to the grid for the halo (6 * 2**levels for
-two poolings or more: 192 rows for the default five). A window that ends at
+A U-Net (model.UNet, model.N2NUNet) pools 2x2 blocks, so a strip must group rows as the whole
+image does: cores and halos are whole multiples of 2**levels rows (`row_grid`), so every
+window's top row is on the pooling grid. Its receptive radius beyond a grid block is
+6 * 2**levels - 2 rows (UNet.receptive_radius derives it; N2NUNet's is 4 * 2**levels), rounded
+up to the grid for the halo (6 * 2**levels for two poolings or more: 192 rows for the default
+five; 128 for the paper's network). A window that ends at
 the image's last row is padded at the bottom to a multiple of 2**levels exactly as the whole
 image is (its top is on the grid); interior windows end on the grid and need no padding; the
 right side is the image's in every window, padded as the whole image's. Device memory: one
@@ -29,7 +30,7 @@ import numpy as np
 
 from . import checkpoint
 from .data import NORMALIZATIONS, denormalize, normalization, normalize
-from .model import Network, UNet, forward, network_from_description
+from .model import Network, PooledNetwork, forward, network_from_description
 from .mrcstack import DataError
 
 # --tile's default: None, the strips chosen by memory (TiledDenoiser.core_rows)
@@ -58,8 +59,8 @@ def load_model(path):
     except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile,
             json.JSONDecodeError) as e:
         raise DataError(f"{path}: not a usable cryokern checkpoint ({e})") from None
-    cin, cout = (network.in_channels, network.out_channels) if isinstance(network, UNet) \
-        else (network.channels[0], network.channels[-1])
+    cin, cout = (network.in_channels, network.out_channels) \
+        if isinstance(network, PooledNetwork) else (network.channels[0], network.channels[-1])
     if cin != 1 or cout != 1:
         raise DataError(f"{path}: the network maps {cin} channels to {cout}; micrographs "
                         "need 1 to 1")
@@ -125,7 +126,7 @@ class TiledDenoiser:
     def _unet_buffers(self, h, w):
         """The input and a U-Net forward pass's arrays for an h x w window: views of one flat
         device buffer kept for the largest window, arrays whose lifetimes do not overlap
-        sharing memory (UNet.inference_buffers)."""
+        sharing memory (the network's inference_buffers)."""
         net = self.model.network
         home, sizes = net.inference_buffers(1, h, w)
         if h * w > self.capacity:
@@ -147,7 +148,7 @@ class TiledDenoiser:
 
     def _acts_floats(self, h, w):
         net = self.model.network
-        if isinstance(net, UNet):
+        if isinstance(net, PooledNetwork):
             return sum(net.inference_buffers(1, h, w)[1].values())
         return 2 * max(net.channels[1:]) * h * w
 
@@ -164,7 +165,7 @@ class TiledDenoiser:
 
     def device_bytes(self):
         """What the buffers kept for the largest window so far hold."""
-        if isinstance(self.model.network, UNet):
+        if isinstance(self.model.network, PooledNetwork):
             return 4 * (self.capacity + self._acts_size)
         return 4 * self.capacity * (1 + 2 * max(self.model.network.channels[1:]))
 
@@ -202,7 +203,7 @@ class TiledDenoiser:
                                                    rows=self.core_rows(image.shape)):
             h = stop - start
             n = h * w
-            if isinstance(net, UNet):
+            if isinstance(net, PooledNetwork):
                 x, outs = self._unet_buffers(h, w)
             else:
                 self._buffers(n)

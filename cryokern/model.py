@@ -1,7 +1,8 @@
 """The denoising networks: their shapes, named parameters, initialization and forward passes.
 
-Two architectures: `Network`, the seed's chain of 3x3 convolutions with ReLU (the Fortran
-original's network), and `UNet`, the multi-scale network of numerics §9-14.
+Three architectures: `Network`, the seed's chain of 3x3 convolutions with ReLU (the Fortran
+original's network), `UNet`, the multi-scale network of numerics §9-14, and `N2NUNet`, the
+Noise2Noise paper's U-Net (§15). The two U-Nets are `PooledNetwork`s: they pad and tile alike.
 """
 from dataclasses import dataclass
 
@@ -11,7 +12,8 @@ from .contract import DEFAULT_LEAKY_SLOPE, leaky_slope as leaky_slope_f32
 
 DEFAULT_CHANNELS = (1, 16, 16, 1)
 # After the Noise2Noise paper's U-Net (Lehtinen et al. 2018): five poolings, 48 channels at every
-# level (the paper's decoder convolutions are 96 wide; here every level is 48)
+# level (the paper's decoder convolutions are 96 wide; here every level is 48; N2NUNet is the
+# paper's own)
 DEFAULT_UNET_WIDTHS = (48,) * 6
 
 
@@ -72,8 +74,44 @@ def conv_param_shapes(convolutions):
     return shapes
 
 
+class PooledNetwork:
+    """What the two U-Nets share: `levels` 2x2 poolings, so sides padded to multiples of
+    2**levels (§13) and tiles on that grid (inference.py); 3x3 convolutions named by
+    convolutions(), at the levels level_of() gives."""
+
+    @property
+    def row_grid(self):
+        """A tile's top row must be a multiple of 2**levels: the poolings then group the same
+        rows as in the whole image."""
+        return 1 << self.levels
+
+    def padded_size(self, height, width):
+        """The sides rounded up to multiples of 2**levels (§13)."""
+        m = 1 << self.levels
+        return -(-height // m) * m, -(-width // m) * m
+
+    def param_shapes(self):
+        """{name: shape} in forward order: {prefix}.weight (OIHW) then {prefix}.bias."""
+        return conv_param_shapes(self.convolutions())
+
+    def param_count(self):
+        return sum(int(np.prod(s)) for s in self.param_shapes().values())
+
+    def inference_buffers(self, n, height, width):
+        """For a forward pass only (denoising): {array name: buffer name} and {buffer name:
+        floats}, each array a prefix of its buffer, which is sized for the largest it holds
+        (buffer_homes() says which arrays share one; an array it leaves out is not made)."""
+        shapes = self.activation_shapes(n, height, width)
+        home = self.buffer_homes()
+        home = {name: home[name] for name in shapes if name in home}
+        sizes = {}
+        for name, buffer in home.items():
+            sizes[buffer] = max(sizes.get(buffer, 0), int(np.prod(shapes[name])))
+        return home, sizes
+
+
 @dataclass(frozen=True)
-class UNet:
+class UNet(PooledNetwork):
     """A U-Net of 3x3 'same' convolutions (numerics §14).
 
     `widths[l]` channels at level l (full resolution is level 0), `levels = len(widths) - 1`
@@ -125,12 +163,6 @@ class UNet:
         changes the bits."""
         return 6 * (1 << self.levels) - 2
 
-    @property
-    def row_grid(self):
-        """A tile's top row must be a multiple of 2**levels: the poolings then group the same
-        rows as in the whole image."""
-        return 1 << self.levels
-
     def describe(self):
         """The architecture as a checkpoint's meta records it (network_from_description)."""
         return {"kind": "unet", "widths": list(self.widths), "in_channels": self.in_channels,
@@ -139,11 +171,6 @@ class UNet:
 
     def label(self):
         return f"U-Net {','.join(map(str, self.widths))}{' residual' if self.residual else ''}"
-
-    def padded_size(self, height, width):
-        """The sides rounded up to multiples of 2**levels (§13)."""
-        m = 1 << self.levels
-        return -(-height // m) * m, -(-width // m) * m
 
     def convolutions(self):
         """[(name prefix, cin, cout)] in the order of the forward pass."""
@@ -157,12 +184,9 @@ class UNet:
                       (f"dec.{level}.conv1", w[level], w[level])]
         return convs + [("out", w[0], self.out_channels)]
 
-    def param_shapes(self):
-        """{name: shape} in forward order: {prefix}.weight (OIHW) then {prefix}.bias."""
-        return conv_param_shapes(self.convolutions())
-
-    def param_count(self):
-        return sum(int(np.prod(s)) for s in self.param_shapes().values())
+    def level_of(self, prefix):
+        """The level (2**-level of the sides) a convolution runs at."""
+        return int(prefix.split(".")[1]) if prefix != "out" else 0
 
     def activation_shapes(self, n, height, width):
         """{name: shape} of one forward pass's arrays on a batch of n images (numerics §14):
@@ -189,17 +213,14 @@ class UNet:
             shapes["pred"] = (n, self.out_channels, height, width)
         return shapes
 
-    def inference_buffers(self, n, height, width):
-        """For a forward pass only (denoising): {array name: buffer name} and {buffer name:
-        floats}, arrays sharing a buffer where unet_forward's order lets one's last read come
-        before the next one's first write; no up.l (the decoder reads the level below
-        upsampled in place). Per level l: "skip.l" holds enc.l.1 until the decoder reads it;
-        "a.l" and "b.l" take turns (pool.l in b.l, enc.l.0 in a.l; dec.l.0, dec.l.1 in b.l,
-        a.l), so that a level holds three arrays instead of five or six: ~190 floats a pixel
-        for the 48-wide U-Net instead of ~340. Each array is a prefix of its buffer, which is
-        sized for the largest it holds."""
-        shapes = {name: shape for name, shape in self.activation_shapes(n, height, width).items()
-                  if not name.startswith("up.")}
+    def buffer_homes(self):
+        """{array name: buffer name} for a forward pass only (denoising), arrays sharing a
+        buffer where unet_forward's order lets one's last read come before the next one's first
+        write; no up.l (the decoder reads the level below upsampled in place). Per level l:
+        "skip.l" holds enc.l.1 until the decoder reads it; "a.l" and "b.l" take turns (pool.l
+        in b.l, enc.l.0 in a.l; dec.l.0, dec.l.1 in b.l, a.l), so that a level holds three
+        arrays instead of five or six: ~190 floats a pixel for the 48-wide U-Net instead of
+        ~340."""
         bottom = self.levels
         home = {"input": "input", "out": "b.0", "pred": "a.0"}
         for level in range(bottom + 1):
@@ -207,15 +228,158 @@ class UNet:
                          f"enc.{level}.1": f"skip.{level}" if level < bottom else f"b.{level}",
                          f"dec.{level}.0": f"b.{level}",
                          f"dec.{level}.1": f"a.{level}"})
-        home = {name: home[name] for name in shapes}
-        sizes = {}
-        for name, buffer in home.items():
-            sizes[buffer] = max(sizes.get(buffer, 0), int(np.prod(shapes[name])))
-        return home, sizes
+        return home
 
     def level_output(self, level):
         """The name of the array the decoder of `level` upsamples: the level below's output."""
         return f"enc.{level + 1}.1" if level + 1 == self.levels else f"dec.{level + 1}.1"
+
+
+@dataclass(frozen=True)
+class N2NUNet(PooledNetwork):
+    """The Noise2Noise paper's U-Net (Lehtinen et al. 2018, appendix table; numerics §15), its
+    convolutions named as there. Level 0: enc_conv0 (in_channels -> enc_width), enc_conv1;
+    then `levels` times: 2x2 max-pooling to level l (pool.l), one convolution enc_conv{l+1}
+    (the last, at the bottom level, 1/32 of the sides for the paper's five). Decoder level
+    l = levels-1 .. 1: x2 nearest upsampling of the level below's output (up.l), concatenated
+    (upsampled first) with pool.l, level l's input, then dec_conv{l+1}a and dec_conv{l+1}b to
+    dec_width. Level 0: the upsampling concatenated with the network's input, then the head,
+    dec_conv1a, dec_conv1b (head_widths) and the linear dec_conv1c to out_channels (plus the
+    input with `residual`). LeakyReLU after every convolution but the last. Unlike UNet, a
+    skip is a level's input (the pooling's output, or the input), not its convolutions'
+    output, and the decoder is wider than the encoder. Sides padded as UNet's (§13)."""
+    levels: int = 5
+    enc_width: int = 48
+    dec_width: int = 96
+    head_widths: tuple = (64, 32)
+    in_channels: int = 1
+    out_channels: int = 1
+    residual: bool = False
+    leaky_slope: float = DEFAULT_LEAKY_SLOPE
+
+    def __post_init__(self):
+        head = tuple(int(c) for c in self.head_widths)
+        if int(self.levels) < 1 or min((self.enc_width, self.dec_width,
+                                        self.in_channels, self.out_channels) + head) < 1 \
+                or not 1 <= len(head) <= 24:
+            raise ValueError(f"the Noise2Noise U-Net needs at least one pooling, positive "
+                             f"widths and 1 to 24 head widths, got levels {self.levels}, "
+                             f"widths {self.enc_width}/{self.dec_width}/{self.head_widths}")
+        if self.residual and self.in_channels != self.out_channels:
+            raise ValueError("the residual needs as many output channels as input channels")
+        object.__setattr__(self, "levels", int(self.levels))
+        object.__setattr__(self, "head_widths", head)
+        object.__setattr__(self, "leaky_slope", float(leaky_slope_f32(self.leaky_slope)))
+
+    def head(self):
+        """The level-0 convolutions after the concatenation: [(name, cout)], the last linear."""
+        names = [f"dec_conv1{chr(ord('a') + k)}" for k in range(len(self.head_widths) + 1)]
+        return list(zip(names, self.head_widths + (self.out_channels,)))
+
+    def convolutions(self):
+        """[(name prefix, cin, cout)] in the order of the forward pass."""
+        e, d, top = self.enc_width, self.dec_width, self.levels
+        convs = [("enc_conv0", self.in_channels, e), ("enc_conv1", e, e)]
+        convs += [(f"enc_conv{level + 1}", e, e) for level in range(1, top + 1)]
+        for level in reversed(range(1, top)):
+            below = e if level + 1 == top else d
+            convs += [(f"dec_conv{level + 1}a", below + e, d), (f"dec_conv{level + 1}b", d, d)]
+        cin = (e if top == 1 else d) + self.in_channels
+        for name, cout in self.head():
+            convs.append((name, cin, cout))
+            cin = cout
+        return convs
+
+    def level_of(self, prefix):
+        """The level (2**-level of the sides) a convolution runs at."""
+        number = int(prefix.rstrip("abcdefghijklmnopqrstuvwxyz")[8:])
+        return max(0, number - 1) if prefix.startswith("enc") else number - 1
+
+    def level_output(self, level):
+        """The name of the array the decoder of `level` upsamples: the level below's output."""
+        return f"enc_conv{level + 2}" if level + 1 == self.levels else f"dec_conv{level + 2}b"
+
+    @property
+    def receptive_radius(self):
+        """Full-resolution rows of input beyond its pooling-grid block (2**L rows, L = levels,
+        blocks starting at multiples of 2**L) that an output row depends on, each side: for the
+        paper's head (three convolutions at level 0) 4 * 2**L (L = 1: 8, 2: 16, 5: 128).
+
+        As UNet.receptive_radius: follow the top of the set of rows the output row depends
+        on backwards from the top of its block (row 0). Each convolution at level l reaches
+        2**l rows further; each upsampling into level l rounds down to a multiple of
+        2**(l+1); poolings keep blocks whole. The skips (a level's input, read by the
+        decoder) reach less far than the path through the levels below, which passes the
+        same input later, so the deepest path decides: the head, the decoder levels 1..L-1
+        (two convolutions each), the bottom convolution, the encoder's convolutions at levels
+        L-1..1 (one each) and level 0's two. The bottom edge is the mirror image.
+        tests/test_n2n_unet.py checks it against the brute-force dependence."""
+        reach = len(self.head())                            # the head's convolutions
+        for level in range(1, self.levels + 1):
+            reach = -(-reach // (1 << level)) * (1 << level)     # the upsampling into level-1
+            if level < self.levels:
+                reach += 2 * (1 << level)                   # dec_conv{level+1}a and b
+        reach += 1 << self.levels                           # the bottom's convolution
+        reach += sum(1 << level for level in range(1, self.levels)) + 2   # the encoder
+        return reach
+
+    def describe(self):
+        """The architecture as a checkpoint's meta records it (network_from_description)."""
+        return {"kind": "n2n", "levels": self.levels, "enc_width": self.enc_width,
+                "dec_width": self.dec_width, "head_widths": list(self.head_widths),
+                "in_channels": self.in_channels, "out_channels": self.out_channels,
+                "residual": self.residual, "leaky_slope": self.leaky_slope}
+
+    def label(self):
+        return (f"N2N U-Net {self.levels} levels {self.enc_width}/{self.dec_width}/"
+                f"{','.join(map(str, self.head_widths))}{' residual' if self.residual else ''}")
+
+    def activation_shapes(self, n, height, width):
+        """{name: shape} of one forward pass's arrays on a batch of n images (numerics §15):
+        "input" (padded, only where padding is needed), each convolution's output under the
+        convolution's name but the last's ("out": the network's output on the padded grid),
+        pool.{l} (level l's input, l >= 1), up.{l} (the upsampling into level l) and "pred"
+        (cropped, only where padding is). The concatenations are not arrays."""
+        hp, wp = self.padded_size(height, width)
+        shapes = {}
+        if (hp, wp) != (height, width):
+            shapes["input"] = (n, self.in_channels, hp, wp)
+        convs = {name: cout for name, _, cout in self.convolutions()}
+        last = self.head()[-1][0]
+
+        def at(level, channels):
+            return (n, channels, hp >> level, wp >> level)
+        shapes["enc_conv0"] = at(0, convs["enc_conv0"])
+        shapes["enc_conv1"] = at(0, convs["enc_conv1"])
+        for level in range(1, self.levels + 1):
+            shapes[f"pool.{level}"] = at(level, self.enc_width)
+            shapes[f"enc_conv{level + 1}"] = at(level, self.enc_width)
+        for level in reversed(range(self.levels)):
+            shapes[f"up.{level}"] = at(level, convs[self.level_output(level)])
+            names = [f"dec_conv{level + 1}a", f"dec_conv{level + 1}b"] if level else \
+                [name for name, _ in self.head()]
+            for name in names:
+                shapes["out" if name == last else name] = at(level, convs[name])
+        if (hp, wp) != (height, width):
+            shapes["pred"] = (n, self.out_channels, height, width)
+        return shapes
+
+    def buffer_homes(self):
+        """{array name: buffer name} for a forward pass only (denoising), arrays sharing a
+        buffer where n2n_forward's order lets one's last read come before the next one's first
+        write: per level l, "skip.l" holds pool.l until the decoder reads it (level 0's is the
+        input), "a.l" and "b.l" take turns (enc_conv{l+1} in a.l, up.l, dec_conv{l+1}a and b
+        in b.l, a.l, b.l; level 0: enc_conv0, enc_conv1 in a.0, b.0, the head's in turns
+        after up.0 in b.0): ~240 floats a pixel for the paper's widths instead of ~420."""
+        home = {"input": "input", "enc_conv0": "a.0", "enc_conv1": "b.0", "up.0": "b.0"}
+        for level in range(1, self.levels + 1):
+            home.update({f"pool.{level}": f"skip.{level}", f"enc_conv{level + 1}": f"a.{level}",
+                         f"up.{level}": f"b.{level}", f"dec_conv{level + 1}a": f"a.{level}",
+                         f"dec_conv{level + 1}b": f"b.{level}"})
+        names = [name for name, _ in self.head()[:-1]] + ["out", "pred"]
+        for k, name in enumerate(names):
+            home[name] = "ab"[k % 2] + ".0"
+        return home
 
 
 def network_from_description(description):
@@ -229,6 +393,11 @@ def network_from_description(description):
         return UNet(tuple(description["widths"]), int(description["in_channels"]),
                     int(description["out_channels"]), bool(description["residual"]),
                     float(description["leaky_slope"]))
+    if kind == "n2n":
+        return N2NUNet(int(description["levels"]), int(description["enc_width"]),
+                       int(description["dec_width"]), tuple(description["head_widths"]),
+                       int(description["in_channels"]), int(description["out_channels"]),
+                       bool(description["residual"]), float(description["leaky_slope"]))
     raise ValueError(f"unknown network kind {kind!r}")
 
 
@@ -264,6 +433,8 @@ def forward(backend, network, params, x, outs=None):
     write there."""
     if isinstance(network, UNet):
         return unet_forward(backend, network, params, x, outs)
+    if isinstance(network, N2NUNet):
+        return n2n_forward(backend, network, params, x, outs)
     y = x
     for i in range(network.depth):
         y = backend.conv2d_forward(y, params[f"layers.{i}.weight"], params[f"layers.{i}.bias"],
@@ -308,6 +479,45 @@ def unet_forward(backend, net, params, x, acts=None):
     conv("out", acts["dec.0.1"], "out", leaky=False)
     if net.residual:
         inputs = acts["input"] if "input" in shapes else x
+        backend.add(acts["out"], inputs, out=acts["out"])
+    if "pred" in shapes:
+        return backend.crop(acts["out"], height, width, out=acts["pred"])
+    return acts["out"]
+
+
+def n2n_forward(backend, net, params, x, acts=None):
+    """The Noise2Noise U-Net's forward pass (numerics §15) into `acts` (allocated when None);
+    returns its output: acts["pred"] where the image was padded, else acts["out"]."""
+    n, _, height, width = x.shape
+    shapes = net.activation_shapes(n, height, width)
+    if acts is None:
+        acts = {name: backend.empty(shape) for name, shape in shapes.items()}
+    last = net.head()[-1][0]
+
+    def conv(prefix, source, skip=None):
+        target = "out" if prefix == last else prefix
+        backend.conv2d_forward(source, params[f"{prefix}.weight"], params[f"{prefix}.bias"],
+                               out=acts[target], x2=skip,
+                               leaky_slope=None if prefix == last else net.leaky_slope)
+        return acts[target]
+
+    inputs = x
+    if "input" in shapes:
+        inputs = backend.pad_zeros(x, *shapes["input"][2:], out=acts["input"])
+    source = conv("enc_conv1", conv("enc_conv0", inputs))
+    for level in range(1, net.levels + 1):
+        pooled = backend.maxpool2x2_forward(source, out=acts[f"pool.{level}"])
+        source = conv(f"enc_conv{level + 1}", pooled)
+    for level in reversed(range(net.levels)):
+        up = backend.upsample2x_forward(source, out=acts[f"up.{level}"])
+        if level:
+            source = conv(f"dec_conv{level + 1}b",
+                          conv(f"dec_conv{level + 1}a", up, skip=acts[f"pool.{level}"]))
+    head = [name for name, _ in net.head()]
+    source = conv(head[0], up, skip=inputs)
+    for name in head[1:]:
+        source = conv(name, source)
+    if net.residual:
         backend.add(acts["out"], inputs, out=acts["out"])
     if "pred" in shapes:
         return backend.crop(acts["out"], height, width, out=acts["pred"])

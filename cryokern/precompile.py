@@ -42,7 +42,7 @@ import numpy as np
 
 from .backends import Backend
 from .cachedir import cache_root
-from .model import Network, UNet, forward, init_params
+from .model import Network, PooledNetwork, UNet, forward, init_params
 from .step import TrainStep
 
 # operations whose kernels are generated per channel count: a job each, the rest share one
@@ -80,13 +80,13 @@ class _RecordingOps:
 
 def as_network(network):
     """A model network; a chain's channel list (what the chain's callers pass) as its Network."""
-    return network if isinstance(network, (Network, UNet)) else Network(tuple(network))
+    return network if isinstance(network, (Network, PooledNetwork)) else Network(tuple(network))
 
 
 def record_shape(network):
     """RECORD_SHAPE, or for a U-Net a batch whose sides need padding to its pooling grid (so
     that pad_zeros and crop are recorded too)."""
-    if isinstance(network, UNet):
+    if isinstance(network, PooledNetwork):
         side = (1 << network.levels) + 1
         return (1, network.in_channels, side, side)
     return RECORD_SHAPE
@@ -94,8 +94,8 @@ def record_shape(network):
 
 def step_operations(network, optimizer):
     """The distinct kernel operations (name, args, kwargs) of one training step, one
-    validation loss and one denoising forward pass of `network` (a model.Network or UNet, or a
-    chain's channel list) with `optimizer` (an OptimizerConfig)."""
+    validation loss and one denoising forward pass of `network` (a model.Network, UNet or
+    N2NUNet, or a chain's channel list) with `optimizer` (an OptimizerConfig)."""
     ops = _RecordingOps()
     backend = Backend("record", ops, to_device=lambda a: np.array(a, np.float32),
                       to_host=lambda a: a, empty=lambda shape: np.zeros(shape, np.float32))
@@ -105,7 +105,7 @@ def step_operations(network, optimizer):
     x = np.zeros(record_shape(network), np.float32)
     step.launch(x, x)
     step.loss(x, x)
-    if isinstance(network, UNet):   # (a chain's forward pass launches its training kernels)
+    if isinstance(network, PooledNetwork):   # (a chain's forward launches its training kernels)
         forward(backend, network, params, x)
     return list(dict.fromkeys(ops.calls))
 

@@ -5,7 +5,7 @@ import numpy as np
 
 from .backends import Eager
 from .distributed import Single
-from .model import UNet, forward, unet_forward
+from .model import N2NUNet, UNet, forward, n2n_forward, unet_forward
 
 # A batch runs in passes of whole images (at least one per pass), so that the activations of
 # a pass are held, not the batch's. By default a pass holds as many images as 1 GiB of
@@ -366,7 +366,83 @@ class _UNetPass:
                 data(f"enc.{level}.conv0", e0, source, masked=False)
 
 
+class _N2NPass(_UNetPass):
+    """The Noise2Noise U-Net's part of a pass (numerics §15). As the U-Net's: every gradient
+    written over the array it is the gradient of, after that array's last reader, except the
+    concatenations' gradients of the levels' inputs (skip.{l}: from the decoder, waiting for
+    the encoder's part of pool.{l}'s gradient)."""
+
+    @staticmethod
+    def workspace_shapes(network, per, h, w):
+        """{name: shape}: the forward pass's arrays and the skips' gradients."""
+        shapes = network.activation_shapes(per, h, w)
+        for level in range(1, network.levels):
+            shapes[f"skip.{level}"] = shapes[f"pool.{level}"]
+        return shapes
+
+    def forward(self, x, workspace, m):
+        acts = {name: a[:m] for name, a in workspace.items()}
+        acts.setdefault("input", x)
+        n2n_forward(self.backend, self.network, self.params, x, acts)
+        return acts
+
+    def backward(self, acts, sums):
+        """From the loss gradient over the prediction (the residual passes it on unchanged):
+        the head, the decoder levels 1..L-1, the bottom, the encoder levels L-1..0 (§15)."""
+        be, net, slope = self.backend, self.network, self.network.leaky_slope
+        head = [name for name, _ in net.head()]
+        grads = dict(acts, **{head[-1]: acts["out"]})   # the last convolution's output is "out"
+
+        def weights(prefix, x, skip=None):
+            be.conv2d_backward_weights(grads[prefix], x, x2=skip, image_sums=(
+                sums[f"{prefix}.weight"], sums[f"{prefix}.bias"]))
+
+        def data(prefix, out, masked=True):
+            be.conv2d_backward_data(grads[prefix], self.params[f"{prefix}.weight"],
+                                    relu_output=out if masked else None, out=out,
+                                    leaky_slope=slope if masked else None)
+
+        def concatenation(prefix, level):
+            """The first convolution after level l's concatenation (up.l, then level l's
+            input): its weights, the gradient of up.l and of pool.l into skip.l (level 0: the
+            input's, not computed), then up.l's through the upsampling into the level below's
+            output, masked by it."""
+            up = acts[f"up.{level}"]
+            weights(prefix, up, skip=acts[f"pool.{level}" if level else "input"])
+            be.conv2d_backward_data(grads[prefix], self.params[f"{prefix}.weight"],
+                                    out=(up, acts[f"skip.{level}"] if level else None),
+                                    split=up.shape[1])
+            below = acts[net.level_output(level)]
+            be.upsample2x_backward(up, out=below, relu_output=below, leaky_slope=slope)
+
+        if "pred" in acts:
+            be.pad_zeros(acts["pred"], *acts["out"].shape[2:], out=acts["out"])
+        for name, before in reversed(list(zip(head[:-1], head[1:]))):
+            weights(before, acts[name])
+            data(before, acts[name])
+        concatenation(head[0], 0)
+        for level in range(1, net.levels):
+            a, b = f"dec_conv{level + 1}a", f"dec_conv{level + 1}b"
+            weights(b, acts[a])
+            data(b, acts[a])
+            concatenation(a, level)
+        for level in reversed(range(1, net.levels + 1)):
+            conv, pool = f"enc_conv{level + 1}", acts[f"pool.{level}"]
+            weights(conv, pool)
+            data(conv, pool, masked=False)
+            if level < net.levels:       # pool.l's two parts: one float32 addition (§15)
+                be.add(acts[f"skip.{level}"], pool, out=pool)
+            source = acts[f"enc_conv{level}"]      # level l-1's output, pooled into pool.l
+            be.maxpool2x2_backward(pool, source, out=source, relu_output=source,
+                                   leaky_slope=slope)
+        weights("enc_conv1", acts["enc_conv0"])
+        data("enc_conv1", acts["enc_conv0"])
+        weights("enc_conv0", acts["input"])
+
+
 def _pass_layers(network):
+    if isinstance(network, N2NUNet):
+        return _N2NPass
     return _UNetPass if isinstance(network, UNet) else _ChainPass
 
 

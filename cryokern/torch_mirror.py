@@ -3,7 +3,7 @@
 Why: two uses need the same network in PyTorch, and one definition keeps them the same network.
 The tests compare a cryokern step with PyTorch's float64 autograd of it (independent math, to
 1e-5), and bench/ times PyTorch's eager step and forward of the same architecture with the same
-weights as the peer. It follows model.py's numerics §13-14 with PyTorch's own operations: zero
+weights as the peer. It follows model.py's numerics §13-15 with PyTorch's own operations: zero
 padding of the bottom and right to the pooling grid (F.pad), 2x2 max-pooling, x2 nearest
 upsampling, concatenation [upsampled, skip], LeakyReLU, a linear last layer, the optional
 global residual on the padded grid, the output cropped back.
@@ -15,7 +15,7 @@ import functools
 
 import numpy as np
 
-from .model import UNet
+from .model import N2NUNet, UNet
 
 
 @functools.cache
@@ -87,15 +87,54 @@ def _module_classes():
                 y = y + x
             return y[:, :, :h, :w]
 
-    return Chain, UNetModule
+    class N2NModule(nn.Module):
+        """model.N2NUNet, the Noise2Noise paper's U-Net; parameters under the paper's names
+        (enc_conv0 .. enc_conv{L+1}, dec_conv{L}a .. dec_conv1c)."""
+
+        def __init__(self, network):
+            super().__init__()
+            self.network = network
+            for name, cin, cout in network.convolutions():
+                self.add_module(name, conv(cin, cout))
+
+        def forward(self, x):
+            net, slope = self.network, self.network.leaky_slope
+
+            def leaky(name, a):
+                return F.leaky_relu(getattr(self, name)(a), slope)
+
+            h, w = x.shape[2:]
+            hp, wp = net.padded_size(h, w)
+            if (hp, wp) != (h, w):
+                x = F.pad(x, (0, wp - w, 0, hp - h))
+            a = leaky("enc_conv1", leaky("enc_conv0", x))
+            skips = [x]
+            for level in range(1, net.levels + 1):
+                a = F.max_pool2d(a, 2)
+                skips.append(a)
+                a = leaky(f"enc_conv{level + 1}", a)
+            for level in reversed(range(1, net.levels)):
+                a = torch.cat([F.interpolate(a, scale_factor=2, mode="nearest"), skips[level]], 1)
+                a = leaky(f"dec_conv{level + 1}b", leaky(f"dec_conv{level + 1}a", a))
+            a = torch.cat([F.interpolate(a, scale_factor=2, mode="nearest"), x], 1)
+            head = [name for name, _ in net.head()]
+            for name in head[:-1]:
+                a = leaky(name, a)
+            y = getattr(self, head[-1])(a)
+            if net.residual:
+                y = y + x
+            return y[:, :, :h, :w]
+
+    return Chain, UNetModule, N2NModule
 
 
 def torch_network(network, params, dtype=None, device=None):
-    """A torch.nn.Module computing `network` (model.Network or model.UNet) with `params`
-    (cryokern's {name: float32 array}; its state_dict has the same names), in `dtype` on
-    `device` (default float32 on the CPU)."""
+    """A torch.nn.Module computing `network` (model.Network, model.UNet or model.N2NUNet) with
+    `params` (cryokern's {name: float32 array}; its state_dict has the same names), in `dtype`
+    on `device` (default float32 on the CPU)."""
     import torch
-    chain, unet = _module_classes()
-    module = unet(network) if isinstance(network, UNet) else chain(network)
+    chain, unet, n2n = _module_classes()
+    module = unet(network) if isinstance(network, UNet) else \
+        n2n(network) if isinstance(network, N2NUNet) else chain(network)
     module.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in params.items()})
     return module.to(device=device, dtype=dtype or torch.float32)

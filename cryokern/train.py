@@ -26,7 +26,8 @@ from .backends import DEVICE_HELP, DEVICES, get_backend, gpu_available
 from .contract import DEFAULT_LEAKY_SLOPE
 from .data import NORMALIZATIONS, BatchLoader, BatchSpec, PairedImages, Subset, epoch_batches, split
 from .inference import Model
-from .model import DEFAULT_UNET_WIDTHS, Network, UNet, init_params, network_from_description
+from .model import (DEFAULT_UNET_WIDTHS, N2NUNet, Network, UNet, init_params,
+                    network_from_description)
 from .mrcstack import DataError
 from .options import add_files, finite, refuse
 from .step import DEFAULT_PASS_BYTES, LOSS_GRAPHS, OptimizerConfig, TrainStep
@@ -39,7 +40,7 @@ RESUME_MAY_CHANGE = {"epochs", "device", "out", "resume", "force", "save_every",
 DEFAULT_LR = {"sgd": 0.01, "adam": 1e-3}
 # Each architecture's optimizer is the one it was benchmarked with: the chain the Fortran
 # original's SGD, the U-Net Adam (bench/quality.py's winner, bench/RESULTS.md 2026-12-01).
-DEFAULT_OPTIMIZER = {"chain": "sgd", "unet": "adam"}
+DEFAULT_OPTIMIZER = {"chain": "sgd", "unet": "adam", "n2n": "adam"}
 DEFAULT_CHANNELS = "1,16,16,1"
 DEFAULT_EPOCHS = 5
 # The built-in simulated set (no data options): a U-Net small enough for a 2-core CPU, trained
@@ -106,11 +107,13 @@ def build_parser():
     t.add_argument("--betas", type=float, nargs=2, default=[0.9, 0.999], metavar=("B1", "B2"),
                    help="Adam's moment decay rates (default 0.9 0.999)")
     t.add_argument("--eps", type=float, default=1e-8, help="Adam's epsilon (default 1e-8)")
-    t.add_argument("--arch", choices=("chain", "unet"), default=None,
+    t.add_argument("--arch", choices=("chain", "unet", "n2n"), default=None,
                    help="unet: the U-Net of docs/numerics.md section 14, shaped by "
                         "--unet-widths, --residual, --leaky-slope (default; the chain where "
                         "--channels is given); chain: 3x3 convolutions with ReLU, shaped by "
-                        "--channels (the CUDA Fortran original's network)")
+                        "--channels (the CUDA Fortran original's network); n2n: the "
+                        "Noise2Noise paper's U-Net (section 15: five poolings, 48 channels "
+                        "down, 96 up), with --residual, --leaky-slope")
     t.add_argument("--channels", default=None,
                    help=f"the chain's channel counts, input to output (default "
                         f"{DEFAULT_CHANNELS}); implies --arch chain")
@@ -269,6 +272,11 @@ def check_options(opts):
              "--loader-workers must not be negative"),
             (opts.resume and opts.force, "--resume and --force exclude each other"),
             (opts.resume and not opts.out, "--resume needs --out DIR, the run to continue")])
+    if opts.arch in ("unet", "n2n") and \
+            not (finite(opts.leaky_slope) and opts.leaky_slope >= 0):
+        raise DataError(f"--leaky-slope {opts.leaky_slope}: must be finite and not negative")
+    if opts.arch == "n2n":
+        return N2NUNet(residual=opts.residual, leaky_slope=opts.leaky_slope)
     if opts.arch == "unet":
         try:
             widths = tuple(int(c) for c in opts.unet_widths.split(","))
@@ -277,8 +285,6 @@ def check_options(opts):
         if len(widths) < 2 or min(widths) < 1:
             raise DataError(f"--unet-widths {opts.unet_widths!r}: give at least two positive "
                             "counts like 16,24,32 (full resolution first)")
-        if not (finite(opts.leaky_slope) and opts.leaky_slope >= 0):
-            raise DataError(f"--leaky-slope {opts.leaky_slope}: must be finite and not negative")
         return UNet(widths, residual=opts.residual, leaky_slope=opts.leaky_slope)
     try:
         channels = tuple(int(c) for c in opts.channels.split(","))
@@ -294,6 +300,11 @@ def check_architecture_options(opts, explicit):
     """Options of one architecture given with --arch of the other: refused, not ignored."""
     if opts.arch == "unet" and "channels" in explicit:
         raise DataError("--channels shapes the chain; the U-Net takes --unet-widths")
+    if opts.arch == "n2n":
+        for given in ("channels", "unet_widths"):
+            if given in explicit:
+                raise DataError(f"--{given.replace('_', '-')} shapes another network; the "
+                                "Noise2Noise U-Net (--arch n2n) is the paper's")
     given = [o for o in UNET_OPTIONS if o in explicit]
     if opts.arch == "chain" and given:
         flag = f"--{given[0].replace('_', '-')}"

@@ -12,7 +12,7 @@ import pytest
 from cryokern import precompile
 from cryokern.backends import get_backend
 from cryokern.kernels import codegen, conv, loss, reduce
-from cryokern.model import UNet, forward, init_params
+from cryokern.model import N2NUNet, UNet, forward, init_params
 from cryokern.step import OptimizerConfig, TrainStep
 
 SGD = OptimizerConfig("sgd", lr=0.1, momentum=0.9)
@@ -31,7 +31,8 @@ def _forget_loaded_kernels():
 
 @pytest.mark.parametrize("network,shape", [
     ((1, 2, 1), (2, 1, 5, 7)),                          # a chain's channel list, as train gives
-    (UNet((1, 2), residual=True), (1, 1, 3, 5))], ids=["chain", "unet"])
+    (UNet((1, 2), residual=True), (1, 1, 3, 5)),
+    (N2NUNet(2, 1, 2, (1,), residual=True), (1, 1, 3, 5))], ids=["chain", "unet", "n2n"])
 def test_jobs_compile_the_kernels_a_step_launches(tmp_path, monkeypatch, network, shape):
     """Every generated kernel module of a real step, validation loss and denoising forward pass
     (another batch and image size) comes from the jobs, and no other; the jobs run through the

@@ -4,7 +4,7 @@ import pytest
 
 from conftest import bits
 from cryokern.backends import get_backend
-from cryokern.model import Network, UNet, forward, init_params
+from cryokern.model import N2NUNet, Network, UNet, forward, init_params
 from cryokern.step import (DEFAULT_PASS_BYTES, OptimizerConfig, TrainStep, pass_pixels_for,
                             workspace_bytes)
 
@@ -127,7 +127,7 @@ def test_a_batch_run_in_passes_gives_the_bits_of_one_pass(backend, opt):
 
 
 @pytest.mark.parametrize("net", [Network(), Network((1, 48, 96, 1)), UNet(),
-                                 UNet(widths=(8, 16, 24))])
+                                 UNet(widths=(8, 16, 24)), N2NUNet()])
 def test_the_default_pass_holds_what_its_memory_budget_allows(net):
     """The default pass size is the network's: the work arrays a pass allocates are the
     bytes workspace_bytes counts, and as many whole images as fit DEFAULT_PASS_BYTES."""

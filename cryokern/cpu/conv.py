@@ -156,7 +156,8 @@ def conv2d_backward_data(gy, w, relu_output=None, out=None, leaky_slope=None, sp
     """dL/dx: the forward chain applied to gy with the flipped, transposed kernel, from +0, and
     masked by relu_output > 0 when given (ReLU's mask; with leaky_slope, LeakyReLU's: numerics
     §2, §9a); `out` may be relu_output itself. With `split` (no mask), the gradient of a
-    concatenation: the pair of its input channels below `split` and the rest (`out` a pair)."""
+    concatenation: the pair of its input channels below `split` and the rest (`out` a pair; its
+    second None: the rest is not computed, and None in its place)."""
     gy, w = operand("gy", gy, 4), operand("w", w, 4)
     _check_conv(gy, w, 0)
     n, _, h, width = gy.shape
@@ -173,6 +174,11 @@ def conv2d_backward_data(gy, w, relu_output=None, out=None, leaky_slope=None, sp
         raise ValueError("the gradient of a concatenation is not masked")
     if not 0 < split < cin:
         raise ValueError(f"cannot split {cin} input channels after channel {split}")
+    if out is not None and out[1] is None:
+        first = Output(out[0], (n, split, h, width), inputs=(gy, w))
+        _conv_rows(gy, None, np.ascontiguousarray(flipped[:split]), zero_bias[:split], PLAIN,
+                   ZERO, None, first.array, None)
+        return first.done(), None
     parts = [Output(None if out is None else out[k], shape, inputs=(gy, w))
              for k, shape in enumerate(((n, split, h, width), (n, cin - split, h, width)))]
     _conv_rows(gy, None, flipped, zero_bias, PLAIN, ZERO, None, parts[0].array, parts[1].array)

@@ -496,11 +496,17 @@ def conv2d_forward(x, w, b, relu=False, out=None, leaky_slope=None, x2=None, ups
 
 def _backward_data_split(gy, w, channels, out):
     """conv2d_backward_data's gradient of a concatenation: the input channels below
-    `channels` into one array, the rest into another (no mask)."""
+    `channels` into one array, the rest into another (no mask); with out[1] None, only the
+    first part: the kernel's output channels stop at `channels` (w's are read by index, each
+    channel's chain its own, so the bits are the split's)."""
     n, _, h, wd = gy.shape
     cin = w.shape[1]
     if not 0 < channels < cin:
         raise ValueError(f"cannot split {cin} input channels after channel {channels}")
+    if out is not None and out[1] is None:
+        op, dev = output("out[0]", out[0], (n, channels, h, wd), gy)
+        _launch_forward(gy.device, w.device, _zero_bias(cin), dev, False, None, transposed=True)
+        return result(op, dev, gy), None
     shapes = (n, channels, h, wd), (n, cin - channels, h, wd)
     parts = [output(f"out[{k}]", None if out is None else out[k], shape, gy)
              for k, shape in enumerate(shapes)]
@@ -512,7 +518,8 @@ def _backward_data_split(gy, w, channels, out):
 def conv2d_backward_data(gy, w, relu_output=None, out=None, leaky_slope=None, split=None):
     """Gradient w.r.t. the input, with the ReLU (or, with leaky_slope, LeakyReLU) mask of
     relu_output folded in (numerics §2, §9a). With `split` (and no mask), the gradient of a
-    concatenation: a pair, input channels below `split` and the rest (`out` a pair too)."""
+    concatenation: a pair, input channels below `split` and the rest (`out` a pair too; its
+    second None: the rest not computed, None in its place)."""
     if leaky_slope is not None and relu_output is None:
         raise ValueError("leaky_slope needs relu_output, the activation's stored output")
     slope = None if leaky_slope is None else leaky_slope_f32(leaky_slope)

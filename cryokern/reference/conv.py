@@ -67,12 +67,20 @@ def conv2d_backward_data(gy, w, relu_output=None, out=None, leaky_slope=None, sp
     gy[n,o,h+1-ky,w+1-kx] * w[o,ci,ky,kx]. With relu_output, the result is masked by
     relu_output > 0 (relu_backward folded in; with leaky_slope, leaky_relu_backward).
     With `split` (no mask), the gradient of a concatenation: the pair of its input channels
-    below `split` and the rest (`out` a pair too).
+    below `split` and the rest (`out` a pair too; its second None: the rest is not wanted, not
+    computed, and None in its place: each channel's chain is its own, so the first part's bits
+    are the same).
     """
     w = _f32("w", w, 4)
     if leaky_slope is not None and relu_output is None:
         raise ValueError("leaky_slope needs relu_output, the activation's stored output")
     flipped = np.ascontiguousarray(w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
+    if split is not None and out is not None and out[1] is None:
+        if relu_output is not None or not 0 < split < flipped.shape[0]:
+            raise ValueError(f"cannot split {flipped.shape[0]} unmasked input channels after "
+                             f"channel {split}")
+        first = conv2d_forward(gy, flipped[:split], np.zeros(split, np.float32))
+        return _finish(first, out[0]), None
     gx = conv2d_forward(gy, flipped, np.zeros(flipped.shape[0], np.float32))
     if relu_output is not None:
         relu_output = same_shape("relu_output", _f32("relu_output", relu_output, 4), gx.shape)
