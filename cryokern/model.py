@@ -367,14 +367,15 @@ class N2NUNet(PooledNetwork):
     def buffer_homes(self):
         """{array name: buffer name} for a forward pass only (denoising), arrays sharing a
         buffer where n2n_forward's order lets one's last read come before the next one's first
-        write: per level l, "skip.l" holds pool.l until the decoder reads it (level 0's is the
-        input), "a.l" and "b.l" take turns (enc_conv{l+1} in a.l, up.l, dec_conv{l+1}a and b
-        in b.l, a.l, b.l; level 0: enc_conv0, enc_conv1 in a.0, b.0, the head's in turns
-        after up.0 in b.0): ~240 floats a pixel for the paper's widths instead of ~420."""
-        home = {"input": "input", "enc_conv0": "a.0", "enc_conv1": "b.0", "up.0": "b.0"}
+        write; no up.l (the decoder reads the level below upsampled in place): per level l,
+        "skip.l" holds pool.l until the decoder reads it (level 0's is the input), "a.l" and
+        "b.l" take turns (enc_conv{l+1} in a.l, dec_conv{l+1}a and b in a.l, b.l; level 0:
+        enc_conv0, enc_conv1 in a.0, b.0, the head's in turns): ~240 floats a pixel for the
+        paper's widths instead of ~420."""
+        home = {"input": "input", "enc_conv0": "a.0", "enc_conv1": "b.0"}
         for level in range(1, self.levels + 1):
             home.update({f"pool.{level}": f"skip.{level}", f"enc_conv{level + 1}": f"a.{level}",
-                         f"up.{level}": f"b.{level}", f"dec_conv{level + 1}a": f"a.{level}",
+                         f"dec_conv{level + 1}a": f"a.{level}",
                          f"dec_conv{level + 1}b": f"b.{level}"})
         names = [name for name, _ in self.head()[:-1]] + ["out", "pred"]
         for k, name in enumerate(names):
@@ -487,17 +488,19 @@ def unet_forward(backend, net, params, x, acts=None):
 
 def n2n_forward(backend, net, params, x, acts=None):
     """The Noise2Noise U-Net's forward pass (numerics §15) into `acts` (allocated when None);
-    returns its output: acts["pred"] where the image was padded, else acts["out"]."""
+    returns its output: acts["pred"] where the image was padded, else acts["out"]. As
+    unet_forward: without an up.l array the decoder reads the level below upsampled in place."""
     n, _, height, width = x.shape
     shapes = net.activation_shapes(n, height, width)
     if acts is None:
-        acts = {name: backend.empty(shape) for name, shape in shapes.items()}
+        acts = {name: backend.empty(shape) for name, shape in shapes.items()
+                if not name.startswith("up.")}
     last = net.head()[-1][0]
 
-    def conv(prefix, source, skip=None):
+    def conv(prefix, source, skip=None, upsampled=False):
         target = "out" if prefix == last else prefix
         backend.conv2d_forward(source, params[f"{prefix}.weight"], params[f"{prefix}.bias"],
-                               out=acts[target], x2=skip,
+                               out=acts[target], x2=skip, upsampled=upsampled,
                                leaky_slope=None if prefix == last else net.leaky_slope)
         return acts[target]
 
@@ -509,12 +512,14 @@ def n2n_forward(backend, net, params, x, acts=None):
         pooled = backend.maxpool2x2_forward(source, out=acts[f"pool.{level}"])
         source = conv(f"enc_conv{level + 1}", pooled)
     for level in reversed(range(net.levels)):
-        up = backend.upsample2x_forward(source, out=acts[f"up.{level}"])
+        up = acts.get(f"up.{level}")
+        below = source if up is None else backend.upsample2x_forward(source, out=up)
         if level:
             source = conv(f"dec_conv{level + 1}b",
-                          conv(f"dec_conv{level + 1}a", up, skip=acts[f"pool.{level}"]))
+                          conv(f"dec_conv{level + 1}a", below, skip=acts[f"pool.{level}"],
+                               upsampled=up is None))
     head = [name for name, _ in net.head()]
-    source = conv(head[0], up, skip=inputs)
+    source = conv(head[0], below, skip=inputs, upsampled=up is None)
     for name in head[1:]:
         source = conv(name, source)
     if net.residual:

@@ -265,7 +265,9 @@ class _Dependence:
         out[...] = value
         return out
 
-    def conv2d_forward(self, x, w, b, out=None, x2=None, leaky_slope=None):
+    def conv2d_forward(self, x, w, b, out=None, x2=None, leaky_slope=None, upsampled=False):
+        if upsampled:
+            x = self.upsample2x_forward(x)
         any_in = x.any(axis=1) | (False if x2 is None else x2.any(axis=1))
         padded = np.pad(any_in, ((0, 0), (1, 1), (1, 1)))
         h, wd = any_in.shape[1:]
