@@ -101,7 +101,7 @@ class Source:
 
     def kernel(self, params, max_registers=None):
         """Start a module holding one `kernel(params)`, register-capped on a real GPU."""
-        self("from numba import cuda, float32, float64, uint64")
+        self("from numba import cuda, float32, float64, int64, uint64")
         self()
         cap = "" if max_registers is None or config.ENABLE_CUDASIM else \
             f", max_registers={max_registers}"     # the simulator's jit takes no cap
@@ -114,6 +114,15 @@ class Source:
         # the same (bench/compile_time.py --compare).
         self("fma = cuda.fma")
         self("selp = cuda.selp")
+        return self
+
+    def device_function(self, name, params):
+        """Start a device function `name(params)`, inlined into its callers on a real GPU."""
+        self()
+        inline = "" if config.ENABLE_CUDASIM else ", forceinline=True"
+        self(f"@cuda.jit(device=True{inline})")
+        self(f"def {name}({params}):").indent()
+        self("fma = cuda.fma")
         return self
 
     def known(self, condition):
