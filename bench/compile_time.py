@@ -134,7 +134,11 @@ def compile_stages(kernel, argtypes, cap, ptx_path):
 
 def normalized_ptx(ptx):
     """The PTX without what differs between two compilations of the same code: the kernel's
-    mangled name (the generated module's hash is in it) and numba's shared-array numbering."""
+    mangled name (the generated module's hash is in it), numba's shared-array numbering, and
+    numba's environment pointers (a `.common .global .u64` declared for each function, the
+    kernel's and each inlined device function's, that no instruction reads: codegen.py's
+    device functions add one each)."""
+    ptx = re.sub(r"\.common \.global \.align 8 \.u64 _ZN08NumbaEnv\w+;\n", "", ptx)
     ptx = re.sub(r"_ZN\w*cryokern_generated_\w+", "KERNEL", ptx)
     return re.sub(r"_cudapy_smem_\d+", "SMEM", ptx)
 

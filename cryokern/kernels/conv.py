@@ -214,8 +214,8 @@ class _MaskPlan:
 
 def _epilogue_value(acc, relu, slope, mask_bit):
     """The stored value of accumulator `acc`: ReLU'd (§1), LeakyReLU'd with `slope` (§9a), or,
-    with `mask_bit` (word, bit) of the mask's bits, the ReLU (or, with slope, LeakyReLU)
-    gradient mask applied (§2, §9a). Selects rather than branches (codegen.select_load says
+    with `mask_bit` (word, bit): the output's word of mask bits `live<word>` and its bit (an
+    expression), the ReLU (or, with slope, LeakyReLU) gradient mask applied (§2, §9a). Selects rather than branches (codegen.select_load says
     why); each keeps the value the branch kept, NaN included."""
     value = acc
     if relu:
@@ -225,7 +225,7 @@ def _epilogue_value(acc, relu, slope, mask_bit):
     if mask_bit:
         word, bit = mask_bit
         dropped = f"{value} * {slope}" if slope else "float32(0)"
-        value = f"selp((live{word} & uint64({1 << bit})) != uint64(0), {value}, {dropped})"
+        value = f"selp((live{word} & {bit}) != uint64(0), {value}, {dropped})"
     return value
 
 
@@ -388,9 +388,29 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
     called(f"return ({', '.join(chains)},)")
     if masked and plan.late and not plan.active_guard:
         plan.convert(src)       # the last turn's (with fewer turns than channels, done in the loop)
-    # the outputs, row by row
+    # the outputs, row by row: a call of `outputs` per row, with the row's chains (and with
+    # the mask, each output's word of bits and its bit)
     src("col = c0 + cuda.threadIdx.x")
     src("if col < width:").indent()
+    stores = Source().device_function(
+        "outputs", "y, i, chains" + (", words, bits" if masked else "") +
+        (", o0, plane" if out_first is None else ", y2, n, o0, plane"))
+    stores(", ".join(f"a{g}" for g in range(g_out)) + ", = chains")
+    if masked:
+        stores(", ".join(f"live{g}" for g in range(g_out)) + ", = words")
+        stores(", ".join(f"bit{g}" for g in range(g_out)) + ", = bits")
+    for g in range(g_out):
+        stores(f"if o0 + {g} < {cout}:").indent()
+        stores(f"v = {_epilogue_value(f'a{g}', relu, slope, masked and (g, f'bit{g}'))}")
+        if out_first is None:
+            stores(f"y[uint64(i + {g} * plane)] = v")
+        else:
+            stores(f"if o0 + {g} < {out_first}:").indent()
+            stores(f"y[uint64((n * {out_first} + o0 + {g}) * plane + i)] = v").dedent()
+            stores("else:").indent()
+            stores(f"y2[uint64((n * {cout - out_first} + o0 + {g} - {out_first}) * plane "
+                   f"+ i)] = v").dedent()
+        stores.dedent()
     for p in range(R):
         src(f"row{p} = h0 + cuda.threadIdx.y * {R} + {p}")
         if out_first is None:
@@ -398,25 +418,19 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
         else:
             src(f"i{p} = row{p} * width + col")
         src(f"if row{p} < height:").indent()
-        for g in range(g_out):
-            src(f"if o0 + {g} < {cout}:").indent()
-            src(f"v = {_epilogue_value(f'a{p}_{g}', relu, slope, masked and plan.bit(p, g))}")
-            if out_first is None:
-                src(f"y[uint64(i{p} + {g} * plane)] = v")
-            else:
-                src(f"if o0 + {g} < {out_first}:").indent()
-                src(f"y[uint64((n * {out_first} + o0 + {g}) * plane + i{p})] = v").dedent()
-                src("else:").indent()
-                src(f"y2[uint64((n * {cout - out_first} + o0 + {g} - {out_first}) * plane "
-                    f"+ i{p})] = v").dedent()
-            src.dedent()
-        src.dedent()
+        args = [f"({', '.join(f'a{p}_{g}' for g in range(g_out))},)"]
+        if masked:
+            bits = [plan.bit(p, g) for g in range(g_out)]
+            args.append(f"({', '.join(f'live{word}' for word, _ in bits)},)")
+            args.append(f"({', '.join(f'uint64({1 << bit})' for _, bit in bits)},)")
+        args += ["o0", "plane"] if out_first is None else ["y2", "n", "o0", "plane"]
+        src(f"outputs(y, i{p}, {', '.join(args)})").dedent()
     leaky = "" if slope is None else f"_leaky{np.float32(leaky_slope).view(np.uint32):08x}"
     two = "" if first is None else f"_first{first}"
     groups_of = f"_group{group}" if grouped else ""
     module = load_module(f"conv_forward_{cin}_{cout}_{int(relu)}{int(masked)}{int(transposed)}"
                          f"{leaky}{two}{groups_of}{'_early' if early_loads else ''}",
-                         src.text() + called.text())
+                         src.text() + called.text() + stores.text())
     return module.kernel, (BW, TY, groups), ob_size, BH
 
 
