@@ -215,8 +215,9 @@ class _MaskPlan:
 def _epilogue_value(acc, relu, slope, mask_bit):
     """The stored value of accumulator `acc`: ReLU'd (§1), LeakyReLU'd with `slope` (§9a), or,
     with `mask_bit` (word, bit): the output's word of mask bits `live<word>` and its bit (an
-    expression), the ReLU (or, with slope, LeakyReLU) gradient mask applied (§2, §9a). Selects rather than branches (codegen.select_load says
-    why); each keeps the value the branch kept, NaN included."""
+    expression), the ReLU (or, with slope, LeakyReLU) gradient mask applied (§2, §9a).
+    Selects rather than branches (codegen.select_load says why); each keeps the value the
+    branch kept, NaN included."""
     value = acc
     if relu:
         value = f"selp({value} <= float32(0), float32(0), {value})"
@@ -369,7 +370,8 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
         for k in range(3):
             src(f"v{r}_{k} = xs[xb + uint64({r * XW + k})]")
     src(f"wc = uint64(wb + {f'ci % {group}' if grouped else 'ci'} * {9 * ob_size})")
-    # the channel's fmas: a call per kernel row (ky) of `taps`, its rows of the window passed
+    # the channel's fmas: a call per kernel row (ky) of `taps` (codegen.Source.device_function
+    # says why), with that row's window rows; the chains go from call to call in a tuple
     chains = [f"a{p}_{g}" for p in range(R) for g in range(g_out)]
     src(f"state0 = ({', '.join(chains)},)")
     for ky in range(3):
@@ -567,7 +569,9 @@ def _relu_mask(gy, y, gx):
 # WeightsVariant says how each layer's kernel is built.
 GS = TILE_W + 1              # gy row stride: the warp's output groups fall in different banks
 XROW = TILE_W + 2
-CALL_COLUMNS = 4            # columns of a written-out tile row per device-function call
+CALL_COLUMNS = 4            # columns of a written-out tile row per device-function call (the
+                            # 48+48 -> 48 kernel's numba front end: 3.8-3.9 CPU s at 2 or 4,
+                            # 4.3 at 8, 5.2 at 16; branch gcold's NOTES entry)
 XS_STRIDE = 3 * XROW + (2 - 3 * XROW) % 16   # floats per input channel in the x ring, = 2 mod 16
                                              # so the warp's input channels spread over banks
 
