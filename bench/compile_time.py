@@ -27,10 +27,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from types import SimpleNamespace
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import nets  # noqa: E402  (bench/nets.py: the networks a benchmark names)
+import offline  # noqa: E402  (bench/offline.py: device functions compiled without a GPU)
 
 CC = (9, 0, "a")      # what the dispatcher asks for on compute capability 9.0
 
@@ -95,11 +95,9 @@ def compile_stages(kernel, argtypes, cap, ptx_path):
     """CPU seconds of each stage ({'front end', 'NVVM', 'ptxas'}), the front end's three slowest
     passes, the PTX, and ptxas's registers and spill bytes (None without ptxas)."""
     from numba import types
-    from numba.cuda import compiler, dispatcher
+    from numba.cuda import compiler
     from numba.cuda.cudadrv import nvvm
-    # a generated kernel's device functions compile at its typing, for the current device's
-    # compute capability: the one asked for here (there is no device)
-    dispatcher.get_current_device = lambda: SimpleNamespace(compute_capability=CC[:2])
+    offline.without_device(CC)      # the kernel's device functions compile at its typing
     seconds = {}
     start = time.process_time()
     cres = compiler.compile_cuda(kernel.py_func, types.void, argtypes,
