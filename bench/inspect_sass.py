@@ -34,6 +34,8 @@ from numba import cuda, types
 
 from cryokern.kernels import conv, loss, reduce
 
+import offline  # bench/offline.py: device functions compiled without a GPU
+
 F32 = types.float32[::1]
 FORWARD_SIG = (F32, types.float32[:, :, :, ::1], F32, F32, F32, types.int64, types.int64,
                types.int64)
@@ -187,6 +189,7 @@ def main():
         print(f"{'kernel':26s} {'regs':>4s} {'spill B':>7s} {'hot block':>9s} {'FFMA':>5s} "
               f"{'LDS':>4s}  other")
     early = None if args.early_loads is None else args.early_loads == "on"
+    offline.without_device((9, 0))
     for label, fn, sig, cap in (wide_kernels(geometry, args.cap, early) if args.wide else kernels()):
         name = out / re.sub(r"\W+", "_", label)
         ptx, _ = cuda.compile_ptx(fn, sig, cc=(9, 0))

@@ -139,17 +139,20 @@ def test_written_out_kernels_branch_little():
     """Branches per mask element and per output (287 in backward-data 1 -> 16) made numba's
     front end take most of a cold start (bench/compile_time.py, NOTES v28): backward-data
     now loads its mask a row at a time and sets and applies its bits with selects (103 left,
-    64 of them the stores' channel guards), and the 16 -> 16 weight gradients' written-out
-    tile row is cut into numba blocks of SPLIT_COLUMNS columns."""
+    64 of them the stores' channel guards). The written-out fmas are calls of a device
+    function that numba compiles once (codegen.Source.device_function): the weight
+    gradients' tile row CALL_COLUMNS columns a call, forward's and backward-data's input
+    channel a kernel row a call."""
     import inspect
     source = inspect.getsource(conv._forward_kernel(1, 16, False, True, True)[0].py_func)
     assert source.count("if ") < 120
     assert not [line for line in source.splitlines() if "mask[" in line and " if " in line]
+    assert source.count("= taps(") == 3 and "fma(" not in source
     weights = inspect.getsource(conv._weights_kernel(16, 16, conv.weights_variant(16, 16))[0]
                                 .py_func)
-    # the chains' test, its re-tests between blocks of columns, the bias chains' test
-    assert weights.count(f"if cols == {conv.TILE_W}:") == \
-        2 + (conv.TILE_W - 1) // conv.SPLIT_COLUMNS
+    # the chains' test and the bias chains' test; the full-width row in calls
+    assert weights.count(f"if cols == {conv.TILE_W}:") == 2
+    assert weights.count("= columns(") == conv.TILE_W // conv.CALL_COLUMNS
 
 
 @pytest.mark.parametrize("shape", cases(LARGE + LARGE_MANY_OUTPUTS, SMALL_WEIGHTS))

@@ -101,8 +101,8 @@ class Source:
 
     def kernel(self, params, max_registers=None, types=()):
         """Start a module holding one `kernel(params)`, register-capped on a real GPU; numba
-        `types` beyond float32, float64 and uint64 imported too."""
-        self(f"from numba import {', '.join(('cuda', 'float32', 'float64', *types, 'uint64'))}")
+        `types` beyond float32, float64, int64 and uint64 imported too."""
+        self(f"from numba import {', '.join(('cuda', 'float32', 'float64', 'int64', *types, 'uint64'))}")
         self()
         cap = "" if max_registers is None or config.ENABLE_CUDASIM else \
             f", max_registers={max_registers}"     # the simulator's jit takes no cap
@@ -117,18 +117,27 @@ class Source:
         self("selp = cuda.selp")
         return self
 
-    def known(self, condition):
-        """Test `condition` again where it is known to hold, and go on inside it (dedent at
-        the end): a new basic block for numba, none for LLVM, which knows the condition (from
-        the dominating test, or a loop of one turn) and folds this one away. Use it only where
-        bench/compile_time.py --compare shows the PTX unchanged.
+    def device_function(self, name, params):
+        """Start a device function `name(params)` (to append to a kernel's module), inlined
+        into each call on a real GPU (forceinline: NVVM's always-inliner, so that the PTX is
+        that of the code written out at each call: bench/compile_time.py --compare).
 
-        Why: numba's front end takes time quadratic in a basic block's statements (SSA
-        reconstruction finds each definition by a scan of its block; lowering scans the block
-        for each variable assigned in it). The 16 -> 16 weight gradients' written-out tile
-        row, 64 columns in one block: 17.4 CPU s of numba, 6.9 in blocks of 8 columns
-        (bench/compile_time.py, NOTES v28)."""
-        return self(f"if {condition}:").indent()
+        Why: numba's front end (typing, SSA reconstruction, lowering) runs once per function,
+        and takes time growing with a function's statements times its variables assigned more
+        than once (SSA reconstruction walks every statement once per such variable) and
+        quadratic in a basic block's statements (lowering scans the block for each variable
+        assigned in it). The written-out fmas, thousands of statements over dozens of chains,
+        were most of it: the 48+48 -> 48 weight gradients took 9.9 CPU s of numba for 3,150
+        lines, 3.8 as 16 calls of 4 columns (NOTES, branch gcold). Pass the constants that
+        differ between calls as `int64(k)`: a literal argument is typed as its value, and
+        numba would compile the function once per value."""
+        self()
+        inline = "" if config.ENABLE_CUDASIM else ", forceinline=True"  # (not a simulator option)
+        self(f"@cuda.jit(device=True{inline})")
+        self(f"def {name}({params}):").indent()
+        self("fma = cuda.fma")
+        self("selp = cuda.selp")
+        return self
 
     def indent(self):
         self.depth += 1

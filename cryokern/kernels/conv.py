@@ -214,9 +214,10 @@ class _MaskPlan:
 
 def _epilogue_value(acc, relu, slope, mask_bit):
     """The stored value of accumulator `acc`: ReLU'd (§1), LeakyReLU'd with `slope` (§9a), or,
-    with `mask_bit` (word, bit) of the mask's bits, the ReLU (or, with slope, LeakyReLU)
-    gradient mask applied (§2, §9a). Selects rather than branches (codegen.select_load says
-    why); each keeps the value the branch kept, NaN included."""
+    with `mask_bit` (word, bit): the output's word of mask bits `live<word>` and its bit (an
+    expression), the ReLU (or, with slope, LeakyReLU) gradient mask applied (§2, §9a).
+    Selects rather than branches (codegen.select_load says why); each keeps the value the
+    branch kept, NaN included."""
     value = acc
     if relu:
         value = f"selp({value} <= float32(0), float32(0), {value})"
@@ -225,7 +226,7 @@ def _epilogue_value(acc, relu, slope, mask_bit):
     if mask_bit:
         word, bit = mask_bit
         dropped = f"{value} * {slope}" if slope else "float32(0)"
-        value = f"selp((live{word} & uint64({1 << bit})) != uint64(0), {value}, {dropped})"
+        value = f"selp((live{word} & {bit}) != uint64(0), {value}, {dropped})"
     return value
 
 
@@ -381,25 +382,49 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
         for k in range(3):
             src(f"v{r}_{k} = xs[xb + uint64({r * XW + k})]")
     src(f"wc = uint64(wb + {f'ci % {group}' if grouped else 'ci'} * {9 * ob_size})")
-    # from one input channel, each kernel row's fmas a numba block of their own (Source.known:
-    # the loop has one turn, LLVM drops it and folds the re-test, the PTX is the same); with
-    # more turns the re-test moved the loop's address arithmetic (NOTES v28)
-    split = cin == 1
+    # the channel's fmas: a call per kernel row (ky) of `taps` (codegen.Source.device_function
+    # says why), with that row's window rows; the chains go from call to call in a tuple
+    chains = [f"a{p}_{g}" for p in range(R) for g in range(g_out)]
+    src(f"state0 = ({', '.join(chains)},)")
     for ky in range(3):
-        if ky and split:
-            src.known("ci == 0")
-        for kx in range(3):
-            for g in range(g_out):
-                src(f"t = ws[wc + uint64({(ky * 3 + kx) * ob_size + g})]")
-                for p in range(R):
-                    src(f"a{p}_{g} = fma(v{p + ky}_{kx}, t, a{p}_{g})")
-    for _ in range(3 if split else 1):
-        src.dedent()
+        rows = ", ".join(f"v{p + ky}_{kx}" for p in range(R) for kx in range(3))
+        src(f"state{ky + 1} = taps(ws, wc, int64({ky * 3 * ob_size}), ({rows},), state{ky})")
+    src(f"{', '.join(chains)}, = state3")
+    src.dedent()
+    called = Source().device_function("taps", "ws, wc, k, rows, state")
+    called(f"{', '.join(chains)}, = state")
+    called(", ".join(f"v{p}_{kx}" for p in range(R) for kx in range(3)) + ", = rows")
+    for kx in range(3):
+        for g in range(g_out):
+            called(f"t = ws[wc + uint64(k + {kx * ob_size + g})]")
+            for p in range(R):
+                called(f"a{p}_{g} = fma(v{p}_{kx}, t, a{p}_{g})")
+    called(f"return ({', '.join(chains)},)")
     if masked and plan.late and not plan.active_guard:
         plan.convert(src)       # the last turn's (with fewer turns than channels, done in the loop)
-    # the outputs, row by row
+    # the outputs, row by row: a call of `outputs` per row, with the row's chains (and with
+    # the mask, each output's word of bits and its bit)
     src("col = c0 + cuda.threadIdx.x")
     src("if col < width:").indent()
+    stores = Source().device_function(
+        "outputs", "y, i, chains" + (", words, bits" if masked else "") +
+        (", o0, plane" if out_first is None else ", y2, n, o0, plane"))
+    stores(", ".join(f"a{g}" for g in range(g_out)) + ", = chains")
+    if masked:
+        stores(", ".join(f"live{g}" for g in range(g_out)) + ", = words")
+        stores(", ".join(f"bit{g}" for g in range(g_out)) + ", = bits")
+    for g in range(g_out):
+        stores(f"if o0 + {g} < {cout}:").indent()
+        stores(f"v = {_epilogue_value(f'a{g}', relu, slope, masked and (g, f'bit{g}'))}")
+        if out_first is None:
+            stores(f"y[uint64(i + {g} * plane)] = v")
+        else:
+            stores(f"if o0 + {g} < {out_first}:").indent()
+            stores(f"y[uint64((n * {out_first} + o0 + {g}) * plane + i)] = v").dedent()
+            stores("else:").indent()
+            stores(f"y2[uint64((n * {cout - out_first} + o0 + {g} - {out_first}) * plane "
+                   f"+ i)] = v").dedent()
+        stores.dedent()
     for p in range(R):
         src(f"row{p} = h0 + cuda.threadIdx.y * {R} + {p}")
         if out_first is None:
@@ -407,26 +432,20 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
         else:
             src(f"i{p} = row{p} * width + col")
         src(f"if row{p} < height:").indent()
-        for g in range(g_out):
-            src(f"if o0 + {g} < {cout}:").indent()
-            src(f"v = {_epilogue_value(f'a{p}_{g}', relu, slope, masked and plan.bit(p, g))}")
-            if out_first is None:
-                src(f"y[uint64(i{p} + {g} * plane)] = v")
-            else:
-                src(f"if o0 + {g} < {out_first}:").indent()
-                src(f"y[uint64((n * {out_first} + o0 + {g}) * plane + i{p})] = v").dedent()
-                src("else:").indent()
-                src(f"y2[uint64((n * {cout - out_first} + o0 + {g} - {out_first}) * plane "
-                    f"+ i{p})] = v").dedent()
-            src.dedent()
-        src.dedent()
+        args = [f"({', '.join(f'a{p}_{g}' for g in range(g_out))},)"]
+        if masked:
+            bits = [plan.bit(p, g) for g in range(g_out)]
+            args.append(f"({', '.join(f'live{word}' for word, _ in bits)},)")
+            args.append(f"({', '.join(f'uint64({1 << bit})' for _, bit in bits)},)")
+        args += ["o0", "plane"] if out_first is None else ["y2", "n", "o0", "plane"]
+        src(f"outputs(y, i{p}, {', '.join(args)})").dedent()
     leaky = "" if slope is None else f"_leaky{np.float32(leaky_slope).view(np.uint32):08x}"
     two = "" if first is None else f"_first{first}"
     groups_of = f"_group{group}" if grouped else ""
     module = load_module(f"conv_forward_{cin}_{cout}_{int(relu)}{int(masked)}{int(transposed)}"
                          f"{leaky}{two}{groups_of}{'_early' if early_loads else ''}"
                          f"{'_up' if upsampled else ''}",
-                         src.text())
+                         src.text() + called.text() + stores.text())
     return module.kernel, (BW, TY, groups), ob_size, BH
 
 
@@ -576,10 +595,9 @@ def _relu_mask(gy, y, gx):
 # WeightsVariant says how each layer's kernel is built.
 GS = TILE_W + 1              # gy row stride: the warp's output groups fall in different banks
 XROW = TILE_W + 2
-SPLIT_COLUMNS = 8           # a written-out tile row in numba blocks of this many columns,
-SPLIT_FMAS = 144            # fewer where their fmas would be more than this (4 outputs a
-                            # thread: 4 columns; the 48 -> 48 kernel's 12.3 s of numba's front
-                            # end in blocks of 8 columns, NOTES v32)
+CALL_COLUMNS = 4            # columns of a written-out tile row per device-function call (the
+                            # 48+48 -> 48 kernel's numba front end: 3.8-3.9 CPU s at 2 or 4,
+                            # 4.3 at 8, 5.2 at 16; branch gcold's NOTES entry)
 XS_STRIDE = 3 * XROW + (2 - 3 * XROW) % 16   # floats per input channel in the x ring, = 2 mod 16
                                              # so the warp's input channels spread over banks
 
@@ -695,6 +713,7 @@ def _weights_kernel(cin, cout, variant, first=None, block=None):
     workers = O // go * C * (3 // held)   # threads that hold chains; the rest only stage
     threads = max(threads, -(-(workers + O) // 32) * 32)
     g_total, x_total = O * TILE_W, C * XROW
+    called = Source()      # the device function that chains_unrolled calls
     src = Source().kernel("gy, x, gw_part, gb_part, height, width, tiles_w" if first is None else
                           "gy, x, xtwo, gw_part, gb_part, height, width, tiles_w", max_registers)
     src("n = cuda.blockIdx.y")
@@ -848,11 +867,11 @@ def _weights_kernel(cin, cout, variant, first=None, block=None):
         src(f"x{k} = uint64(ci * {XS_STRIDE} + ((r0 + r + {first_row}{k}) % 3) * {XROW})")
     src(f"gb = uint64(og * {go * GS})")
 
-    def fmas(window_column):
+    def fmas(out, window_column):
         for j in range(go):
             for ky in range(held):
                 for kx in range(3):
-                    src(f"a{j}_{ky * 3 + kx} = fma(g{j}, w{ky}_{window_column(kx)}, "
+                    out(f"a{j}_{ky * 3 + kx} = fma(g{j}, w{ky}_{window_column(kx)}, "
                         f"a{j}_{ky * 3 + kx})")
 
     def chains_rolled():
@@ -864,27 +883,35 @@ def _weights_kernel(cin, cout, variant, first=None, block=None):
             src(f"w{k}_2 = xs[x{k} + uint64(c + 2)]")
         for j in range(go):
             src(f"g{j} = gs[gb + uint64({j * GS} + c)]")
-        fmas(lambda kx: kx)
+        fmas(src, lambda kx: kx)
         for k in range(held):
             src(f"w{k}_0 = w{k}_1")
             src(f"w{k}_1 = w{k}_2")
         src.dedent()
 
-    def chains_unrolled():          # input column c + kx of the window is w{ky}_{c + kx}
+    def chains_unrolled():
+        """The full-width row: calls of `columns`, which runs CALL_COLUMNS columns from column
+        c on (input column c + kx of the window is w{ky}_{c + kx}), written out; the chains
+        and the window's last two columns go from call to call in a tuple."""
         for k in range(held):
             src(f"w{k}_0 = xs[x{k}]")
             src(f"w{k}_1 = xs[x{k} + uint64(1)]")
-        columns = min(SPLIT_COLUMNS, SPLIT_FMAS // (go * 3 * held))    # a numba block's
-        for c in range(TILE_W):
-            if c % columns == 0 and c:
-                src.known(f"cols == {TILE_W}")
+        chains = [f"a{j}_{k}" for j in range(go) for k in range(3 * held)]
+        window = lambda c: [f"w{k}_{c + i}" for k in range(held) for i in range(2)]
+        rows = ", ".join(f"x{k}" for k in range(held))
+        src(f"state0 = ({', '.join(chains + window(0))},)")
+        for c in range(0, TILE_W, CALL_COLUMNS):
+            src(f"state{c + CALL_COLUMNS} = columns(xs, gs, {rows}, gb, int64({c}), state{c})")
+        src(f"{', '.join(chains)}, = state{TILE_W}[:{len(chains)}]")
+        called.device_function("columns", f"xs, gs, {rows}, gb, c, state")
+        called(f"{', '.join(chains + window(0))}, = state")
+        for c in range(CALL_COLUMNS):
             for k in range(held):
-                src(f"w{k}_{c + 2} = xs[x{k} + uint64({c + 2})]")
+                called(f"w{k}_{c + 2} = xs[x{k} + uint64(c + {c + 2})]")
             for j in range(go):
-                src(f"g{j} = gs[gb + uint64({j * GS + c})]")
-            fmas(lambda kx: c + kx)
-        for _ in range((TILE_W - 1) // columns):
-            src.dedent()
+                called(f"g{j} = gs[gb + uint64(c + {j * GS + c})]")
+            fmas(called, lambda kx: c + kx)
+        called(f"return ({', '.join(chains + window(CALL_COLUMNS))},)")
 
     def bias_rolled():
         src("for c in range(cols):").indent()("bias = bias + gs[gb + uint64(c)]").dedent()
@@ -923,7 +950,7 @@ def _weights_kernel(cin, cout, variant, first=None, block=None):
     src(f"gb_part[n, t, {'o_first + ' if grouped else ''}tid - {workers}] = bias").dedent()
     module = load_module(f"conv_weights_{cin}_{cout}" + ("" if first is None else
                                                           f"_first{first}") +
-                         (f"_block{O}x{C}" if grouped else ""), src.text())
+                         (f"_block{O}x{C}" if grouped else ""), src.text() + called.text())
     return module.kernel, threads
 
 

@@ -12,6 +12,9 @@ FOLD_THREADS = 256
 FOLD_ROUND = 128     # tiles a block stages per round, at least (FOLD_ROUND x chains partials)
 FOLD_CHAINS = 32     # outputs (k) per block, one float64 chain each, on one warp's lanes
 CHAIN_AHEAD = 8      # shared-memory loads issued before their additions (partial rounds)
+CALL_TILES = 16      # a full round's additions per call of a generated device function (its
+                     # 256 additions in one numba block: fold_tiles (32, 1) 7.5 CPU s of numba's
+                     # front end, 3.3 in calls; codegen.Source.device_function)
 
 
 def _chains(outputs):
@@ -41,7 +44,8 @@ def _fold_tiles(kcs):
     The chain: rounds of _round(kc) tiles x kc outputs: all the block's threads load them
     (kc divides the block, so each thread's loads share one output and step through the tiles
     by one address increment), then, with the next round's loads in flight, kc threads add
-    this round's in tile order; a full round is written out, so that ptxas can issue the
+    this round's in tile order; a full round is written out (CALL_TILES additions a call of
+    the module's device function `chain`, inlined), so that ptxas can issue the
     shared-memory loads ahead of the additions."""
     params = [f"partials{j}, bits{j}, per_image{j}" if kc == 1 else f"partials{j}, per_image{j}"
               for j, kc in enumerate(kcs)]
@@ -73,7 +77,12 @@ def _fold_tiles(kcs):
             src.dedent()
         if len(kcs) > 1:
             src.dedent()
-    return load_module(f"fold_tiles_{'_'.join(map(str, kcs))}", src.text()).kernel
+    called = Source().device_function("chain", "buf, tid, at, step, acc")
+    for t in range(CALL_TILES):
+        called(f"acc = acc + float64(buf[uint64(tid + (at + {t} * step))])")
+    called("return acc")
+    return load_module(f"fold_tiles_{'_'.join(map(str, kcs))}",
+                       src.text() + called.text()).kernel
 
 
 def _exact_pass(src):
@@ -153,9 +162,11 @@ def _fold_job(src, kc):
     src(f"count = min({tiles_per_round}, tiles - t0)")
     # P_n starts from tile 0's partial, not from 0
     src(f"if count == {tiles_per_round}:").indent()       # a full round, written out
-    for t in range(tiles_per_round):
+    for t in range(CALL_TILES):
         value = f"float64(buf[uint64(tid + {t * kc})])"
         src(f"acc = {value} if t0 == 0 else acc + {value}" if t == 0 else f"acc = acc + {value}")
+    for t in range(CALL_TILES, tiles_per_round, CALL_TILES):     # the rest in calls
+        src(f"acc = chain(buf, tid, int64({t * kc}), int64({kc}), acc)")
     src.dedent()
     src("else:").indent()
     src("t = 0")
