@@ -789,10 +789,14 @@ def write_run_directory(opts, network, backend, description, resume_from):
 
 
 def start_compiling(opts, network):
-    """The network's GPU kernels, compiling in worker processes while the data are opened
-    (precompile.py); nothing to do for the CPU backends."""
-    if opts.device in ("cpu", "reference") or not gpu_available():
+    """The network's GPU kernels (precompile.py) or the CPU backend's functions
+    (cpu/precompile.py), compiling in worker processes while the data are opened; nothing to
+    do for the reference."""
+    if opts.device == "reference":
         return precompile.Ready()
+    if opts.device == "cpu" or not gpu_available():
+        from .cpu import precompile as cpu_precompile
+        return cpu_precompile.start(network, optimizer_config(opts))
     return precompile.start(network, optimizer_config(opts))
 
 
