@@ -35,12 +35,15 @@ from ..cachedir import cache_root
 
 
 def _dispatchers():
-    """(module, global name, dispatcher) of every compiled function in this package's modules,
-    once per module that holds it (conv imports activation's mask_elements, ...)."""
+    """(module, global name, dispatcher) of every compiled function that Python code of this
+    package calls, once per module that holds it (conv imports activation's mask_elements,
+    ...). Not the inlined ones: they are compiled into their callers only, which would find a
+    replacement in their module's globals if they were compiled while it is there."""
     modules = [importlib.import_module(f"{cpu.__name__}.{m.name}")
                for m in pkgutil.iter_modules(cpu.__path__)]
     return [(module, name, value) for module in modules for name, value in vars(module).items()
-            if isinstance(value, CPUDispatcher)]
+            if isinstance(value, CPUDispatcher)
+            and value.targetoptions.get("inline") != "always"]
 
 
 def _key(dispatcher):
