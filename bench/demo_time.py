@@ -72,9 +72,9 @@ def timed_demo(tree, cache, out, train_args):
 
 
 def compile_each_function(tree, net, optimizer):
-    """[(label, wall seconds, CPU seconds)] of the CPU backend's compile jobs for the network, compiled in order
-    in one fresh process with an empty numba cache (numba's own helpers are compiled once per
-    process, inside the first job that needs them)."""
+    """[(label, wall seconds, CPU seconds)] of the CPU backend's compile jobs for the network,
+    compiled in order in one fresh process with an empty numba cache (numba's own helpers are
+    compiled once per process, inside the first job that needs them)."""
     script = (
         "import json, sys, time\n"
         "from cryokern.cpu import precompile as P\n"
