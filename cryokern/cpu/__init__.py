@@ -12,8 +12,8 @@ constant from contract.py frozen into a cached function would outlive a change t
 Cold start (an empty cache: 1-10 s of compiling per function on 2 cores): each compiled function
 is called with one set of argument types (an absent optional array is passed as another array
 of the same type, with a flag where the loop must know, not as None, which numba would compile
-separately), loops copy arrays element by element (an array-to-array slice assignment compiles
-numba's shape-mismatch message), and train compiles the functions a run needs in worker
+separately), most copies are element loops (an array-to-array slice assignment compiles numba's
+shape-mismatch message, ~1-3 s), and train compiles the functions a run needs in worker
 processes before its first step (precompile.py).
 """
 import os

@@ -77,7 +77,9 @@ def _conv_rows(x, x2, w, b, act, slope, masking, mask, out, out2):
     Every call has the same argument types, so that numba compiles it once (it compiles one
     specialization per combination of None and arrays: 3-4 s each on a cold cache, 2 cores):
     without a second input x2 is x, without a second output out2 is out, without a mask mask
-    is out; the channel counts and `masking` then never reach them."""
+    is out; the channel counts and `masking` then never reach them. x's and x2's rows are
+    copied by loops of their own (a choice per channel was 10-15 % slower: bench/NOTES.md,
+    cdemo)."""
     n, x_channels, h, width = x.shape
     cout, cin = w.shape[0], w.shape[1]
     out_channels = out.shape[1]
@@ -85,12 +87,15 @@ def _conv_rows(x, x2, w, b, act, slope, masking, mask, out, out2):
         img = job // h
         row = job - img * h
         rows = np.zeros((cin, 3, width + 2), np.float32)    # input rows, zero-padded
-        for ci in range(cin):
-            for ky in range(3):
-                y = row + ky - 1
-                if 0 <= y < h:
-                    src = x[img, ci, y] if ci < x_channels else x2[img, ci - x_channels, y]
-                    dst = rows[ci, ky]
+        for ky in range(3):
+            y = row + ky - 1
+            if 0 <= y < h:
+                for ci in range(x_channels):
+                    src, dst = x[img, ci, y], rows[ci, ky]
+                    for j in range(width):
+                        dst[j + 1] = src[j]
+                for ci in range(x_channels, cin):
+                    src, dst = x2[img, ci - x_channels, y], rows[ci, ky]
                     for j in range(width):
                         dst[j + 1] = src[j]
         acc = np.empty(width, np.float32)
@@ -190,20 +195,26 @@ def _tile_row_patches(x, x2, img, r, c0, cols, rows, patches):
     """patches[c, ci*9 + ky*3 + kx] = x[img, ci, r+ky-1, c0+c+kx-1] (+0 outside the image)
     for the `cols` pixels of one tile row starting at column c0, through `rows`: the input
     rows r-1..r+1 of columns c0-1..c0+cols, zero-padded (so that no loop has a branch). The
-    channels ci are x's followed by x2's (rows has as many; x2 is x when there are none)."""
+    channels ci are x's followed by x2's (rows has as many; x2 is x when there are none), each
+    array's copied by a loop of its own, with numba's slice copy: element loops made the
+    weight gradients ~10 % slower (bench/NOTES.md, cdemo), for ~1 s more compiling once (the
+    slice assignment's shape-mismatch message)."""
     x_channels, h, width = x.shape[1], x.shape[2], x.shape[3]
     cin = rows.shape[0]
     first, stop = max(c0 - 1, 0), min(c0 + cols + 1, width)
     for ci in range(cin):
         for ky in range(3):
-            y = r + ky - 1
-            dst = rows[ci, ky]
-            for j in range(dst.size):
-                dst[j] = ZERO
-            if 0 <= y < h:
-                src = x[img, ci, y] if ci < x_channels else x2[img, ci - x_channels, y]
-                for j in range(first, stop):
-                    dst[j - c0 + 1] = src[j]
+            rows[ci, ky, :] = ZERO
+    for ky in range(3):
+        y = r + ky - 1
+        if 0 <= y < h:
+            for ci in range(x_channels):
+                rows[ci, ky, first - c0 + 1:stop - c0 + 1] = x[img, ci, y, first:stop]
+            for ci in range(x_channels, cin):
+                rows[ci, ky, first - c0 + 1:stop - c0 + 1] = \
+                    x2[img, ci - x_channels, y, first:stop]
+    for ci in range(cin):
+        for ky in range(3):
             src = rows[ci, ky]
             for kx in range(3):
                 q = ci * 9 + ky * 3 + kx
