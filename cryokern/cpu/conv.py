@@ -269,8 +269,8 @@ def _weight_partials(gy, x, x2, tile_h, tile_w, tw, pw, pb):
                 for c in range(cols):
                     b = b + grow[c0 + c]
                 acc_b[o] = b
-        for o in range(cout):       # element by element: a slice assignment compiles numba's
-            pb[img, t, o] = acc_b[o]        # shape-mismatch message (seconds, when cold)
+        for o in range(cout):       # element by element: a 2-D slice assignment compiles one
+            pb[img, t, o] = acc_b[o]        # more shape-mismatch message (when cold)
             for q in range(q_count):
                 pw[img, t, o, q] = acc[o, q]
 
