@@ -188,14 +188,17 @@ def label(job):
     return name
 
 
-def _materialize(description):
-    """Zero arrays on the device (and scalars) for a described argument."""
-    from numba import cuda
+def _materialize(description, place=None):
+    """Zero arrays on the device (or where `place` puts a NumPy array) and scalars for a
+    described argument."""
     kind = description[0]
     if kind == "array":
-        return cuda.to_device(np.zeros(description[1], np.dtype(description[2])))
+        if place is None:
+            from numba import cuda
+            place = cuda.to_device
+        return place(np.zeros(description[1], np.dtype(description[2])))
     if kind == "tuple":
-        return tuple(_materialize(d) for d in description[1])
+        return tuple(_materialize(d, place) for d in description[1])
     if kind == "scalar":
         return np.dtype(description[1]).type(description[2])
     return description[1]
@@ -258,11 +261,14 @@ class Compiling:
     network with more jobs than workers (the U-Net 16,24,32,48,64: 50) go to whichever worker
     is free, not in fixed shares; it runs in a session of its own (Ctrl-C is the parent's to
     handle) and prints its jobs' seconds. Workers still running when the parent exits (bad
-    data, Ctrl-C) are killed."""
+    data, Ctrl-C) are killed. `worker` is the module the workers run (its main() is this
+    module's with its own run_job: cryokern.cpu.precompile's for the CPU backend) and `label`
+    names a job of its list."""
 
-    def __init__(self, job_list, marker, processes):
+    def __init__(self, job_list, marker, processes, worker="cryokern.precompile", label=label):
         self.marker = marker
         self.job_list = job_list
+        self.label = label
         self.started = time.perf_counter()
         self.claims = tempfile.TemporaryDirectory(prefix="cryokern-jobs-")
         path = [p or os.getcwd() for p in sys.path]     # cryokern as the parent found it
@@ -270,7 +276,7 @@ class Compiling:
         encoded = base64.b64encode(pickle.dumps(job_list)).decode()
         self.errors = [tempfile.TemporaryFile() for _ in range(processes)]   # never a full pipe
         self.workers = [subprocess.Popen(
-            [sys.executable, "-m", "cryokern.precompile", encoded, self.claims.name],
+            [sys.executable, "-m", worker, encoded, self.claims.name],
             env=env, stdout=subprocess.PIPE, stderr=errors, start_new_session=True)
             for errors in self.errors]
         atexit.register(self.stop)
@@ -304,10 +310,10 @@ class Compiling:
         timings = [(t, self.job_list[k]) for out in outputs
                    for k, t in json.loads(out.decode().splitlines()[-1])]
         slowest, slowest_job = max(timings, key=lambda tj: tj[0])
-        print(f"cryokern: compiled in {seconds:.1f} s (longest: {label(slowest_job)}, "
+        print(f"cryokern: compiled in {seconds:.1f} s (longest: {self.label(slowest_job)}, "
               f"{slowest:.1f} s)", flush=True)
         self.marker.parent.mkdir(parents=True, exist_ok=True)
-        self.marker.write_text(json.dumps({"jobs": [label(job) for _, job in timings],
+        self.marker.write_text(json.dumps({"jobs": [self.label(job) for _, job in timings],
                                            "seconds": round(seconds, 1)}) + "\n")
 
 
@@ -349,12 +355,12 @@ def claim(claims, index):
     return True
 
 
-def main(encoded_jobs, claims):
-    """A worker: run each job of the pickled list that no other worker has claimed, in order;
-    print [job index, seconds] of those it ran (JSON) on stdout."""
+def main(encoded_jobs, claims, run=run_job):
+    """A worker: run (by `run`) each job of the pickled list that no other worker has claimed,
+    in order; print [job index, seconds] of those it ran (JSON) on stdout."""
     warnings.filterwarnings("ignore", message=".*GPU under-utilization")
     job_list = pickle.loads(base64.b64decode(encoded_jobs))
-    print(json.dumps([(k, run_job(job)) for k, job in enumerate(job_list)
+    print(json.dumps([(k, run(job)) for k, job in enumerate(job_list)
                       if claim(claims, k)]))
 
 

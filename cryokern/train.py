@@ -844,9 +844,13 @@ def write_run_directory(opts, network, backend, description, resume_from):
 
 
 def start_compiling(opts, network):
-    """The network's GPU kernels, compiling in worker processes while the data are opened
-    (precompile.py); nothing to do for the CPU backends."""
-    if opts.device in ("cpu", "reference") or not gpu_available():
+    """The network's GPU kernels (precompile.py) or the CPU backend's functions
+    (cpu/precompile.py), compiling in worker processes while the data are opened; nothing to
+    do for the reference."""
+    if opts.device == "cpu" or (opts.device == "auto" and not gpu_available()):
+        from .cpu import precompile as cpu_precompile
+        return cpu_precompile.start(network, optimizer_config(opts))
+    if opts.device == "reference" or not gpu_available():
         return precompile.Ready()
     return precompile.start(network, optimizer_config(opts))
 

@@ -8,6 +8,13 @@ run independent outputs on all cores and in SIMD lanes.
 The contract's tile sizes reach the compiled loops as arguments, not as globals: numba's
 on-disk cache (cache=True) is invalidated by a change to a function's own file only, so a
 constant from contract.py frozen into a cached function would outlive a change there.
+
+Cold start (an empty cache: 1-10 s of compiling per function on 2 cores): each compiled function
+is called with one set of argument types (an absent optional array is passed as another array
+of the same type, with a flag where the loop must know, not as None, which numba would compile
+separately), most copies are element loops (an array-to-array slice assignment compiles numba's
+shape-mismatch message, ~1-3 s), and train compiles the functions a run needs in worker
+processes before its first step (precompile.py).
 """
 import os
 

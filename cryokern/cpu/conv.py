@@ -45,12 +45,12 @@ def _row_taps(acc, rows, w, o, ci):
 
 
 @njit(cache=True, inline="always")
-def _store_row(acc, dst, act, slope, mask):
-    """The finished row through the activation act (numerics §1, §9a), or, given a mask (an
-    activation's output; it may be dst itself: each element is read, then written), through
-    act's gradient mask (§2, §9a). One loop per case, each with a constant act, so that every
-    loop stays branch-free and in SIMD lanes."""
-    if mask is not None:
+def _store_row(acc, dst, act, slope, masking, mask):
+    """The finished row through the activation act (numerics §1, §9a), or, when masking, through
+    act's gradient mask (§2, §9a) given by mask, the activation's output (it may be dst itself:
+    each element is read, then written). One loop per case, each with a constant act, so that
+    every loop stays branch-free and in SIMD lanes."""
+    if masking:
         if act == LEAKY:
             for j in range(acc.size):
                 dst[j] = masked(acc[j], mask[j], LEAKY, slope)
@@ -69,12 +69,18 @@ def _store_row(acc, dst, act, slope, mask):
 
 
 @njit(parallel=True, cache=True)
-def _conv_rows(x, x2, w, b, act, slope, mask, out, out2):
+def _conv_rows(x, x2, w, b, act, slope, masking, mask, out, out2):
     """out[n, o, h] for every image row on the cores; within a row, the columns' chains side
-    by side: chain from b[o] over ci, ky, kx (numerics §1), then the activation or the mask.
-    The input channels are x's followed by x2's, the output channels out's followed by out2's
-    (x2 and out2 None when there are no others: numba then compiles the loops without the
-    branches that choose)."""
+    by side: chain from b[o] over ci, ky, kx (numerics §1), then the activation or, when
+    masking, the mask. The input channels are x's followed by x2's, the output channels out's
+    followed by out2's.
+
+    Every call has the same argument types, so that numba compiles it once (it compiles one
+    specialization per combination of None and arrays: 3-4 s each on a cold cache, 2 cores):
+    without a second input x2 is x, without a second output out2 is out, without a mask mask
+    is out; the channel counts and `masking` then never reach them. x's and x2's rows are
+    copied by loops of their own (a choice per channel was 10-15 % slower: bench/NOTES.md,
+    cdemo)."""
     n, x_channels, h, width = x.shape
     cout, cin = w.shape[0], w.shape[1]
     out_channels = out.shape[1]
@@ -82,27 +88,26 @@ def _conv_rows(x, x2, w, b, act, slope, mask, out, out2):
         img = job // h
         row = job - img * h
         rows = np.zeros((cin, 3, width + 2), np.float32)    # input rows, zero-padded
-        for ci in range(cin):
-            for ky in range(3):
-                if 0 <= row + ky - 1 < h:
-                    if x2 is None:
-                        rows[ci, ky, 1:width + 1] = x[img, ci, row + ky - 1]
-                    elif ci < x_channels:
-                        rows[ci, ky, 1:width + 1] = x[img, ci, row + ky - 1]
-                    else:
-                        rows[ci, ky, 1:width + 1] = x2[img, ci - x_channels, row + ky - 1]
+        for ky in range(3):
+            y = row + ky - 1
+            if 0 <= y < h:
+                for ci in range(x_channels):
+                    src, dst = x[img, ci, y], rows[ci, ky]
+                    for j in range(width):
+                        dst[j + 1] = src[j]
+                for ci in range(x_channels, cin):
+                    src, dst = x2[img, ci - x_channels, y], rows[ci, ky]
+                    for j in range(width):
+                        dst[j + 1] = src[j]
         acc = np.empty(width, np.float32)
         for o in range(cout):
             acc[:] = b[o]
             for ci in range(cin):
                 _row_taps(acc, rows[ci], w, o, ci)
-            m = None if mask is None else mask[img, o, row]
-            if out2 is None:
-                _store_row(acc, out[img, o, row], act, slope, m)
-            elif o < out_channels:
-                _store_row(acc, out[img, o, row], act, slope, m)
-            else:
-                _store_row(acc, out2[img, o - out_channels, row], act, slope, m)
+            if o < out_channels:
+                _store_row(acc, out[img, o, row], act, slope, masking, mask[img, o, row])
+            else:       # a concatenation's gradient (never masked)
+                _store_row(acc, out2[img, o - out_channels, row], act, slope, False, acc)
 
 
 def _check_conv(x, w, cin_axis, channels=None):
@@ -148,7 +153,8 @@ def conv2d_forward(x, w, b, relu=False, out=None, leaky_slope=None, x2=None, ups
     n, _, h, width = x.shape
     inputs = (x, w, b) if x2 is None else (x, x2, w, b)
     dst = Output(out, (n, w.shape[0], h, width), inputs=inputs)
-    _conv_rows(x, x2, w, b, act, slope, None, dst.array, None)
+    _conv_rows(x, x if x2 is None else x2, w, b, act, slope, False, dst.array, dst.array,
+               dst.array)
     return dst.done()
 
 
@@ -168,7 +174,8 @@ def conv2d_backward_data(gy, w, relu_output=None, out=None, leaky_slope=None, sp
     if split is None:
         inputs = (gy, w) if mask is None or same_elements(out, mask) else (gy, w, mask)
         dst = Output(out, (n, cin, h, width), inputs=inputs)
-        _conv_rows(gy, None, flipped, zero_bias, act, slope, mask, dst.array, None)
+        _conv_rows(gy, gy, flipped, zero_bias, act, slope, mask is not None,
+                   dst.array if mask is None else mask, dst.array, dst.array)
         return dst.done()
     if mask is not None:
         raise ValueError("the gradient of a concatenation is not masked")
@@ -176,12 +183,13 @@ def conv2d_backward_data(gy, w, relu_output=None, out=None, leaky_slope=None, sp
         raise ValueError(f"cannot split {cin} input channels after channel {split}")
     if out is not None and out[1] is None:
         first = Output(out[0], (n, split, h, width), inputs=(gy, w))
-        _conv_rows(gy, None, np.ascontiguousarray(flipped[:split]), zero_bias[:split], PLAIN,
-                   ZERO, None, first.array, None)
+        _conv_rows(gy, gy, np.ascontiguousarray(flipped[:split]), zero_bias[:split], PLAIN,
+                   ZERO, False, first.array, first.array, first.array)
         return first.done(), None
     parts = [Output(None if out is None else out[k], shape, inputs=(gy, w))
              for k, shape in enumerate(((n, split, h, width), (n, cin - split, h, width)))]
-    _conv_rows(gy, None, flipped, zero_bias, PLAIN, ZERO, None, parts[0].array, parts[1].array)
+    _conv_rows(gy, gy, flipped, zero_bias, PLAIN, ZERO, False, parts[0].array, parts[0].array,
+               parts[1].array)
     return tuple(part.done() for part in parts)
 
 
@@ -200,22 +208,26 @@ def _tile_row_patches(x, x2, img, r, c0, cols, rows, patches):
     """patches[c, ci*9 + ky*3 + kx] = x[img, ci, r+ky-1, c0+c+kx-1] (+0 outside the image)
     for the `cols` pixels of one tile row starting at column c0, through `rows`: the input
     rows r-1..r+1 of columns c0-1..c0+cols, zero-padded (so that no loop has a branch). The
-    channels ci are x's followed by x2's (rows has as many; x2 None when there are none)."""
+    channels ci are x's followed by x2's (rows has as many; x2 is x when there are none), each
+    array's copied by a loop of its own, with numba's slice copy: element loops made the
+    weight gradients ~10 % slower (bench/NOTES.md, cdemo), for ~1 s more compiling once (the
+    slice assignment's shape-mismatch message)."""
     x_channels, h, width = x.shape[1], x.shape[2], x.shape[3]
     cin = rows.shape[0]
     first, stop = max(c0 - 1, 0), min(c0 + cols + 1, width)
     for ci in range(cin):
         for ky in range(3):
-            y = r + ky - 1
             rows[ci, ky, :] = ZERO
-            if 0 <= y < h:
-                if x2 is None:
-                    rows[ci, ky, first - c0 + 1:stop - c0 + 1] = x[img, ci, y, first:stop]
-                elif ci < x_channels:
-                    rows[ci, ky, first - c0 + 1:stop - c0 + 1] = x[img, ci, y, first:stop]
-                else:
-                    rows[ci, ky, first - c0 + 1:stop - c0 + 1] = \
-                        x2[img, ci - x_channels, y, first:stop]
+    for ky in range(3):
+        y = r + ky - 1
+        if 0 <= y < h:
+            for ci in range(x_channels):
+                rows[ci, ky, first - c0 + 1:stop - c0 + 1] = x[img, ci, y, first:stop]
+            for ci in range(x_channels, cin):
+                rows[ci, ky, first - c0 + 1:stop - c0 + 1] = \
+                    x2[img, ci - x_channels, y, first:stop]
+    for ci in range(cin):
+        for ky in range(3):
             src = rows[ci, ky]
             for kx in range(3):
                 q = ci * 9 + ky * 3 + kx
@@ -230,7 +242,8 @@ def _weight_partials(gy, x, x2, tile_h, tile_w, tw, pw, pb):
     from +0 over the tile's pixels in row-major order of fma(gy[n,o,h,w], x[n,ci,h+ky-1,
     w+kx-1]) (q = ci*9 + ky*3 + kx), and pb[n, t, o] the chain of additions of gy. Four pixels
     at a time per accumulator (still in pixel order), so that each is loaded once per four
-    fmas."""
+    fmas. One compiled specialization for every call: x2 is x when there is no second
+    input."""
     n, cout, h, width = gy.shape
     cin = pw.shape[3] // 9
     q_count = cin * 9
@@ -269,8 +282,10 @@ def _weight_partials(gy, x, x2, tile_h, tile_w, tw, pw, pb):
                 for c in range(cols):
                     b = b + grow[c0 + c]
                 acc_b[o] = b
-        pw[img, t] = acc
-        pb[img, t] = acc_b
+        for o in range(cout):       # element by element: a 2-D slice assignment compiles one
+            pb[img, t, o] = acc_b[o]        # more shape-mismatch message (when cold)
+            for q in range(q_count):
+                pw[img, t, o, q] = acc[o, q]
 
 
 def conv2d_backward_weights(gy, x, out=None, image_sums=None, x2=None):
@@ -286,7 +301,7 @@ def conv2d_backward_weights(gy, x, out=None, image_sums=None, x2=None):
     th, tw = tile_grid(h, width)
     pw = np.empty((n, th * tw, cout, cin * 9), np.float32)
     pb = np.empty((n, th * tw, cout), np.float32)
-    _weight_partials(gy, x, x2, TILE_H, TILE_W, tw, pw, pb)
+    _weight_partials(gy, x, x if x2 is None else x2, TILE_H, TILE_W, tw, pw, pb)
     images = (fold_tiles(pw).reshape(n, cout, cin, 3, 3), fold_tiles(pb))
     if image_sums is not None:
         image_sums[0][...] = images[0]

@@ -21,7 +21,8 @@ def _fold_tiles(partials, sums):
 @njit(cache=True)
 def _fold_images(sums, total):
     """total[k] = ((s[0,k] + s[1,k]) + s[2,k]) + ... in float64, in image order."""
-    total[:] = sums[0]
+    for j in range(sums.shape[1]):      # not total[:] = sums[0]: see conv._weight_partials
+        total[j] = sums[0, j]
     for img in range(1, sums.shape[0]):
         for j in range(sums.shape[1]):
             total[j] += sums[img, j]
