@@ -71,19 +71,22 @@ def old_fold_tiles_test(rng, shape):
 OLD_FOLD_SHAPES = [(2, 600, 40), (1, 512, 1), (1, 300, 1), (3, 5, 7)]
 
 
-def drop_last_tile_of_each_full_round(source):
-    """The one-output chain (256 tiles a full round) skips each full round's last tile."""
-    return source.replace("acc = acc + float64(buf[uint64(tid + 255)])", "pass")
+def drop_last_call_of_each_full_round(source):
+    """The one-output chain (256 tiles a full round, reduce.CALL_TILES a call of its device
+    function) skips its full rounds' last call: their last 16 tiles."""
+    last = f"acc = chain(buf, tid, int64({256 - reduce.CALL_TILES}), int64(1), acc)"
+    assert last in source or "int64(1), acc)" not in source     # (a fold with that chain)
+    return source.replace(last, "pass")
 
 
-def reverse_each_full_round(source):
-    """The chains add a full round's tiles 1 .. last in reverse (tile 0 first)."""
-    chain = re.compile(r"(?:^ *acc = acc \+ float64\(buf\[uint64\(tid \+ \d+\)\]\)\n)+", re.M)
+def reverse_each_call(source):
+    """The chains' device function adds its tiles in reverse."""
+    chain = re.compile(r"(?:^ *acc = acc \+ float64\(buf\[uint64\(tid \+ .*\)\]\)\n)+", re.M)
     return chain.sub(lambda m: "".join(reversed(m.group(0).splitlines(True))), source)
 
 
-@pytest.mark.parametrize("edit, caught_by", [(drop_last_tile_of_each_full_round, (1, 512, 1)),
-                                             (reverse_each_full_round, (2, 600, 40))],
+@pytest.mark.parametrize("edit, caught_by", [(drop_last_call_of_each_full_round, (1, 512, 1)),
+                                             (reverse_each_call, (2, 600, 40))],
                          ids=["drop-a-tile", "reversed-rounds"])
 def test_a_wrong_fold_in_the_kernel_is_caught(mutate_kernels, edit, caught_by):
     mutate_kernels(edit)
