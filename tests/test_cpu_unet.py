@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import bits
+from test_unet_step import batch
 from cryokern import cpu as C
 from cryokern import reference as R
 from cryokern.backends import get_backend
@@ -219,12 +220,6 @@ def test_conv_of_two_inputs_equals_reference(rng, shape):
 
 
 # --- whole U-Net steps and forward passes ---------------------------------------------------
-
-def batch(seed, shape):
-    rng = np.random.default_rng(seed)
-    clean = rng.random(shape).astype(np.float32)
-    return (clean + 0.3 * rng.standard_normal(shape)).astype(np.float32), clean
-
 
 @pytest.mark.parametrize("opt,residual", [
     pytest.param(OptimizerConfig("sgd", lr=0.05, momentum=0.9), True, id="sgd-residual"),

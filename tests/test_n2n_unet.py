@@ -13,6 +13,7 @@ from float64_math import conv64, rel_err
 from test_inference import _OwnerCheckingBackend
 from test_unet_ops import dev, poisoned, randn, same_device_bits, shape_cases
 from test_train import data_args, make_pair, npz
+from test_unet_step import batch
 from cryokern import denoise as D
 from cryokern import evaluate as E
 from cryokern import train as T
@@ -119,12 +120,6 @@ def n2n64(net, params, x):
     if net.residual:
         out = out + v
     return out[:, :, :h, :w]
-
-
-def batch(seed, shape):
-    rng = np.random.default_rng(seed)
-    clean = rng.random(shape).astype(np.float32)
-    return (clean + 0.3 * rng.standard_normal(shape)).astype(np.float32), clean
 
 
 def small(residual=False, **kwargs):
