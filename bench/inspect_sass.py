@@ -190,7 +190,8 @@ def main():
               f"{'LDS':>4s}  other")
     early = None if args.early_loads is None else args.early_loads == "on"
     offline.without_device((9, 0))
-    for label, fn, sig, cap in (wide_kernels(geometry, args.cap, early) if args.wide else kernels()):
+    chosen = wide_kernels(geometry, args.cap, early) if args.wide else kernels()
+    for label, fn, sig, cap in chosen:
         name = out / re.sub(r"\W+", "_", label)
         ptx, _ = cuda.compile_ptx(fn, sig, cc=(9, 0))
         name.with_suffix(".ptx").write_text(ptx)

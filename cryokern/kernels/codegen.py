@@ -102,7 +102,8 @@ class Source:
     def kernel(self, params, max_registers=None, types=()):
         """Start a module holding one `kernel(params)`, register-capped on a real GPU; numba
         `types` beyond float32, float64, int64 and uint64 imported too."""
-        self(f"from numba import {', '.join(('cuda', 'float32', 'float64', 'int64', *types, 'uint64'))}")
+        names = ("cuda", "float32", "float64", "int64", *types, "uint64")
+        self(f"from numba import {', '.join(names)}")
         self()
         cap = "" if max_registers is None or config.ENABLE_CUDASIM else \
             f", max_registers={max_registers}"     # the simulator's jit takes no cap
