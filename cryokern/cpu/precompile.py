@@ -8,8 +8,8 @@ compilation of its own, so workers compile them side by side while the training 
 or opens its data, filling numba's on-disk cache (cache=True) that the training process then
 loads from.
 
-Which functions, with which argument types: the operations of a training step and a validation
-loss (precompile.step_operations) are run through this package's functions on small zero
+Which functions, with which argument types: the operations of a training step, a validation
+loss and a denoising forward pass (precompile.step_operations) are run through this package's functions on small zero
 arrays, with every compiled function replaced by a recorder of its argument types: nothing is
 computed or compiled. A job is one function with one signature (so no two workers write entries
 of different signatures into one numba index at once); a worker compiles it with
@@ -51,8 +51,8 @@ def _key(dispatcher):
 
 
 def jobs(network, optimizer):
-    """(module, function, argument types) of each compiled function that a training step and
-    a validation loss of `network` (as precompile.step_operations takes it) with `optimizer`
+    """(module, function, argument types) of each compiled function that a training step, a
+    validation loss and a denoising forward pass of `network` (as precompile.step_operations takes it) with `optimizer`
     call, most costly first (see _cost); and precompile.HOST_JOB, the image math."""
     found = {}
     patched = _dispatchers()
