@@ -109,9 +109,7 @@ def train_options(opts, net, out):
                                    "--out", str(out)]
     if opts.optimizer:
         argv += ["--optimizer", opts.optimizer]
-    options = T.resolve_defaults(T.build_parser().parse_args(argv))
-    options.lr = T.DEFAULT_LR[options.optimizer]
-    return options
+    return T.resolve_defaults(T.build_parser().parse_args(argv))
 
 
 def simulate_one(seed, shape, pixel_size, index):

@@ -229,7 +229,7 @@ def uses_builtin_data(opts):
 def resolve_defaults(opts):
     """Fill in the defaults that depend on other options (left None by the parser): the
     architecture (the chain where --channels is given, else the U-Net), its optimizer, and the
-    built-in simulated set's smaller U-Net and longer training."""
+    built-in simulated set's smaller U-Net and longer training; the optimizer's learning rate."""
     demo = uses_builtin_data(opts)
     if opts.arch is None:
         opts.arch = "chain" if opts.channels is not None else "unet"
@@ -239,6 +239,8 @@ def resolve_defaults(opts):
         opts.unet_widths = ",".join(map(str, DEMO_UNET_WIDTHS if demo else DEFAULT_UNET_WIDTHS))
     if opts.optimizer is None:
         opts.optimizer = DEFAULT_OPTIMIZER[opts.arch]
+    if opts.lr is None:
+        opts.lr = DEFAULT_LR[opts.optimizer]
     if opts.epochs is None:
         opts.epochs = DEMO_EPOCHS if demo else DEFAULT_EPOCHS
     return opts
@@ -795,8 +797,6 @@ def start(opts, explicit, comm=None):
                 raise DataError(f"{opts.out}: the run's network is not the one the options "
                                 "describe; leave the architecture options out")
         check_architecture_options(opts, explicit)      # a resumed run's own --arch
-        if opts.lr is None:
-            opts.lr = DEFAULT_LR[opts.optimizer]
         compiling = start_compiling(opts, network)
         train, val, description = open_data(opts)
         if resume_from is not None and description != resume_from[2]["data"]:

@@ -99,6 +99,7 @@ def test_defaults_follow_the_data_and_the_architecture(args, network, optimizer,
     net = T.check_options(opts)
     assert (net.widths if isinstance(net, UNet) else net.channels) == network
     assert (opts.optimizer, opts.epochs) == (optimizer, epochs)
+    assert opts.lr == T.DEFAULT_LR[optimizer]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -139,7 +140,6 @@ def test_the_gpu_kernels_of_either_network_are_precompiled(monkeypatch):
     monkeypatch.setattr(T, "gpu_available", lambda: True)
     monkeypatch.setattr(T.precompile, "start", lambda network, opt: started.append(network))
     opts = T.resolve_defaults(T.build_parser().parse_args(["--device", "gpu"]))
-    opts.lr = 0.01
     T.start_compiling(opts, UNet((4, 6)))
     T.start_compiling(opts, Network((1, 4, 1)))
     assert started == [UNet((4, 6)), Network((1, 4, 1))]

@@ -141,10 +141,9 @@ def conv2d_forward(x, w, b, relu=False, out=None, leaky_slope=None, x2=None, ups
     `upsampled`, of x nearest-upsampled (here upsampled first: a copy costs little on a CPU)."""
     act, slope = _activation(relu, leaky_slope)
     x, w, b = operand("x", x, 4), operand("w", w, 4), operand("b", b, 1)
-    if upsampled:
+    if upsampled:       # (then x2 is checked against the upsampled x)
         if x2 is None:
             raise ValueError("an upsampled x is read only beside x2 (a concatenation)")
-        concatenated_channels(x.shape, operand("x2", x2, 4).shape, upsampled=True)
         x = upsample2x_forward(x)
     x2, cin = _second_input(x, x2)
     _check_conv(x, w, 1, cin)

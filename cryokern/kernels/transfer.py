@@ -27,33 +27,20 @@ def _upload_stream(owner):
     return cuda.external_stream(int(handle))
 
 
-class PendingScalar:
-    """A device float64 scalar on its way to the host: result() waits for it alone."""
+def fetch(device_scalar):
+    """Start copying a float64 device scalar to the host, behind the work queued before it:
+    fetch_arrays' copy of one array, whose result() is the float."""
+    return PendingScalar(fetch_arrays({"value": device_scalar}))
 
-    def __init__(self, device_scalar, pool):
-        self._pool = pool
-        # a page-locked scalar and its event, reused: none is made or freed per step
-        self._slot = pool.pop() if pool else (cuda.pinned_array(1, np.float64), cuda.event())
-        host, event = self._slot
-        device_scalar.copy_to_host(host, stream=cuda.default_stream())
-        event.record()
-        self._value = None
+
+class PendingScalar:
+    """fetch's pending copy; result() waits for it alone and gives its value as a float."""
+
+    def __init__(self, pending):
+        self._pending = pending
 
     def result(self):
-        if self._value is None:
-            host, event = self._slot
-            event.synchronize()
-            self._value = float(host[0])
-            self._pool.append(self._slot)
-        return self._value
-
-
-_slots = []
-
-
-def fetch(device_scalar):
-    """Start copying a float64 device scalar to the host, behind the work queued before it."""
-    return PendingScalar(device_scalar, _slots)
+        return float(self._pending.result()["value"][0])
 
 
 class PendingArrays:
