@@ -212,18 +212,23 @@ def test_backward_weights_outputs_must_divide_cout():
 @pytest.mark.parametrize("variant, block, first, w", [
     (conv.WeightsVariant(128, None, True, True, True, outputs=4), (8, 2), 3, 66),  # 4 a thread,
     (conv.WeightsVariant(32, None, False, True, False), (8, 3), None, 66),  # input groups across
-    (conv.WeightsVariant(64, None, False, True, True, True), (4, 3), None, 7)],  # x and x2; ...
-    ids=["outputs4-two-inputs", "rolled-addresses", "split-rows"])  # kernel rows split
+    (conv.WeightsVariant(64, None, False, True, True, True), (4, 3), None, 7),  # x and x2; ...
+    (conv.WeightsVariant(128, None, True, True, True, outputs=4), (8, 4), 3, 66),  # kernel rows
+    (conv.WeightsVariant(32, None, False, True, False), (16, 5), None, 66),        # split; ...
+    (conv.WeightsVariant(64, None, False, True, True, True), (4, 4), None, 7)],    # groups of 4
+    ids=["outputs4-two-inputs", "rolled-addresses", "split-rows",                  # and 2, of
+         "ragged-two-inputs", "ragged-rolled-addresses", "ragged-split-rows"])     # 5 and 1
 def test_backward_weights_blocks_of_channels(rng, variant, block, first, w):
-    """Blocks of 8 x 2, 8 x 3 and 4 x 3 of 16 x 6 channels; width 66: a full-width tile (the
-    written-out rows) and an edge tile."""
+    """Blocks of 8 x 2, 8 x 3 and 4 x 3 of 16 x 6 channels, and input groups that do not
+    divide the 6 (4 then 2, 5 then 1: the last group's missing channels store nothing); width
+    66: a full-width tile (the written-out rows) and an edge tile."""
     n, cin, cout, h = 2, 6, 16, 2
     gy, x = randn(rng, n, cout, h, w), randn(rng, n, cin, h, w)
     th, tw = tile_grid(h, w)
     gw, gb = poisoned((n, th * tw, cout * cin * 9)), poisoned((n, th * tw, cout))
     kernel, threads = conv._weights_kernel(cin, cout, variant, first, block)
     inputs = [x] if first is None else [x[:, :first], x[:, first:]]
-    blocks = cout // block[0] * (cin // block[1])
+    blocks = cout // block[0] * conv.weight_groups(cin, block[1])
     kernel[(th * tw, n, blocks), threads](cuda.to_device(gy.ravel()),
                                           *(cuda.to_device(a.ravel()) for a in inputs),
                                           gw, gb, h, w, tw)
@@ -261,13 +266,24 @@ def test_weights_blocks_fit_a_block_and_keep_the_default_layers_whole():
             o, c = conv.weights_block(cin, cout, variant)
             threads, shared = conv._weights_block_needs(cin, cout, variant, o, c)
             cap = variant.max_registers or conv.UNCAPPED_REGISTERS
-            assert cout % o == 0 and cin % c == 0
+            assert cout % o == 0 and 0 < c <= cin
             assert threads <= 1024 and threads * cap <= 65536 and shared <= 48 * 1024
+
+
+def test_weights_blocks_of_a_prime_channel_count_hold_many_channels():
+    """The Noise2Noise U-Net's 96 + 1 -> 64: 97 is prime, so groups that divide it held one
+    input channel a block; equal groups of 25 (the last 22) hold them in 4 blocks. Layers whose
+    dividing groups hold at least half as many chains keep them (48 -> 48, 64 -> 64)."""
+    assert conv.weights_block(97, 64, conv.weights_variant(97, 64)) == (64, 25)
+    assert conv.weights_block(48, 48, conv.weights_variant(48, 48)) == (48, 24)
+    assert conv.weights_block(64, 64, conv.weights_variant(64, 64)) == (32, 32)
 
 
 def test_weights_block_must_tile_the_channels():
     with pytest.raises(ValueError, match="do not tile"):
         conv._weights_kernel(4, 8, conv.weights_variant(4, 8), None, (3, 4))
+    with pytest.raises(ValueError, match="do not tile"):
+        conv._weights_kernel(4, 8, conv.weights_variant(4, 8), None, (8, 5))
 
 
 # the U-Net's wide layers, whose weight gradients one block could not hold (48 -> 48: 624

@@ -667,13 +667,21 @@ def _weights_block_needs(cin, cout, variant, outputs, inputs):
     return threads, 4 * (outputs * GS + inputs * XS_STRIDE)
 
 
+def weight_groups(cin, inputs):
+    """Input-channel groups of `inputs` channels that cover `cin` (the last may hold fewer)."""
+    return -(-cin // inputs)
+
+
 def weights_block(cin, cout, variant):
     """(output channels, input channels) of one weight-gradient block: all of the layer's
     where they fit a block (threads, registers at the cap, static shared memory), else the
-    largest such group (output channels a multiple of the outputs per thread, both dividing
-    the layer's), the fewest blocks and then the least staging. Every chain is still one
-    thread's, in the same order, into the same gw_part / gb_part element: no bit changes
-    (the wide U-Net layers, 48 -> 48 and up, need it)."""
+    largest such group (output channels a multiple of the outputs per thread dividing the
+    layer's; input channels in equal groups, the last holding fewer where they do not divide
+    it), the fewest blocks and then the least staging. Every chain is still one thread's, in
+    the same order, into the same gw_part / gb_part element: no bit changes (the wide U-Net
+    layers, 48 -> 48 and up, need it). Groups that need not divide the input channels keep a
+    prime count such as the Noise2Noise U-Net's 96 + 1 -> 64 in a few wide blocks, where
+    divisors alone left one input channel a block (80 of its step's 226 ms, H200, NOTES v40)."""
     go = _outputs_per_thread(cin, cout, variant)
     cap = variant.max_registers or UNCAPPED_REGISTERS
     max_threads = min(BLOCK_THREADS, BLOCK_REGISTERS // cap // 32 * 32)
@@ -681,17 +689,24 @@ def weights_block(cin, cout, variant):
     def fits(outputs, inputs):
         threads, shared = _weights_block_needs(cin, cout, variant, outputs, inputs)
         return threads <= max_threads and shared <= STATIC_SHARED_BYTES and \
-            cout // outputs * (cin // inputs) <= GRID_Z_MAX
+            cout // outputs * weight_groups(cin, inputs) <= GRID_Z_MAX
 
     if fits(cout, cin):
         return cout, cin
+    equal_groups = sorted({-(-cin // k) for k in range(1, cin + 1)})
     blocks = [(o, c) for o in range(go, cout + 1, go) if cout % o == 0
-              for c in range(1, cin + 1) if cin % c == 0 and fits(o, c)]
+              for c in equal_groups if fits(o, c)]
     if not blocks:
         raise ValueError(f"no block of the {cin} -> {cout} weight-gradient kernel fits "
                          f"{max_threads} threads and {STATIC_SHARED_BYTES} bytes of shared "
                          f"memory in {GRID_Z_MAX} blocks a tile")
-    return max(blocks, key=lambda oc: (oc[0] * oc[1], -(oc[0] * TILE_W + oc[1] * XROW)))
+    best = lambda candidates: max(candidates, key=lambda oc: (oc[0] * oc[1],
+                                                               -(oc[0] * TILE_W + oc[1] * XROW)))
+    ragged, dividing = best(blocks), [oc for oc in blocks if cin % oc[1] == 0]
+    # groups that divide (equal work in every block, the measured kernels unchanged) unless
+    # ragged ones hold more than twice the chains
+    return best(dividing) if 2 * best(dividing)[0] * best(dividing)[1] >= \
+        ragged[0] * ragged[1] else ragged
 
 
 @lru_cache(maxsize=None)
@@ -701,14 +716,17 @@ def _weights_kernel(cin, cout, variant, first=None, block=None):
     §12), which the kernel then takes after x (x0, x1, x2 name the rows a thread holds).
     With `block` (output channels, input channels) smaller than the layer's, a block holds
     those channels' chains: grid dimension z numbers the blocks, input-channel groups fastest
-    (the bias chains are in the first input group's blocks)."""
+    (the bias chains are in the first input group's blocks). Where the groups do not divide
+    the input channels, the last group's channels past the layer's stage zeros, and their
+    threads run their chains on them but store nothing."""
     threads, max_registers, precompute, unroll, prefetch, split, _ = variant
     go = _outputs_per_thread(cin, cout, variant)
     O, C = (cout, cin) if block is None else block
-    if cout % O or O % go or cin % C:
+    if cout % O or O % go or not 0 < C <= cin:
         raise ValueError(f"blocks of {O} x {C} channels do not tile {cout} x {cin} "
                          f"({go} outputs per thread)")
     grouped = (O, C) != (cout, cin)
+    ragged = cin % C != 0      # the last input group holds fewer than C channels
     held = 1 if split else 3            # kernel rows whose chains a thread holds
     workers = O // go * C * (3 // held)   # threads that hold chains; the rest only stage
     threads = max(threads, -(-(workers + O) // 32) * 32)
@@ -719,8 +737,8 @@ def _weights_kernel(cin, cout, variant, first=None, block=None):
     src("n = cuda.blockIdx.y")
     src("t = cuda.blockIdx.x")
     if grouped:
-        src(f"o_first = cuda.blockIdx.z // {cin // C} * {O}")
-        src(f"ci_first = cuda.blockIdx.z % {cin // C} * {C}")
+        src(f"o_first = cuda.blockIdx.z // {weight_groups(cin, C)} * {O}")
+        src(f"ci_first = cuda.blockIdx.z % {weight_groups(cin, C)} * {C}")
     src(f"r0 = (t // tiles_w) * {TILE_H}")
     src(f"c0 = (t % tiles_w) * {TILE_W}")
     src(f"rows = min({TILE_H}, height - r0)")
@@ -741,6 +759,7 @@ def _weights_kernel(cin, cout, variant, first=None, block=None):
     src(f"xbase = (n * {cin} + ci_first) * plane" if grouped else f"xbase = n * {cin} * plane")
     src(f"gbase = (n * {cout} + o_first) * plane" if grouped else f"gbase = n * {cout} * plane")
     channel = "ci_first + e // " if grouped else "e // "     # of the layer, from staging slot e
+    in_layer = f" and {channel}{XROW} < {cin}" if ragged else ""   # not past the last group's
 
     def stage_loads(total, load, name):
         for i in range(-(-total // threads)):
@@ -773,7 +792,7 @@ def _weights_kernel(cin, cout, variant, first=None, block=None):
             return
         src(f"col = c0 + e % {XROW} - 1")
         src(f"{name}{i} = x[uint64(xbase + (e // {XROW}) * plane + q * width + col)] "
-            f"if qin and col >= 0 and col < width{guard} else float32(0)")
+            f"if qin and col >= 0 and col < width{guard}{in_layer} else float32(0)")
 
     def load_x_of_two(i, guard, name):
         """Channel ch = e // XROW from x (ch < first) or xtwo, whose images hold cin - first."""
@@ -783,7 +802,7 @@ def _weights_kernel(cin, cout, variant, first=None, block=None):
             src(f"xa{i} = (n * {first} + ch) * plane + col if ch < {first} else "
                 f"(n * {cin - first} + ch - {first}) * plane + col")
             src(f"xf{i} = ch < {first}")
-            src(f"xv{i} = col >= 0 and col < width{guard}")
+            src(f"xv{i} = col >= 0 and col < width{guard}{in_layer}")
         src(f"{name}{i} = float32(0)")
         src(f"if qin and xv{i}:").indent()
         src(f"{name}{i} = x[uint64(xa{i} + q * width)] if xf{i} else "
@@ -818,7 +837,7 @@ def _weights_kernel(cin, cout, variant, first=None, block=None):
                 src(f"xa{i} = (n * {first} + ch) * plane + col if ch < {first} else "
                     f"(n * {cin - first} + ch - {first}) * plane + col")
                 src(f"xf{i} = ch < {first}")
-            src(f"xv{i} = col >= 0 and col < width and e < {x_total}")
+            src(f"xv{i} = col >= 0 and col < width and e < {x_total}{in_layer}")
             src(f"xi{i} = (e // {XROW}) * {XS_STRIDE} + e % {XROW}")
         for i in range(-(-g_total // threads)):
             src(f"e = tid + {i * threads}")
@@ -940,12 +959,16 @@ def _weights_kernel(cin, cout, variant, first=None, block=None):
     full_width_or_edge(bias_unrolled, bias_rolled)
     src.dedent().dedent()
     src(f"if tid < {workers}:").indent()
+    if ragged:
+        src(f"if ci_first + ci < {cin}:").indent()
     for j in range(go):
         src(f"o = o_first + og * {go} + {j}" if grouped else f"o = og * {go} + {j}")
         for k in range(3 * held):
             src(f"gw_part[n, t, (o * {cin} + {'ci_first + ' if grouped else ''}ci) * 9 + "
                 f"{'ky0 * 3 + ' if split else ''}{k}] = a{j}_{k}")
     src.dedent()
+    if ragged:
+        src.dedent()
     src(bias_threads).indent()
     src(f"gb_part[n, t, {'o_first + ' if grouped else ''}tid - {workers}] = bias").dedent()
     module = load_module(f"conv_weights_{cin}_{cout}" + ("" if first is None else
@@ -983,7 +1006,7 @@ def conv2d_backward_weights(gy, x, out=None, image_sums=None, x2=None):
     kernel, threads = _weights_kernel(cin, cout, variant, None if x2 is None else x.shape[1],
                                       None if block == (cout, cin) else block)
     inputs = (flat(x),) if x2 is None else (flat(x), flat(x2))
-    blocks = cout // block[0] * (cin // block[1])
+    blocks = cout // block[0] * weight_groups(cin, block[1])
     kernel[(th * tw, n, blocks), threads, launch_stream()](flat(gy), *inputs, gw_part, gb_part,
                                                            h, wd, tw)
     fold_tiles((gw_part, sw), (gb_part, sb))
