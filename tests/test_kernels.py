@@ -352,6 +352,17 @@ def forward_geometries():
             for transposed in (False, True) for masked in (False, True)}
 
 
+def test_kernels_staging_weights_in_groups_are_capped_at_128_registers():
+    """Uncapped, ptxas gave them ~167 registers (one block per SM); the kernels whose weights
+    fit at once keep their measured caps (48 -> 48 forward uncapped at 128 registers)."""
+    for cin, cout, transposed, masked in [(96, 96, False, False), (78, 48, False, False),
+                                          (96, 192, True, False)]:
+        geometry, cap = conv.forward_variant(cin, cout, transposed, masked)
+        assert conv.forward_channel_group(cin, geometry) < cin and cap == 128
+    assert conv.forward_variant(48, 48, False, False)[1] is None
+    assert conv.forward_variant(77, 48, False, False)[1] is None
+
+
 def test_forward_blocks_stay_within_static_shared_memory():
     """For every layer of 1..512 channels on each side (forward and backward-data, masked or
     not), the block's static shared memory fits 48 KB; the layers that fit whole keep every

@@ -50,7 +50,11 @@ def forward_variant(cin, cout, transposed, masked, first=None):
     (0.133); backward-data (the 16 -> 1 layer's, with the ReLU mask): 8 x 8 x 2 (0.399 ->
     0.246 against 4 x 4 x 2). A forward pass over a concatenation (`first` input channels in
     the first array; ptxas took 151 registers uncapped, one block per SM): capped at 128 (H200,
-    48+48 -> 48 LeakyReLU, 13.01 -> 11.02 ms, 2026-12-01)."""
+    48+48 -> 48 LeakyReLU, 13.01 -> 11.02 ms, 2026-12-01). A kernel staging its weights in
+    groups of input channels (forward_channel_group) is capped at 128 too: uncapped, ptxas
+    took 164-168 registers for them (77 -> 48 128, 78 -> 48 167; sm_90a offline, NOTES v40),
+    one block per SM, and the forward 96 -> 96 ran at 53 % of SGEMM against 62 % for 48 -> 48
+    (H200, 2026-12-01; the cap's effect not yet measured)."""
     if cin == 1:
         if transposed:
             return (8, min(cout, 8), 2), (128 if masked else None)
@@ -58,8 +62,10 @@ def forward_variant(cin, cout, transposed, masked, first=None):
     if cout == 1:
         return (8, 1, 1), None
     g_out = min(cout, 8)
+    geometry = (8, g_out, min(2, -(-cout // g_out)))
     concatenation = first is not None and not transposed
-    return (8, g_out, min(2, -(-cout // g_out))), (128 if masked or concatenation else None)
+    grouped = forward_channel_group(cin, geometry) < cin
+    return geometry, (128 if masked or concatenation or grouped else None)
 
 
 def early_loads_for(cin, cout, first):
