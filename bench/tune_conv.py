@@ -7,9 +7,14 @@ in groups of input channels of several sizes (conv.forward_channel_group). `wide
 default parts either): the 48-wide U-Net's hot forward and backward-data kernels (and the
 chain's forward 16 -> 16) in WIDE_VARIANTS, the next input channel's loads without a branch
 (conv's early_loads, NOTES v34) beside the default, with each kernel's fraction of PyTorch's
-SGEMM rate measured in the same run.
+SGEMM rate measured in the same run; the N2N U-Net's 96 -> 96 forward and backward-data too
+(grouped weights: capped at 128 registers by default since NOTES v40, uncapped beside it).
+`weight-blocks` (not in the default parts): the wide layers' weight-gradient kernels
+(WEIGHT_BLOCK_SHAPES) in blocks of other channel counts (conv.weights_block's candidates, four
+or two outputs a thread), partials compared bit for bit with the default block's.
 Usage: python bench/tune_conv.py [--batch 4] [--size 1024]
-                                 [--parts forward backward-data weights channel-groups wide]
+                                 [--parts forward backward-data weights channel-groups wide
+                                  weight-blocks]
                                  [--wide-shapes 96x96 144x96 ...]
                                  [--wide-kernels "48+48" "16->16" ...]
 """
@@ -41,6 +46,8 @@ WIDE_SHAPES = ["96x96", "144x96", "97x64", "192x192"]
 # to 16 output channels (17.5 fmas per shared-memory load, not 12) at ~230 registers, one warp
 # in four of the default's per SM; the concatenation's forward takes 151 registers uncapped
 # (one block of 256 threads per SM), capped at 128 by default (92 bytes of spills), two.
+# weight-blocks' layers: CINxCOUT, +N where the input is a concatenation of N and the rest
+WEIGHT_BLOCK_SHAPES = ["48x48", "96x96", "97x64+96"]
 WIDE_VARIANTS = [dict(early_loads=False), dict(early_loads=True),
                  dict(geometry=(8, 16, 1), max_registers=None, early_loads=True),
                  dict(max_registers=None)]
@@ -50,7 +57,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--size", type=int, default=1024)
-    ap.add_argument("--parts", nargs="+", choices=PARTS + ("channel-groups", "wide"),
+    ap.add_argument("--parts", nargs="+",
+                    choices=PARTS + ("channel-groups", "wide", "weight-blocks"),
                     default=PARTS, help="which kernels' variants to time (default: all but "
                                         "channel-groups and wide)")
     ap.add_argument("--wide-shapes", nargs="+", default=WIDE_SHAPES,
@@ -71,6 +79,8 @@ def main():
         channel_groups(n, s, np.random.default_rng(3), shapes)
     if "wide" in args.parts:
         wide(n, s, np.random.default_rng(4), args.wide_kernels)
+    if "weight-blocks" in args.parts:
+        weight_blocks(n, s, np.random.default_rng(5), WEIGHT_BLOCK_SHAPES)
 
 
 def forward(n, s, rng):
@@ -242,7 +252,9 @@ def wide(n, s, rng, only=("",)):
     for label, kin, kout, first, masked in [("forward 48->48 leaky", 48, 48, None, False),
                                             ("forward 48+48->48 leaky", 96, 48, 48, False),
                                             ("backward-data 48->48 mask", 48, 48, None, True),
-                                            ("forward 16->16 relu", 16, 16, None, False)]:
+                                            ("forward 16->16 relu", 16, 16, None, False),
+                                            ("forward 96->96 leaky", 96, 96, None, False),
+                                            ("backward-data 96->96 mask", 96, 96, None, True)]:
         if not any(part in label for part in only):
             continue
         relu = kout == 16
@@ -259,8 +271,8 @@ def wide(n, s, rng, only=("",)):
         for candidate in [{}] + WIDE_VARIANTS:
             variant = dict(default, **candidate)
             if candidate and (variant == default or ("max_registers" in candidate
-                                                     and first is None)):
-                continue    # (the default again; the cap is for the concatenation's)
+                                                     and default["max_registers"] is None)):
+                continue    # (the default again; uncapped beside a capped default only)
             name = f"{variant['geometry']} cap {variant['max_registers']}" + (
                 " early loads" if variant["early_loads"] else " late loads")
             fn = lambda: conv._launch_forward(x, w, b, y, relu, mask, masked,
@@ -284,6 +296,63 @@ def wide(n, s, rng, only=("",)):
                   f"{'-' if sgemm is None else f'{100 * rate * 1e12 / sgemm:.0f}':>7s} "
                   f"{'same' if np.array_equal(got, want) else 'DIFFERENT'}"
                   f"{'' if candidate else '  <- default'}")
+
+
+def weight_blocks(n, s, rng, shapes):
+    """Each layer's weight-gradient kernel in its default block (conv.weights_block) and in the
+    other blocks that fit (equal input groups, the last may hold fewer; four or two outputs a
+    thread), the eight holding the most chains; partials against the default's, bit for bit."""
+    from kernels import sgemm_rate
+    from cryokern.contract import tile_grid
+    sgemm = sgemm_rate()
+    th, tw = tile_grid(s, s)
+    print(f"{'layer':10s} {'block':>8s} {'outs':>4s} {'threads':>7s} {'regs':>4s} "
+          f"{'median ms':>10s} {'TFLOP/s':>8s} {'% SGEMM':>7s} bits")
+    for spec in shapes:
+        channels, _, concatenated = spec.partition("+")
+        cin, cout = (int(c) for c in channels.split("x"))
+        first = int(concatenated) if concatenated else None
+        gy = cuda.to_device(rng.standard_normal(n * cout * s * s).astype(np.float32))
+        xs = [cuda.to_device(rng.standard_normal(n * c * s * s).astype(np.float32))
+              for c in ([cin] if first is None else [first, cin - first])]
+        gw = cuda.device_array((n, th * tw, cout * cin * 9), np.float32)
+        gb = cuda.device_array((n, th * tw, cout), np.float32)
+        flops = 2 * n * s * s * cin * cout * 9
+        default = conv.weights_variant(cin, cout)
+        default_block = conv.weights_block(cin, cout, default)
+        cap = default.max_registers or conv.UNCAPPED_REGISTERS
+        most = min(conv.BLOCK_THREADS, conv.BLOCK_REGISTERS // cap // 32 * 32)
+        candidates = []
+        for go in (4, 2):
+            variant = default._replace(outputs=go)
+            if cout % go:
+                continue
+            for o in range(go, cout + 1, go):
+                for c in sorted({-(-cin // k) for k in range(1, cin + 1)}):
+                    threads, shared = conv._weights_block_needs(cin, cout, variant, o, c)
+                    if cout % o == 0 and threads <= most and shared <= conv.STATIC_SHARED_BYTES:
+                        candidates.append((variant, (o, c)))
+        candidates.sort(key=lambda vb: -vb[1][0] * vb[1][1])
+        outputs = lambda variant: conv._outputs_per_thread(cin, cout, variant)
+        is_default = lambda vb: (outputs(vb[0]), vb[1]) == (outputs(default), default_block)
+        chosen = [(default, default_block)] + [vb for vb in candidates if not is_default(vb)][:8]
+        want = None
+        for variant, block in chosen:
+            kernel, threads = conv._weights_kernel(cin, cout, variant, first,
+                                                   None if block == (cout, cin) else block)
+            blocks = cout // block[0] * conv.weight_groups(cin, block[1])
+            fn = lambda: kernel[(th * tw, n, blocks), threads, launch_stream()](
+                gy, *xs, gw, gb, s, s, tw)
+            med = replay_ms(fn)
+            got = np.concatenate([gw.copy_to_host().ravel(), gb.copy_to_host().ravel()])
+            want = got if want is None else want
+            regs = next(iter(kernel.overloads.values())).regs_per_thread
+            rate = flops / med / 1e9
+            print(f"{spec:10s} {block[0]:3d}x{block[1]:<4d} {outputs(variant):4d} "
+                  f"{threads:7d} {regs:4d} {med:10.3f} {rate:8.1f} "
+                  f"{'-' if sgemm is None else f'{100 * rate * 1e12 / sgemm:.0f}':>7s} "
+                  f"{'same' if np.array_equal(got.view(np.uint32), want.view(np.uint32)) else 'DIFFERENT'}"
+                  f"{'  <- default' if is_default((variant, block)) else ''}")
 
 
 if __name__ == "__main__":
