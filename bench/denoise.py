@@ -8,7 +8,9 @@ its stages alone (read + normalize, the TiledDenoiser's strips with their copies
 image, on device-resident buffers (CUDA events); PyTorch's eager forward of the same network
 with the same weights (cryokern.torch_mirror, torch.no_grad, cuDNN) on the whole image, fp32
 with TF32 off (the peer of the acceptance) and TF32; and the command itself in a fresh process
-(start-up and kernel-cache load included).
+(start-up and kernel-cache load included). On the GPU, a forward breakdown: median ms per
+kernel call on the whole image, each call between CUDA events, summed over calls of the same
+kernel and shape, largest first.
 
 Device memory: cryokern's, the bytes of the denoiser's buffers (input and activations,
 TiledDenoiser.device_bytes) plus the parameters, for the default tile and for the whole image;
@@ -43,7 +45,8 @@ from cryokern.model import PooledNetwork, forward, init_params
 from cryokern.mrcstack import MrcStack
 from cryokern.mrcwrite import StackWriter
 from nets import add_network_options, chosen_networks, forward_flops
-from step import CudaClock, HostClock, event_times, torch_device, torch_mode
+from step import (CudaClock, HostClock, breakdown, event_times, timed_backend,
+                  torch_device, torch_mode)
 
 
 def wall(fn, repeats):
@@ -55,10 +58,10 @@ def wall(fn, repeats):
     return statistics.median(times)
 
 
-def forward_kernels_ms(whole, image, clock):
-    """The network's forward kernels on the whole image, on the whole-image denoiser's own
-    device buffers (its input copied in once), timed by `clock`."""
-    be, net, n = whole.backend, whole.model.network, image.size
+def whole_image_buffers(whole, image):
+    """(input, outputs) of the network's forward on the whole-image denoiser's own device
+    buffers, the image copied in."""
+    net, n = whole.model.network, image.size
     whole(image)                                    # sizes its buffers for the whole image
     if isinstance(net, PooledNetwork):
         x, outs = whole._unet_buffers(*image.shape)
@@ -66,8 +69,23 @@ def forward_kernels_ms(whole, image, clock):
         x = whole._input[:n].reshape((1, 1) + image.shape)
         outs = [whole._acts[i % 2][:c * n].reshape((1, c) + image.shape)
                 for i, c in enumerate(net.channels[1:])]
-    be.copy_in(whole._input[:n], image.reshape(n))
-    return event_times(lambda: forward(be, net, whole.params, x, outs), 10, clock=clock)[0]
+    whole.backend.copy_in(whole._input[:n], image.reshape(n))
+    return x, outs
+
+
+def forward_kernels_ms(whole, image, clock):
+    """The network's forward kernels on the whole image (whole_image_buffers), timed by
+    `clock`."""
+    x, outs = whole_image_buffers(whole, image)
+    return event_times(lambda: forward(whole.backend, whole.model.network, whole.params, x,
+                                       outs), 10, clock=clock)[0]
+
+
+def forward_breakdown(whole, image):
+    """step.breakdown() of the network's forward on the whole image (whole_image_buffers)."""
+    x, outs = whole_image_buffers(whole, image)
+    timed = timed_backend()
+    return breakdown(timed, lambda: forward(timed, whole.model.network, whole.params, x, outs), 5)
 
 
 def torch_forward(network, params, image, clock, on_gpu):
@@ -146,6 +164,7 @@ def bench_network(spec, args, backend, work, stack):
 
     whole_s = wall(lambda: whole(b, out=a), 5)
     kernels_ms = forward_kernels_ms(whole, x, clock)
+    kernel_rows = forward_breakdown(whole, x) if on_gpu else []
     whole_bytes = whole.device_bytes()
     del whole                                           # its buffers, before PyTorch's
     torch_figures = torch_forward(net, params, x, clock, on_gpu)
@@ -184,10 +203,15 @@ def bench_network(spec, args, backend, work, stack):
           f" GiB (buffers + parameters); PyTorch fp32 peak "
           + ("-" if not (torch_figures or {}).get("peak_bytes")
              else f"{torch_figures['peak_bytes'] / 2 ** 30:.2f} GiB"))
+    if kernel_rows:
+        print(f"forward breakdown, whole image (median ms, launch overhead included; "
+              f"{min(20, len(kernel_rows))} largest of {len(kernel_rows)}):")
+        for name, calls, ms in kernel_rows[:20]:
+            print(f"  {name:64s} x{calls:<3d} {ms:9.3f}")
     return {"network": spec.spec, "label": net.label(), "forward_gflop": flop / 1e9,
             "tiling": tiling, "halo": denoiser.halo, "rows": dict(rows),
             "tiled_bytes": tiled_bytes, "whole_bytes": whole_bytes + param_bytes,
-            "pytorch": torch_figures}
+            "pytorch": torch_figures, "forward_breakdown": kernel_rows}
 
 
 def print_table(results, header):

@@ -144,24 +144,31 @@ class _TimedOps:
             out = fn(*args, **kwargs)
             stop.record()
             shape = "x".join(map(str, args[0].shape))
+            if name in ("conv2d_forward", "conv2d_backward_data"):   # its weights: Co x Ci
+                shape += " w" + "x".join(map(str, args[1].shape[:2]))
             self.calls.append((f"{name} {shape}", start, stop))
             return out
         return timed
 
 
-def step_breakdown(net, params, optimizer, x, y, steps=10):
-    """[(kernel and its first argument's shape, calls per step, median ms per step summed over
-    those calls)], largest first (launch overhead included)."""
-    ops = _TimedOps()
+def timed_backend():
+    """A GPU backend whose kernel functions record each call between CUDA events (ops.calls),
+    launched as they are (no graph)."""
     timed = get_backend("gpu")              # a new Backend object: its ops may be replaced
-    # each kernel bracketed by events, so launched as it is: no graph
-    timed.name, timed.ops, timed.recorder = "gpu-timed", ops, Eager
-    trainer = TrainStep(timed, net, params, optimizer)
-    trainer(x, y)
+    timed.name, timed.ops, timed.recorder = "gpu-timed", _TimedOps(), Eager
+    return timed
+
+
+def breakdown(timed, run, repeats=10):
+    """[(kernel and its first argument's shape, calls per run, median ms per run summed over
+    those calls)] of run() on `timed` (timed_backend()), largest first (launch overhead
+    included)."""
+    ops = timed.ops
+    run()
     per_call = None
-    for _ in range(steps):
+    for _ in range(repeats):
         ops.calls.clear()
-        trainer(x, y)
+        run()
         cuda.synchronize()
         times = [cuda.event_elapsed_time(a, b) for _, a, b in ops.calls]
         per_call = [[t] for t in times] if per_call is None else \
@@ -171,6 +178,13 @@ def step_breakdown(net, params, optimizer, x, y, steps=10):
         calls, ms = grouped.get(name, (0, 0.0))
         grouped[name] = (calls + 1, ms + statistics.median(t))
     return sorted(((name, c, ms) for name, (c, ms) in grouped.items()), key=lambda r: -r[2])
+
+
+def step_breakdown(net, params, optimizer, x, y, steps=10):
+    """breakdown() of the training step."""
+    timed = timed_backend()
+    trainer = TrainStep(timed, net, params, optimizer)
+    return breakdown(timed, lambda: trainer(x, y), steps)
 
 
 def array_bytes(*things):
