@@ -5,15 +5,18 @@
    in float64 (the product of two float32 is exact; the sum rounded once in float64, then to
    float32, with the rare float32-midpoint and subnormal sums redone by round-to-odd, as
    reference.fma32 does). Both are checked bit for bit against each other.
-2. The default network's training step (SGD, momentum 0.9) and forward pass (into buffers
-   allocated once, as denoise runs it) on batches of 4 images, both backends: median and best
-   of repeats, and the ratio; the parameters after the steps are compared bit for bit.
+2. A network's training step (--net, bench/nets.py's specs; default train's default, the
+   48-wide U-Net with Adam; `1,16,16,1` the chain with SGD, momentum 0.9: train's optimizer
+   defaults) and forward pass (the chain into buffers allocated once, as denoise runs it; a
+   U-Net allocating its arrays in each call) on batches of 4 images, both backends: median and
+   best of repeats, and the ratio; the parameters after the steps are compared bit for bit.
 3. The README's no-argument demo, `python -m cryokern.train --device cpu`, timed as a command:
    first with empty numba and dataset caches (it compiles and generates the data), then twice
    warm, then warm with numba's OpenMP threads spinning while they wait.
-4. One 4096x4096 micrograph denoised on the cpu backend (the reference would take minutes).
+4. One 4096x4096 micrograph denoised on the cpu backend with that network (the reference would
+   take minutes).
 
-Usage: python bench/cpu_backend.py [--sizes 64,128] [--steps 5] [--no-demo]
+Usage: python bench/cpu_backend.py [--net SPEC] [--sizes 64,128] [--steps 5] [--no-demo]
 """
 import argparse
 import datetime
@@ -31,11 +34,16 @@ import numpy as np
 import cryokern.cpu  # noqa: F401  (first: it sets numba's OpenMP wait policy)
 from numba import njit, prange
 
+from cryokern import train as T
 from cryokern.backends import get_backend
 from cryokern.cpu.fma import fma32
-from cryokern.model import Network, forward, init_params
-from cryokern.step import OptimizerConfig, TrainStep
+from cryokern.model import PooledNetwork, forward, init_params
+from cryokern.step import TrainStep
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import nets  # noqa: E402  (bench/nets.py: the networks a benchmark names)
+
+DEFAULT_NET = "unet:" + ",".join(map(str, T.DEFAULT_UNET_WIDTHS))
 TAPS = 144                        # a 16 -> 16 layer's chain length
 
 _LOW29 = (1 << 29) - 1            # float64 mantissa bits below float32 precision
@@ -126,21 +134,28 @@ def _fma_ops(asm):
     return {line.split()[0][-2:] for line in asm.splitlines() if line.strip().startswith("vfmadd")}
 
 
-def network_timings(size, steps):
+def train_optimizer(spec):
+    """train's optimizer for the network of `spec` (a bench/nets.py NetSpec)."""
+    opts = T.resolve_defaults(T.build_parser().parse_args(["--noisy", "x", "--clean", "y",
+                                                           *spec.train_args]))
+    return T.optimizer_config(opts)
+
+
+def network_timings(spec, size, steps):
     rng = np.random.default_rng(0)
     clean = rng.random((4, 1, size, size)).astype(np.float32)
     noisy = (clean + 0.3 * rng.standard_normal(clean.shape)).astype(np.float32)
-    net = Network()
+    net, optimizer = spec.network, train_optimizer(spec)
     found = {}
     for name, repeats in (("cpu", 10 * steps), ("reference", steps)):
         be = get_backend(name)
-        trainer = TrainStep(be, net, init_params(net, 0),
-                            OptimizerConfig("sgd", 0.01, momentum=0.9))
+        trainer = TrainStep(be, net, init_params(net, 0), optimizer)
         trainer(noisy, clean)                           # compiles (cpu), allocates
         step = best_and_median(lambda: trainer(noisy, clean), repeats)
         steps_taken = trainer.step
         params = {k: be.to_device(v) for k, v in init_params(net, 0).items()}
-        outs = [be.empty((4, c, size, size)) for c in net.channels[1:]]   # as denoise runs it
+        outs = None if isinstance(net, PooledNetwork) else \
+            [be.empty((4, c, size, size)) for c in net.channels[1:]]   # as denoise runs it
         fwd = best_and_median(lambda: forward(be, net, params, noisy, outs), repeats)
         found[name] = step, fwd, steps_taken, trainer.host_params()
         print(f"  {name:9s} 4x1x{size}x{size}: step best {step[0] * 1e3:8.2f} ms median "
@@ -151,8 +166,7 @@ def network_timings(size, steps):
           f"forward {ref[1][1] / cpu[1][1]:.0f}x; (best): step {ref[0][0] / cpu[0][0]:.0f}x, "
           f"forward {ref[1][0] / cpu[1][0]:.0f}x; cpu {4 / cpu[0][1]:.0f} training images/s")
     # the same bits: the reference run, replayed on the cpu backend for as many steps
-    trainer = TrainStep(get_backend("cpu"), net, init_params(net, 0),
-                        OptimizerConfig("sgd", 0.01, momentum=0.9))
+    trainer = TrainStep(get_backend("cpu"), net, init_params(net, 0), optimizer)
     for _ in range(ref[2]):
         trainer(noisy, clean)
     same = all(np.array_equal(trainer.host_params()[k].view(np.uint32), v.view(np.uint32))
@@ -160,12 +174,11 @@ def network_timings(size, steps):
     print(f"  parameters after {ref[2]} steps bit-identical on both backends: {same}")
 
 
-def denoise_micrograph(size=4096):
-    """Seconds to denoise one size x size micrograph with the default network on the cpu
-    backend (TiledDenoiser.denoise, default tiles: what denoise does per image, without the
-    file reading and writing)."""
+def denoise_micrograph(net, size=4096):
+    """Seconds to denoise one size x size micrograph with `net` on the cpu backend
+    (TiledDenoiser.denoise, default tiles: what denoise does per image, without the file
+    reading and writing)."""
     from cryokern.inference import Model, TiledDenoiser
-    net = Network()
     denoiser = TiledDenoiser(Model("untrained", net, init_params(net, 0), "per-image"),
                              get_backend("cpu"))
     image = np.random.default_rng(1).random((size, size)).astype(np.float32)
@@ -195,6 +208,9 @@ def demo_wall_times():
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--net", type=nets.parse_net, default=nets.parse_net(DEFAULT_NET),
+                    help=f"the network (bench/nets.py's specs; default {DEFAULT_NET}, train's "
+                         "default)")
     ap.add_argument("--sizes", default="64,128", help="image sizes of the batches (4 images)")
     ap.add_argument("--steps", type=int, default=5, help="reference repeats (cpu: 10x as many)")
     ap.add_argument("--no-demo", action="store_true", help="skip timing the demo command")
@@ -210,11 +226,12 @@ def main():
     print("exact fma, chains of 144 taps over 64 rows of 1024:")
     fma_choice(20)
     print(f"threading layer: {numba.threading_layer()}")
+    optimizer = train_optimizer(args.net)
     for size in (int(s) for s in args.sizes.split(",")):
-        print(f"default network {Network().channels}, SGD momentum 0.9:")
-        network_timings(size, args.steps)
-    print("denoising, default network, cpu backend:")
-    denoise_micrograph()
+        print(f"{args.net.network.label()}, {optimizer.kind} lr {optimizer.lr:g}:")
+        network_timings(args.net, size, args.steps)
+    print(f"denoising, {args.net.network.label()}, cpu backend:")
+    denoise_micrograph(args.net.network)
     if not args.no_demo:
         print("README demo, python -m cryokern.train --device cpu:")
         demo_wall_times()
