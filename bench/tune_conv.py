@@ -328,7 +328,7 @@ def weight_blocks(n, s, rng, shapes):
             if cout % go:
                 continue
             for o in range(go, cout + 1, go):
-                for c in sorted({-(-cin // k) for k in range(1, cin + 1)}):
+                for c in conv.equal_group_sizes(cin):
                     threads, shared = conv._weights_block_needs(cin, cout, variant, o, c)
                     if cout % o == 0 and threads <= most and shared <= conv.STATIC_SHARED_BYTES:
                         candidates.append((variant, (o, c)))

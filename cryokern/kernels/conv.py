@@ -678,6 +678,11 @@ def weight_groups(cin, inputs):
     return -(-cin // inputs)
 
 
+def equal_group_sizes(cin):
+    """The sizes of groups as equal as can be that cover `cin` channels (in 1, 2, .. groups)."""
+    return sorted({-(-cin // k) for k in range(1, cin + 1)})
+
+
 def weights_block(cin, cout, variant):
     """(output channels, input channels) of one weight-gradient block: all of the layer's
     where they fit a block (threads, registers at the cap, static shared memory), else the
@@ -699,9 +704,8 @@ def weights_block(cin, cout, variant):
 
     if fits(cout, cin):
         return cout, cin
-    equal_groups = sorted({-(-cin // k) for k in range(1, cin + 1)})
     blocks = [(o, c) for o in range(go, cout + 1, go) if cout % o == 0
-              for c in equal_groups if fits(o, c)]
+              for c in equal_group_sizes(cin) if fits(o, c)]
     if not blocks:
         raise ValueError(f"no block of the {cin} -> {cout} weight-gradient kernel fits "
                          f"{max_threads} threads and {STATIC_SHARED_BYTES} bytes of shared "
