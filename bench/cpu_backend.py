@@ -134,18 +134,11 @@ def _fma_ops(asm):
     return {line.split()[0][-2:] for line in asm.splitlines() if line.strip().startswith("vfmadd")}
 
 
-def train_optimizer(spec):
-    """train's optimizer for the network of `spec` (a bench/nets.py NetSpec)."""
-    opts = T.resolve_defaults(T.build_parser().parse_args(["--noisy", "x", "--clean", "y",
-                                                           *spec.train_args]))
-    return T.optimizer_config(opts)
-
-
 def network_timings(spec, size, steps):
     rng = np.random.default_rng(0)
     clean = rng.random((4, 1, size, size)).astype(np.float32)
     noisy = (clean + 0.3 * rng.standard_normal(clean.shape)).astype(np.float32)
-    net, optimizer = spec.network, train_optimizer(spec)
+    net, optimizer = spec.network, spec.optimizer()
     found = {}
     for name, repeats in (("cpu", 10 * steps), ("reference", steps)):
         be = get_backend(name)
@@ -226,7 +219,7 @@ def main():
     print("exact fma, chains of 144 taps over 64 rows of 1024:")
     fma_choice(20)
     print(f"threading layer: {numba.threading_layer()}")
-    optimizer = train_optimizer(args.net)
+    optimizer = args.net.optimizer()
     for size in (int(s) for s in args.sizes.split(",")):
         print(f"{args.net.network.label()}, {optimizer.kind} lr {optimizer.lr:g}:")
         network_timings(args.net, size, args.steps)

@@ -34,6 +34,13 @@ class NetSpec:
     def name(self):
         return f"cryokern {self.spec}"
 
+    def optimizer(self):
+        """The optimizer cryokern.train gives this network by default (its kind, learning
+        rate and settings)."""
+        opts = T.resolve_defaults(T.build_parser().parse_args(["--noisy", "x", "--clean", "y",
+                                                               *self.train_args]))
+        return T.optimizer_config(opts)
+
 
 def parse_net(spec):
     """A spec as a NetSpec (argparse type: a bad one is argparse.ArgumentTypeError)."""

@@ -73,17 +73,14 @@ def step_only(batch, size, net):
     from numba import cuda
     from step import pipelined_ms
 
-    from cryokern import train as T
     from cryokern.backends import get_backend
     from cryokern.model import init_params
     from cryokern.step import TrainStep
     rng = np.random.default_rng(0)
     x = cuda.to_device(rng.standard_normal((batch, 1, size, size)).astype(np.float32))
     y = cuda.to_device(rng.standard_normal((batch, 1, size, size)).astype(np.float32))
-    opts = T.resolve_defaults(T.build_parser().parse_args(["--noisy", "x", "--clean", "y",
-                                                           *net.train_args]))
     step = TrainStep(get_backend("gpu"), net.network, init_params(net.network, 0),
-                     T.optimizer_config(opts))
+                     net.optimizer())
     return batch / pipelined_ms(lambda: step.launch(x, y)[0], 50) * 1e3
 
 

@@ -320,18 +320,9 @@ def weight_blocks(n, s, rng, shapes):
         flops = 2 * n * s * s * cin * cout * 9
         default = conv.weights_variant(cin, cout)
         default_block = conv.weights_block(cin, cout, default)
-        cap = default.max_registers or conv.UNCAPPED_REGISTERS
-        most = min(conv.BLOCK_THREADS, conv.BLOCK_REGISTERS // cap // 32 * 32)
-        candidates = []
-        for go in (4, 2):
-            variant = default._replace(outputs=go)
-            if cout % go:
-                continue
-            for o in range(go, cout + 1, go):
-                for c in conv.equal_group_sizes(cin):
-                    threads, shared = conv._weights_block_needs(cin, cout, variant, o, c)
-                    if cout % o == 0 and threads <= most and shared <= conv.STATIC_SHARED_BYTES:
-                        candidates.append((variant, (o, c)))
+        candidates = [(default._replace(outputs=go), block) for go in (4, 2) if cout % go == 0
+                      for block in conv.weights_blocks_that_fit(
+                          cin, cout, default._replace(outputs=go))]
         candidates.sort(key=lambda vb: -vb[1][0] * vb[1][1])
         outputs = lambda variant: conv._outputs_per_thread(cin, cout, variant)
         is_default = lambda vb: (outputs(vb[0]), vb[1]) == (outputs(default), default_block)

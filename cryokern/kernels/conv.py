@@ -683,40 +683,54 @@ def equal_group_sizes(cin):
     return sorted({-(-cin // k) for k in range(1, cin + 1)})
 
 
-def weights_block(cin, cout, variant):
-    """(output channels, input channels) of one weight-gradient block: all of the layer's
-    where they fit a block (threads, registers at the cap, static shared memory), else the
-    largest such group (output channels a multiple of the outputs per thread dividing the
-    layer's; input channels in equal groups, the last holding fewer where they do not divide
-    it), the fewest blocks and then the least staging. Every chain is still one thread's, in
-    the same order, into the same gw_part / gb_part element: no bit changes (the wide U-Net
-    layers, 48 -> 48 and up, need it). Groups that need not divide the input channels keep a
-    prime count such as the Noise2Noise U-Net's 96 + 1 -> 64 in a few wide blocks, where
-    divisors alone left one input channel a block (80 of its step's 226 ms, H200, NOTES v40)."""
-    go = _outputs_per_thread(cin, cout, variant)
+def _weights_max_threads(variant):
+    """Threads a weight-gradient block may have at the variant's register cap."""
     cap = variant.max_registers or UNCAPPED_REGISTERS
-    max_threads = min(BLOCK_THREADS, BLOCK_REGISTERS // cap // 32 * 32)
+    return min(BLOCK_THREADS, BLOCK_REGISTERS // cap // 32 * 32)
+
+
+def weights_blocks_that_fit(cin, cout, variant):
+    """Every (output channels, input channels) block of the layer that fits one block (threads
+    at the register cap, static shared memory) and the grid: output channels a multiple of the
+    outputs per thread dividing the layer's, input channels in equal groups (the last holding
+    fewer where they do not divide the layer's)."""
+    go = _outputs_per_thread(cin, cout, variant)
+    max_threads = _weights_max_threads(variant)
 
     def fits(outputs, inputs):
         threads, shared = _weights_block_needs(cin, cout, variant, outputs, inputs)
         return threads <= max_threads and shared <= STATIC_SHARED_BYTES and \
             cout // outputs * weight_groups(cin, inputs) <= GRID_Z_MAX
 
-    if fits(cout, cin):
+    return [(o, c) for o in range(go, cout + 1, go) if cout % o == 0
+            for c in equal_group_sizes(cin) if fits(o, c)]
+
+
+def weights_block(cin, cout, variant):
+    """(output channels, input channels) of one weight-gradient block: all of the layer's
+    where they fit a block, else the largest block of weights_blocks_that_fit, the fewest
+    blocks and then the least staging. Every chain is still one thread's, in the same order,
+    into the same gw_part / gb_part element: no bit changes (the wide U-Net layers, 48 -> 48
+    and up, need it). Input groups that need not divide the channels keep a prime count such
+    as the Noise2Noise U-Net's 96 + 1 -> 64 in a few wide blocks, where divisors alone left one
+    input channel a block (80 of its step's 226 ms, H200, NOTES v40); they are taken only
+    where they hold more than twice the chains of the best dividing block (equal work in
+    every block, and the layers measured before keep their kernels)."""
+    blocks = weights_blocks_that_fit(cin, cout, variant)
+    if (cout, cin) in blocks:
         return cout, cin
-    blocks = [(o, c) for o in range(go, cout + 1, go) if cout % o == 0
-              for c in equal_group_sizes(cin) if fits(o, c)]
     if not blocks:
         raise ValueError(f"no block of the {cin} -> {cout} weight-gradient kernel fits "
-                         f"{max_threads} threads and {STATIC_SHARED_BYTES} bytes of shared "
-                         f"memory in {GRID_Z_MAX} blocks a tile")
+                         f"{_weights_max_threads(variant)} threads and {STATIC_SHARED_BYTES} "
+                         f"bytes of shared memory in {GRID_Z_MAX} blocks a tile")
     best = lambda candidates: max(candidates, key=lambda oc: (oc[0] * oc[1],
                                                                -(oc[0] * TILE_W + oc[1] * XROW)))
-    ragged, dividing = best(blocks), [oc for oc in blocks if cin % oc[1] == 0]
-    # groups that divide (equal work in every block, the measured kernels unchanged) unless
-    # ragged ones hold more than twice the chains
-    return best(dividing) if 2 * best(dividing)[0] * best(dividing)[1] >= \
-        ragged[0] * ragged[1] else ragged
+    ragged = best(blocks)
+    dividing = [oc for oc in blocks if cin % oc[1] == 0]
+    if not dividing:
+        return ragged
+    chosen = best(dividing)
+    return chosen if 2 * chosen[0] * chosen[1] >= ragged[0] * ragged[1] else ragged
 
 
 @lru_cache(maxsize=None)
