@@ -48,9 +48,11 @@ WIDE_SHAPES = ["96x96", "144x96", "97x64", "192x192"]
 # (one block of 256 threads per SM), capped at 128 by default (92 bytes of spills), two.
 # weight-blocks' layers: CINxCOUT, +N where the input is a concatenation of N and the rest
 WEIGHT_BLOCK_SHAPES = ["48x48", "96x96", "97x64+96"]
+# (one input window, two barriers a channel: the kernels before double_buffered_for)
 WIDE_VARIANTS = [dict(early_loads=False), dict(early_loads=True),
                  dict(geometry=(8, 16, 1), max_registers=None, early_loads=True),
-                 dict(max_registers=None)]
+                 dict(max_registers=None), dict(double_buffered=False),
+                 dict(double_buffered=False, early_loads=False)]
 
 
 def main():
@@ -65,6 +67,9 @@ def main():
                     help="channel-groups' layers, CINxCOUT (default: %(default)s)")
     ap.add_argument("--wide-kernels", nargs="+", default=[""], metavar="SUBSTRING",
                     help="wide's kernels whose label holds one of these (default: all)")
+    ap.add_argument("--block-shapes", nargs="+", default=WEIGHT_BLOCK_SHAPES,
+                    help="weight-blocks' layers, CINxCOUT or CINxCOUT+FIRST for a "
+                         "concatenation (default: %(default)s)")
     args = ap.parse_args()
     n, s = args.batch, args.size
     if "forward" in args.parts:
@@ -80,7 +85,7 @@ def main():
     if "wide" in args.parts:
         wide(n, s, np.random.default_rng(4), args.wide_kernels)
     if "weight-blocks" in args.parts:
-        weight_blocks(n, s, np.random.default_rng(5), WEIGHT_BLOCK_SHAPES)
+        weight_blocks(n, s, np.random.default_rng(5), args.block_shapes)
 
 
 def forward(n, s, rng):
@@ -213,13 +218,14 @@ def channel_groups(n, s, rng, shapes):
             b = cuda.to_device(np.zeros(kout, np.float32)) if transposed else dev(kout)
             mask = dev(n, kout, s, s) if transposed else None
             geometry = conv.forward_variant(kin, kout, transposed, transposed)[0]
-            default = conv.forward_channel_group(kin, geometry)
+            windows = conv.input_windows(kin, geometry, None)
+            default = conv.forward_channel_group(kin, geometry, windows)
             label = f"{'backward-data' if transposed else 'forward'} {cin}->{cout}"
             want = None
             for group in dict.fromkeys([default, kin, max(1, default // 2), min(16, kin)]):
                 fn = lambda: conv._launch_forward(x, w, b, y, False, mask, transposed,
                                                   leaky_slope=slope, channel_group=group)
-                shared = conv.forward_shared_bytes(geometry, group)
+                shared = conv.forward_shared_bytes(geometry, group, windows)
                 limit = conv.STATIC_SHARED_BYTES
                 conv.STATIC_SHARED_BYTES = max(limit, shared)   # past it: only to time it here
                 try:
@@ -247,7 +253,7 @@ def wide(n, s, rng, only=("",)):
     slope = leaky_slope(0.1)
     dev = lambda *shape: cuda.to_device(rng.standard_normal(shape).astype(np.float32))
     print(f"PyTorch SGEMM {'n/a' if sgemm is None else f'{sgemm / 1e12:.1f} TFLOP/s'}")
-    print(f"{'kernel':28s} {'variant':30s} {'regs':>4s} {'median ms':>10s} {'TFLOP/s':>8s} "
+    print(f"{'kernel':28s} {'variant':34s} {'regs':>4s} {'median ms':>10s} {'TFLOP/s':>8s} "
           f"{'% SGEMM':>7s} bits")
     for label, kin, kout, first, masked in [("forward 48->48 leaky", 48, 48, None, False),
                                             ("forward 48+48->48 leaky", 96, 48, 48, False),
@@ -267,14 +273,16 @@ def wide(n, s, rng, only=("",)):
         want = None
         geometry, cap = conv.forward_variant(kin, kout, masked, masked, first)
         default = dict(geometry=geometry, max_registers=cap,
-                       early_loads=conv.early_loads_for(kin, kout, first))
+                       early_loads=conv.early_loads_for(kin, kout, first, masked, geometry),
+                       double_buffered=conv.double_buffered_for(kin, geometry, first))
         for candidate in [{}] + WIDE_VARIANTS:
             variant = dict(default, **candidate)
             if candidate and (variant == default or ("max_registers" in candidate
                                                      and default["max_registers"] is None)):
                 continue    # (the default again; uncapped beside a capped default only)
             name = f"{variant['geometry']} cap {variant['max_registers']}" + (
-                " early loads" if variant["early_loads"] else " late loads")
+                " early" if variant["early_loads"] else " late") + (
+                " 2 windows" if variant["double_buffered"] else " 1 window")
             fn = lambda: conv._launch_forward(x, w, b, y, relu, mask, masked,
                                               leaky_slope=None if relu else slope, x2=x2,
                                               **variant)
@@ -282,7 +290,7 @@ def wide(n, s, rng, only=("",)):
             try:
                 med = replay_ms(fn)
             except Exception as e:  # noqa: BLE001  (a compile or launch error)
-                print(f"{label:28s} {name:30s} does not run ({type(e).__name__})")
+                print(f"{label:28s} {name:34s} does not run ({type(e).__name__})")
                 continue
             kernel = conv._forward_kernel(kin, kout, relu, masked, masked,
                                           leaky_slope=None if relu else slope, first=first,
@@ -292,7 +300,7 @@ def wide(n, s, rng, only=("",)):
             got = y.copy_to_host().view(np.uint32)
             want = got if want is None else want
             rate = flops / med / 1e9
-            print(f"{label:28s} {name:30s} {regs:4d} {med:10.3f} {rate:8.1f} "
+            print(f"{label:28s} {name:34s} {regs:4d} {med:10.3f} {rate:8.1f} "
                   f"{'-' if sgemm is None else f'{100 * rate * 1e12 / sgemm:.0f}':>7s} "
                   f"{'same' if np.array_equal(got, want) else 'DIFFERENT'}"
                   f"{'' if candidate else '  <- default'}")

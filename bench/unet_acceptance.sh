@@ -91,7 +91,8 @@ if [ "$stage" != quality ]; then
           "tests/test_unet_step.py||not (test_gpu_steps_equal_reference and not small)"
           "tests/test_n2n_unet.py|gpu|"
           "tests/test_unet_ops.py|gpu|conv"
-          "tests/test_unet_ops.py|gpu|not conv")
+          "tests/test_unet_ops.py|gpu|not conv"
+          "tests/test_kernels.py|gpu|")
   pids=()
   for i in "${!groups[@]}"; do
     IFS='|' read -r file marker expr <<< "${groups[$i]}"

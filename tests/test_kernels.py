@@ -273,10 +273,18 @@ def test_weights_blocks_fit_a_block_and_keep_the_default_layers_whole():
 def test_weights_blocks_of_a_prime_channel_count_hold_many_channels():
     """The Noise2Noise U-Net's 96 + 1 -> 64: 97 is prime, so groups that divide it held one
     input channel a block; equal groups of 25 (the last 22) hold them in 4 blocks. Layers whose
-    dividing groups hold at least half as many chains keep them (48 -> 48, 64 -> 64)."""
-    assert conv.weights_block(97, 64, conv.weights_variant(97, 64)) == (64, 25)
-    assert conv.weights_block(48, 48, conv.weights_variant(48, 48)) == (48, 24)
+    dividing groups hold at least half as many chains keep them (64 -> 64, 64 -> 128); the
+    measured blocks of TUNED_WEIGHT_BLOCKS (two outputs a thread: 97 -> 64 in groups of 14,
+    48 -> 48 of 16) where they fit."""
+    rule = conv.WeightsVariant(128, 128, True, True, True)
+    assert conv.weights_block(97, 64, rule) == (64, 25)
     assert conv.weights_block(64, 64, conv.weights_variant(64, 64)) == (32, 32)
+    assert conv.weights_block(64, 128, conv.weights_variant(64, 128)) == (32, 32)
+    for (cin, cout), (outputs, block) in conv.TUNED_WEIGHT_BLOCKS.items():
+        variant = conv.weights_variant(cin, cout)
+        assert conv._outputs_per_thread(cin, cout, variant) == outputs
+        assert conv.weights_block(cin, cout, variant) == block
+    assert conv.weights_block(97, 64, conv.weights_variant(97, 64)) == (64, 14)
 
 
 def test_weights_block_must_tile_the_channels():
@@ -358,7 +366,7 @@ def test_kernels_staging_weights_in_groups_are_capped_at_128_registers():
     for cin, cout, transposed, masked in [(96, 96, False, False), (78, 48, False, False),
                                           (96, 192, True, False)]:
         geometry, cap = conv.forward_variant(cin, cout, transposed, masked)
-        assert conv.forward_channel_group(cin, geometry) < cin and cap == 128
+        assert conv.staged_in_groups(cin, geometry) and cap == 128
     assert conv.forward_variant(48, 48, False, False)[1] is None
     assert conv.forward_variant(77, 48, False, False)[1] is None
 
@@ -372,18 +380,22 @@ def test_forward_blocks_stay_within_static_shared_memory():
     assert {(8, 8, 2), (4, 16, 1), (8, 1, 1)} <= geometries    # wide, from 1 channel, to 1
     for geometry in geometries:
         for cin in range(1, 513):
-            group = conv.forward_channel_group(cin, geometry)
+            windows = conv.input_windows(cin, geometry, None)
+            group = conv.forward_channel_group(cin, geometry, windows)
             assert 0 < group <= cin
-            assert conv.forward_shared_bytes(geometry, group) <= limit
-            if conv.forward_shared_bytes(geometry, cin) <= limit:
+            assert conv.forward_shared_bytes(geometry, group, windows) <= limit
+            if conv.forward_shared_bytes(geometry, cin, windows) <= limit:
                 assert group == cin
             else:
                 fewer = -(-cin // (-(-cin // group) - 1))     # one group less
-                assert conv.forward_shared_bytes(geometry, fewer) > limit
+                assert conv.forward_shared_bytes(geometry, fewer, windows) > limit
     wide = (8, 8, 2)                                # 16 output channels a block
-    assert conv.forward_channel_group(77, wide) == 77
-    assert [conv.forward_channel_group(c, wide) for c in (78, 96, 97, 144, 192, 512)] == \
-        [39, 48, 49, 72, 64, 74]
+    assert conv.forward_channel_group(77, wide, 1) == 77
+    assert conv.forward_channel_group(69, wide, 2) == 69        # beside two windows
+    assert [conv.input_windows(c, wide, None) for c in (1, 16, 77, 78)] == [1, 1, 1, 2]
+    assert conv.input_windows(16, wide, 8) == 2                 # over a concatenation
+    assert [conv.forward_channel_group(c, wide, conv.input_windows(c, wide, None))
+            for c in (78, 96, 97, 144, 192, 512)] == [39, 48, 49, 48, 64, 64]
 
 
 def declared_shared_bytes(kernel):
@@ -404,7 +416,9 @@ def test_forward_kernels_declare_the_shared_memory_of_the_rule(cin, cout, masked
     """The generated source declares what forward_shared_bytes counts (no compilation)."""
     kernel = conv._forward_kernel(cin, cout, False, masked, transposed, first=first)[0]
     geometry = conv.forward_variant(cin, cout, transposed, masked)[0]
-    want = conv.forward_shared_bytes(geometry, conv.forward_channel_group(cin, geometry))
+    windows = conv.input_windows(cin, geometry, first)
+    group = conv.forward_channel_group(cin, geometry, windows)
+    want = conv.forward_shared_bytes(geometry, group, windows)
     assert declared_shared_bytes(kernel) == want <= 48 * 1024
 
 
@@ -422,7 +436,7 @@ def test_forward_in_groups_of_input_channels_at_the_shared_memory_limit(rng):
     """A geometry of 64 output channels a block holds 20 input channels' weights in 48 KB: 21
     input channels (x's 5 and x2's 16) go in groups of 11 and 10, as the rule makes them."""
     geometry = (1, 64, 1)
-    assert conv.forward_channel_group(21, geometry) == 11
+    assert conv.forward_channel_group(21, geometry, conv.input_windows(21, geometry, 5)) == 11
     n, ca, cin, cout, h, w = 1, 5, 21, 3, 3, 4
     x, wt, b = randn(rng, n, cin, h, w), randn(rng, cout, cin, 3, 3), randn(rng, cout)
     y = poisoned((n, cout, h, w))

@@ -64,40 +64,68 @@ def forward_variant(cin, cout, transposed, masked, first=None):
     g_out = min(cout, 8)
     geometry = (8, g_out, min(2, -(-cout // g_out)))
     concatenation = first is not None and not transposed
-    grouped = forward_channel_group(cin, geometry) < cin
+    grouped = staged_in_groups(cin, geometry)
     return geometry, (128 if masked or concatenation or grouped else None)
 
 
-def early_loads_for(cin, cout, first):
+def staged_in_groups(cin, geometry):
+    """Whether a forward block of this geometry stages its weights in groups of input channels
+    even beside one input window."""
+    return forward_channel_group(cin, geometry, 1) < cin
+
+
+def early_loads_for(cin, cout, first, masked, geometry):
     """Whether _forward_kernel loads the next input channel's window without a branch
-    (early_loads): for the generic geometry (cin, cout > 1) reading one array. H200, 4x1024^2,
-    bits equal (bench/tune_conv.py --parts wide, 2026-12-01): forward 48 -> 48 LeakyReLU 5.996
-    -> 5.527 ms, backward-data 48 -> 48 masked 5.787 -> 5.608, forward 16 -> 16 ReLU 0.694 ->
-    0.641; over a concatenation it was slower (13.01 -> 16.02), both arrays' loads issued."""
-    return first is None and cin > 1 and cout > 1
+    (early_loads): for the generic geometry (cin, cout > 1) reading one array, unless it stages
+    its weights in groups without a mask. H200, 4x1024^2, bits equal (bench/tune_conv.py
+    --parts wide, 2026-12-01): forward 48 -> 48 LeakyReLU 5.996 -> 5.527 ms, backward-data
+    48 -> 48 masked 5.787 -> 5.608, forward 16 -> 16 ReLU 0.694 -> 0.641; over a concatenation
+    it was slower (13.01 -> 16.02), both arrays' loads issued. In groups, with two windows
+    (NOTES v41): forward 96 -> 96 24.243 early, 20.948 not; backward-data 96 -> 96 masked
+    22.598 early, 27.215 not."""
+    return first is None and cin > 1 and cout > 1 and (masked or
+                                                        not staged_in_groups(cin, geometry))
 
 
-def _forward_block_floats(geometry):
-    """(floats of shared memory per input channel's weights, floats of the input window) of a
+def double_buffered_for(cin, geometry, first):
+    """Whether _forward_kernel stages the input channels in two windows that alternate (one
+    barrier a channel, not two): kernels over a concatenation and kernels staging their weights
+    in groups. H200, 4x1024^2, bits equal (bench/tune_conv.py --parts wide, 2026-12-01, NOTES
+    v41), one window -> two: forward 48+48 -> 48 11.000 -> 10.432 ms, 96 -> 96 21.942 ->
+    20.948 (late loads), backward-data 96 -> 96 masked 22.851 -> 22.598; the kernels reading
+    one array whose weights fit at once were slower with two (forward 48 -> 48 5.614 -> 5.867,
+    backward-data 48 -> 48 masked 5.617 -> 6.540, forward 16 -> 16 0.648 -> 0.679)."""
+    return cin > 1 and (first is not None or staged_in_groups(cin, geometry))
+
+
+def input_windows(cin, geometry, first):
+    """Input windows a forward block holds in shared memory (double_buffered_for)."""
+    return 2 if double_buffered_for(cin, geometry, first) else 1
+
+
+def _forward_block_floats(geometry, windows):
+    """(floats of shared memory per input channel's weights, floats of the input windows) of a
     forward block of this geometry."""
     rows, g_out, groups = geometry
-    return 9 * g_out * groups, (BW + 2) * (TY * rows + 2)
+    return 9 * g_out * groups, windows * (BW + 2) * (TY * rows + 2)
 
 
-def forward_shared_bytes(geometry, channel_group):
-    """Static shared memory of a forward block staging `channel_group` input channels' weights."""
-    per_channel, window = _forward_block_floats(geometry)
+def forward_shared_bytes(geometry, channel_group, windows):
+    """Static shared memory of a forward block staging `channel_group` input channels' weights
+    beside `windows` input windows."""
+    per_channel, window = _forward_block_floats(geometry, windows)
     return 4 * (channel_group * per_channel + window)
 
 
-def forward_channel_group(cin, geometry):
+def forward_channel_group(cin, geometry, windows):
     """Input channels whose weights a forward block holds in shared memory at once: all `cin`
     where they fit STATIC_SHARED_BYTES beside the input window (every layer below 78 input
     channels with 16 outputs a block: their kernels are as they were), else the fewest equal
     groups that fit (the last may hold fewer). The block stages group after group; each
     thread's chains still run over the channels in order with the same operands, so no bit
-    changes, and the weights are read from global memory once per block as before."""
-    per_channel, window = _forward_block_floats(geometry)
+    changes, and the weights are read from global memory once per block as before. `windows`:
+    the block's input windows (input_windows)."""
+    per_channel, window = _forward_block_floats(geometry, windows)
     most = (STATIC_SHARED_BYTES // 4 - window) // per_channel
     if most < 1:
         raise ValueError(f"a forward block of geometry {geometry} cannot stage one input "
@@ -239,7 +267,7 @@ def _epilogue_value(acc, relu, slope, mask_bit):
 @lru_cache(maxsize=None)
 def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_registers=None,
                     leaky_slope=None, first=None, channel_group=None, early_loads=None,
-                    upsampled=False):
+                    upsampled=False, double_buffered=None):
     """Numerics section 1 (transposed=False) or 2 (w read as w'[ci,o,2-a,2-b]), generated.
     With leaky_slope (a float32), the epilogue is LeakyReLU's (§9a): its activation, or with
     `masked` its gradient mask. The slope is written into the source as a float32 constant.
@@ -253,6 +281,10 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
     The same operands in the same order: no bit changes. `upsampled` (forward, with `first`):
     x is half the output's height and width and read x2 nearest-upsampled (§12), element
     (h // 2, w // 2) for output pixel (h, w): the decoder's input without the upsampled copy.
+    `double_buffered` (double_buffered_for's unless given): channel ci is staged in window
+    ci % 2 while the other still serves channel ci - 1's readers, so one barrier a channel
+    separates the stores from the reads (two with a single window: before the stores, every
+    thread has read the last channel; after them, the window is whole).
 
     Returns (kernel, block, output channels per block, rows per block)."""
     if upsampled and (transposed or first is None):
@@ -267,15 +299,20 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
     if geometry is None:
         geometry, max_registers = forward_variant(cin, cout, transposed, masked, first)
     if early_loads is None:
-        early_loads = early_loads_for(cin, cout, first)
+        early_loads = early_loads_for(cin, cout, first, masked, geometry)
+    if double_buffered is None:
+        double_buffered = double_buffered_for(cin, geometry, first)
+    windows = 2 if double_buffered else 1
     R, g_out, groups = geometry
     BH = TY * R
     XW, XH = BW + 2, BH + 2
     ob_size = g_out * groups
     threads = BW * TY * groups
     nx = XW * XH
-    group = forward_channel_group(cin, geometry) if channel_group is None else channel_group
-    if not 0 < group <= cin or forward_shared_bytes(geometry, group) > STATIC_SHARED_BYTES:
+    group = forward_channel_group(cin, geometry, windows) if channel_group is None \
+        else channel_group
+    if not 0 < group <= cin or \
+            forward_shared_bytes(geometry, group, windows) > STATIC_SHARED_BYTES:
         raise ValueError(f"a {cin} -> {cout} convolution cannot stage the weights of "
                          f"{group} input channels at once within {STATIC_SHARED_BYTES} bytes")
     grouped = group < cin
@@ -294,7 +331,7 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
     if upsampled:
         src("xplane = (height >> 1) * (width >> 1)")
     src(f"ws = cuda.shared.array({ws_size}, float32)")
-    src(f"xs = cuda.shared.array({nx}, float32)")
+    src(f"xs = cuda.shared.array({windows * nx}, float32)")
 
     def stage_weights(channel, first_channel=""):
         """ws: the weights of the block's output channels and of input channels `channel` =
@@ -355,13 +392,22 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
     src(f"wb = cuda.threadIdx.z * {g_out}")
     src(f"xb = uint64(cuda.threadIdx.y * {R * XW} + cuda.threadIdx.x)")
     src(f"for ci in range({cin}):").indent()
-    src("cuda.syncthreads()")
+    if double_buffered:
+        src(f"window = uint64((ci & 1) * {nx})")
+        if grouped:     # behind a barrier of its own: every thread has read the last group's
+            src(f"if ci % {group} == 0:").indent()
+            src("cuda.syncthreads()")
+            stage_weights("cw", "ci + ")
+            src.dedent()
+    else:
+        src("cuda.syncthreads()")
+    at = "window + " if double_buffered else ""
     for s_ in range(slots):
         if (s_ + 1) * threads > nx:
-            src(f"if e{s_} < {nx}:").indent()(f"xs[uint64(e{s_})] = p{s_}").dedent()
+            src(f"if e{s_} < {nx}:").indent()(f"xs[{at}uint64(e{s_})] = p{s_}").dedent()
         else:
-            src(f"xs[uint64(e{s_})] = p{s_}")
-    if grouped:     # between the barriers: every thread has read the last group's weights
+            src(f"xs[{at}uint64(e{s_})] = p{s_}")
+    if grouped and not double_buffered:  # between the barriers: the last group's are read
         src(f"if ci % {group} == 0:").indent()
         stage_weights("cw", "ci + ")
         src.dedent()
@@ -386,7 +432,7 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
         plan.load(src)
     for r in range(R + 2):
         for k in range(3):
-            src(f"v{r}_{k} = xs[xb + uint64({r * XW + k})]")
+            src(f"v{r}_{k} = xs[{at}xb + uint64({r * XW + k})]")
     src(f"wc = uint64(wb + {f'ci % {group}' if grouped else 'ci'} * {9 * ob_size})")
     # the channel's fmas: a call per kernel row (ky) of `taps` (codegen.Source.device_function
     # says why), with that row's window rows; the chains go from call to call in a tuple
@@ -450,14 +496,15 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
     groups_of = f"_group{group}" if grouped else ""
     module = load_module(f"conv_forward_{cin}_{cout}_{int(relu)}{int(masked)}{int(transposed)}"
                          f"{leaky}{two}{groups_of}{'_early' if early_loads else ''}"
-                         f"{'_up' if upsampled else ''}",
+                         f"{'_up' if upsampled else ''}{'_db' if double_buffered else ''}",
                          src.text() + called.text() + stores.text())
     return module.kernel, (BW, TY, groups), ob_size, BH
 
 
 def _launch_forward(x, w, b, y, relu, mask, transposed, leaky_slope=None, x2=None, y2=None,
                     upsampled=False, **variant):
-    """`variant` (geometry, max_registers, early_loads) is for bench/tune_conv.py. With x2
+    """`variant` (geometry, max_registers, early_loads, double_buffered) is for
+    bench/tune_conv.py. With x2
     (forward) or y2 (transposed), the input or output channels continue in that second array;
     `upsampled`: x is read x2 upsampled (half the output's size)."""
     n, cin = x.shape[:2]
@@ -608,6 +655,19 @@ XS_STRIDE = 3 * XROW + (2 - 3 * XROW) % 16   # floats per input channel in the x
                                              # so the warp's input channels spread over banks
 
 
+# Weight-gradient blocks of the U-Nets' layers measured faster than weights_block's rule gives
+# (bench/tune_conv.py --parts weight-blocks, H200, 4 x 1024^2, bits equal, 2026-12-01, NOTES
+# v41): (Cin, Cout): (output channels per thread, (output, input channels) a block), and the
+# rule's block's ms -> this one's. The rule's largest block leaves 9 or 13 chain-holding warps
+# where these hold 12-16 more evenly over the SM's four schedulers; no simple rank of the
+# blocks ordered all six layers measured as their times did (80 -> 32 keeps the rule's).
+TUNED_WEIGHT_BLOCKS = {(48, 48): (2, (48, 16)),      # (4, 48 x 24)  6.800 ->  5.819
+                       (97, 64): (2, (64, 14)),      # (4, 64 x 25) 18.322 -> 16.434
+                       (144, 96): (4, (96, 16)),     # (4, 48 x 36) 36.718 -> 33.332
+                       (112, 48): (4, (48, 38)),     # (4, 48 x 28) 15.199 -> 13.278
+                       (56, 24): (2, (24, 19))}      # (4, 24 x 28)  4.383 ->  3.793
+
+
 class WeightsVariant(NamedTuple):
     """How a weight-gradient kernel is built (the bits do not depend on it).
 
@@ -649,7 +709,9 @@ def weights_variant(cin, cout):
     if cin * cout >= 64:
         cap = 128     # two outputs per thread only while the block's threads fit 64K registers
         two = cout % 2 == 0 and cout // 2 * cin + cout <= 65536 // cap
-        return WeightsVariant(128, cap, True, True, True, outputs=2 if two else None)
+        tuned = TUNED_WEIGHT_BLOCKS.get((cin, cout))
+        outputs = tuned[0] if tuned else 2 if two else None
+        return WeightsVariant(128, cap, True, True, True, outputs=outputs)
     return WeightsVariant(64, None, False, True, True, True)
 
 
@@ -715,8 +777,12 @@ def weights_block(cin, cout, variant):
     as the Noise2Noise U-Net's 96 + 1 -> 64 in a few wide blocks, where divisors alone left one
     input channel a block (80 of its step's 226 ms, H200, NOTES v40); they are taken only
     where they hold more than twice the chains of the best dividing block (equal work in
-    every block, and the layers measured before keep their kernels)."""
+    every block, and the layers measured before keep their kernels). The layers of
+    TUNED_WEIGHT_BLOCKS take their measured block."""
     blocks = weights_blocks_that_fit(cin, cout, variant)
+    tuned = TUNED_WEIGHT_BLOCKS.get((cin, cout))
+    if tuned and tuned[0] == _outputs_per_thread(cin, cout, variant) and tuned[1] in blocks:
+        return tuned[1]
     if (cout, cin) in blocks:
         return cout, cin
     if not blocks:
