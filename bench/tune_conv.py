@@ -53,6 +53,19 @@ WIDE_VARIANTS = [dict(early_loads=False), dict(early_loads=True),
                  dict(geometry=(8, 16, 1), max_registers=None, early_loads=True),
                  dict(max_registers=None), dict(double_buffered=False),
                  dict(double_buffered=False, early_loads=False)]
+# Blocks of one thread group (128 threads, 8 output channels): four a SM at 128 registers
+# where the default's two blocks of 256 hold the same 16 warps, so a barrier stops a quarter
+# of the SM's warps, not half, and 97 or 144 input channels' weights fit at once (9 x 8 floats
+# a channel); the input window then serves 8 output channels, not 16. And blocks of four
+# groups (512 threads, one a SM): the window serves 32.
+WIDE_GEOMETRIES = [dict(geometry=(8, 8, 1), max_registers=128, early_loads=True,
+                        double_buffered=False),
+                   dict(geometry=(8, 8, 1), max_registers=128, early_loads=False,
+                        double_buffered=True),
+                   dict(geometry=(8, 8, 1), max_registers=128, early_loads=True,
+                        double_buffered=True),
+                   dict(geometry=(8, 8, 4), max_registers=128, early_loads=False,
+                        double_buffered=True)]
 
 
 def main():
@@ -260,11 +273,17 @@ def wide(n, s, rng, only=("",)):
                                             ("backward-data 48->48 mask", 48, 48, None, True),
                                             ("forward 16->16 relu", 16, 16, None, False),
                                             ("forward 96->96 leaky", 96, 96, None, False),
-                                            ("backward-data 96->96 mask", 96, 96, None, True)]:
+                                            ("backward-data 96->96 mask", 96, 96, None, True),
+                                            ("forward 64->32 leaky", 64, 32, None, False),
+                                            ("forward up(96)+1->64 leaky", 97, 64, 96, False),
+                                            ("forward up(96)+48->96 leaky", 144, 96, 96,
+                                             False)]:
         if not any(part in label for part in only):
             continue
         relu = kout == 16
-        x, y = dev(n, first or kin, s, s), cuda.device_array((n, kout, s, s), np.float32)
+        upsampled = label.startswith("forward up(")
+        x = dev(n, first or kin, s // 2, s // 2) if upsampled else dev(n, first or kin, s, s)
+        y = cuda.device_array((n, kout, s, s), np.float32)
         x2 = None if first is None else dev(n, kin - first, s, s)
         w = dev(kin, kout, 3, 3) if masked else dev(kout, kin, 3, 3)
         b = cuda.to_device(np.zeros(kout, np.float32)) if masked else dev(kout)
@@ -275,9 +294,10 @@ def wide(n, s, rng, only=("",)):
         default = dict(geometry=geometry, max_registers=cap,
                        early_loads=conv.early_loads_for(kin, kout, first, masked, geometry),
                        double_buffered=conv.double_buffered_for(kin, geometry, first))
-        for candidate in [{}] + WIDE_VARIANTS:
+        for candidate in [{}] + WIDE_VARIANTS + WIDE_GEOMETRIES:
             variant = dict(default, **candidate)
             if candidate and (variant == default or ("max_registers" in candidate
+                                                     and "geometry" not in candidate
                                                      and default["max_registers"] is None)):
                 continue    # (the default again; uncapped beside a capped default only)
             name = f"{variant['geometry']} cap {variant['max_registers']}" + (
@@ -285,7 +305,7 @@ def wide(n, s, rng, only=("",)):
                 " 2 windows" if variant["double_buffered"] else " 1 window")
             fn = lambda: conv._launch_forward(x, w, b, y, relu, mask, masked,
                                               leaky_slope=None if relu else slope, x2=x2,
-                                              **variant)
+                                              upsampled=upsampled, **variant)
             cuda.to_device(np.full(y.shape, np.nan, np.float32), to=y)   # (unwritten: differs)
             try:
                 med = replay_ms(fn)
@@ -294,7 +314,7 @@ def wide(n, s, rng, only=("",)):
                 continue
             kernel = conv._forward_kernel(kin, kout, relu, masked, masked,
                                           leaky_slope=None if relu else slope, first=first,
-                                          **variant)[0]
+                                          upsampled=upsampled, **variant)[0]
             overloads = list(kernel.overloads.values())    # (none: not the launched one)
             regs = overloads[0].regs_per_thread if overloads else -1
             got = y.copy_to_host().view(np.uint32)
