@@ -153,11 +153,11 @@ def unet_cases(n, s, rng, width=48):
         (f"conv {c}+{c}->{c} forward+leaky (concatenation)",
          lambda: K.conv2d_forward(a, w_2c, b, leaky_slope=0.1, out=o, x2=g), mac(c2, c),
          3 * c * plane),
-        # denoising's decoder: the level below read upsampled in place, against the upsample
-        # row below plus the concatenation's row above
-        (f"conv up({c})+{c}->{c} forward+leaky (upsampled in place)",
+        # the decoder's first convolution: the level below read upsampled in place, in phase
+        # form (numerics §12: 4 fmas a pixel and upsampled channel, counted as run, not 9)
+        (f"conv up({c})+{c}->{c} forward+leaky (phase form)",
          lambda: K.conv2d_forward(half, w_2c, b, leaky_slope=0.1, out=o, x2=g, upsampled=True),
-         mac(c2, c), (c // 4 + 2 * c) * plane),
+         2 * p * (4 + 9) * c * c, (c // 4 + 4 * c) * plane),
         (f"conv {c}->{c} backward-data+leaky mask",
          lambda: K.conv2d_backward_data(g, w_cc, relu_output=a, leaky_slope=0.1, out=o),
          mac(c, c), 3 * c * plane),

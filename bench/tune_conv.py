@@ -11,10 +11,12 @@ SGEMM rate measured in the same run; the N2N U-Net's 96 -> 96 forward and backwa
 (grouped weights: capped at 128 registers by default since NOTES v40, uncapped beside it).
 `weight-blocks` (not in the default parts): the wide layers' weight-gradient kernels
 (WEIGHT_BLOCK_SHAPES) in blocks of other channel counts (conv.weights_block's candidates, four
-or two outputs a thread), partials compared bit for bit with the default block's.
+or two outputs a thread), partials compared bit for bit with the default block's. `phase`
+(not in the default parts): the decoders' convolutions of an upsampled input (PHASE_SHAPES),
+the phase kernel's geometries and the whole convolution beside the one over the copy.
 Usage: python bench/tune_conv.py [--batch 4] [--size 1024]
                                  [--parts forward backward-data weights channel-groups wide
-                                  weight-blocks]
+                                  weight-blocks phase]
                                  [--wide-shapes 96x96 144x96 ...]
                                  [--wide-kernels "48+48" "16->16" ...]
 """
@@ -46,6 +48,11 @@ WIDE_SHAPES = ["96x96", "144x96", "97x64", "192x192"]
 # to 16 output channels (17.5 fmas per shared-memory load, not 12) at ~230 registers, one warp
 # in four of the default's per SM; the concatenation's forward takes 151 registers uncapped
 # (one block of 256 threads per SM), capped at 128 by default (92 bytes of spills), two.
+# phase's layers (UP+SKIPxCOUT: the decoders' first convolutions, N2N's and the 48-wide's) and
+# the phase kernel's candidate geometries (rows, channels a thread, thread groups): a weight
+# read serves rows / 2 fmas
+PHASE_SHAPES = ["96+1x64", "96+48x96", "48+48x48", "48+1x64"]
+PHASE_GEOMETRIES = [(16, 4, 2), (16, 4, 1), (12, 4, 4), (16, 8, 1), (20, 4, 2)]
 # weight-blocks' layers: CINxCOUT, +N where the input is a concatenation of N and the rest
 WEIGHT_BLOCK_SHAPES = ["48x48", "96x96", "97x64+96"]
 # (one input window, two barriers a channel: the kernels before double_buffered_for)
@@ -73,7 +80,7 @@ def main():
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--parts", nargs="+",
-                    choices=PARTS + ("channel-groups", "wide", "weight-blocks"),
+                    choices=PARTS + ("channel-groups", "wide", "weight-blocks", "phase"),
                     default=PARTS, help="which kernels' variants to time (default: all but "
                                         "channel-groups and wide)")
     ap.add_argument("--wide-shapes", nargs="+", default=WIDE_SHAPES,
@@ -83,6 +90,8 @@ def main():
     ap.add_argument("--block-shapes", nargs="+", default=WEIGHT_BLOCK_SHAPES,
                     help="weight-blocks' layers, CINxCOUT or CINxCOUT+FIRST for a "
                          "concatenation (default: %(default)s)")
+    ap.add_argument("--phase-shapes", nargs="+", default=PHASE_SHAPES,
+                    help="phase's layers, UP+SKIPxCOUT (default: %(default)s)")
     args = ap.parse_args()
     n, s = args.batch, args.size
     if "forward" in args.parts:
@@ -99,6 +108,8 @@ def main():
         wide(n, s, np.random.default_rng(4), args.wide_kernels)
     if "weight-blocks" in args.parts:
         weight_blocks(n, s, np.random.default_rng(5), args.block_shapes)
+    if "phase" in args.parts:
+        phase(n, s, np.random.default_rng(6), args.phase_shapes)
 
 
 def forward(n, s, rng):
@@ -274,15 +285,11 @@ def wide(n, s, rng, only=("",)):
                                             ("forward 16->16 relu", 16, 16, None, False),
                                             ("forward 96->96 leaky", 96, 96, None, False),
                                             ("backward-data 96->96 mask", 96, 96, None, True),
-                                            ("forward 64->32 leaky", 64, 32, None, False),
-                                            ("forward up(96)+1->64 leaky", 97, 64, 96, False),
-                                            ("forward up(96)+48->96 leaky", 144, 96, 96,
-                                             False)]:
+                                            ("forward 64->32 leaky", 64, 32, None, False)]:
         if not any(part in label for part in only):
             continue
         relu = kout == 16
-        upsampled = label.startswith("forward up(")
-        x = dev(n, first or kin, s // 2, s // 2) if upsampled else dev(n, first or kin, s, s)
+        x = dev(n, first or kin, s, s)
         y = cuda.device_array((n, kout, s, s), np.float32)
         x2 = None if first is None else dev(n, kin - first, s, s)
         w = dev(kin, kout, 3, 3) if masked else dev(kout, kin, 3, 3)
@@ -305,7 +312,7 @@ def wide(n, s, rng, only=("",)):
                 " 2 windows" if variant["double_buffered"] else " 1 window")
             fn = lambda: conv._launch_forward(x, w, b, y, relu, mask, masked,
                                               leaky_slope=None if relu else slope, x2=x2,
-                                              upsampled=upsampled, **variant)
+                                              **variant)
             cuda.to_device(np.full(y.shape, np.nan, np.float32), to=y)   # (unwritten: differs)
             try:
                 med = replay_ms(fn)
@@ -314,7 +321,7 @@ def wide(n, s, rng, only=("",)):
                 continue
             kernel = conv._forward_kernel(kin, kout, relu, masked, masked,
                                           leaky_slope=None if relu else slope, first=first,
-                                          upsampled=upsampled, **variant)[0]
+                                          **variant)[0]
             overloads = list(kernel.overloads.values())    # (none: not the launched one)
             regs = overloads[0].regs_per_thread if overloads else -1
             got = y.copy_to_host().view(np.uint32)
@@ -324,6 +331,76 @@ def wide(n, s, rng, only=("",)):
                   f"{'-' if sgemm is None else f'{100 * rate * 1e12 / sgemm:.0f}':>7s} "
                   f"{'same' if np.array_equal(got, want) else 'DIFFERENT'}"
                   f"{'' if candidate else '  <- default'}")
+
+
+def phase(n, s, rng, shapes):
+    """The decoder's convolution of an upsampled input (numerics §12), layer by layer: the phase
+    kernel (phase_conv) in its default geometry and PHASE_GEOMETRIES, unfinished chains bit for
+    bit against the default's; then the whole convolution (the phase kernel, then the forward
+    kernel continuing over the skip connection's channels) beside the forward kernel over the
+    upsampled copy (the same layer before the phase form). % of SGEMM counts the fmas each
+    runs: 4 a pixel and upsampled channel in phase form, 9 on the copy."""
+    from kernels import sgemm_rate
+    from cryokern import kernels as K
+    from cryokern.contract import leaky_slope
+    from cryokern.kernels import phase_conv
+    sgemm = sgemm_rate()
+    slope = leaky_slope(0.1)
+    dev = lambda *shape: cuda.to_device(rng.standard_normal(shape).astype(np.float32))
+    pct = lambda flops, med: "-" if sgemm is None else f"{100 * flops / med / 1e9 * 1e12 / sgemm:.0f}"
+    print(f"{'layer':12s} {'variant':30s} {'regs':>4s} {'median ms':>10s} {'% SGEMM':>7s} bits")
+    for spec in shapes:
+        channels, cout = spec.split("x")
+        up, skip = (int(c) for c in channels.split("+"))
+        cout = int(cout)
+        x, x2 = dev(n, up, s // 2, s // 2), dev(n, skip, s, s)
+        w, b = dev(cout, up + skip, 3, 3), dev(cout)
+        y = cuda.device_array((n, cout, s, s), np.float32)
+        phase_flops = 2 * n * s * s * up * cout * 4
+        want = None
+        for geometry in dict.fromkeys([phase_conv.PHASE_GEOMETRY] + PHASE_GEOMETRIES):
+            fn = lambda: phase_conv.launch_phase_chains(x, w, b, y, geometry=geometry)
+            cuda.to_device(np.full(y.shape, np.nan, np.float32), to=y)
+            try:
+                med = replay_ms(fn)
+            except Exception as e:  # noqa: BLE001  (a compile or launch error)
+                print(f"{spec:12s} phase {str(geometry):24s} does not run ({type(e).__name__})")
+                continue
+            kernel = phase_conv._phase_kernel(up, cout, geometry=geometry)[0]
+            regs = next(iter(kernel.overloads.values())).regs_per_thread
+            got = y.copy_to_host().view(np.uint32)
+            want = got if want is None else want
+            print(f"{spec:12s} phase {str(geometry):24s} {regs:4d} {med:10.3f} "
+                  f"{pct(phase_flops, med):>7s} "
+                  f"{'same' if np.array_equal(got, want) else 'DIFFERENT'}"
+                  f"{'  <- default' if geometry == phase_conv.PHASE_GEOMETRY else ''}")
+        if skip > 1:    # the continuation over the skip's channels, uncapped and capped
+            geometry, cap = conv.forward_variant(skip, cout, False, False)  # (from the bias)
+            for regs_cap in dict.fromkeys([cap, 128]):
+                for start in (True, False):
+                    fn = lambda: conv._launch_forward(x2, w, b, y, False, None, False,
+                                                      leaky_slope=slope, w_first=up,
+                                                      from_output=start, geometry=geometry,
+                                                      max_registers=regs_cap)
+                    med = replay_ms(fn)
+                    kernel = conv._forward_kernel(skip, cout, False, False, False,
+                                                  leaky_slope=slope, first=None, w_first=up,
+                                                  from_output=start, geometry=geometry,
+                                                  max_registers=regs_cap)[0]
+                    overloads = list(kernel.overloads.values())   # (none: not the launched)
+                    regs = overloads[0].regs_per_thread if overloads else -1
+                    name = f"{'continued' if start else 'from bias'} {skip}->{cout} cap {regs_cap}"
+                    print(f"{spec:12s} {name:30s} {regs:4d} {med:10.3f} "
+                          f"{pct(2 * n * s * s * 9 * skip * cout, med):>7s}")
+        copy = K.upsample2x_forward(x)
+        whole = [("phase form + skip", 2 * n * s * s * (4 * up + 9 * skip) * cout,
+                  lambda: K.conv2d_forward(x, w, b, leaky_slope=slope, out=y, x2=x2,
+                                           upsampled=True)),
+                 ("on the upsampled copy", 2 * n * s * s * 9 * (up + skip) * cout,
+                  lambda: K.conv2d_forward(copy, w, b, leaky_slope=slope, out=y, x2=x2))]
+        for name, flops, fn in whole:
+            med = replay_ms(fn)
+            print(f"{spec:12s} {name:30s} {'':4s} {med:10.3f} {pct(flops, med):>7s}")
 
 
 def weight_blocks(n, s, rng, shapes):

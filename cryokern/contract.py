@@ -74,6 +74,33 @@ def concatenated_channels(x_shape, x2_shape, upsampled=False):
     return x_shape[1] + x2_shape[1]
 
 
+# A 3x3 convolution of a x2 nearest-upsampled input, for output row parity p, reads input rows
+# i - 1 + p + a (a = 0, 1) of the level below (i = output row // 2); kernel rows
+# UPSAMPLED_TAPS[p][a] all land on row a's pixel (columns likewise): numerics §12.
+UPSAMPLED_TAPS = (((0,), (1, 2)), ((0, 1), (2,)))
+
+
+def phase_terms(p, q, a, b):
+    """The (ky, kx) of the kernel taps whose weights sum to the phase weight of output parity
+    (p, q) (row, column) and input offset (a, b), in the order they are added (row-major)."""
+    return [(ky, kx) for ky in UPSAMPLED_TAPS[p][a] for kx in UPSAMPLED_TAPS[q][b]]
+
+
+def phase_weights(w):
+    """(Co, Ci, 2, 2, 2, 2) float32 [o, ci, p, q, a, b] of OIHW 3x3 weights w: the sum of
+    w[o, ci]'s taps phase_terms(p, q, a, b), float32 additions in that order from the first
+    term (numerics §12). On the host for the NumPy backends; the GPU kernel sums in staging."""
+    w = np.asarray(w, np.float32)
+    out = np.empty(w.shape[:2] + (2, 2, 2, 2), np.float32)
+    for p, q, a, b in np.ndindex(2, 2, 2, 2):
+        terms = [w[:, :, ky, kx] for ky, kx in phase_terms(p, q, a, b)]
+        total = terms[0]
+        for term in terms[1:]:
+            total = total + term
+        out[:, :, p, q, a, b] = total
+    return out
+
+
 DEFAULT_LEAKY_SLOPE = 0.1
 
 

@@ -446,9 +446,10 @@ def forward(backend, network, params, x, outs=None):
 
 def unet_forward(backend, net, params, x, acts=None):
     """The U-Net's forward pass (numerics §14) into `acts` (allocated when None); returns its
-    output: acts["pred"] where the image was padded, else acts["out"]. Where `acts` has an
-    up.l (training keeps it for the backward pass), the level below is upsampled into it;
-    else the decoder's first convolution reads the level below upsampled in place (§12)."""
+    output: acts["pred"] where the image was padded, else acts["out"]. The decoder's first
+    convolution reads the level below upsampled in place, in phase form (§12); where `acts`
+    has an up.l (training keeps it for the backward pass), the level below is also upsampled
+    into it."""
     n, _, height, width = x.shape
     shapes = net.activation_shapes(n, height, width)
     if acts is None:
@@ -474,8 +475,8 @@ def unet_forward(backend, net, params, x, acts=None):
         below, up = acts[net.level_output(level)], acts.get(f"up.{level}")
         if up is not None:
             backend.upsample2x_forward(below, out=up)
-        conv(f"dec.{level}.conv0", below if up is None else up, f"dec.{level}.0",
-             skip=acts[f"enc.{level}.1"], upsampled=up is None)
+        conv(f"dec.{level}.conv0", below, f"dec.{level}.0", skip=acts[f"enc.{level}.1"],
+             upsampled=True)
         conv(f"dec.{level}.conv1", acts[f"dec.{level}.0"], f"dec.{level}.1")
     conv("out", acts["dec.0.1"], "out", leaky=False)
     if net.residual:
@@ -489,7 +490,8 @@ def unet_forward(backend, net, params, x, acts=None):
 def n2n_forward(backend, net, params, x, acts=None):
     """The Noise2Noise U-Net's forward pass (numerics §15) into `acts` (allocated when None);
     returns its output: acts["pred"] where the image was padded, else acts["out"]. As
-    unet_forward: without an up.l array the decoder reads the level below upsampled in place."""
+    unet_forward: the decoder reads the level below upsampled in place (§12), and upsamples it
+    into up.l too where `acts` has one."""
     n, _, height, width = x.shape
     shapes = net.activation_shapes(n, height, width)
     if acts is None:
@@ -513,13 +515,15 @@ def n2n_forward(backend, net, params, x, acts=None):
         source = conv(f"enc_conv{level + 1}", pooled)
     for level in reversed(range(net.levels)):
         up = acts.get(f"up.{level}")
-        below = source if up is None else backend.upsample2x_forward(source, out=up)
+        if up is not None:
+            backend.upsample2x_forward(source, out=up)
+        below = source
         if level:
             source = conv(f"dec_conv{level + 1}b",
                           conv(f"dec_conv{level + 1}a", below, skip=acts[f"pool.{level}"],
-                               upsampled=up is None))
+                               upsampled=True))
     head = [name for name, _ in net.head()]
-    source = conv(head[0], below, skip=inputs, upsampled=up is None)
+    source = conv(head[0], below, skip=inputs, upsampled=True)
     for name in head[1:]:
         source = conv(name, source)
     if net.residual:

@@ -9,8 +9,8 @@ replaced: numba's index keys on the file's mtime and size) and numba's `cache=Tr
 data files beside them (or under $NUMBA_CACHE_DIR).
 
 Which kernels: a TrainStep is run once (a step and a validation loss), and the network's forward
-pass as denoising runs it (a U-Net's decoder then reads the level below upsampled in place, other
-kernels than training's), on a backend that records
+pass as denoising runs it (without the up.l copies that training keeps for its backward pass;
+recorded too, so that denoising never compiles at a first launch), on a backend that records
 the operations it is asked for instead of computing them. Each distinct operation is a job that
 a worker replays through the same `cryokern.kernels` function on small zero device arrays, so it
 compiles the very kernels and argument types that the step launches: the kernels are chosen by

@@ -16,10 +16,11 @@ import pytest
 
 import test_fold_order as folds
 import test_kernels as kernel_tests
+import test_unet_ops as unet_ops
 from conftest import REAL_GPU, bits, ident
 from fold_data import left_fold, pairwise_fold
 from cryokern import reference as R
-from cryokern.kernels import conv, reduce
+from cryokern.kernels import conv, phase_conv, reduce
 from cryokern.reference import conv as reference_conv
 from cryokern.reference import loss as reference_loss
 from cryokern.reference import reduce as reference_reduce
@@ -43,10 +44,11 @@ def mutate_kernels(monkeypatch, tmp_path):
     `edit(source)`; kernel caches are cleared before and after (the mutants' files go to
     tmp_path, not the user's cache)."""
     monkeypatch.setenv("CRYOKERN_CACHE", str(tmp_path))
-    caches = [conv._forward_kernel, conv._weights_kernel, reduce._fold_tiles]
+    caches = [conv._forward_kernel, conv._weights_kernel, reduce._fold_tiles,
+              phase_conv._phase_kernel]
 
     def install(edit):
-        for module in (conv, reduce):
+        for module in (conv, reduce, phase_conv):
             real = module.load_module
             monkeypatch.setattr(module, "load_module",
                                 lambda name, source, real=real: real(name, edit(source)))
@@ -196,3 +198,22 @@ def test_a_wrong_block_seam_is_caught(mutate_kernels, edit, test, caught_by):
     node = f"test_kernels.py::{test.__name__}[{ident(caught_by)}-True]"
     assert verdict(test, node, caught_by, True) == "failed"
     assert old_convolution_verdicts() == {"passed"}
+
+
+def phase_weights_summed_in_reverse(source):
+    """The phase kernel's staging adds a phase weight's terms last first."""
+    terms = re.compile(r"v = (w\[o, c, \d, \d\](?: \+ w\[o, c, \d, \d\])+)")
+    source, count = terms.subn(lambda m: "v = " + " + ".join(reversed(m.group(1).split(" + "))),
+                               source)
+    assert count == (12 if "elif k == 15:" in source else 0)   # the sums of 2 or 4 terms
+    return source
+
+
+def test_phase_weights_summed_in_the_wrong_order_are_caught(mutate_kernels):
+    """The test's planted weights (1, 2^-24, 2^-24, 0) sum to 1 left to right, to 1 + 2^-23
+    right to left."""
+    mutate_kernels(phase_weights_summed_in_reverse)
+    shape = unet_ops.UPSAMPLED_SMALL[0]
+    node = f"test_unet_ops.py::test_conv_of_an_upsampled_input_equals_reference[{ident(shape)}]"
+    assert verdict(unet_ops.test_conv_of_an_upsampled_input_equals_reference, node,
+                   shape) == "failed"

@@ -1,23 +1,21 @@
 """3x3 'same' convolutions, the ReLU mask and the weight gradients, compiled for the CPU.
 
-The chains and tile orders are the contract's (docs/numerics.md §1-4); the loops are arranged
-so that only independent outputs run side by side: rows of output images on the cores and
-columns of a row in SIMD lanes (convolutions), tiles on the cores and the (o, ci, ky, kx)
-chains of a tile in SIMD lanes (weight gradients), each chain visiting its terms in the
-contract's order.
+The chains and tile orders are the contract's (docs/numerics.md §1-4; §12's phase form for a
+convolution of an upsampled input, which reads it in place); the loops are arranged so that
+only independent outputs run side by side: rows of output images on the cores and columns of a
+row in SIMD lanes (convolutions), tiles on the cores and the (o, ci, ky, kx) chains of a tile
+in SIMD lanes (weight gradients), each chain visiting its terms in the contract's order.
 """
 import numpy as np
 from numba import njit, prange
 
 from ..contract import (TILE_H, TILE_W, concatenated_channels, leaky_slope as slope_f32,
-                        tile_grid)
+                        phase_weights, tile_grid)
 from .activation import (LEAKY, PLAIN, RELU, ZERO, activated, mask_args, mask_elements,
                          masked)
 from .arrays import Output, operand, same_elements
 from .fma import fma32
 from .reduce import finish_reduction, fold_tiles
-from .upsample import upsample2x_forward
-
 
 
 @njit(cache=True, inline="always")
@@ -69,18 +67,19 @@ def _store_row(acc, dst, act, slope, masking, mask):
 
 
 @njit(parallel=True, cache=True)
-def _conv_rows(x, x2, w, b, act, slope, masking, mask, out, out2):
+def _conv_rows(x, x2, w, b, act, slope, masking, mask, out, out2, resume, start):
     """out[n, o, h] for every image row on the cores; within a row, the columns' chains side
-    by side: chain from b[o] over ci, ky, kx (numerics §1), then the activation or, when
-    masking, the mask. The input channels are x's followed by x2's, the output channels out's
-    followed by out2's.
+    by side: chain from b[o] (or, when resuming, from start[n, o, h]: chains begun by
+    _phase_rows) over ci, ky, kx (numerics §1), then the activation or, when masking, the
+    mask. The input channels are x's followed by x2's, the output channels out's followed by
+    out2's.
 
     Every call has the same argument types, so that numba compiles it once (it compiles one
     specialization per combination of None and arrays: 3-4 s each on a cold cache, 2 cores):
     without a second input x2 is x, without a second output out2 is out, without a mask mask
-    is out; the channel counts and `masking` then never reach them. x's and x2's rows are
-    copied by loops of their own (a choice per channel was 10-15 % slower: bench/NOTES.md,
-    cdemo)."""
+    is out, without a start start is out; the channel counts, `masking` and `resume` then
+    never reach them. x's and x2's rows are copied by loops of their own (a choice per
+    channel was 10-15 % slower: bench/NOTES.md, cdemo)."""
     n, x_channels, h, width = x.shape
     cout, cin = w.shape[0], w.shape[1]
     out_channels = out.shape[1]
@@ -101,13 +100,90 @@ def _conv_rows(x, x2, w, b, act, slope, masking, mask, out, out2):
                         dst[j + 1] = src[j]
         acc = np.empty(width, np.float32)
         for o in range(cout):
-            acc[:] = b[o]
+            if resume:      # (an element loop: a slice copy compiles one more message)
+                begun = start[img, o, row]
+                for j in range(width):
+                    acc[j] = begun[j]
+            else:
+                acc[:] = b[o]
             for ci in range(cin):
                 _row_taps(acc, rows[ci], w, o, ci)
             if o < out_channels:
                 _store_row(acc, out[img, o, row], act, slope, masking, mask[img, o, row])
             else:       # a concatenation's gradient (never masked)
                 _store_row(acc, out2[img, o - out_channels, row], act, slope, False, acc)
+
+
+@njit(cache=True, inline="always")
+def _phase_taps(acc, rows, c, d):
+    """acc[0][j] and acc[1][j], the chains of output columns 2j and 2j + 1 of one output
+    channel, and acc[2][j], acc[3][j] those of another, each continued by its four phase taps,
+    a then b ascending (numerics §12): rows are input rows i - 1 + p + a (a = 0, 1) with a +0
+    column on either side; c and d the channels' phase weights [o, ci, p] ([q, a, b]). Column
+    2j reads input columns j - 1 + b (padded j + b), column 2j + 1 columns j + b. The four
+    chains in one branch-free loop load each input value once: 1.6x faster than one channel's
+    two columns (1 x 48 x 256 x 256 on 2 cores)."""
+    c0, c1, c2, c3 = c[0, 0, 0], c[0, 0, 1], c[0, 1, 0], c[0, 1, 1]
+    c4, c5, c6, c7 = c[1, 0, 0], c[1, 0, 1], c[1, 1, 0], c[1, 1, 1]
+    d0, d1, d2, d3 = d[0, 0, 0], d[0, 0, 1], d[0, 1, 0], d[0, 1, 1]
+    d4, d5, d6, d7 = d[1, 0, 0], d[1, 0, 1], d[1, 1, 0], d[1, 1, 1]
+    top, bottom = rows[0], rows[1]
+    even, odd, even2, odd2 = acc[0], acc[1], acc[2], acc[3]
+    for j in range(even.size):
+        t0, t1, t2 = top[j], top[j + 1], top[j + 2]
+        u0, u1, u2 = bottom[j], bottom[j + 1], bottom[j + 2]
+        v = fma32(t0, c0, even[j])
+        v = fma32(t1, c1, v)
+        v = fma32(u0, c2, v)
+        even[j] = fma32(u1, c3, v)
+        v = fma32(t1, c4, odd[j])
+        v = fma32(t2, c5, v)
+        v = fma32(u1, c6, v)
+        odd[j] = fma32(u2, c7, v)
+        v = fma32(t0, d0, even2[j])
+        v = fma32(t1, d1, v)
+        v = fma32(u0, d2, v)
+        even2[j] = fma32(u1, d3, v)
+        v = fma32(t1, d4, odd2[j])
+        v = fma32(t2, d5, v)
+        v = fma32(u1, d6, v)
+        odd2[j] = fma32(u2, d7, v)
+
+
+@njit(parallel=True, cache=True)
+def _phase_rows(x, c, b, out):
+    """out[n, o, r] = the chains from b[o] over x's channels of the convolution of x
+    nearest-upsampled, in phase form (numerics §12; c = phase_weights, (Co, Ci, 2, 2, 2, 2)),
+    for every output row r on the cores (its parity p = r & 1 fixed per row), to be continued
+    by _conv_rows over x2's channels: four fmas a channel and pixel where the upsampled copy
+    would take nine, and no copy. Output channels in pairs (an odd count's last one twice,
+    stored once)."""
+    n, cin, h, width = x.shape
+    cout = c.shape[0]
+    for job in prange(n * 2 * h):
+        img = job // (2 * h)
+        r = job - img * (2 * h)
+        i, p = r >> 1, r & 1
+        rows = np.zeros((cin, 2, width + 2), np.float32)    # input rows, zero-padded
+        for a in range(2):
+            y = i - 1 + p + a
+            if 0 <= y < h:
+                for ci in range(cin):
+                    src, dst = x[img, ci, y], rows[ci, a]
+                    for j in range(width):
+                        dst[j + 1] = src[j]
+        acc = np.empty((4, width), np.float32)      # (even, odd columns) of o, then of o2
+        for o in range(0, cout, 2):
+            o2 = min(o + 1, cout - 1)
+            acc[:2] = b[o]
+            acc[2:] = b[o2]
+            for ci in range(cin):
+                _phase_taps(acc, rows[ci], c[o, ci, p], c[o2, ci, p])
+            for k in range(o2 - o + 1):
+                dst = out[img, o + k, r]
+                for j in range(width):
+                    dst[2 * j] = acc[2 * k, j]
+                    dst[2 * j + 1] = acc[2 * k + 1, j]
 
 
 def _check_conv(x, w, cin_axis, channels=None):
@@ -138,22 +214,31 @@ def conv2d_forward(x, w, b, relu=False, out=None, leaky_slope=None, x2=None, ups
     """y[n,o] = chain from b[o] of fma over ci, ky, kx (ascending) of
     x[n,ci,h+ky-1,w+kx-1] * w[o,ci,ky,kx], then ReLU or LeakyReLU if asked (numerics §1, §9a).
     With x2, x is the concatenation of x's channels and x2's (§12), never copied; with
-    `upsampled`, of x nearest-upsampled (here upsampled first: a copy costs little on a CPU)."""
+    `upsampled`, of x nearest-upsampled, x's part of the chains in phase form (§12:
+    _phase_rows), then x2's continued by _conv_rows."""
     act, slope = _activation(relu, leaky_slope)
     x, w, b = operand("x", x, 4), operand("w", w, 4), operand("b", b, 1)
-    if upsampled:       # (then x2 is checked against the upsampled x)
+    if upsampled:
         if x2 is None:
             raise ValueError("an upsampled x is read only beside x2 (a concatenation)")
-        x = upsample2x_forward(x)
-    x2, cin = _second_input(x, x2)
+        x2 = operand("x2", x2, 4)
+        cin = concatenated_channels(x.shape, x2.shape, upsampled=True)
+    else:
+        x2, cin = _second_input(x, x2)
     _check_conv(x, w, 1, cin)
     if b.shape != (w.shape[0],):
         raise ValueError(f"bias of shape {b.shape} does not fit {w.shape[0]} output channels")
-    n, _, h, width = x.shape
+    n, _, h, width = x.shape if x2 is None else x2.shape
     inputs = (x, w, b) if x2 is None else (x, x2, w, b)
     dst = Output(out, (n, w.shape[0], h, width), inputs=inputs)
-    _conv_rows(x, x if x2 is None else x2, w, b, act, slope, False, dst.array, dst.array,
-               dst.array)
+    if upsampled:       # x's chains first, into dst, continued there over x2's channels
+        split = x.shape[1]
+        _phase_rows(x, phase_weights(w[:, :split]), b, dst.array)
+        _conv_rows(x2, x2, np.ascontiguousarray(w[:, split:]), b, act, slope, False, dst.array,
+                   dst.array, dst.array, True, dst.array)
+    else:
+        _conv_rows(x, x if x2 is None else x2, w, b, act, slope, False, dst.array, dst.array,
+                   dst.array, False, dst.array)
     return dst.done()
 
 
@@ -174,7 +259,7 @@ def conv2d_backward_data(gy, w, relu_output=None, out=None, leaky_slope=None, sp
         inputs = (gy, w) if mask is None or same_elements(out, mask) else (gy, w, mask)
         dst = Output(out, (n, cin, h, width), inputs=inputs)
         _conv_rows(gy, gy, flipped, zero_bias, act, slope, mask is not None,
-                   dst.array if mask is None else mask, dst.array, dst.array)
+                   dst.array if mask is None else mask, dst.array, dst.array, False, dst.array)
         return dst.done()
     if mask is not None:
         raise ValueError("the gradient of a concatenation is not masked")
@@ -183,12 +268,12 @@ def conv2d_backward_data(gy, w, relu_output=None, out=None, leaky_slope=None, sp
     if out is not None and out[1] is None:
         first = Output(out[0], (n, split, h, width), inputs=(gy, w))
         _conv_rows(gy, gy, np.ascontiguousarray(flipped[:split]), zero_bias[:split], PLAIN,
-                   ZERO, False, first.array, first.array, first.array)
+                   ZERO, False, first.array, first.array, first.array, False, first.array)
         return first.done(), None
     parts = [Output(None if out is None else out[k], shape, inputs=(gy, w))
              for k, shape in enumerate(((n, split, h, width), (n, cin - split, h, width)))]
     _conv_rows(gy, gy, flipped, zero_bias, PLAIN, ZERO, False, parts[0].array, parts[0].array,
-               parts[1].array)
+               parts[1].array, False, parts[0].array)
     return tuple(part.done() for part in parts)
 
 

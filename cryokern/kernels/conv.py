@@ -37,7 +37,7 @@ UNCAPPED_REGISTERS = 255        # what ptxas may give a thread without a cap
 GRID_Z_MAX = 65535
 
 
-def forward_variant(cin, cout, transposed, masked, first=None):
+def forward_variant(cin, cout, transposed, masked, first=None, from_output=False):
     """((R, G, GB), register cap): rows and output channels per thread, thread groups per
     block, and the cap, the fastest of bench/tune_conv.py's variants (H100, 4x1024^2, graph
     replays, 2026-11-26, with unsigned indices; backward-data then read its mask after the fmas).
@@ -54,7 +54,10 @@ def forward_variant(cin, cout, transposed, masked, first=None):
     groups of input channels (forward_channel_group) is capped at 128 too: uncapped, ptxas
     took 164-168 registers for them (77 -> 48 128, 78 -> 48 167; sm_90a offline, NOTES v40),
     one block per SM, and the forward 96 -> 96 ran at 53 % of SGEMM against 62 % for 48 -> 48
-    (H200, 2026-12-01; the cap's effect not yet measured)."""
+    (H200, 2026-12-01; the cap's effect not yet measured). A forward pass continuing chains
+    from its output (from_output) is capped too: uncapped, ptxas took 185 registers for 48 ->
+    48 and 48 -> 96 (the chains' starting loads), 8.041 -> 5.890 ms and 15.822 -> 11.682
+    capped (H200, 4x1024^2, 2026-12-01; from the bias: 5.513, 11.036)."""
     if cin == 1:
         if transposed:
             return (8, min(cout, 8), 2), (128 if masked else None)
@@ -65,7 +68,7 @@ def forward_variant(cin, cout, transposed, masked, first=None):
     geometry = (8, g_out, min(2, -(-cout // g_out)))
     concatenation = first is not None and not transposed
     grouped = staged_in_groups(cin, geometry)
-    return geometry, (128 if masked or concatenation or grouped else None)
+    return geometry, (128 if masked or concatenation or grouped or from_output else None)
 
 
 def staged_in_groups(cin, geometry):
@@ -267,7 +270,7 @@ def _epilogue_value(acc, relu, slope, mask_bit):
 @lru_cache(maxsize=None)
 def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_registers=None,
                     leaky_slope=None, first=None, channel_group=None, early_loads=None,
-                    upsampled=False, double_buffered=None):
+                    double_buffered=None, w_first=0, from_output=False):
     """Numerics section 1 (transposed=False) or 2 (w read as w'[ci,o,2-a,2-b]), generated.
     With leaky_slope (a float32), the epilogue is LeakyReLU's (§9a): its activation, or with
     `masked` its gradient mask. The slope is written into the source as a float32 constant.
@@ -278,17 +281,18 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
     unless given). `early_loads` (early_loads_for's unless given): the next input channel's
     loads written without a branch; behind one, ptxas placed them after the channel's fmas, so
     the next turn's stores wait out their whole latency between the barriers (SASS, NOTES v34).
-    The same operands in the same order: no bit changes. `upsampled` (forward, with `first`):
-    x is half the output's height and width and read x2 nearest-upsampled (§12), element
-    (h // 2, w // 2) for output pixel (h, w): the decoder's input without the upsampled copy.
+    The same operands in the same order: no bit changes. `w_first` (forward): the input channels
+    are w's from w_first on; `from_output`: the chains start from y's values, not the bias (the
+    rest of a chain that another kernel began: the decoder's convolution of an upsampled input
+    continues over the skip connection's channels, phase_conv.py).
     `double_buffered` (double_buffered_for's unless given): channel ci is staged in window
     ci % 2 while the other still serves channel ci - 1's readers, so one barrier a channel
     separates the stores from the reads (two with a single window: before the stores, every
     thread has read the last channel; after them, the window is whole).
 
     Returns (kernel, block, output channels per block, rows per block)."""
-    if upsampled and (transposed or first is None):
-        raise ValueError("an upsampled input is read only by a forward pass over a concatenation")
+    if transposed and (w_first or from_output):
+        raise ValueError("w_first and from_output are for forward passes")
     if relu and leaky_slope is not None:
         raise ValueError("relu and leaky_slope exclude each other")
     if first is not None and masked:
@@ -297,7 +301,8 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
     in_first = None if transposed else first       # input channels in x, the rest in x2
     out_first = first if transposed else None      # output channels in y, the rest in y2
     if geometry is None:
-        geometry, max_registers = forward_variant(cin, cout, transposed, masked, first)
+        geometry, max_registers = forward_variant(cin, cout, transposed, masked, first,
+                                                  from_output)
     if early_loads is None:
         early_loads = early_loads_for(cin, cout, first, masked, geometry)
     if double_buffered is None:
@@ -319,17 +324,13 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
     ws_size = group * 9 * ob_size
     slots = -(-nx // threads)
     src = Source().kernel("x, w, b, mask, y, height, width, n_oblocks" if first is None else
-                          "x, x2, w, b, mask, y, y2, height, width, n_oblocks", max_registers,
-                          ("uint32",) if upsampled else ())
+                          "x, x2, w, b, mask, y, y2, height, width, n_oblocks", max_registers)
     src(f"tid = (cuda.threadIdx.z * {TY} + cuda.threadIdx.y) * {BW} + cuda.threadIdx.x")
     src("n = cuda.blockIdx.z // n_oblocks")
     src("ob = cuda.blockIdx.z % n_oblocks")
     src(f"h0 = cuda.blockIdx.y * {BH}")
     src(f"c0 = cuda.blockIdx.x * {BW}")
     src("plane = height * width")
-    x_plane, x_off = ("xplane", "offx") if upsampled else ("plane", "off")   # x's own
-    if upsampled:
-        src("xplane = (height >> 1) * (width >> 1)")
     src(f"ws = cuda.shared.array({ws_size}, float32)")
     src(f"xs = cuda.shared.array({windows * nx}, float32)")
 
@@ -344,7 +345,7 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
         src("v = float32(0)")
         src(f"if o < {cout}{f' and {channel} < {cin}' if cin % group else ''}:").indent()
         src(f"v = w[{channel}, o, 2 - k // 3, 2 - k % 3]" if transposed else
-            f"v = w[o, {channel}, k // 3, k % 3]")
+            f"v = w[o, {f'{w_first} + ' if w_first else ''}{channel}, k // 3, k % 3]")
         src.dedent()
         src("ws[i] = v").dedent()
 
@@ -353,12 +354,12 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
         channel at the last, reading element 0 outside the image, both arrays of a
         concatenation read and one kept), so the loads stay in the block of the fmas."""
         last = cin if in_first is None else in_first
-        src(f"base += selp(ci + 1 < {last}, {x_plane}, base - base)")
+        src(f"base += selp(ci + 1 < {last}, plane, base - base)")
         if in_first is not None:
             src(f"base2 = (n * {cin - in_first} + min(max(ci + 1 - {in_first}, 0), "
                 f"{cin - in_first - 1})) * plane")
         for s_ in range(slots):
-            value = f"x[uint64(selp(ok{s_}, base + {x_off}{s_}, base - base))]"
+            value = f"x[uint64(selp(ok{s_}, base + off{s_}, base - base))]"
             if in_first is not None:
                 value = (f"selp(ci + 1 < {in_first}, {value}, "
                          f"x2[uint64(selp(ok{s_}, base2 + off{s_}, base - base))])")
@@ -375,20 +376,26 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
         src("cc = c0 + c - 1")
         src(f"ok{s_} = e{s_} < {nx} and hh >= 0 and hh < height and cc >= 0 and cc < width")
         src(f"off{s_} = hh * width + cc")
-        if upsampled:   # 32 bits (64 spilled 176 B, not 136), never negative (0 outside)
-            src(f"offx{s_} = uint32(selp(ok{s_}, (hh >> 1) * (width >> 1) + (cc >> 1), "
-                "hh - hh))")
-    src(f"base = n * {cin if in_first is None else in_first} * {x_plane}")
+    src(f"base = n * {cin if in_first is None else in_first} * plane")
     for s_ in range(slots):
-        src(f"p{s_} = x[uint64(base + {x_off}{s_})] if ok{s_} else float32(0)")
+        src(f"p{s_} = x[uint64(base + off{s_})] if ok{s_} else float32(0)")
     src(f"o0 = (ob * {groups} + cuda.threadIdx.z) * {g_out}")
     if masked:
         plan = _MaskPlan(R, g_out, cin, cout, ob_size)
         plan.start(src)
-    for g in range(g_out):
-        src(f"b{g} = b[o0 + {g}] if o0 + {g} < {cout} else float32(0)")
+    if from_output:     # the thread's outputs (0 outside the image or the layer)
+        src("col = c0 + cuda.threadIdx.x")
         for p in range(R):
-            src(f"a{p}_{g} = b{g}")
+            src(f"row{p} = h0 + cuda.threadIdx.y * {R} + {p}")
+            for g in range(g_out):
+                src(f"a{p}_{g} = " + select_load(
+                    "y", f"(n * {cout} + o0 + {g}) * plane + row{p} * width + col",
+                    f"(o0 + {g} < {cout}) & (row{p} < height) & (col < width)"))
+    else:
+        for g in range(g_out):
+            src(f"b{g} = b[o0 + {g}] if o0 + {g} < {cout} else float32(0)")
+            for p in range(R):
+                src(f"a{p}_{g} = b{g}")
     src(f"wb = cuda.threadIdx.z * {g_out}")
     src(f"xb = uint64(cuda.threadIdx.y * {R * XW} + cuda.threadIdx.x)")
     src(f"for ci in range({cin}):").indent()
@@ -418,9 +425,9 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
         next_channel_without_branches()
     else:
         src(f"if ci + 1 < {cin if in_first is None else in_first}:").indent()
-        src(f"base += {x_plane}")
+        src("base += plane")
         for s_ in range(slots):
-            src(f"p{s_} = x[uint64(base + {x_off}{s_})] if ok{s_} else float32(0)")
+            src(f"p{s_} = x[uint64(base + off{s_})] if ok{s_} else float32(0)")
         src.dedent()
     if in_first is not None and not early_loads:    # the next channel is x2's
         src(f"elif ci + 1 < {cin}:").indent()
@@ -496,17 +503,17 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
     groups_of = f"_group{group}" if grouped else ""
     module = load_module(f"conv_forward_{cin}_{cout}_{int(relu)}{int(masked)}{int(transposed)}"
                          f"{leaky}{two}{groups_of}{'_early' if early_loads else ''}"
-                         f"{'_up' if upsampled else ''}{'_db' if double_buffered else ''}",
+                         f"{'_db' if double_buffered else ''}"
+                         f"{f'_w{w_first}' if w_first else ''}{'_from_y' if from_output else ''}",
                          src.text() + called.text() + stores.text())
     return module.kernel, (BW, TY, groups), ob_size, BH
 
 
 def _launch_forward(x, w, b, y, relu, mask, transposed, leaky_slope=None, x2=None, y2=None,
-                    upsampled=False, **variant):
+                    **variant):
     """`variant` (geometry, max_registers, early_loads, double_buffered) is for
-    bench/tune_conv.py. With x2
-    (forward) or y2 (transposed), the input or output channels continue in that second array;
-    `upsampled`: x is read x2 upsampled (half the output's size)."""
+    bench/tune_conv.py; w_first and from_output as _forward_kernel's. With x2
+    (forward) or y2 (transposed), the input or output channels continue in that second array."""
     n, cin = x.shape[:2]
     cout, h, wd = y.shape[1:]
     first = None
@@ -515,8 +522,7 @@ def _launch_forward(x, w, b, y, relu, mask, transposed, leaky_slope=None, x2=Non
     if y2 is not None:
         first, cout = cout, cout + y2.shape[1]
     kernel, block, ob_size, BH = _forward_kernel(cin, cout, relu, mask is not None, transposed,
-                                                 leaky_slope=leaky_slope, first=first,
-                                                 upsampled=upsampled, **variant)
+                                                 leaky_slope=leaky_slope, first=first, **variant)
     n_oblocks = -(-cout // ob_size)
     grid = (-(-wd // BW), -(-h // BH), n * n_oblocks)
     flat_mask = placeholder(1) if mask is None else mask.reshape(mask.size)
@@ -552,7 +558,7 @@ def _second_input(x, x2, upsampled=False):
 def conv2d_forward(x, w, b, relu=False, out=None, leaky_slope=None, x2=None, upsampled=False):
     """Forward convolution with fused bias and optional ReLU or LeakyReLU (numerics §1, §9a);
     with x2, of x's channels followed by x2's (their concatenation, not copied: §12); with
-    `upsampled` too, of x nearest-upsampled x2 (read in place, not copied: §12)."""
+    `upsampled` too, of x nearest-upsampled x2 (read in place, in phase form: §12)."""
     slope = None if leaky_slope is None else leaky_slope_f32(leaky_slope)
     x, w, b = Operand("x", x, 4), Operand("w", w, 4), Operand("b", b, 1)
     x2, cin = _second_input(x, x2, upsampled)
@@ -561,8 +567,14 @@ def conv2d_forward(x, w, b, relu=False, out=None, leaky_slope=None, x2=None, ups
         raise ValueError(f"bias of shape {b.shape} does not fit {w.shape[0]} output channels")
     size = x.shape[2:] if x2 is None else x2.shape[2:]
     out_op, y = output("out", out, (x.shape[0], w.shape[0]) + size, x)
-    _launch_forward(x.device, w.device, b.device, y, relu, None, transposed=False,
-                    leaky_slope=slope, x2=None if x2 is None else x2.device, upsampled=upsampled)
+    if upsampled:   # x's chains in phase form, then on over x2's channels (§12)
+        from .phase_conv import launch_phase_chains     # (it imports this module)
+        launch_phase_chains(x.device, w.device, b.device, y)
+        _launch_forward(x2.device, w.device, b.device, y, relu, None, transposed=False,
+                        leaky_slope=slope, w_first=x.shape[1], from_output=True)
+    else:
+        _launch_forward(x.device, w.device, b.device, y, relu, None, transposed=False,
+                        leaky_slope=slope, x2=None if x2 is None else x2.device)
     return result(out_op, y, x)
 
 

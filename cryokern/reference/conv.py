@@ -2,12 +2,12 @@
 chains (docs/numerics.md)."""
 import numpy as np
 
-from ..contract import TILE_H, TILE_W, concatenated_channels, same_shape, tile_grid
+from ..contract import (TILE_H, TILE_W, concatenated_channels, phase_weights, same_shape,
+                        tile_grid)
 from .activation import activate, mask_gradient
 from .arrays import f32_array as _f32, finish as _finish
 from .fma import fma32
 from .reduce import fold_images, in_image_mask, per_image, tile_chain, tile_view
-from .upsample import upsample2x_forward
 
 
 def _check_weights(w, cin):
@@ -15,41 +15,69 @@ def _check_weights(w, cin):
         raise ValueError(f"weights of shape {w.shape} do not fit {cin} input channels (OIHW, 3x3)")
 
 
-def _concatenated(x, x2, upsampled=False):
-    """x, or x's channels (with `upsampled`, of x nearest-upsampled) followed by x2's
-    (numerics §12)."""
+def _concatenated(x, x2):
+    """x, or x's channels followed by x2's (numerics §12)."""
     x = _f32("x", x, 4)
     if x2 is None:
-        if upsampled:
-            raise ValueError("an upsampled x is read only beside x2 (a concatenation)")
         return x
     x2 = _f32("x2", x2, 4)
-    concatenated_channels(x.shape, x2.shape, upsampled)
-    if upsampled:
-        x = upsample2x_forward(x)
+    concatenated_channels(x.shape, x2.shape)
     return np.concatenate([x, x2], axis=1)
+
+
+def _chain(x, w, acc):
+    """acc (broadcast to (N, Co, H, W)) continued by §1's chain over x's channels, ky, kx."""
+    h, wd = x.shape[2:]
+    xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    for ci in range(x.shape[1]):
+        for ky in range(3):
+            for kx in range(3):
+                acc = fma32(xp[:, ci:ci + 1, ky:ky + h, kx:kx + wd],
+                            w[None, :, ci, ky, kx, None, None], acc)
+    return np.broadcast_to(acc, (x.shape[0], w.shape[0], h, wd))
+
+
+def _upsampled_chain(x, w, b):
+    """The chains from b over the channels of x read x2 nearest-upsampled, in phase form
+    (§12): for output pixel (2i + p, 2j + q), over ci, a, b of
+    x[ci, i - 1 + p + a, j - 1 + q + b] * phase_weights(w)[o, ci, p, q, a, b]."""
+    n, cin, h, wd = x.shape
+    phase = phase_weights(w)
+    xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    acc = np.empty((n, w.shape[0], 2 * h, 2 * wd), np.float32)
+    for p, q in np.ndindex(2, 2):
+        chain = b[None, :, None, None]
+        for ci in range(cin):
+            for a, bb in np.ndindex(2, 2):
+                chain = fma32(xp[:, ci:ci + 1, p + a:p + a + h, q + bb:q + bb + wd],
+                              phase[None, :, ci, p, q, a, bb, None, None], chain)
+        acc[:, :, p::2, q::2] = chain
+    return acc
 
 
 def conv2d_forward(x, w, b, relu=False, out=None, leaky_slope=None, x2=None, upsampled=False):
     """y[n,o] = chain from b[o] of fma over ci, ky, kx (ascending) of
     x[n,ci,h+ky-1,w+kx-1] * w[o,ci,ky,kx], then ReLU or LeakyReLU (numerics §9a) if asked.
     With x2, x is the concatenation of x's channels and x2's (§12); with `upsampled`, of x
-    nearest-upsampled (§11) and x2's."""
-    x = _concatenated(x, x2, upsampled)
+    nearest-upsampled (§11) and x2's, x's part of the chain in phase form (§12)."""
     w = _f32("w", w, 4)
     b = _f32("b", b, 1)
-    n, cin, h, wd = x.shape
+    if upsampled:
+        if x2 is None:
+            raise ValueError("an upsampled x is read only beside x2 (a concatenation)")
+        x, x2 = _f32("x", x, 4), _f32("x2", x2, 4)
+        cin = concatenated_channels(x.shape, x2.shape, upsampled)
+    else:
+        x = _concatenated(x, x2)
+        cin = x.shape[1]
     _check_weights(w, cin)
     if b.shape != (w.shape[0],):
         raise ValueError(f"bias of shape {b.shape} does not fit {w.shape[0]} output channels")
-    xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
-    acc = b[None, :, None, None]
-    for ci in range(cin):
-        for ky in range(3):
-            for kx in range(3):
-                acc = fma32(xp[:, ci:ci + 1, ky:ky + h, kx:kx + wd],
-                            w[None, :, ci, ky, kx, None, None], acc)
-    acc = np.broadcast_to(acc, (n, w.shape[0], h, wd))
+    if upsampled:
+        split = x.shape[1]
+        acc = _chain(x2, w[:, split:], _upsampled_chain(x, w[:, :split], b))
+    else:
+        acc = _chain(x, w, b[None, :, None, None])
     return _finish(np.array(activate(acc, relu, leaky_slope)), out)
 
 
