@@ -18,6 +18,7 @@ workers against threads (data.BatchLoader with no pool).
 import os
 import queue
 import secrets
+import socket
 import subprocess
 import sys
 import threading
@@ -75,6 +76,7 @@ class WorkerPool:
             try:
                 for _ in self._procs:
                     connection = listener.accept()
+                    without_nagle(connection)
                     accepted.put((connection.recv(), connection))
             except (OSError, EOFError):
                 pass
@@ -200,6 +202,15 @@ class WorkerPool:
             c.close()
 
 
+def without_nagle(connection):
+    """TCP_NODELAY on a multiprocessing connection's socket. Each side sends one short message
+    and then waits (a job, a result): with Nagle's algorithm a second short message waits for
+    the peer's delayed acknowledgement (tens of ms on Linux) whenever the first is still
+    unacknowledged."""
+    with socket.socket(fileno=os.dup(connection.fileno())) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 def serve(connection):
     """A worker's loop: attach segments, fill images (their files opened once), until told to
     stop or the connection ends."""
@@ -248,6 +259,7 @@ def main():
     warm_up()
     host, port, key = os.environ[ADDRESS].rsplit(":", 2)
     connection = Client((host, int(port)), authkey=bytes.fromhex(key))
+    without_nagle(connection)
     connection.send(int(sys.argv[1]))
     serve(connection)
 
