@@ -11,14 +11,13 @@ Moving float64 rows changes no bit, so this is all the distribution the numerics
 
 Host communicators (launch, the host's few collectives, aborts): `Single` (one process, the
 default: no MPI imported), `Mpi` (ranks started by mpiexec or srun, through mpi4py) and `Hub`
-(ranks started by `launch`, train's --gpus N, no MPI needed: their host collectives pass
-through the launching process over a local socket). They gather host arrays (the NumPy
-reference). `Nccl` gathers numba device arrays through CuPy's NCCL binding, device to device
-on the stream the kernels run on, and leaves the rest to a host communicator. NVLink multicast
+(ranks started by `launch`, train's --gpus N, no MPI needed: their host collectives pass through
+the launching process over a local socket, localsocket.py). They gather host arrays (the NumPy
+reference). `Nccl` gathers numba device arrays through CuPy's NCCL binding, device to device on
+the stream the kernels run on, and leaves the rest to a host communicator. NVLink multicast
 (NVLS) is never used: NCCL_NVLS_ENABLE=0 is set before NCCL starts.
 """
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -27,6 +26,7 @@ import time
 
 import numpy as np
 
+from . import localsocket
 from .mrcstack import DataError
 
 # (rank, size, local rank) variables of the launchers: MPICH's hydra, Open MPI, SLURM's srun
@@ -161,10 +161,8 @@ class Hub(Single):
     process (a local socket); an abort ends this process, and the launcher ends the others."""
 
     def __init__(self, rank, size, address):
-        from multiprocessing.connection import Client
-        host, port, key = address.rsplit(":", 2)
         self.rank, self.size, self.local_rank, self.local_size = rank, size, rank, size
-        self.connection = Client((host, int(port)), authkey=bytes.fromhex(key))
+        self.connection = localsocket.connect(address)
         self.connection.send(rank)
 
     def allgather(self, obj):
@@ -264,12 +262,8 @@ def launch(module, argv, ranks):
     """Run `python -m module argv` as `ranks` ranks on this node (one per GPU) and return
     the exit status: 0 when all end well, else the first failing rank's, the others ended
     (SIGTERM, then SIGKILL after KILL_AFTER_S) at once. This process is their hub."""
-    from multiprocessing.connection import Listener
-    key = secrets.token_bytes(16)
-    listener = Listener(("127.0.0.1", 0), authkey=key)
-    host, port = listener.address
-    env = dict(os.environ, NCCL_NVLS_ENABLE="0", CRYOKERN_RANKS=str(ranks),
-               **{HUB: f"{host}:{port}:{key.hex()}"})
+    listener, address = localsocket.listen()
+    env = dict(os.environ, NCCL_NVLS_ENABLE="0", CRYOKERN_RANKS=str(ranks), **{HUB: address})
     procs = [subprocess.Popen([sys.executable, "-m", module] + list(argv),
                               env=dict(env, CRYOKERN_RANK=str(rank)))
              for rank in range(ranks)]
@@ -306,7 +300,7 @@ def _serve(listener, connections):
     """Each round, every rank's object, sent back to all in rank order; ends when a rank
     closes its connection (its end, or its failure, which launch() handles)."""
     for _ in connections:
-        connection = listener.accept()
+        connection = localsocket.accept(listener)
         connections[connection.recv()] = connection
     try:
         while True:

@@ -8,26 +8,24 @@ whole images (data.fill_image) straight into the batch buffers, which live in sh
 page-locked (registered with the driver through numba's mempin), so uploads are DMA copies as
 from backend.host_empty; where that fails (the simulator, no GPU) they stay pageable.
 
-Workers are started as `python -m cryokern.loader_workers` and talk to the training process
-over a local socket: nothing of the user's __main__ is imported again (no multiprocessing
-spawn). A worker ends when the training process tells it to, or dies (EOF on the connection), so a
-killed rank leaves no workers behind. Every image is filled by the same code into its own
-place whichever worker takes it: the bytes do not depend on the number of workers, nor on
-workers against threads (data.BatchLoader with no pool).
+Workers are started as `python -m cryokern.loader_workers` and talk to the training process over
+a local socket (localsocket.py): nothing of the user's __main__ is imported again (no
+multiprocessing spawn). A worker ends when the training process tells it to, or dies (EOF on the
+connection), so a killed rank leaves no workers behind. Every image is filled by the same code
+into its own place whichever worker takes it: the bytes do not depend on the number of workers,
+nor on workers against threads (data.BatchLoader with no pool).
 """
 import os
 import queue
-import secrets
-import socket
 import subprocess
 import sys
 import threading
 from concurrent.futures import Future
 from multiprocessing import resource_tracker, shared_memory
-from multiprocessing.connection import Client, Listener
 
 import numpy as np
 
+from . import localsocket
 from .mrcstack import DataError
 
 ADDRESS = "CRYOKERN_LOADER"     # host:port:authkey of the training process, for its workers
@@ -51,11 +49,9 @@ class WorkerPool:
         self._segments = []     # (SharedMemory, base address, bytes, page-lock handle)
         self._jobs, self._next_job, self._turn = {}, 0, 0
         self._lock = threading.Lock()
-        key = secrets.token_bytes(16)
-        listener = Listener(("127.0.0.1", 0), authkey=key)
-        host, port = listener.address
+        listener, address = localsocket.listen()
         package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = dict(os.environ, **{ADDRESS: f"{host}:{port}:{key.hex()}"},
+        env = dict(os.environ, **{ADDRESS: address},
                    PYTHONPATH=os.pathsep.join(p for p in (package, os.environ.get("PYTHONPATH"))
                                               if p))
         self._procs = [subprocess.Popen([sys.executable, "-m", "cryokern.loader_workers",
@@ -75,8 +71,7 @@ class WorkerPool:
         def accept():
             try:
                 for _ in self._procs:
-                    connection = listener.accept()
-                    without_nagle(connection)
+                    connection = localsocket.accept(listener)
                     accepted.put((connection.recv(), connection))
             except (OSError, EOFError):
                 pass
@@ -202,15 +197,6 @@ class WorkerPool:
             c.close()
 
 
-def without_nagle(connection):
-    """TCP_NODELAY on a multiprocessing connection's socket. Each side sends one short message
-    and then waits (a job, a result): with Nagle's algorithm a second short message waits for
-    the peer's delayed acknowledgement (tens of ms on Linux) whenever the first is still
-    unacknowledged."""
-    with socket.socket(fileno=os.dup(connection.fileno())) as s:
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
 def serve(connection):
     """A worker's loop: attach segments, fill images (their files opened once), until told to
     stop or the connection ends."""
@@ -257,9 +243,7 @@ def warm_up():
 
 def main():
     warm_up()
-    host, port, key = os.environ[ADDRESS].rsplit(":", 2)
-    connection = Client((host, int(port)), authkey=bytes.fromhex(key))
-    without_nagle(connection)
+    connection = localsocket.connect(os.environ[ADDRESS])
     connection.send(int(sys.argv[1]))
     serve(connection)
 

@@ -3,17 +3,16 @@ threads for any number of workers, errors that name the file, a dead worker that
 jobs instead of hanging, nothing left behind when the pool closes, and connections without
 Nagle's delays."""
 import os
-import socket
-from multiprocessing.connection import Client, Listener
 
 import numpy as np
 import pytest
 
 from conftest import bits
 from cryokern.data import BatchLoader, Subset, epoch_batches
-from cryokern.loader_workers import WorkerPool, without_nagle
+from cryokern.loader_workers import WorkerPool
 from cryokern.mrcstack import DataError
 from test_data import stack_pair
+from test_localsocket import nagle_off
 
 
 def batches(subset, specs, pool=None, depth=2):
@@ -72,24 +71,6 @@ def test_a_dead_worker_fails_its_jobs_and_close_leaves_nothing(tmp_path):
     assert not any(os.path.exists(f"/dev/shm/{name}") for name in names)
 
 
-def nodelay(connection):
-    with socket.socket(fileno=os.dup(connection.fileno())) as s:
-        return s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
-
-
-def test_without_nagle_sets_tcp_nodelay_on_a_connection():
-    listener = Listener(("127.0.0.1", 0))
-    client = Client(listener.address)
-    server = listener.accept()
-    try:
-        assert not nodelay(client)
-        without_nagle(client)
-        assert nodelay(client)
-    finally:
-        client.close()
-        server.close()
-        listener.close()
-
 
 def test_the_pool_talks_to_its_workers_without_nagle():
     """A job and its result are one short message each way; with Nagle's algorithm a second
@@ -97,6 +78,6 @@ def test_the_pool_talks_to_its_workers_without_nagle():
     images/s instead of ~6000 on a 2-core VM)."""
     pool = WorkerPool(2)
     try:
-        assert all(nodelay(c) for c in pool._connections)
+        assert all(nagle_off(c) for c in pool._connections)
     finally:
         pool.close()
