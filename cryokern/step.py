@@ -3,7 +3,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backends import Eager
 from .distributed import Single
 from .model import N2NUNet, UNet, forward, n2n_forward, unet_forward
 
@@ -77,10 +76,10 @@ class TrainStep:
         self._workspaces = {}
         self._sums = {}
         self._sse = None
-        # a recording would hold the collective too: not done yet, so ranks launch eagerly
-        # the step's graphs (a few: one per upload slot and batch shape) and the validation's
-        self._recorder = backend.recorder(keep=4 + LOSS_GRAPHS) if self.comm.size == 1 \
-            else Eager()
+        # the step's graphs (a few: one per upload slot and batch shape) and the validation's;
+        # with GPU ranks a graph holds NCCL's all-gather too (NCCL supports stream capture;
+        # the first, eager run of each key has set up its connections)
+        self._recorder = backend.recorder(keep=4 + LOSS_GRAPHS)
 
     def _passes(self, shape):
         """(first, stop) image ranges: the batch in passes of at most pass_pixels pixels."""

@@ -213,3 +213,33 @@ def test_an_abort_waits_no_longer_than_its_limit_for_a_reader():
     wait_until_read((writer, 2), limit_s=0.2)     # and a stderr that may be no pipe
     assert 0.2 <= time.monotonic() - started < 2
     os.close(reader), os.close(writer)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_recorded_steps_hold_the_nccl_all_gather(optimizer):
+    """A GPU rank's steps and validation losses replay CUDA graphs that hold NCCL's all-gather
+    (stream capture of the collective), on one GPU: a communicator of one rank through NCCL,
+    the bits of a step without one. (SGD's update is recorded too, Adam's is not.)"""
+    pytest.importorskip("cupy")
+    from numba import cuda
+
+    from cryokern.backends import get_backend
+    from cryokern.distributed import Nccl, Single
+    from cryokern.model import Network, init_params
+    from cryokern.step import OptimizerConfig, TrainStep
+    backend = get_backend("gpu")
+    net = Network((1, 4, 4, 1))
+    rng = np.random.default_rng(0)
+    batches = [tuple(cuda.to_device(rng.standard_normal((3, 1, 19, 33)).astype(np.float32))
+                     for _ in "xy") for _ in range(2)]
+    runs = []
+    for comm in (None, Nccl(Single(), 0)):
+        step = TrainStep(backend, net, init_params(net, 0), OptimizerConfig(optimizer, 0.01),
+                         comm=comm)
+        losses = [step(*batches[k % 2])[0] for k in range(6)]     # eager, recorded, replayed
+        losses += [step.queue_loss(*batches[0], record=True)[0].result() for _ in range(3)]
+        assert len(step._recorder._graphs) == 3      # two batches' steps, one loss
+        runs.append(([np.float64(loss).tobytes() for loss in losses],
+                     {k: v.tobytes() for k, v in step.host_params().items()}))
+    assert runs[1] == runs[0]
