@@ -15,7 +15,8 @@ default: no MPI imported), `Mpi` (ranks started by mpiexec or srun, through mpi4
 the launching process over a local socket, localsocket.py). They gather host arrays (the NumPy
 reference). `Nccl` gathers numba device arrays through CuPy's NCCL binding, device to device on
 the stream the kernels run on, and leaves the rest to a host communicator. NVLink multicast
-(NVLS) is never used: NCCL_NVLS_ENABLE=0 is set before NCCL starts.
+(NVLS) is never used: NCCL_NVLS_ENABLE=0 is set before NCCL starts (and NCCL_GRAPH_REGISTER=0:
+steps are recorded as CUDA graphs with their all-gather, step.py).
 """
 import os
 import signal
@@ -188,6 +189,10 @@ class Nccl(Single):
         self.rank, self.size = host.rank, host.size
         self.local_rank, self.local_size = host.local_rank, host.local_size
         os.environ["NCCL_NVLS_ENABLE"] = "0"
+        # no user-buffer registration in recorded graphs: a rank may record a step that
+        # another runs eagerly, and NCCL forbids a collective whose ranks mix registered and
+        # unregistered buffers
+        os.environ["NCCL_GRAPH_REGISTER"] = "0"
         try:
             import cupy
             from cupy.cuda import nccl
