@@ -16,8 +16,10 @@ LDG": the next turn waits for them, NOTES v34). --geometry R,G,GB [--cap N] buil
 backward-data kernels in that geometry (conv._forward_kernel's `geometry`) instead, and
 --early-loads with the next channel's loads without a branch (`early_loads`); both leave the
 weight gradients out.
+With --phase, the decoders' convolutions of an upsampled input in phase form (phase_conv.py's
+kernel and the forward that continues its chains over the skip's channels) with their mix.
 Usage: python bench/inspect_sass.py [--keep DIR] [--wide [--geometry R,G,GB] [--cap N]
-                                                         [--early-loads]]
+                                                         [--early-loads]] [--phase]
        (DIR keeps the .ptx and .sass files)
 """
 import argparse
@@ -44,6 +46,8 @@ FORWARD_TWO_SIG = (F32, F32, types.float32[:, :, :, ::1], F32, F32, F32, F32, ty
 WEIGHTS_SIG = (F32, F32, types.float32[:, :, ::1], types.float32[:, :, ::1], types.int64,
                types.int64, types.int64)
 WEIGHTS_TWO_SIG = (F32,) + WEIGHTS_SIG
+PHASE_SIG = (F32, types.float32[:, :, :, ::1], F32, F32, types.int64, types.int64,
+             types.int64)
 LOSS_SIG = (F32, F32, types.float32, F32, types.float32[:, :, ::1], types.int64, types.int64,
             types.int64, types.int64, types.int64, types.int64, types.boolean)
 FOLD_SIG = (F32, types.float64[:, ::1], F32, types.float64[:, ::1], types.int64, types.int64)
@@ -99,6 +103,26 @@ def wide_kernels(geometry=None, cap=None, early_loads=None):
         yield (f"weights {cin}->{cout}" if first is None else "weights 48+48->48",
                kernel.py_func, WEIGHTS_SIG if first is None else WEIGHTS_TWO_SIG,
                variant.max_registers)
+
+
+def phase_kernels():
+    """(label, python function, signature, register cap) of the decoders' convolutions of an
+    upsampled input (numerics §12): the phase part (phase_conv.py) and the continuation over
+    the skip's channels (a forward from its output), for the 48-wide U-Net's 48 + 48 -> 48 and
+    the N2N U-Net's 96 + 1 -> 64 and 96 + 48 -> 96."""
+    import numpy as np
+
+    from cryokern.kernels import phase_conv
+    slope = np.float32(0.1)
+    for up, skip, cout in [(48, 48, 48), (96, 1, 64), (96, 48, 96)]:
+        kernel = phase_conv._phase_kernel(up, cout)[0]
+        yield (f"phase {up} up -> {cout} {phase_conv.PHASE_GEOMETRY}", kernel.py_func,
+               PHASE_SIG, phase_conv.PHASE_MAX_REGISTERS)
+        geometry, cap = conv.forward_variant(skip, cout, False, False, from_output=True)
+        kernel = conv._forward_kernel(skip, cout, False, False, False, leaky_slope=slope,
+                                      w_first=up, from_output=True)[0]
+        yield (f"continuation {skip} -> {cout} from y {geometry}", kernel.py_func, FORWARD_SIG,
+               cap)
 
 
 def instructions(sass):
@@ -167,6 +191,9 @@ def main():
     ap.add_argument("--keep", help="directory for the .ptx and .sass files")
     ap.add_argument("--wide", action="store_true",
                     help="the 48-wide U-Net's convolutions, with their hot loops' mix")
+    ap.add_argument("--phase", action="store_true",
+                    help="the decoders' convolutions of an upsampled input (phase form), with "
+                         "their hot loops' mix")
     ap.add_argument("--geometry", help="R,G,GB: --wide's forward and backward-data geometry")
     ap.add_argument("--cap", type=int, help="--geometry's register cap")
     ap.add_argument("--early-loads", choices=("on", "off"),
@@ -182,7 +209,7 @@ def main():
         [str(pathlib.Path(cuobjdump).parent), os.environ.get("PATH", "")]))
     out = pathlib.Path(args.keep or tempfile.mkdtemp())
     out.mkdir(parents=True, exist_ok=True)
-    if args.wide:
+    if args.wide or args.phase:
         print(f"{'kernel':40s} {'regs':>4s} {'spill B':>7s} {'loop':>5s} {'FFMA':>5s} "
               f"{'FFMA %':>6s} {'LDS':>4s} {'FFMA/LDS':>8s} {'late LDG':>4s}  other")
     else:
@@ -190,7 +217,8 @@ def main():
               f"{'LDS':>4s}  other")
     early = None if args.early_loads is None else args.early_loads == "on"
     offline.without_device((9, 0))
-    chosen = wide_kernels(geometry, args.cap, early) if args.wide else kernels()
+    chosen = phase_kernels() if args.phase else \
+        wide_kernels(geometry, args.cap, early) if args.wide else kernels()
     for label, fn, sig, cap in chosen:
         name = out / re.sub(r"\W+", "_", label)
         ptx, _ = cuda.compile_ptx(fn, sig, cc=(9, 0))
@@ -204,8 +232,10 @@ def main():
         name.with_suffix(".sass").write_text(sass)
         regs = re.search(r"Used (\d+) registers", info).group(1)
         spill = re.search(r"(\d+) bytes spill stores", info).group(1)
-        if args.wide:
+        if args.wide or args.phase:
             loop, late = hot_loop(sass)
+            if loop is None:        # one input channel: no loop, its block written out
+                loop, late = hot_block(sass), 0
             loads = sum(n for op, n in loop.items() if op.startswith("LDS"))
             other = ", ".join(f"{op} {n}" for op, n in loop.most_common(9) if op != "FFMA")
             print(f"{label:40s} {regs:>4s} {spill:>7s} {sum(loop.values()):5d} "

@@ -38,19 +38,20 @@ status() {  # status NAME EXIT LOGFILE [NOTE]: one line in NAME.status for the s
   cat "$out/$1.status"
 }
 precompile_tests() {  # the parity tests' own networks, compiled before their groups share the cache
+  # one network at a time (each takes a worker a core): seven started at once made ~110 worker
+  # processes, and their CUDA contexts failed to start (CUDA_ERROR_OUT_OF_MEMORY, 2026-12-02)
   timeout "$(left)" python3 -c "
 from cryokern import precompile
 from cryokern.model import N2NUNet, Network, UNet
 from cryokern.step import OptimizerConfig as O
-started = [precompile.start(UNet((8, 8, 8, 8), residual=True), O('adam', 1e-3)),
-           precompile.start(UNet((8, 8, 8, 8)), O('sgd', 0.05, momentum=0.9)),
-           precompile.start(Network((1, 4, 4, 1)), O('sgd', 0.0)),
-           precompile.start(N2NUNet(), O('adam', 1e-3)),
-           precompile.start(N2NUNet(3, 8, 12, (8, 4)), O('sgd', 0.05, momentum=0.9)),
-           precompile.start(N2NUNet(3, 6, 8, (6, 4)), O('sgd', 0.0)),
-           precompile.start(N2NUNet(2, 2, 3, (3, 2)), O('adam', 1e-3))]
-for s in started:
-    s.wait()" > "$out/precompile_tests.txt" 2>&1
+for net, optimizer in [(UNet((8, 8, 8, 8), residual=True), O('adam', 1e-3)),
+                       (UNet((8, 8, 8, 8)), O('sgd', 0.05, momentum=0.9)),
+                       (Network((1, 4, 4, 1)), O('sgd', 0.0)),
+                       (N2NUNet(), O('adam', 1e-3)),
+                       (N2NUNet(3, 8, 12, (8, 4)), O('sgd', 0.05, momentum=0.9)),
+                       (N2NUNet(3, 6, 8, (6, 4)), O('sgd', 0.0)),
+                       (N2NUNet(2, 2, 3, (3, 2)), O('adam', 1e-3))]:
+    precompile.start(net, optimizer).wait()" > "$out/precompile_tests.txt" 2>&1
   status precompile_tests $? "$out/precompile_tests.txt"
 }
 if [ "$device" = gpu ]; then

@@ -391,6 +391,21 @@ def test_conv_of_an_upsampled_input_equals_reference(rng, shape):
     assert same_bits_nan_positions(out.copy_to_host(), want)
 
 
+@pytest.mark.parametrize("group", [1, 2, 4])
+def test_phase_weights_staged_in_groups_give_the_chains_of_one_group(rng, group):
+    """The phase kernel stages its weights in groups of input channels where all do not fit
+    (the N2N U-Net's 96, in groups of 32): groups of 1, 2 (the last ragged) and 4 of 5
+    channels, the bits of all at once."""
+    from cryokern.kernels.phase_conv import launch_phase_chains
+    xa, _, wt, b = upsampled_case(rng, (1, 5, 3, 8, 3, 4))
+    outs = []
+    for variant in ({}, {"channel_group": group}):
+        out = poisoned((1, 8, 6, 8))
+        launch_phase_chains(dev(xa), dev(wt), dev(b), out, **variant)
+        outs.append(out.copy_to_host())
+    assert same_bits(outs[1], outs[0])
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpu", "kernels"])
 def test_an_upsampled_input_needs_a_second_input_of_twice_its_size(rng, backend):
     from cryokern import cpu as C
