@@ -3,11 +3,11 @@ that `--gpus N` starts): multiprocessing connections over TCP on the loopback in
 authenticated by a random key that travels, with the port, in an environment variable of the
 started process ("host:port:key").
 
-Nagle's algorithm is off on both ends. These processes talk in request and reply (a job and its
-result, a rank's rows and everyone's): with Nagle a short write, or a long message's last
+Nagle's algorithm is off on both ends. These processes talk in request and reply (a job and
+its result, a rank's rows and everyone's): with Nagle a short write, or a long message's last
 segment, waits for the peer's delayed acknowledgement (tens of ms on Linux) whenever earlier
-data is still unacknowledged. Measured on a 2-core VM: one loader worker filled 672 small images/s
-with it, ~6000 without; the hub's all-gather of 42 KB took 44 ms with it."""
+data is still unacknowledged, which held the loader's workers and the hub's all-gathers to a
+fraction of their speed (bench/NOTES.md v43)."""
 import os
 import secrets
 import socket

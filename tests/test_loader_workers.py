@@ -74,8 +74,7 @@ def test_a_dead_worker_fails_its_jobs_and_close_leaves_nothing(tmp_path):
 
 def test_the_pool_talks_to_its_workers_without_nagle():
     """A job and its result are one short message each way; with Nagle's algorithm a second
-    short message waits for the peer's delayed acknowledgement (one worker filled 670 small
-    images/s instead of ~6000 on a 2-core VM)."""
+    short message waits for the peer's delayed acknowledgement (localsocket.py)."""
     pool = WorkerPool(2)
     try:
         assert all(nagle_off(c) for c in pool._connections)
