@@ -66,7 +66,12 @@ def same_shape(name, a, shape):
 
 def concatenated_channels(x_shape, x2_shape, upsampled=False):
     """The channels of x followed by x2's (numerics §12), which must share batch and image
-    size; with `upsampled`, x is read x2 nearest-upsampled and must be half x2's size."""
+    size; with `upsampled`, x is read x2 nearest-upsampled and must be half x2's size. Without
+    x2 (x2_shape None), x's channels: an upsampled x is read only beside a second input."""
+    if x2_shape is None:
+        if upsampled:
+            raise ValueError("an upsampled x is read only beside x2 (a concatenation)")
+        return x_shape[1]
     scale = 2 if upsampled else 1
     if x2_shape[0] != x_shape[0] or tuple(x2_shape[2:]) != tuple(scale * s for s in x_shape[2:]):
         raise ValueError(f"x {x_shape}{' upsampled x2' if upsampled else ''} and x2 {x2_shape} "

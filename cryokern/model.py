@@ -517,13 +517,12 @@ def n2n_forward(backend, net, params, x, acts=None):
         up = acts.get(f"up.{level}")
         if up is not None:
             backend.upsample2x_forward(source, out=up)
-        below = source
         if level:
             source = conv(f"dec_conv{level + 1}b",
-                          conv(f"dec_conv{level + 1}a", below, skip=acts[f"pool.{level}"],
+                          conv(f"dec_conv{level + 1}a", source, skip=acts[f"pool.{level}"],
                                upsampled=True))
     head = [name for name, _ in net.head()]
-    source = conv(head[0], below, skip=inputs, upsampled=True)
+    source = conv(head[0], source, skip=inputs, upsampled=True)
     for name in head[1:]:
         source = conv(name, source)
     if net.residual:

@@ -115,6 +115,13 @@ def _conv_rows(x, x2, w, b, act, slope, masking, mask, out, out2, resume, start)
 
 
 @njit(cache=True, inline="always")
+def _four_taps(v00, v01, v10, v11, k00, k01, k10, k11, acc):
+    """acc continued by v00 * k00, v01 * k01, v10 * k10, v11 * k11 in that order (a, then b
+    ascending: one output pixel's phase taps of one input channel)."""
+    return fma32(v11, k11, fma32(v10, k10, fma32(v01, k01, fma32(v00, k00, acc))))
+
+
+@njit(cache=True, inline="always")
 def _phase_taps(acc, rows, c, d):
     """acc[0][j] and acc[1][j], the chains of output columns 2j and 2j + 1 of one output
     channel, and acc[2][j], acc[3][j] those of another, each continued by its four phase taps,
@@ -132,22 +139,10 @@ def _phase_taps(acc, rows, c, d):
     for j in range(even.size):
         t0, t1, t2 = top[j], top[j + 1], top[j + 2]
         u0, u1, u2 = bottom[j], bottom[j + 1], bottom[j + 2]
-        v = fma32(t0, c0, even[j])
-        v = fma32(t1, c1, v)
-        v = fma32(u0, c2, v)
-        even[j] = fma32(u1, c3, v)
-        v = fma32(t1, c4, odd[j])
-        v = fma32(t2, c5, v)
-        v = fma32(u1, c6, v)
-        odd[j] = fma32(u2, c7, v)
-        v = fma32(t0, d0, even2[j])
-        v = fma32(t1, d1, v)
-        v = fma32(u0, d2, v)
-        even2[j] = fma32(u1, d3, v)
-        v = fma32(t1, d4, odd2[j])
-        v = fma32(t2, d5, v)
-        v = fma32(u1, d6, v)
-        odd2[j] = fma32(u2, d7, v)
+        even[j] = _four_taps(t0, t1, u0, u1, c0, c1, c2, c3, even[j])
+        odd[j] = _four_taps(t1, t2, u1, u2, c4, c5, c6, c7, odd[j])
+        even2[j] = _four_taps(t0, t1, u0, u1, d0, d1, d2, d3, even2[j])
+        odd2[j] = _four_taps(t1, t2, u1, u2, d4, d5, d6, d7, odd2[j])
 
 
 @njit(parallel=True, cache=True)
@@ -193,13 +188,11 @@ def _check_conv(x, w, cin_axis, channels=None):
                          f"(OIHW, 3x3)")
 
 
-def _second_input(x, x2):
-    """x2 checked beside x (same batch and image size), or None; and the channels of both
-    together (numerics §12)."""
-    if x2 is None:
-        return None, x.shape[1]
-    x2 = operand("x2", x2, 4)
-    return x2, concatenated_channels(x.shape, x2.shape)
+def _second_input(x, x2, upsampled=False):
+    """x2 checked beside x (same batch and image size, or twice x's with `upsampled`), or
+    None; and the channels of both together (numerics §12)."""
+    x2 = None if x2 is None else operand("x2", x2, 4)
+    return x2, concatenated_channels(x.shape, None if x2 is None else x2.shape, upsampled)
 
 
 def _activation(relu, leaky_slope):
@@ -218,13 +211,7 @@ def conv2d_forward(x, w, b, relu=False, out=None, leaky_slope=None, x2=None, ups
     _phase_rows), then x2's continued by _conv_rows."""
     act, slope = _activation(relu, leaky_slope)
     x, w, b = operand("x", x, 4), operand("w", w, 4), operand("b", b, 1)
-    if upsampled:
-        if x2 is None:
-            raise ValueError("an upsampled x is read only beside x2 (a concatenation)")
-        x2 = operand("x2", x2, 4)
-        cin = concatenated_channels(x.shape, x2.shape, upsampled=True)
-    else:
-        x2, cin = _second_input(x, x2)
+    x2, cin = _second_input(x, x2, upsampled)
     _check_conv(x, w, 1, cin)
     if b.shape != (w.shape[0],):
         raise ValueError(f"bias of shape {b.shape} does not fit {w.shape[0]} output channels")

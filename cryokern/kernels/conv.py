@@ -249,6 +249,30 @@ class _MaskPlan:
         return j // self.span, (self.turns - 1 - turn) * self.span + j % self.span
 
 
+def window_slots(src, slots, threads, nx, row, corner, size):
+    """A block's staging slots of an input window (nx elements, `row` a row, a halo of one):
+    thread tid's element e{s} = tid + s * threads, whether it lies in the image (ok{s}: zero
+    padding where not) and its image offset (off{s}). `corner`: expressions of the image row
+    and column of the window's element (1, 1); `size`: of the image's height and width."""
+    (top, left), (height, width) = corner, size
+    for s_ in range(slots):
+        src(f"e{s_} = tid + {s_ * threads}")
+        src(f"r = e{s_} // {row}")
+        src(f"c = e{s_} % {row}")
+        src(f"hh = {top} + r - 1")
+        src(f"cc = {left} + c - 1")
+        src(f"ok{s_} = e{s_} < {nx} and hh >= 0 and hh < {height} and cc >= 0 and cc < {width}")
+        src(f"off{s_} = hh * {width} + cc")
+
+
+def first_window(src, slots, base):
+    """The first input channel's window elements into p0.. (0 outside the image), the
+    channel's offset `base` kept for the next ones."""
+    src(f"base = {base}")
+    for s_ in range(slots):
+        src(f"p{s_} = x[uint64(base + off{s_})] if ok{s_} else float32(0)")
+
+
 def _epilogue_value(acc, relu, slope, mask_bit):
     """The stored value of accumulator `acc`: ReLU'd (§1), LeakyReLU'd with `slope` (§9a), or,
     with `mask_bit` (word, bit): the output's word of mask bits `live<word>` and its bit (an
@@ -367,18 +391,8 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
 
     if not grouped:
         stage_weights("ci")
-    # staging slots: element e of the window, its image offset, and whether it is in the image
-    for s_ in range(slots):
-        src(f"e{s_} = tid + {s_ * threads}")
-        src(f"r = e{s_} // {XW}")
-        src(f"c = e{s_} % {XW}")
-        src("hh = h0 + r - 1")
-        src("cc = c0 + c - 1")
-        src(f"ok{s_} = e{s_} < {nx} and hh >= 0 and hh < height and cc >= 0 and cc < width")
-        src(f"off{s_} = hh * width + cc")
-    src(f"base = n * {cin if in_first is None else in_first} * plane")
-    for s_ in range(slots):
-        src(f"p{s_} = x[uint64(base + off{s_})] if ok{s_} else float32(0)")
+    window_slots(src, slots, threads, nx, XW, ("h0", "c0"), ("height", "width"))
+    first_window(src, slots, f"n * {cin if in_first is None else in_first} * plane")
     src(f"o0 = (ob * {groups} + cuda.threadIdx.z) * {g_out}")
     if masked:
         plan = _MaskPlan(R, g_out, cin, cout, ob_size)
@@ -551,12 +565,8 @@ def _check_conv(x, w, cin_axis, channels=None):
 def _second_input(x, x2, upsampled=False):
     """x2 as an Operand beside x (same batch and image size, or twice x's with `upsampled`),
     or None; and the channels of both together."""
-    if x2 is None:
-        if upsampled:
-            raise ValueError("an upsampled x is read only beside x2 (a concatenation)")
-        return None, x.shape[1]
-    x2 = Operand("x2", x2, 4)
-    return x2, concatenated_channels(x.shape, x2.shape, upsampled)
+    x2 = None if x2 is None else Operand("x2", x2, 4)
+    return x2, concatenated_channels(x.shape, None if x2 is None else x2.shape, upsampled)
 
 
 def conv2d_forward(x, w, b, relu=False, out=None, leaky_slope=None, x2=None, upsampled=False):

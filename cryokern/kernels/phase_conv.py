@@ -22,7 +22,7 @@ from functools import lru_cache
 from ..contract import phase_terms
 from .arrays import launch_stream
 from .codegen import Source, load_module
-from .conv import BW, STATIC_SHARED_BYTES, TY
+from .conv import BW, STATIC_SHARED_BYTES, TY, first_window, window_slots
 
 # (R, G, GB): rows and output channels per thread, thread groups per block; capped at 128
 # registers (one block of 512 threads a SM). The fastest of bench/tune_conv.py --parts phase
@@ -119,15 +119,8 @@ def _phase_kernel(cin, cout, geometry=PHASE_GEOMETRY, max_registers=PHASE_MAX_RE
     if not grouped:
         stage_weights("0")
     # the window's elements: the level below's rows h0 / 2 - 1 .., columns c0 / 2 - 1 ..
-    for s_ in range(slots):
-        src(f"e{s_} = tid + {s_ * threads}")
-        src(f"hh = (h0 >> 1) + e{s_} // {XW} - 1")
-        src(f"cc = (c0 >> 1) + e{s_} % {XW} - 1")
-        src(f"ok{s_} = e{s_} < {nx} and hh >= 0 and hh < low_h and cc >= 0 and cc < low_w")
-        src(f"off{s_} = hh * low_w + cc")
-    src(f"base = n * {cin} * xplane")
-    for s_ in range(slots):
-        src(f"p{s_} = x[uint64(base + off{s_})] if ok{s_} else float32(0)")
+    window_slots(src, slots, threads, nx, XW, ("(h0 >> 1)", "(c0 >> 1)"), ("low_h", "low_w"))
+    first_window(src, slots, f"n * {cin} * xplane")
     src(f"o0 = (ob * {groups} + cuda.threadIdx.z) * {g_out}")
     for g in range(g_out):
         src(f"b{g} = b[o0 + {g}] if o0 + {g} < {cout} else float32(0)")

@@ -62,14 +62,9 @@ def conv2d_forward(x, w, b, relu=False, out=None, leaky_slope=None, x2=None, ups
     nearest-upsampled (§11) and x2's, x's part of the chain in phase form (§12)."""
     w = _f32("w", w, 4)
     b = _f32("b", b, 1)
-    if upsampled:
-        if x2 is None:
-            raise ValueError("an upsampled x is read only beside x2 (a concatenation)")
-        x, x2 = _f32("x", x, 4), _f32("x2", x2, 4)
-        cin = concatenated_channels(x.shape, x2.shape, upsampled)
-    else:
-        x = _concatenated(x, x2)
-        cin = x.shape[1]
+    x = _f32("x", x, 4)
+    x2 = None if x2 is None else _f32("x2", x2, 4)
+    cin = concatenated_channels(x.shape, None if x2 is None else x2.shape, upsampled)
     _check_weights(w, cin)
     if b.shape != (w.shape[0],):
         raise ValueError(f"bias of shape {b.shape} does not fit {w.shape[0]} output channels")
@@ -77,7 +72,7 @@ def conv2d_forward(x, w, b, relu=False, out=None, leaky_slope=None, x2=None, ups
         split = x.shape[1]
         acc = _chain(x2, w[:, split:], _upsampled_chain(x, w[:, :split], b))
     else:
-        acc = _chain(x, w, b[None, :, None, None])
+        acc = _chain(_concatenated(x, x2), w, b[None, :, None, None])
     return _finish(np.array(activate(acc, relu, leaky_slope)), out)
 
 
