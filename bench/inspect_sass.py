@@ -46,8 +46,7 @@ FORWARD_TWO_SIG = (F32, F32, types.float32[:, :, :, ::1], F32, F32, F32, F32, ty
 WEIGHTS_SIG = (F32, F32, types.float32[:, :, ::1], types.float32[:, :, ::1], types.int64,
                types.int64, types.int64)
 WEIGHTS_TWO_SIG = (F32,) + WEIGHTS_SIG
-PHASE_SIG = (F32, types.float32[:, :, :, ::1], F32, F32, types.int64, types.int64,
-             types.int64)
+PHASE_SIG = (F32, F32, F32, F32, types.int64, types.int64, types.int64)   # x, pw, b, y, ..
 LOSS_SIG = (F32, F32, types.float32, F32, types.float32[:, :, ::1], types.int64, types.int64,
             types.int64, types.int64, types.int64, types.int64, types.boolean)
 FOLD_SIG = (F32, types.float64[:, ::1], F32, types.float64[:, ::1], types.int64, types.int64)

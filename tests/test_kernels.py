@@ -241,16 +241,27 @@ def test_backward_weights_blocks_of_channels(rng, variant, block, first, w):
 def test_backward_weights_in_blocks_of_channels_equal_reference(rng, monkeypatch):
     """conv2d_backward_weights where one block cannot hold the layer (here: shared memory
     lowered to 1500 bytes, so 2 output x 1 input channels a block, 4 blocks a tile), of a
-    concatenation."""
+    concatenation; the block stages its rows behind two barriers a row (the second buffers of
+    one barrier do not fit), where the tests above take one."""
     monkeypatch.setattr(conv, "STATIC_SHARED_BYTES", 1500)
     n, cin, cout, h, w = 2, 2, 4, 3, 5
-    assert conv.weights_block(cin, cout, conv.weights_variant(cin, cout)) == (2, 1)
+    variant = conv.weights_variant(cin, cout)
+    assert conv.weights_block(cin, cout, variant) == (2, 1)
+    assert not conv.weights_one_barrier(variant, 2, 1)
     gy, x = randn(rng, n, cout, h, w), randn(rng, n, cin, h, w)
     gw, gb = poisoned((cout, cin, 3, 3)), poisoned((cout,))
     K.conv2d_backward_weights(cuda.to_device(gy), cuda.to_device(x[:, :1].copy()),
                               out=(gw, gb), x2=cuda.to_device(x[:, 1:].copy()))
     want_gw, want_gb = R.conv2d_backward_weights(gy, x)
     assert same_bits(gw, want_gw) and same_bits(gb, want_gb)
+
+
+def test_the_blocks_of_the_hot_weight_kernels_stage_behind_one_barrier_a_row():
+    """The seed's 16 -> 16 and the 48-wide U-Net's 48 -> 48 (its block of 48 x 16 channels)
+    have the shared memory for the second buffers (and the tests above run such blocks)."""
+    for cin, cout in [(16, 16), (48, 48)]:
+        variant = conv.weights_variant(cin, cout)
+        assert conv.weights_one_barrier(variant, *conv.weights_block(cin, cout, variant))
 
 
 def test_weights_blocks_fit_a_block_and_keep_the_default_layers_whole():

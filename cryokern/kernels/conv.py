@@ -677,8 +677,12 @@ XROW = TILE_W + 2
 CALL_COLUMNS = 4            # columns of a written-out tile row per device-function call (the
                             # 48+48 -> 48 kernel's numba front end: 3.8-3.9 CPU s at 2 or 4,
                             # 4.3 at 8, 5.2 at 16; branch gcold's NOTES entry)
-XS_STRIDE = 3 * XROW + (2 - 3 * XROW) % 16   # floats per input channel in the x ring, = 2 mod 16
-                                             # so the warp's input channels spread over banks
+
+
+def x_ring_stride(slots):
+    """Floats per input channel in an x ring of `slots` rows: = 2 mod 16, so that the warp's
+    input channels spread over the banks."""
+    return slots * XROW + (2 - slots * XROW) % 16
 
 
 # Weight-gradient blocks of the U-Nets' layers measured faster than weights_block's rule gives
@@ -758,7 +762,17 @@ def _weights_block_needs(cin, cout, variant, outputs, inputs):
     workers = outputs // _outputs_per_thread(cin, cout, variant) * inputs * (
         3 if variant.split_rows else 1)
     threads = max(variant.threads, -(-(workers + outputs) // 32) * 32)
-    return threads, 4 * (outputs * GS + inputs * XS_STRIDE)
+    return threads, 4 * (outputs * GS + inputs * x_ring_stride(3))
+
+
+def weights_one_barrier(variant, outputs, inputs):
+    """Whether a weight-gradient block of `outputs` x `inputs` channels stages each tile row
+    behind one barrier instead of two: gy's rows in two buffers and x's rows in a ring of four,
+    so that a row's stores never touch what the row being computed reads. Taken with prefetch
+    where it fits static shared memory (two barriers a row cost the 48 -> 48 kernel ~11 % of
+    its cycles, NOTES v46)."""
+    return variant.prefetch and \
+        4 * (2 * outputs * GS + inputs * x_ring_stride(4)) <= STATIC_SHARED_BYTES
 
 
 def weight_groups(cin, inputs):
@@ -847,6 +861,9 @@ def _weights_kernel(cin, cout, variant, first=None, block=None):
     workers = O // go * C * (3 // held)   # threads that hold chains; the rest only stage
     threads = max(threads, -(-(workers + O) // 32) * 32)
     g_total, x_total = O * TILE_W, C * XROW
+    one_barrier = weights_one_barrier(variant, O, C)
+    ring = 4 if one_barrier else 3      # x rows staged at once
+    xs_stride = x_ring_stride(ring)
     called = Source()      # the device function that chains_unrolled calls
     src = Source().kernel("gy, x, gw_part, gb_part, height, width, tiles_w" if first is None else
                           "gy, x, xtwo, gw_part, gb_part, height, width, tiles_w", max_registers)
@@ -866,8 +883,8 @@ def _weights_kernel(cin, cout, variant, first=None, block=None):
     first_row = "ky0 + " if split else ""   # ky0: the first kernel row a thread holds
     if split:
         src(f"ky0 = tid // {O // go * C}")
-    src(f"gs = cuda.shared.array({O * GS}, float32)")
-    src(f"xs = cuda.shared.array({C * XS_STRIDE}, float32)")
+    src(f"gs = cuda.shared.array({(2 if one_barrier else 1) * O * GS}, float32)")
+    src(f"xs = cuda.shared.array({C * xs_stride}, float32)")
     src("bias = float32(0)")
     for j in range(go):
         for k in range(3 * held):
@@ -935,12 +952,13 @@ def _weights_kernel(cin, cout, variant, first=None, block=None):
     def store_x(i, name):
         if precompute:
             return f"xs[uint64(xi{i} + xo)] = {name}{i}"
-        return f"xs[uint64((e // {XROW}) * {XS_STRIDE} + xo + e % {XROW})] = {name}{i}"
+        return f"xs[uint64((e // {XROW}) * {xs_stride} + xo + e % {XROW})] = {name}{i}"
 
     def store_gy(i, name):
+        buffer = " + gbuf" if one_barrier else ""    # the buffer of this row of gy
         if precompute:
-            return f"gs[uint64(gi{i})] = {name}{i}"
-        return f"gs[uint64((e // {TILE_W}) * {GS} + e % {TILE_W})] = {name}{i}"
+            return f"gs[uint64(gi{i}{buffer})] = {name}{i}"
+        return f"gs[uint64((e // {TILE_W}) * {GS} + e % {TILE_W}{buffer})] = {name}{i}"
 
     if precompute:   # address, validity and shared index of every staging slot, once
         for i in range(-(-x_total // threads)):
@@ -954,7 +972,7 @@ def _weights_kernel(cin, cout, variant, first=None, block=None):
                     f"(n * {cin - first} + ch - {first}) * plane + col")
                 src(f"xf{i} = ch < {first}")
             src(f"xv{i} = col >= 0 and col < width and e < {x_total}{in_layer}")
-            src(f"xi{i} = (e // {XROW}) * {XS_STRIDE} + e % {XROW}")
+            src(f"xi{i} = (e // {XROW}) * {xs_stride} + e % {XROW}")
         for i in range(-(-g_total // threads)):
             src(f"e = tid + {i * threads}")
             src(f"c = e % {TILE_W}")
@@ -962,8 +980,11 @@ def _weights_kernel(cin, cout, variant, first=None, block=None):
             src(f"gv{i} = c < cols and e < {g_total}")
             src(f"gi{i} = (e // {TILE_W}) * {GS} + c")
 
-    # step s stages image row q = r0 + s of x in ring slot (q + 1) % 3 (rows outside the image
-    # are 0) and, from s = 1, gy's tile row s - 1; then it computes tile row s - 1
+    # step s stages image row q = r0 + s of x in ring slot (q + 1) % ring (rows outside the
+    # image are 0) and, from s = 1, gy's tile row s - 1 (one_barrier: in buffer (s - 1) % 2);
+    # then it computes tile row s - 1. Two barriers a step: before the stores (every thread has
+    # read the slot they overwrite) and after them. One with one_barrier: a step's stores go
+    # where the row computed in the step before last read, behind the last step's barrier
     if prefetch:     # step -1's rows, then each step loads the next step's during its compute
         src("q = r0 - 1")
         src("qin = q >= 0 and q < height")
@@ -972,9 +993,12 @@ def _weights_kernel(cin, cout, variant, first=None, block=None):
             src(f"u{i} = float32(0)")
     src("for s in range(-1, rows + 1):").indent()
     src("q = r0 + s")
-    src(f"xo = ((q + 1) % 3) * {XROW}")
-    src("cuda.syncthreads()")
+    src(f"xo = ((q + 1) % {ring}) * {XROW}")
+    if not one_barrier:
+        src("cuda.syncthreads()")
     if prefetch:
+        if one_barrier:
+            src(f"gbuf = ((s - 1) & 1) * {O * GS}")
         stage_stores(x_total, store_x, "p")
         src("if s >= 1:").indent()
         stage_stores(g_total, store_gy, "u")
@@ -994,13 +1018,14 @@ def _weights_kernel(cin, cout, variant, first=None, block=None):
         src.dedent()
         src("cuda.syncthreads()")
     src("if s < 1:").indent()("continue").dedent()
-    # tile row r = s - 1 reads image rows r0+r-1+ky, ky = 0..2, in slots (r0 + r + ky) % 3;
+    # tile row r = s - 1 reads image rows r0+r-1+ky, ky = 0..2, in slots (r0 + r + ky) % ring;
     # a thread's rows ky0 + k, k < held, are x{k} and its chains a{j}_{k * 3 + kx}
     src("r = s - 1")
+    gy_row = f" + (r & 1) * {O * GS}" if one_barrier else ""
     src(f"if tid < {workers}:").indent()
     for k in range(held):
-        src(f"x{k} = uint64(ci * {XS_STRIDE} + ((r0 + r + {first_row}{k}) % 3) * {XROW})")
-    src(f"gb = uint64(og * {go * GS})")
+        src(f"x{k} = uint64(ci * {xs_stride} + ((r0 + r + {first_row}{k}) % {ring}) * {XROW})")
+    src(f"gb = uint64(og * {go * GS}{gy_row})")
 
     def fmas(out, window_column):
         for j in range(go):
@@ -1071,7 +1096,7 @@ def _weights_kernel(cin, cout, variant, first=None, block=None):
     # the bias chains: one thread per output channel among those that otherwise only stage
     bias_threads = f"elif tid < {workers + O}" + (" and ci_first == 0:" if grouped else ":")
     src(bias_threads).indent()
-    src(f"gb = uint64((tid - {workers}) * {GS})")
+    src(f"gb = uint64((tid - {workers}) * {GS}{gy_row})")
     full_width_or_edge(bias_unrolled, bias_rolled)
     src.dedent().dedent()
     src(f"if tid < {workers}:").indent()

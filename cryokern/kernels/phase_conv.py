@@ -13,14 +13,20 @@ one column parity and read the same phase weights), R rows (R / 2 of each row pa
 row (ty >> 1) * R, and G channels. Channel by channel the block stages the level below's
 (TY / 2 * R / 2 + 2) x (BW + 2) window (two windows, alternating: one barrier a channel), and
 each thread holds its (R / 2 + 2) x 2 window values in registers; a phase weight read from
-shared memory serves R / 2 fmas. The phase weights are summed in the staging, in the order of
-contract.phase_terms, and laid out [channel][p][q][a * 2 + b][output channel]: a thread's G
-channels are adjacent and 16-byte aligned, one vector load (LDS.128 for G = 4).
+shared memory serves R / 2 fmas. The phase weights are summed once a launch by a small kernel
+of their own (phase_weights_kernel), in the order of contract.phase_terms, and laid out
+[output block][channel][p][q][a * 2 + b][output channel of the block]: a block stages a group of
+channels as one contiguous copy, and a thread's G channels are adjacent and 16-byte aligned,
+one vector load (LDS.128 for G = 4). (Summed by every block in its staging, a branch per
+weight on its phase and four dependent global loads, they took ~10 % of the 48-wide
+kernel's instructions: NOTES v46.)
 """
 from functools import lru_cache
 
+import numpy as np
+
 from ..contract import phase_terms
-from .arrays import launch_stream
+from .arrays import launch_stream, scratch
 from .codegen import Source, load_module
 from .conv import BW, STATIC_SHARED_BYTES, TY, first_window, window_slots
 
@@ -33,6 +39,8 @@ from .conv import BW, STATIC_SHARED_BYTES, TY, first_window, window_slots
 # stride, scalar loads): 9.226.
 PHASE_GEOMETRY = (16, 4, 4)
 PHASE_MAX_REGISTERS = 128
+STAGING_LOADS = 4      # phase weights a thread loads before it stores them (a load's latency
+                       # is waited for once a batch, where the registers allow)
 
 
 def _layout(geometry):
@@ -57,10 +65,39 @@ def phase_channel_group(cin, geometry):
 
 
 def _phase_weight(k):
-    """The staged value of phase weight k = ((p * 2 + q) * 4 + a * 2 + b) of weights w[o, c]: its
-    terms added in contract.phase_terms' order."""
+    """Phase weight k = ((p * 2 + q) * 4 + a * 2 + b) of weights w[o, c]: its terms added in
+    contract.phase_terms' order."""
     p, q, a, b = k >> 3, (k >> 2) & 1, (k >> 1) & 1, k & 1
     return " + ".join(f"w[o, c, {ky}, {kx}]" for ky, kx in phase_terms(p, q, a, b))
+
+
+def _padded_channels(cin, group):
+    """Input channels of the phase weights' layout: whole groups (the last group's channels
+    past cin are zeros)."""
+    return -(-cin // group) * group
+
+
+@lru_cache(maxsize=None)
+def phase_weights_kernel(cin, cout, ob_size, padded):
+    """The phase weights of w's first cin input channels, one thread each, into pw laid out
+    [output block][channel (padded)][phase k][output channel of the block], 0 past the layer."""
+    per_channel = 16 * ob_size
+    total = -(-cout // ob_size) * padded * per_channel
+    src = Source().kernel("w, pw")
+    src("i = cuda.grid(1)")
+    src(f"if i < {total}:").indent()
+    src(f"o = i // {padded * per_channel} * {ob_size} + i % {ob_size}")
+    src(f"c = i // {per_channel} % {padded}")
+    src(f"k = i // {ob_size} % 16")
+    src("v = float32(0)")
+    src(f"if o < {cout} and c < {cin}:").indent()
+    for k in range(16):
+        src(f"{'if' if k == 0 else 'elif'} k == {k}:").indent()
+        src(f"v = {_phase_weight(k)}").dedent()
+    src.dedent()
+    src("pw[i] = v")
+    module = load_module(f"conv_phase_weights_{cin}_{cout}_{ob_size}_{padded}", src.text())
+    return module.kernel, total
 
 
 @lru_cache(maxsize=None)
@@ -68,7 +105,8 @@ def _phase_kernel(cin, cout, geometry=PHASE_GEOMETRY, max_registers=PHASE_MAX_RE
                   channel_group=None):
     """The chains from b over input channels 0..cin-1 of w (the upsampled ones; w may hold
     more), x being the level below (half y's height and width), stored in y unfinished.
-    Returns (kernel, block, output channels per block, rows per block)."""
+    Returns (kernel, block, output channels per block, rows per block, input channels of the
+    phase weights' layout (phase_weights_kernel's padded))."""
     R, g_out, groups = geometry
     if R % 2:
         raise ValueError(f"a phase block's threads own an even number of rows, not {R}")
@@ -85,7 +123,8 @@ def _phase_kernel(cin, cout, geometry=PHASE_GEOMETRY, max_registers=PHASE_MAX_RE
     threads = BW * TY * groups
     slots = -(-nx // threads)
     ws_size = group * per_channel
-    src = Source().kernel("x, w, b, y, height, width, n_oblocks", max_registers)
+    padded = _padded_channels(cin, group)
+    src = Source().kernel("x, pw, b, y, height, width, n_oblocks", max_registers)
     src(f"tid = (cuda.threadIdx.z * {TY} + cuda.threadIdx.y) * {BW} + cuda.threadIdx.x")
     src("n = cuda.blockIdx.z // n_oblocks")
     src("ob = cuda.blockIdx.z % n_oblocks")
@@ -99,22 +138,22 @@ def _phase_kernel(cin, cout, geometry=PHASE_GEOMETRY, max_registers=PHASE_MAX_RE
     src(f"xs = cuda.shared.array({2 * nx}, float32)")
 
     def stage_weights(first_channel):
-        """ws: the phase weights of input channels first_channel + 0, 1, .. (0 outside the
-        layer and in the padding)."""
-        src(f"for i in range(tid, {ws_size}, {threads}):").indent()
-        src(f"c = {first_channel} + i // {per_channel}")
-        src(f"r = i % {per_channel}")
-        src(f"rr = r % {q_stride}")
-        src(f"o = ob * {ob_size} + rr % {ob_size}")
-        src(f"k = (r // {q_stride}) * 4 + rr // {ob_size}")
-        src("v = float32(0)")
-        src(f"if o < {cout}{f' and c < {cin}' if cin % group else ''}:")
-        src.indent()
-        for k in range(16):
-            src(f"{'if' if k == 0 else 'elif'} k == {k}:").indent()
-            src(f"v = {_phase_weight(k)}").dedent()
-        src.dedent()
-        src("ws[i] = v").dedent()
+        """ws: the phase weights of input channels first_channel + 0, 1, .. (a copy of pw's,
+        STAGING_LOADS loads in flight before their stores)."""
+        src(f"wg = uint64((ob * {padded} + {first_channel}) * {per_channel} + tid)")
+        per_thread = -(-ws_size // threads)
+        for first in range(0, per_thread, STAGING_LOADS):
+            batch = range(first, min(first + STAGING_LOADS, per_thread))
+            for j in batch:
+                guard = f" if tid + {j * threads} < {ws_size} else float32(0)" \
+                    if (j + 1) * threads > ws_size else ""
+                src(f"s{j - first} = pw[wg + uint64({j * threads})]{guard}")
+            for j in batch:
+                if (j + 1) * threads > ws_size:
+                    src(f"if tid + {j * threads} < {ws_size}:").indent()
+                    src(f"ws[uint64(tid + {j * threads})] = s{j - first}").dedent()
+                else:
+                    src(f"ws[uint64(tid + {j * threads})] = s{j - first}")
 
     if not grouped:
         stage_weights("0")
@@ -187,7 +226,7 @@ def _phase_kernel(cin, cout, geometry=PHASE_GEOMETRY, max_registers=PHASE_MAX_RE
     groups_of = f"_group{group}" if grouped else ""
     module = load_module(f"conv_phase_{cin}_{cout}_{R}x{g_out}x{groups}{groups_of}",
                          src.text() + called.text())
-    return module.kernel, (BW, TY, groups), ob_size, BH
+    return module.kernel, (BW, TY, groups), ob_size, BH, padded
 
 
 def launch_phase_chains(x, w, b, y, **variant):
@@ -196,8 +235,11 @@ def launch_phase_chains(x, w, b, y, **variant):
     channel_group) is for bench/tune_conv.py."""
     n, cin = x.shape[:2]
     cout, h, wd = y.shape[1:]
-    kernel, block, ob_size, BH = _phase_kernel(cin, cout, **variant)
+    kernel, block, ob_size, BH, padded = _phase_kernel(cin, cout, **variant)
+    sums, total = phase_weights_kernel(cin, cout, ob_size, padded)
+    pw = scratch("phase_weights", (total,), np.float32)
+    sums[-(-total // 256), 256, launch_stream()](w, pw)
     n_oblocks = -(-cout // ob_size)
     grid = (-(-wd // (2 * BW)), -(-h // BH), n * n_oblocks)
-    kernel[grid, block, launch_stream()](x.reshape(x.size), w, b, y.reshape(y.size), h, wd,
+    kernel[grid, block, launch_stream()](x.reshape(x.size), pw, b, y.reshape(y.size), h, wd,
                                          n_oblocks)
