@@ -115,7 +115,7 @@ def phase_kernels():
     slope = np.float32(0.1)
     for up, skip, cout in [(48, 48, 48), (96, 1, 64), (96, 48, 96)]:
         kernel = phase_conv._phase_kernel(up, cout)[0]
-        yield (f"phase {up} up -> {cout} {phase_conv.PHASE_GEOMETRY}", kernel.py_func,
+        yield (f"phase {up} up -> {cout} {phase_conv.phase_geometry(up)}", kernel.py_func,
                PHASE_SIG, phase_conv.PHASE_MAX_REGISTERS)
         geometry, cap = conv.forward_variant(skip, cout, False, False, from_output=True)
         kernel = conv._forward_kernel(skip, cout, False, False, False, leaky_slope=slope,

@@ -52,7 +52,7 @@ WIDE_SHAPES = ["96x96", "144x96", "97x64", "192x192"]
 # the phase kernel's candidate geometries (rows, channels a thread, thread groups): a weight
 # read serves rows / 2 fmas
 PHASE_SHAPES = ["96+1x64", "96+48x96", "48+48x48", "48+1x64"]
-PHASE_GEOMETRIES = [(16, 4, 2), (16, 4, 1), (12, 4, 4), (16, 8, 1), (20, 4, 2)]
+PHASE_GEOMETRIES = [(16, 4, 2), (16, 4, 3), (16, 4, 1), (12, 4, 4), (20, 4, 2)]
 # weight-blocks' layers: CINxCOUT, +N where the input is a concatenation of N and the rest
 WEIGHT_BLOCK_SHAPES = ["48x48", "96x96", "97x64+96"]
 # (one input window, two barriers a channel: the kernels before double_buffered_for)
@@ -358,7 +358,8 @@ def phase(n, s, rng, shapes):
         y = cuda.device_array((n, cout, s, s), np.float32)
         phase_flops = 2 * n * s * s * up * cout * 4
         want = None
-        for geometry in dict.fromkeys([phase_conv.PHASE_GEOMETRY] + PHASE_GEOMETRIES):
+        default = phase_conv.phase_geometry(up)
+        for geometry in dict.fromkeys([default, phase_conv.PHASE_GEOMETRY] + PHASE_GEOMETRIES):
             fn = lambda: phase_conv.launch_phase_chains(x, w, b, y, geometry=geometry)
             cuda.to_device(np.full(y.shape, np.nan, np.float32), to=y)
             try:
@@ -373,7 +374,7 @@ def phase(n, s, rng, shapes):
             print(f"{spec:12s} phase {str(geometry):24s} {regs:4d} {med:10.3f} "
                   f"{pct(phase_flops, med):>7s} "
                   f"{'same' if np.array_equal(got, want) else 'DIFFERENT'}"
-                  f"{'  <- default' if geometry == phase_conv.PHASE_GEOMETRY else ''}")
+                  f"{'  <- default' if geometry == default else ''}")
         if skip > 1:    # the continuation over the skip's channels, uncapped and capped
             geometry, cap = conv.forward_variant(skip, cout, False, False)  # (from the bias)
             for regs_cap in dict.fromkeys([cap, 128]):

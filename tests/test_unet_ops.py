@@ -406,6 +406,22 @@ def test_phase_weights_staged_in_groups_give_the_chains_of_one_group(rng, group)
     assert same_bits(outs[1], outs[0])
 
 
+def test_phase_geometries_give_the_same_chains(rng):
+    """The phase kernel's geometry (8 or 16 output channels a block here) moves no bit; the
+    48-wide U-Net's 48 upsampled channels take the smaller blocks, whose weights fit at once,
+    the N2N U-Net's 96 the default's, in groups (phase_conv.phase_geometry)."""
+    from cryokern.kernels import phase_conv as P
+    assert P.phase_geometry(48) == P.PHASE_GEOMETRY_WHOLE != P.PHASE_GEOMETRY
+    assert P.phase_geometry(96) == P.PHASE_GEOMETRY and P.phase_geometry(8) == P.PHASE_GEOMETRY
+    xa, _, wt, b = upsampled_case(rng, (1, 5, 3, 12, 3, 4))
+    outs = []
+    for geometry in (P.PHASE_GEOMETRY, P.PHASE_GEOMETRY_WHOLE):
+        out = poisoned((1, 12, 6, 8))
+        P.launch_phase_chains(dev(xa), dev(wt), dev(b), out, geometry=geometry)
+        outs.append(out.copy_to_host())
+    assert same_bits(outs[1], outs[0])
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpu", "kernels"])
 def test_an_upsampled_input_needs_a_second_input_of_twice_its_size(rng, backend):
     from cryokern import cpu as C

@@ -38,6 +38,11 @@ from .conv import BW, STATIC_SHARED_BYTES, TY, first_window, window_slots
 # Lanes of both column parities in a warp, reading two addresses a weight load (odd q
 # stride, scalar loads): 9.226.
 PHASE_GEOMETRY = (16, 4, 4)
+# Half the output channels a block, where that lets it hold every input channel's phase weights
+# at once where PHASE_GEOMETRY's would be staged in groups (phase_geometry): the 48-wide
+# U-Net's 48 (up) -> 48 2.421 -> 2.178 ms (tune_conv.py --parts phase, H200, 2026-12-02,
+# after the phase weights' own kernel; (20, 4, 2) 2.198, (16, 4, 3) 2.316, (12, 4, 4) 2.381).
+PHASE_GEOMETRY_WHOLE = (16, 4, 2)
 PHASE_MAX_REGISTERS = 128
 STAGING_LOADS = 4      # phase weights a thread loads before it stores them (a load's latency
                        # is waited for once a batch, where the registers allow)
@@ -51,6 +56,15 @@ def _layout(geometry):
     q_stride = 4 * ob_size
     window = (BW + 2) * (TY // 2 * rows // 2 + 2)
     return ob_size, q_stride, 4 * q_stride, 2 * window
+
+
+def phase_geometry(cin):
+    """The geometry of the phase kernel over cin upsampled channels: PHASE_GEOMETRY, or
+    PHASE_GEOMETRY_WHOLE where only that one stages all cin channels' phase weights at once."""
+    if phase_channel_group(cin, PHASE_GEOMETRY) < cin and \
+            phase_channel_group(cin, PHASE_GEOMETRY_WHOLE) == cin:
+        return PHASE_GEOMETRY_WHOLE
+    return PHASE_GEOMETRY
 
 
 def phase_channel_group(cin, geometry):
@@ -101,12 +115,14 @@ def phase_weights_kernel(cin, cout, ob_size, padded):
 
 
 @lru_cache(maxsize=None)
-def _phase_kernel(cin, cout, geometry=PHASE_GEOMETRY, max_registers=PHASE_MAX_REGISTERS,
+def _phase_kernel(cin, cout, geometry=None, max_registers=PHASE_MAX_REGISTERS,
                   channel_group=None):
     """The chains from b over input channels 0..cin-1 of w (the upsampled ones; w may hold
     more), x being the level below (half y's height and width), stored in y unfinished.
     Returns (kernel, block, output channels per block, rows per block, input channels of the
-    phase weights' layout (phase_weights_kernel's padded))."""
+    phase weights' layout (phase_weights_kernel's padded)). The geometry: phase_geometry's
+    unless given (bench/tune_conv.py)."""
+    geometry = geometry or phase_geometry(cin)
     R, g_out, groups = geometry
     if R % 2:
         raise ValueError(f"a phase block's threads own an even number of rows, not {R}")
