@@ -670,7 +670,8 @@ def _relu_mask(gy, y, gx):
 # window sliding along the row in registers; the next Cout threads (of the block's output
 # channels) hold one bias chain each. Per tile row the block stages that row of gy (its output
 # channels) and one new row of x (its input channels) in shared memory, x rows in a ring of
-# three; threads beyond the chain holders only stage.
+# three (of four, and gy's rows in two buffers, where one barrier a row: weights_one_barrier);
+# threads beyond the chain holders only stage.
 # WeightsVariant says how each layer's kernel is built.
 GS = TILE_W + 1              # gy row stride: the warp's output groups fall in different banks
 XROW = TILE_W + 2

@@ -17,9 +17,9 @@ shared memory serves R / 2 fmas. The phase weights are summed once a launch by a
 of their own (phase_weights_kernel), in the order of contract.phase_terms, and laid out
 [output block][channel][p][q][a * 2 + b][output channel of the block]: a block stages a group of
 channels as one contiguous copy, and a thread's G channels are adjacent and 16-byte aligned,
-one vector load (LDS.128 for G = 4). (Summed by every block in its staging, a branch per
-weight on its phase and four dependent global loads, they took ~10 % of the 48-wide
-kernel's instructions: NOTES v46.)
+one vector load (LDS.128 for G = 4). (Summed by every block while staging them, a branch on
+the weight's phase and up to four dependent global loads each, they slowed the phase part by
+about a fifth: NOTES v46.)
 """
 from functools import lru_cache
 
@@ -118,7 +118,8 @@ def phase_weights_kernel(cin, cout, ob_size, padded):
 def _phase_kernel(cin, cout, geometry=None, max_registers=PHASE_MAX_REGISTERS,
                   channel_group=None):
     """The chains from b over input channels 0..cin-1 of w (the upsampled ones; w may hold
-    more), x being the level below (half y's height and width), stored in y unfinished.
+    more; the kernel reads their phase weights, pw of phase_weights_kernel), x being the level
+    below (half y's height and width), stored in y unfinished.
     Returns (kernel, block, output channels per block, rows per block, input channels of the
     phase weights' layout (phase_weights_kernel's padded)). The geometry: phase_geometry's
     unless given (bench/tune_conv.py)."""
