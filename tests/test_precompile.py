@@ -22,11 +22,6 @@ def _generated(cache):
     return sorted(p.name for p in (cache / "kernels").glob("*.py"))
 
 
-def _forget_loaded_kernels():
-    """The generators' in-process caches, so that a second pass loads (and writes) again."""
-    for generator in (conv._forward_kernel, conv._weights_kernel, loss._loss_kernel,
-                      reduce._fold_tiles, phase_conv._phase_kernel):
-        generator.cache_clear()
 
 
 @pytest.mark.parametrize("network,shape", [
@@ -39,13 +34,13 @@ def test_jobs_compile_the_kernels_a_step_launches(tmp_path, monkeypatch, network
     kernel functions."""
     optimizer = OptimizerConfig("adam", 1e-3)
     monkeypatch.setenv("CRYOKERN_CACHE", str(tmp_path / "jobs"))
-    _forget_loaded_kernels()
+    codegen.forget_generated()
     job_list = precompile.jobs(network, optimizer)
     assert job_list[-1] == precompile.HOST_JOB
     for job in job_list[:-1]:
         assert precompile.run_job(job) >= 0
     monkeypatch.setenv("CRYOKERN_CACHE", str(tmp_path / "step"))
-    _forget_loaded_kernels()
+    codegen.forget_generated()
     network = precompile.as_network(network)
     step = TrainStep(get_backend("gpu"), network, init_params(network, 0), optimizer)
     x = np.random.default_rng(0).random(shape, np.float32)
@@ -60,7 +55,7 @@ def test_weights_jobs_leave_their_folds_to_the_fold_jobs(tmp_path, monkeypatch):
     """A weight-gradient job compiles its kernel and not the tile fold after it (the fold's own
     job does, side by side); the fold job generates the fold."""
     monkeypatch.setenv("CRYOKERN_CACHE", str(tmp_path))
-    _forget_loaded_kernels()
+    codegen.forget_generated()
     job_list = precompile.jobs((1, 2, 1), SGD)
     weights = [job for job in job_list if job[0][0] == "conv2d_backward_weights"]
     for job in weights:

@@ -12,6 +12,7 @@ The kernels index arrays with `uint64(...)`: numba wraps negative signed indices
 instructions in their hot loops (SASS, sm_90); an unsigned index is used as it is, and LLVM
 then also merges neighbouring shared-memory loads into LDS.64/LDS.128.
 """
+import functools
 import hashlib
 import importlib.util
 import os
@@ -41,6 +42,24 @@ def mark_announced():
     """Say nothing about compiling (a precompiling worker: its parent has said it)."""
     global _announced
     _announced = True
+
+
+_generators = []
+
+
+def generator(build):
+    """A kernel generator, cached per its arguments (a kernel is written, loaded and compiled
+    once a process); forget_generated clears every such cache at once."""
+    cached = functools.lru_cache(maxsize=None)(build)
+    _generators.append(cached)
+    return cached
+
+
+def forget_generated():
+    """Forget every kernel the generators have loaded, so that the next calls write and load
+    again (tests that move the kernel cache, or edit the generated sources)."""
+    for cached in _generators:
+        cached.cache_clear()
 
 
 def load_module(name, source):

@@ -13,7 +13,7 @@ from ..contract import (TILE_H, TILE_W, concatenated_channels, leaky_slope as le
                         same_shape, tile_grid)
 from .arrays import (Operand, as_device_array, launch_stream, output, placeholder, result,
                      scratch)
-from .codegen import Source, load_module, select_load
+from .codegen import Source, generator, load_module, select_load
 from .reduce import fold_images, fold_tiles
 
 # Forward (also backward-data): a block computes BH x BW output pixels of OB = G * GB output
@@ -35,6 +35,8 @@ BLOCK_REGISTERS = 65536
 STATIC_SHARED_BYTES = 48 * 1024
 UNCAPPED_REGISTERS = 255        # what ptxas may give a thread without a cap
 GRID_Z_MAX = 65535
+STAGING_LOADS = 4      # weights a thread loads before it stores them to shared memory (their
+                       # latency waited for once a batch; registers are short while chains live)
 
 
 def forward_variant(cin, cout, transposed, masked, first=None, from_output=False):
@@ -249,6 +251,22 @@ class _MaskPlan:
         return j // self.span, (self.turns - 1 - turn) * self.span + j % self.span
 
 
+def staged_loads(src, per_thread, threads, size, element):
+    """A block's copy of `size` elements into shared ws, thread tid's j-th at tid + j * threads,
+    in batches of STAGING_LOADS: element(j) writes the code that loads it into s{j %
+    STAGING_LOADS}, then the batch's stores follow."""
+    for first in range(0, per_thread, STAGING_LOADS):
+        batch = range(first, min(first + STAGING_LOADS, per_thread))
+        for j in batch:
+            element(j)
+        for j in batch:
+            store = f"ws[uint64(tid + {j * threads})] = s{j % STAGING_LOADS}"
+            if (j + 1) * threads > size:
+                src(f"if tid + {j * threads} < {size}:").indent()(store).dedent()
+            else:
+                src(store)
+
+
 def window_slots(src, slots, threads, nx, row, corner, size):
     """A block's staging slots of an input window (nx elements, `row` a row, a halo of one):
     thread tid's element e{s} = tid + s * threads, whether it lies in the image (ok{s}: zero
@@ -291,7 +309,7 @@ def _epilogue_value(acc, relu, slope, mask_bit):
     return value
 
 
-@lru_cache(maxsize=None)
+@generator
 def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_registers=None,
                     leaky_slope=None, first=None, channel_group=None, early_loads=None,
                     double_buffered=None, w_first=0, from_output=False):
@@ -361,17 +379,40 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
     def stage_weights(channel, first_channel=""):
         """ws: the weights of the block's output channels and of input channels `channel` =
         first_channel + 0, 1, .., laid out [channel][ky*3+kx][output channel] (0 outside the
-        layer)."""
-        src(f"for i in range(tid, {ws_size}, {threads}):").indent()
-        src(f"o = ob * {ob_size} + i % {ob_size}")
-        src(f"k = (i // {ob_size}) % 9")
-        src(f"{channel} = {first_channel}i // {ob_size * 9}")
-        src("v = float32(0)")
-        src(f"if o < {cout}{f' and {channel} < {cin}' if cin % group else ''}:").indent()
-        src(f"v = w[{channel}, o, 2 - k // 3, 2 - k % 3]" if transposed else
-            f"v = w[o, {f'{w_first} + ' if w_first else ''}{channel}, k // 3, k % 3]")
-        src.dedent()
-        src("ws[i] = v").dedent()
+        layer). All at once (before the channel loop): written out, STAGING_LOADS loads
+        before their stores (a loop of load-store pairs waited out each load's latency in
+        turn), each element's place computed unsigned (signed, its divisions by constants and
+        the indices' wrap-around tests took ~120 instructions an element). In groups (in the
+        loop): a loop, signed, since written out or unsigned its addresses were hoisted out of
+        the channel loop and spilled (48 + 48 -> 48: 84 -> 1160 or 156 bytes). SASS, NOTES v46."""
+        if grouped:
+            src(f"for i in range(tid, {ws_size}, {threads}):").indent()
+            src(f"o = ob * {ob_size} + i % {ob_size}")
+            src(f"k = (i // {ob_size}) % 9")
+            src(f"{channel} = {first_channel}i // {ob_size * 9}")
+            src("v = float32(0)")
+            src(f"if o < {cout}{f' and {channel} < {cin}' if cin % group else ''}:").indent()
+            src(f"v = w[{channel}, o, 2 - k // 3, 2 - k % 3]" if transposed else
+                f"v = w[o, {f'{w_first} + ' if w_first else ''}{channel}, k // 3, k % 3]")
+            src.dedent()
+            src("ws[i] = v").dedent()
+            return
+
+        def element(j):
+            """Thread tid's j-th element of ws into register s{j % STAGING_LOADS}."""
+            src(f"e = uint64(tid + {j * threads})")
+            src(f"o = uint64(ob * {ob_size}) + e % uint64({ob_size})")
+            src(f"k = e // uint64({ob_size}) % uint64(9)")
+            src(f"{channel} = {first_channel}int64(e // uint64({ob_size * 9}))")
+            tests = [f"o < uint64({cout})"] + \
+                ([f"e < uint64({ws_size})"] if (j + 1) * threads > ws_size else [])
+            load = (f"w[uint64({channel}), o, uint64(2) - k // uint64(3), "
+                    f"uint64(2) - k % uint64(3)]" if transposed else
+                    f"w[o, uint64({f'{w_first} + ' if w_first else ''}{channel}), "
+                    f"k // uint64(3), k % uint64(3)]")
+            src(f"s{j % STAGING_LOADS} = {load} if {' and '.join(tests)} else float32(0)")
+
+        staged_loads(src, -(-ws_size // threads), threads, ws_size, element)
 
     def next_channel_without_branches():
         """early_loads: the next input channel's window into p0.. without a branch (a clamped
@@ -840,7 +881,7 @@ def weights_block(cin, cout, variant):
     return chosen if 2 * chosen[0] * chosen[1] >= ragged[0] * ragged[1] else ragged
 
 
-@lru_cache(maxsize=None)
+@generator
 def _weights_kernel(cin, cout, variant, first=None, block=None):
     """Numerics section 4a, generated: (kernel, threads per block). With `first`, the input
     channels are in two arrays, `first` of them in x and the rest in `xtwo` (a concatenation,

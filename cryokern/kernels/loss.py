@@ -1,5 +1,4 @@
 """MSE loss (float64 SSE, numerics §4b) and its gradient (§5), fused in one pass over pixels."""
-from functools import lru_cache
 
 import numpy as np
 from numba import cuda
@@ -7,7 +6,7 @@ from numba import cuda
 from ..contract import TILE_H, TILE_W, mse_grad_scale, tile_grid
 from .arrays import (Operand, as_device_array, launch_stream, output, placeholder, result,
                      scratch)
-from .codegen import Source, load_module
+from .codegen import Source, generator, load_module
 from .reduce import fold_partials, fold_tiles
 
 
@@ -20,7 +19,7 @@ ROW_PAD = 4            # floats after each tile row in shared memory: the chain 
 LANES = 32
 
 
-@lru_cache(maxsize=None)
+@generator
 def _loss_kernel():
     """The pass over the pixels: one warp (a block of 32 threads) per item, TILES_PER_WARP
     tiles side by side in one band of one plane. Generated.

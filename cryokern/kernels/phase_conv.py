@@ -21,14 +21,14 @@ one vector load (LDS.128 for G = 4). (Summed by every block while staging them, 
 the weight's phase and up to four dependent global loads each, they slowed the phase part by
 about a fifth: NOTES v46.)
 """
-from functools import lru_cache
 
 import numpy as np
 
 from ..contract import phase_terms
 from .arrays import launch_stream, scratch
-from .codegen import Source, load_module
-from .conv import BW, STATIC_SHARED_BYTES, TY, first_window, window_slots
+from .codegen import Source, generator, load_module
+from .conv import (BW, STAGING_LOADS, STATIC_SHARED_BYTES, TY, first_window, staged_loads,
+                   window_slots)
 
 # (R, G, GB): rows and output channels per thread, thread groups per block; capped at 128
 # registers (one block of 512 threads a SM). The fastest of bench/tune_conv.py --parts phase
@@ -44,8 +44,6 @@ PHASE_GEOMETRY = (16, 4, 4)
 # after the phase weights' own kernel; (20, 4, 2) 2.198, (16, 4, 3) 2.316, (12, 4, 4) 2.381).
 PHASE_GEOMETRY_WHOLE = (16, 4, 2)
 PHASE_MAX_REGISTERS = 128
-STAGING_LOADS = 4      # phase weights a thread loads before it stores them (a load's latency
-                       # is waited for once a batch, where the registers allow)
 
 
 def _layout(geometry):
@@ -91,7 +89,7 @@ def _padded_channels(cin, group):
     return -(-cin // group) * group
 
 
-@lru_cache(maxsize=None)
+@generator
 def phase_weights_kernel(cin, cout, ob_size, padded):
     """The phase weights of w's first cin input channels, one thread each, into pw laid out
     [output block][channel (padded)][phase k][output channel of the block], 0 past the layer."""
@@ -114,7 +112,7 @@ def phase_weights_kernel(cin, cout, ob_size, padded):
     return module.kernel, total
 
 
-@lru_cache(maxsize=None)
+@generator
 def _phase_kernel(cin, cout, geometry=None, max_registers=PHASE_MAX_REGISTERS,
                   channel_group=None):
     """The chains from b over input channels 0..cin-1 of w (the upsampled ones; w may hold
@@ -155,22 +153,15 @@ def _phase_kernel(cin, cout, geometry=None, max_registers=PHASE_MAX_REGISTERS,
     src(f"xs = cuda.shared.array({2 * nx}, float32)")
 
     def stage_weights(first_channel):
-        """ws: the phase weights of input channels first_channel + 0, 1, .. (a copy of pw's,
-        STAGING_LOADS loads in flight before their stores)."""
+        """ws: the phase weights of input channels first_channel + 0, 1, .. (a copy of pw's)."""
         src(f"wg = uint64((ob * {padded} + {first_channel}) * {per_channel} + tid)")
-        per_thread = -(-ws_size // threads)
-        for first in range(0, per_thread, STAGING_LOADS):
-            batch = range(first, min(first + STAGING_LOADS, per_thread))
-            for j in batch:
-                guard = f" if tid + {j * threads} < {ws_size} else float32(0)" \
-                    if (j + 1) * threads > ws_size else ""
-                src(f"s{j - first} = pw[wg + uint64({j * threads})]{guard}")
-            for j in batch:
-                if (j + 1) * threads > ws_size:
-                    src(f"if tid + {j * threads} < {ws_size}:").indent()
-                    src(f"ws[uint64(tid + {j * threads})] = s{j - first}").dedent()
-                else:
-                    src(f"ws[uint64(tid + {j * threads})] = s{j - first}")
+
+        def element(j):
+            guard = f" if tid + {j * threads} < {ws_size} else float32(0)" \
+                if (j + 1) * threads > ws_size else ""
+            src(f"s{j % STAGING_LOADS} = pw[wg + uint64({j * threads})]{guard}")
+
+        staged_loads(src, -(-ws_size // threads), threads, ws_size, element)
 
     if not grouped:
         stage_weights("0")

@@ -1,11 +1,10 @@
 """Numerics §4 steps 3-5: fold float32 partials (N, T, K) in float64, tiles then images."""
-from functools import lru_cache
 
 import numpy as np
 from numba import cuda, float32
 
 from .arrays import as_device_array, launch_stream, scratch
-from .codegen import Source, load_module
+from .codegen import Source, generator, load_module
 
 
 FOLD_THREADS = 256
@@ -27,7 +26,7 @@ def _round(kc):
     return max(FOLD_ROUND, FOLD_THREADS // kc)
 
 
-@lru_cache(maxsize=None)
+@generator
 def _fold_tiles(kcs):
     """Step 3 for several jobs (partials, per_image; a one-output job also the partials' bits,
     for _exact_pass) in one launch: job j's outputs in blocks of kcs[j] chains (blockIdx.x counts the jobs' blocks in turn from start_j),
