@@ -382,7 +382,7 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
         layer). All at once (before the channel loop): written out, STAGING_LOADS loads
         before their stores (a loop of load-store pairs waited out each load's latency in
         turn), each element's place computed unsigned (signed, its divisions by constants and
-        the indices' wrap-around tests took ~120 instructions an element). In groups (in the
+        the indices' wrap-around tests took ~140 instructions an element). In groups (in the
         loop): a loop, signed, since written out or unsigned its addresses were hoisted out of
         the channel loop and spilled (48 + 48 -> 48: 84 -> 1160 or 156 bytes). SASS, NOTES v46."""
         if grouped:
