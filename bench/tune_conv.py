@@ -90,6 +90,10 @@ def main():
     ap.add_argument("--block-shapes", nargs="+", default=WEIGHT_BLOCK_SHAPES,
                     help="weight-blocks' layers, CINxCOUT or CINxCOUT+FIRST for a "
                          "concatenation (default: %(default)s)")
+    ap.add_argument("--blocks", type=int, default=8,
+                    help="weight-blocks: the blocks timed beside the default, those holding the "
+                         "most chains first (default: %(default)s; the smaller blocks, two a SM "
+                         "at 256 threads or fewer, come from about 20 on for 48x48)")
     ap.add_argument("--phase-shapes", nargs="+", default=PHASE_SHAPES,
                     help="phase's layers, UP+SKIPxCOUT (default: %(default)s)")
     args = ap.parse_args()
@@ -107,7 +111,7 @@ def main():
     if "wide" in args.parts:
         wide(n, s, np.random.default_rng(4), args.wide_kernels)
     if "weight-blocks" in args.parts:
-        weight_blocks(n, s, np.random.default_rng(5), args.block_shapes)
+        weight_blocks(n, s, np.random.default_rng(5), args.block_shapes, args.blocks)
     if "phase" in args.parts:
         phase(n, s, np.random.default_rng(6), args.phase_shapes)
 
@@ -404,10 +408,10 @@ def phase(n, s, rng, shapes):
             print(f"{spec:12s} {name:30s} {'':4s} {med:10.3f} {pct(flops, med):>7s}")
 
 
-def weight_blocks(n, s, rng, shapes):
+def weight_blocks(n, s, rng, shapes, most):
     """Each layer's weight-gradient kernel in its default block (conv.weights_block) and in the
     other blocks that fit (equal input groups, the last may hold fewer; four or two outputs a
-    thread), the eight holding the most chains; partials against the default's, bit for bit."""
+    thread), the `most` holding the most chains; partials against the default's, bit for bit."""
     from kernels import sgemm_rate
     from cryokern.contract import tile_grid
     sgemm = sgemm_rate()
@@ -432,7 +436,7 @@ def weight_blocks(n, s, rng, shapes):
         candidates.sort(key=lambda vb: -vb[1][0] * vb[1][1])
         outputs = lambda variant: conv._outputs_per_thread(cin, cout, variant)
         is_default = lambda vb: (outputs(vb[0]), vb[1]) == (outputs(default), default_block)
-        chosen = [(default, default_block)] + [vb for vb in candidates if not is_default(vb)][:8]
+        chosen = [(default, default_block)] + [vb for vb in candidates if not is_default(vb)][:most]
         want = None
         for variant, block in chosen:
             kernel, threads = conv._weights_kernel(cin, cout, variant, first,
