@@ -11,7 +11,7 @@ import pytest
 
 from cryokern import precompile
 from cryokern.backends import get_backend
-from cryokern.kernels import codegen, conv, loss, phase_conv, reduce
+from cryokern.kernels import codegen
 from cryokern.model import N2NUNet, UNet, forward, init_params
 from cryokern.step import OptimizerConfig, TrainStep
 
