@@ -253,12 +253,12 @@ class _MaskPlan:
 
 def staged_loads(src, per_thread, threads, size, element):
     """A block's copy of `size` elements into shared ws, thread tid's j-th at tid + j * threads,
-    in batches of STAGING_LOADS: element(j) writes the code that loads it into s{j %
-    STAGING_LOADS}, then the batch's stores follow."""
+    in batches of STAGING_LOADS: element(j, register) writes the code that loads it into the
+    variable `register`, then the batch's stores follow."""
     for first in range(0, per_thread, STAGING_LOADS):
         batch = range(first, min(first + STAGING_LOADS, per_thread))
         for j in batch:
-            element(j)
+            element(j, f"s{j % STAGING_LOADS}")
         for j in batch:
             store = f"ws[uint64(tid + {j * threads})] = s{j % STAGING_LOADS}"
             if (j + 1) * threads > size:
@@ -398,8 +398,8 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
             src("ws[i] = v").dedent()
             return
 
-        def element(j):
-            """Thread tid's j-th element of ws into register s{j % STAGING_LOADS}."""
+        def element(j, register):
+            """Thread tid's j-th element of ws into `register`."""
             src(f"e = uint64(tid + {j * threads})")
             src(f"o = uint64(ob * {ob_size}) + e % uint64({ob_size})")
             src(f"k = e // uint64({ob_size}) % uint64(9)")
@@ -410,7 +410,7 @@ def _forward_kernel(cin, cout, relu, masked, transposed, geometry=None, max_regi
                     f"uint64(2) - k % uint64(3)]" if transposed else
                     f"w[o, uint64({f'{w_first} + ' if w_first else ''}{channel}), "
                     f"k // uint64(3), k % uint64(3)]")
-            src(f"s{j % STAGING_LOADS} = {load} if {' and '.join(tests)} else float32(0)")
+            src(f"{register} = {load} if {' and '.join(tests)} else float32(0)")
 
         staged_loads(src, -(-ws_size // threads), threads, ws_size, element)
 
@@ -905,6 +905,7 @@ def _weights_kernel(cin, cout, variant, first=None, block=None):
     g_total, x_total = O * TILE_W, C * XROW
     one_barrier = weights_one_barrier(variant, O, C)
     ring = 4 if one_barrier else 3      # x rows staged at once
+    gy_buffer = " + gbuf" if one_barrier else ""   # gbuf: the buffer of the step's gy row
     xs_stride = x_ring_stride(ring)
     called = Source()      # the device function that chains_unrolled calls
     src = Source().kernel("gy, x, gw_part, gb_part, height, width, tiles_w" if first is None else
@@ -998,10 +999,9 @@ def _weights_kernel(cin, cout, variant, first=None, block=None):
         return f"xs[uint64((e // {XROW}) * {xs_stride} + xo + e % {XROW})] = {name}{i}"
 
     def store_gy(i, name):
-        buffer = " + gbuf" if one_barrier else ""    # the buffer of this row of gy
         if precompute:
-            return f"gs[uint64(gi{i}{buffer})] = {name}{i}"
-        return f"gs[uint64((e // {TILE_W}) * {GS} + e % {TILE_W}{buffer})] = {name}{i}"
+            return f"gs[uint64(gi{i}{gy_buffer})] = {name}{i}"
+        return f"gs[uint64((e // {TILE_W}) * {GS} + e % {TILE_W}{gy_buffer})] = {name}{i}"
 
     if precompute:   # address, validity and shared index of every staging slot, once
         for i in range(-(-x_total // threads)):
@@ -1064,11 +1064,10 @@ def _weights_kernel(cin, cout, variant, first=None, block=None):
     # tile row r = s - 1 reads image rows r0+r-1+ky, ky = 0..2, in slots (r0 + r + ky) % ring;
     # a thread's rows ky0 + k, k < held, are x{k} and its chains a{j}_{k * 3 + kx}
     src("r = s - 1")
-    gy_row = f" + (r & 1) * {O * GS}" if one_barrier else ""
     src(f"if tid < {workers}:").indent()
     for k in range(held):
         src(f"x{k} = uint64(ci * {xs_stride} + ((r0 + r + {first_row}{k}) % {ring}) * {XROW})")
-    src(f"gb = uint64(og * {go * GS}{gy_row})")
+    src(f"gb = uint64(og * {go * GS}{gy_buffer})")
 
     def fmas(out, window_column):
         for j in range(go):
@@ -1137,9 +1136,9 @@ def _weights_kernel(cin, cout, variant, first=None, block=None):
     full_width_or_edge(chains_unrolled, chains_rolled)
     src.dedent()
     # the bias chains: one thread per output channel among those that otherwise only stage
-    bias_threads = f"elif tid < {workers + O}" + (" and ci_first == 0:" if grouped else ":")
-    src(bias_threads).indent()
-    src(f"gb = uint64((tid - {workers}) * {GS}{gy_row})")
+    bias_threads = f"tid < {workers + O}" + (" and ci_first == 0" if grouped else "")
+    src(f"elif {bias_threads}:").indent()
+    src(f"gb = uint64((tid - {workers}) * {GS}{gy_buffer})")
     full_width_or_edge(bias_unrolled, bias_rolled)
     src.dedent().dedent()
     span = C * 9      # a block's chains of one output channel: contiguous in gw_part
@@ -1175,7 +1174,7 @@ def _weights_kernel(cin, cout, variant, first=None, block=None):
         src.dedent()
         if ragged:
             src.dedent()
-    src(f"if tid >= {workers} and {bias_threads[len('elif '):]}").indent()
+    src(f"if tid >= {workers} and {bias_threads}:").indent()
     src(f"gb_part[n, t, {'o_first + ' if grouped else ''}tid - {workers}] = bias").dedent()
     module = load_module(f"conv_weights_{cin}_{cout}" + ("" if first is None else
                                                           f"_first{first}") +

@@ -27,8 +27,7 @@ import numpy as np
 from ..contract import phase_terms
 from .arrays import launch_stream, scratch
 from .codegen import Source, generator, load_module
-from .conv import (BW, STAGING_LOADS, STATIC_SHARED_BYTES, TY, first_window, staged_loads,
-                   window_slots)
+from .conv import BW, STATIC_SHARED_BYTES, TY, first_window, staged_loads, window_slots
 
 # (R, G, GB): rows and output channels per thread, thread groups per block; capped at 128
 # registers (one block of 512 threads a SM). The fastest of bench/tune_conv.py --parts phase
@@ -156,10 +155,10 @@ def _phase_kernel(cin, cout, geometry=None, max_registers=PHASE_MAX_REGISTERS,
         """ws: the phase weights of input channels first_channel + 0, 1, .. (a copy of pw's)."""
         src(f"wg = uint64((ob * {padded} + {first_channel}) * {per_channel} + tid)")
 
-        def element(j):
+        def element(j, register):
             guard = f" if tid + {j * threads} < {ws_size} else float32(0)" \
                 if (j + 1) * threads > ws_size else ""
-            src(f"s{j % STAGING_LOADS} = pw[wg + uint64({j * threads})]{guard}")
+            src(f"{register} = pw[wg + uint64({j * threads})]{guard}")
 
         staged_loads(src, -(-ws_size // threads), threads, ws_size, element)
 
