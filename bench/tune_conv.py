@@ -55,6 +55,7 @@ PHASE_SHAPES = ["96+1x64", "96+48x96", "48+48x48", "48+1x64"]
 PHASE_GEOMETRIES = [(16, 4, 2), (16, 4, 3), (16, 4, 1), (12, 4, 4), (20, 4, 2)]
 # weight-blocks' layers: CINxCOUT, +N where the input is a concatenation of N and the rest
 WEIGHT_BLOCK_SHAPES = ["48x48", "96x96", "97x64+96"]
+REGISTERS_A_SM = 65536   # Hopper: 64 K 32-bit registers a SM, whoever holds them
 # (one input window, two barriers a channel: the kernels before double_buffered_for)
 WIDE_VARIANTS = [dict(early_loads=False), dict(early_loads=True),
                  dict(geometry=(8, 16, 1), max_registers=None, early_loads=True),
@@ -94,6 +95,9 @@ def main():
                     help="weight-blocks: the blocks timed beside the default, those holding the "
                          "most chains first (default: %(default)s; the smaller blocks, two a SM "
                          "at 256 threads or fewer, come from about 20 on for 48x48)")
+    ap.add_argument("--two-a-sm", action="store_true",
+                    help="weight-blocks: only blocks whose threads at the register cap leave "
+                         "room for two a SM (the default block is timed all the same)")
     ap.add_argument("--phase-shapes", nargs="+", default=PHASE_SHAPES,
                     help="phase's layers, UP+SKIPxCOUT (default: %(default)s)")
     args = ap.parse_args()
@@ -111,7 +115,8 @@ def main():
     if "wide" in args.parts:
         wide(n, s, np.random.default_rng(4), args.wide_kernels)
     if "weight-blocks" in args.parts:
-        weight_blocks(n, s, np.random.default_rng(5), args.block_shapes, args.blocks)
+        weight_blocks(n, s, np.random.default_rng(5), args.block_shapes, args.blocks,
+                      args.two_a_sm)
     if "phase" in args.parts:
         phase(n, s, np.random.default_rng(6), args.phase_shapes)
 
@@ -408,10 +413,11 @@ def phase(n, s, rng, shapes):
             print(f"{spec:12s} {name:30s} {'':4s} {med:10.3f} {pct(flops, med):>7s}")
 
 
-def weight_blocks(n, s, rng, shapes, most):
+def weight_blocks(n, s, rng, shapes, most, two_a_sm=False):
     """Each layer's weight-gradient kernel in its default block (conv.weights_block) and in the
     other blocks that fit (equal input groups, the last may hold fewer; four or two outputs a
-    thread), the `most` holding the most chains; partials against the default's, bit for bit."""
+    thread), the `most` holding the most chains (with two_a_sm, of those whose registers at the
+    cap leave room for a second block on a SM); partials against the default's, bit for bit."""
     from kernels import sgemm_rate
     from cryokern.contract import tile_grid
     sgemm = sgemm_rate()
@@ -433,6 +439,9 @@ def weight_blocks(n, s, rng, shapes, most):
         candidates = [(default._replace(outputs=go), block) for go in (4, 2) if cout % go == 0
                       for block in conv.weights_blocks_that_fit(
                           cin, cout, default._replace(outputs=go))]
+        if two_a_sm:
+            candidates = [(v, b) for v, b in candidates if 2 * v.max_registers *
+                          conv._weights_block_needs(cin, cout, v, *b)[0] <= REGISTERS_A_SM]
         candidates.sort(key=lambda vb: -vb[1][0] * vb[1][1])
         outputs = lambda variant: conv._outputs_per_thread(cin, cout, variant)
         is_default = lambda vb: (outputs(vb[0]), vb[1]) == (outputs(default), default_block)
