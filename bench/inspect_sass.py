@@ -18,7 +18,7 @@ backward-data kernels in that geometry (conv._forward_kernel's `geometry`) inste
 weight gradients out.
 With --phase, the decoders' convolutions of an upsampled input in phase form (phase_conv.py's
 kernel and the forward that continues its chains over the skip's channels) with their mix.
-Usage: python bench/inspect_sass.py [--keep DIR] [--wide [--geometry R,G,GB] [--cap N]
+Usage: python bench/inspect_sass.py [--keep DIR] [--only SUBSTRING..] [--wide [--geometry R,G,GB] [--cap N]
                                                          [--early-loads]] [--phase]
        (DIR keeps the .ptx and .sass files)
 """
@@ -198,6 +198,8 @@ def main():
     ap.add_argument("--early-loads", choices=("on", "off"),
                     help="--wide's forward and backward-data with conv's early_loads on or off "
                          "(default: each kernel's default)")
+    ap.add_argument("--only", nargs="+", default=[""], metavar="SUBSTRING",
+                    help="the kernels whose label holds one of these (default: all)")
     args = ap.parse_args()
     geometry = None if args.geometry is None else tuple(int(v) for v in args.geometry.split(","))
     cuobjdump = find_cuobjdump()
@@ -219,6 +221,8 @@ def main():
     chosen = phase_kernels() if args.phase else \
         wide_kernels(geometry, args.cap, early) if args.wide else kernels()
     for label, fn, sig, cap in chosen:
+        if not any(part in label for part in args.only):
+            continue
         name = out / re.sub(r"\W+", "_", label)
         ptx, _ = cuda.compile_ptx(fn, sig, cc=(9, 0))
         name.with_suffix(".ptx").write_text(ptx)

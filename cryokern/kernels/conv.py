@@ -965,7 +965,7 @@ def _weights_kernel(cin, cout, variant, first=None, block=None):
             load_x_of_two(i, guard, name)
             return
         if precompute:
-            src(f"{name}{i} = x[uint64(xa{i} + q * width)] if qin and xv{i} else float32(0)")
+            src(f"{name}{i} = x[uint64(xa{i})] if qin and xv{i} else float32(0)")
             return
         src(f"col = c0 + e % {XROW} - 1")
         src(f"{name}{i} = x[uint64(xbase + (e // {XROW}) * plane + q * width + col)] "
@@ -982,12 +982,12 @@ def _weights_kernel(cin, cout, variant, first=None, block=None):
             src(f"xv{i} = col >= 0 and col < width{guard}{in_layer}")
         src(f"{name}{i} = float32(0)")
         src(f"if qin and xv{i}:").indent()
-        src(f"{name}{i} = x[uint64(xa{i} + q * width)] if xf{i} else "
-            f"xtwo[uint64(xa{i} + q * width)]").dedent()
+        at = f"xa{i}" if precompute else f"xa{i} + q * width"
+        src(f"{name}{i} = x[uint64({at})] if xf{i} else xtwo[uint64({at})]").dedent()
 
     def load_gy(i, guard, name):
         if precompute:
-            src(f"{name}{i} = gy[uint64(ga{i} + (q - 1) * width)] if gv{i} else float32(0)")
+            src(f"{name}{i} = gy[uint64(ga{i})] if gv{i} else float32(0)")
             return
         src(f"c = e % {TILE_W}")
         src(f"{name}{i} = gy[uint64(gbase + (e // {TILE_W}) * plane + (q - 1) * width + c0 + c)] "
@@ -995,48 +995,71 @@ def _weights_kernel(cin, cout, variant, first=None, block=None):
 
     def store_x(i, name):
         if precompute:
-            return f"xs[uint64(xi{i} + xo)] = {name}{i}"
-        return f"xs[uint64((e // {XROW}) * {xs_stride} + xo + e % {XROW})] = {name}{i}"
+            return f"xs[xi{i} + xo] = {name}{i}"
+        return f"xs[uint64((e // {XROW}) * {xs_stride} + e % {XROW}) + xo] = {name}{i}"
+
+    # where a block's threads span whole gy rows, thread tid's slots lie a constant apart in
+    # gs: one index held, the others its constant offsets (no registers, no adds)
+    gy_rows_a_turn = threads // TILE_W if threads % TILE_W == 0 else None
 
     def store_gy(i, name):
+        if precompute and gy_rows_a_turn:
+            return f"gs[uint64(gi0 + {i * gy_rows_a_turn * GS}{gy_buffer})] = {name}{i}"
         if precompute:
             return f"gs[uint64(gi{i}{gy_buffer})] = {name}{i}"
         return f"gs[uint64((e // {TILE_W}) * {GS} + e % {TILE_W}{gy_buffer})] = {name}{i}"
 
-    if precompute:   # address, validity and shared index of every staging slot, once
+    # precompute: each staging slot's address, validity and shared index, once; the addresses
+    # start at the first rows loaded (x's image row r0 - 1, gy's the row above, as its loads
+    # read row q - 1) and move a row down after each step's loads (q * width written into
+    # each load was computed in each load's predicated block: a 64-bit multiply and two
+    # constant loads a load)
+    if precompute:
         for i in range(-(-x_total // threads)):
             src(f"e = tid + {i * threads}")
             src(f"col = c0 + e % {XROW} - 1")
             if first is None:
-                src(f"xa{i} = xbase + (e // {XROW}) * plane + col")
+                src(f"xa{i} = xbase + (e // {XROW}) * plane + (r0 - 1) * width + col")
             else:
                 src(f"ch = {channel}{XROW}")
                 src(f"xa{i} = (n * {first} + ch) * plane + col if ch < {first} else "
                     f"(n * {cin - first} + ch - {first}) * plane + col")
+                src(f"xa{i} = xa{i} + (r0 - 1) * width")
                 src(f"xf{i} = ch < {first}")
             src(f"xv{i} = col >= 0 and col < width and e < {x_total}{in_layer}")
-            src(f"xi{i} = (e // {XROW}) * {xs_stride} + e % {XROW}")
+            src(f"xi{i} = uint64((e // {XROW}) * {xs_stride} + e % {XROW})")
         for i in range(-(-g_total // threads)):
             src(f"e = tid + {i * threads}")
             src(f"c = e % {TILE_W}")
-            src(f"ga{i} = gbase + (e // {TILE_W}) * plane + c0 + c")
+            src(f"ga{i} = gbase + (e // {TILE_W}) * plane + (r0 - 2) * width + c0 + c")
             src(f"gv{i} = c < cols and e < {g_total}")
-            src(f"gi{i} = (e // {TILE_W}) * {GS} + c")
+            if i == 0 or not gy_rows_a_turn:
+                src(f"gi{i} = (e // {TILE_W}) * {GS} + c")
 
     # step s stages image row q = r0 + s of x in ring slot (q + 1) % ring (rows outside the
     # image are 0) and, from s = 1, gy's tile row s - 1 (one_barrier: in buffer (s - 1) % 2);
     # then it computes tile row s - 1. Two barriers a step: before the stores (every thread has
     # read the slot they overwrite) and after them. One with one_barrier: a step's stores go
     # where the row computed in the step before last read, behind the last step's barrier
+    def next_rows():
+        """precompute: the staging addresses a row down, after a step's loads."""
+        if precompute:
+            for i in range(-(-x_total // threads)):
+                src(f"xa{i} = xa{i} + width")
+            for i in range(-(-g_total // threads)):
+                src(f"ga{i} = ga{i} + width")
+
     if prefetch:     # step -1's rows, then each step loads the next step's during its compute
         src("q = r0 - 1")
         src("qin = q >= 0 and q < height")
         stage_loads(x_total, load_x, "p")
+        next_rows()
         for i in range(-(-g_total // threads)):
             src(f"u{i} = float32(0)")
     src("for s in range(-1, rows + 1):").indent()
     src("q = r0 + s")
-    src(f"xo = ((q + 1) % {ring}) * {XROW}")
+    # ring slots computed unsigned (q + 1 >= 0): signed, each % took six instructions
+    src(f"xo = uint64(q + 1) % uint64({ring}) * uint64({XROW})")
     if not one_barrier:
         src("cuda.syncthreads()")
     if prefetch:
@@ -1053,12 +1076,14 @@ def _weights_kernel(cin, cout, variant, first=None, block=None):
         src("if s >= 0 and s < rows:").indent()
         stage_loads(g_total, load_gy, "u")
         src.dedent()
+        next_rows()
     else:
         src("qin = q >= 0 and q < height")
         stage(x_total, load_x, store_x)
         src("if s >= 1:").indent()
         stage(g_total, load_gy, store_gy)
         src.dedent()
+        next_rows()
         src("cuda.syncthreads()")
     src("if s < 1:").indent()("continue").dedent()
     # tile row r = s - 1 reads image rows r0+r-1+ky, ky = 0..2, in slots (r0 + r + ky) % ring;
@@ -1066,7 +1091,8 @@ def _weights_kernel(cin, cout, variant, first=None, block=None):
     src("r = s - 1")
     src(f"if tid < {workers}:").indent()
     for k in range(held):
-        src(f"x{k} = uint64(ci * {xs_stride} + ((r0 + r + {first_row}{k}) % {ring}) * {XROW})")
+        src(f"x{k} = uint64(ci * {xs_stride}) + "
+            f"uint64(r0 + r + {first_row}{k}) % uint64({ring}) * uint64({XROW})")
     src(f"gb = uint64(og * {go * GS}{gy_buffer})")
 
     def fmas(out, window_column):
