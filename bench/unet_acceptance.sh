@@ -18,6 +18,10 @@
 # in ${OUT:-/tmp/unet_acceptance}; bench/unet_summary.py's table last. Kernels are cached in
 # $CRYOKERN_CACHE (default /tmp/cryokern-cache-unet: a second call on a machine that is still
 # warm finds them). Topaz runs when it imports (PYTHONPATH with .topaz).
+# Environment, for speed split over two calls: FIGURES=0 leaves out the step and denoise
+# figures, TESTS=0 the pytest groups; TOOLS the sanitizer tools (default: memcheck racecheck
+# initcheck; TOOLS= none); RACECHECK_CASES the cases of bench/sanitize_unet.py that racecheck
+# runs, a process each (default: 0 1 2).
 # --device cpu (after the stage): every stage at toy sizes on the CPU (compiled backend;
 # pytest only collects its groups; sanitize_unet.py without compute-sanitizer): a smoke test
 # of this script, not a figure.
@@ -76,14 +80,17 @@ if [ "$stage" != speed ]; then
   [ "$device" = gpu ] && [ "$stage" = quality ] && [ "$(left)" -gt 100 ] && precompile_tests
 fi
 
-if [ "$stage" != quality ]; then
+if [ "$stage" != quality ] && [ "${FIGURES:-1}" != 0 ]; then
   timeout "$(left)" python3 bench/step.py --preset unets --device "$device" \
       --json "$out/step.json" "${toy_step[@]}" > "$out/step.txt" 2>&1
   status step $? "$out/step.txt"
   timeout "$(left)" python3 bench/denoise.py --preset unets --device "$device" --count 8 \
       --repeats 1 --json "$out/denoise.json" "${toy_denoise[@]}" > "$out/denoise.txt" 2>&1
   status denoise $? "$out/denoise.txt"
-  [ "$device" = gpu ] && precompile_tests
+fi
+
+if [ "$stage" != quality ]; then
+  [ "$device" = gpu ] && [ "${TESTS:-1}" != 0 ] && precompile_tests
   # file|marker|-k expression: the large step cases one a process (the reference's speed bounds
   # them), the rest of each file in two
   groups=("tests/test_unet_step.py||512x768"
@@ -95,6 +102,7 @@ if [ "$stage" != quality ]; then
           "tests/test_unet_ops.py|gpu|not conv"
           "tests/test_kernels.py|gpu|")
   pids=()
+  [ "${TESTS:-1}" = 0 ] && groups=()
   for i in "${!groups[@]}"; do
     IFS='|' read -r file marker expr <<< "${groups[$i]}"
     args=(-q -rs -p no:cacheprovider "$file" -k "$expr")
@@ -106,16 +114,23 @@ if [ "$stage" != quality ]; then
     fi
     pids+=($!)
   done
-  for tool in memcheck racecheck initcheck; do
-    if [ "$device" = gpu ]; then
-      timeout "$(( $(left) - 15 ))" compute-sanitizer --tool $tool --error-exitcode 9 \
-          python3 bench/sanitize_unet.py > "$out/sanitizer_$tool.txt" 2>&1
-      rc=$?
-      echo "$(grep -h 'ERROR SUMMARY\|RACECHECK SUMMARY' "$out/sanitizer_$tool.txt" | tail -1)" >> "$out/sanitizer_$tool.txt"
-    else
-      python3 bench/sanitize_unet.py --device cpu > "$out/sanitizer_$tool.txt" 2>&1; rc=$?
-    fi
-    status "sanitizer_$tool" $rc "$out/sanitizer_$tool.txt"
+  # racecheck a case at a time (a case takes it 1-3 minutes warm), so that a call cut short
+  # keeps the verdicts of the cases it finished; TOOLS picks the tools (e.g. TOOLS=racecheck)
+  for tool in ${TOOLS-memcheck racecheck initcheck}; do
+    runs=("")
+    [ "$tool" = racecheck ] && [ "$device" = gpu ] && runs=(${RACECHECK_CASES:-0 1 2})  # sanitize_unet.CASES
+    for case in "${runs[@]}"; do
+      name=sanitizer_$tool${case:+_$case}
+      if [ "$device" = gpu ]; then
+        timeout "$(( $(left) - 15 ))" compute-sanitizer --tool $tool --error-exitcode 9 \
+            python3 bench/sanitize_unet.py ${case:+--cases $case} > "$out/$name.txt" 2>&1
+        rc=$?
+        echo "$(grep -h 'ERROR SUMMARY\|RACECHECK SUMMARY' "$out/$name.txt" | tail -1)" >> "$out/$name.txt"
+      else
+        python3 bench/sanitize_unet.py --device cpu > "$out/$name.txt" 2>&1; rc=$?
+      fi
+      status "$name" $rc "$out/$name.txt"
+    done
   done
   for i in "${!pids[@]}"; do
     wait "${pids[$i]}"; rc=$?
