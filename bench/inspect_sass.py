@@ -18,9 +18,9 @@ backward-data kernels in that geometry (conv._forward_kernel's `geometry`) inste
 weight gradients out.
 With --phase, the decoders' convolutions of an upsampled input in phase form (phase_conv.py's
 kernel and the forward that continues its chains over the skip's channels) with their mix.
-Usage: python bench/inspect_sass.py [--keep DIR] [--only SUBSTRING..] [--wide [--geometry R,G,GB] [--cap N]
-                                                         [--early-loads]] [--phase]
-       (DIR keeps the .ptx and .sass files)
+Usage: python bench/inspect_sass.py [--keep DIR] [--only SUBSTRING..]
+           [--wide [--geometry R,G,GB] [--cap N] [--early-loads]] [--phase]
+       (DIR keeps the .ptx and .sass files; --only: the kernels whose label holds one)
 """
 import argparse
 import collections

@@ -115,7 +115,7 @@ if [ "$stage" != quality ]; then
     pids+=($!)
   done
   # racecheck a case at a time (a case takes it 1-3 minutes warm), so that a call cut short
-  # keeps the verdicts of the cases it finished; TOOLS picks the tools (e.g. TOOLS=racecheck)
+  # keeps the verdicts of the cases it finished
   for tool in ${TOOLS-memcheck racecheck initcheck}; do
     runs=("")
     [ "$tool" = racecheck ] && [ "$device" = gpu ] && runs=(${RACECHECK_CASES:-0 1 2})  # sanitize_unet.CASES

@@ -1036,11 +1036,6 @@ def _weights_kernel(cin, cout, variant, first=None, block=None):
             if i == 0 or not gy_rows_a_turn:
                 src(f"gi{i} = (e // {TILE_W}) * {GS} + c")
 
-    # step s stages image row q = r0 + s of x in ring slot (q + 1) % ring (rows outside the
-    # image are 0) and, from s = 1, gy's tile row s - 1 (one_barrier: in buffer (s - 1) % 2);
-    # then it computes tile row s - 1. Two barriers a step: before the stores (every thread has
-    # read the slot they overwrite) and after them. One with one_barrier: a step's stores go
-    # where the row computed in the step before last read, behind the last step's barrier
     def next_rows():
         """precompute: the staging addresses a row down, after a step's loads."""
         if precompute:
@@ -1049,6 +1044,11 @@ def _weights_kernel(cin, cout, variant, first=None, block=None):
             for i in range(-(-g_total // threads)):
                 src(f"ga{i} = ga{i} + width")
 
+    # step s stages image row q = r0 + s of x in ring slot (q + 1) % ring (rows outside the
+    # image are 0) and, from s = 1, gy's tile row s - 1 (one_barrier: in buffer (s - 1) % 2);
+    # then it computes tile row s - 1. Two barriers a step: before the stores (every thread has
+    # read the slot they overwrite) and after them. One with one_barrier: a step's stores go
+    # where the row computed in the step before last read, behind the last step's barrier
     if prefetch:     # step -1's rows, then each step loads the next step's during its compute
         src("q = r0 - 1")
         src("qin = q >= 0 and q < height")
