@@ -22,8 +22,6 @@ def _generated(cache):
     return sorted(p.name for p in (cache / "kernels").glob("*.py"))
 
 
-
-
 @pytest.mark.parametrize("network,shape", [
     ((1, 2, 1), (2, 1, 5, 7)),                          # a chain's channel list, as train gives
     (UNet((1, 2), residual=True), (1, 1, 3, 5)),

@@ -926,8 +926,7 @@ def _weights_kernel(cin, cout, variant, first=None, block=None):
     first_row = "ky0 + " if split else ""   # ky0: the first kernel row a thread holds
     if split:
         src(f"ky0 = tid // {O // go * C}")
-    len_gs = (2 if one_barrier else 1) * O * GS
-    src(f"gs = cuda.shared.array({len_gs}, float32)")
+    src(f"gs = cuda.shared.array({(2 if one_barrier else 1) * O * GS}, float32)")
     src(f"xs = cuda.shared.array({C * xs_stride}, float32)")
     src("bias = float32(0)")
     for j in range(go):
@@ -1167,39 +1166,17 @@ def _weights_kernel(cin, cout, variant, first=None, block=None):
     src(f"gb = uint64((tid - {workers}) * {GS}{gy_buffer})")
     full_width_or_edge(bias_unrolled, bias_rolled)
     src.dedent().dedent()
-    span = C * 9      # a block's chains of one output channel: contiguous in gw_part
-    if not split and O // go * span <= len_gs:
-        # through gs, an output channel of each thread's at a time, so that a warp's stores
-        # are consecutive floats (a thread's own chains lie 9 floats from its neighbour's)
-        for j in range(go):
-            src("cuda.syncthreads()")    # every thread is done reading gs
-            src(f"if tid < {workers}:").indent()
-            for k in range(9):
-                src(f"gs[uint64((og * {C} + ci) * 9 + {k})] = a{j}_{k}")
-            src.dedent()
-            src("cuda.syncthreads()")
-            src(f"for e in range(tid, {O // go * span}, {threads}):").indent()
-            src(f"r = e % {span}")
-            if ragged:
-                src(f"if ci_first * 9 + r < {cin * 9}:").indent()
-            first_o = "o_first + " if grouped else ""
-            src(f"gw_part[n, t, uint64((({first_o}e // {span} * {go} + {j}) * {cin}"
-                f"{' + ci_first' if grouped else ''}) * 9 + r)] = gs[uint64(e)]")
-            if ragged:
-                src.dedent()
-            src.dedent()
-    else:
-        src(f"if tid < {workers}:").indent()
-        if ragged:
-            src(f"if ci_first + ci < {cin}:").indent()
-        for j in range(go):
-            src(f"o = o_first + og * {go} + {j}" if grouped else f"o = og * {go} + {j}")
-            for k in range(3 * held):
-                src(f"gw_part[n, t, (o * {cin} + {'ci_first + ' if grouped else ''}ci) * 9 + "
-                    f"{'ky0 * 3 + ' if split else ''}{k}] = a{j}_{k}")
+    src(f"if tid < {workers}:").indent()
+    if ragged:
+        src(f"if ci_first + ci < {cin}:").indent()
+    for j in range(go):
+        src(f"o = o_first + og * {go} + {j}" if grouped else f"o = og * {go} + {j}")
+        for k in range(3 * held):
+            src(f"gw_part[n, t, (o * {cin} + {'ci_first + ' if grouped else ''}ci) * 9 + "
+                f"{'ky0 * 3 + ' if split else ''}{k}] = a{j}_{k}")
+    src.dedent()
+    if ragged:
         src.dedent()
-        if ragged:
-            src.dedent()
     src(f"if tid >= {workers} and {bias_threads}:").indent()
     src(f"gb_part[n, t, {'o_first + ' if grouped else ''}tid - {workers}] = bias").dedent()
     module = load_module(f"conv_weights_{cin}_{cout}" + ("" if first is None else
