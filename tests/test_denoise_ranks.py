@@ -17,7 +17,7 @@ from cryokern.backends import get_backend
 from cryokern.denoise import main, plan_outputs, run, shard
 from cryokern.distributed import Single, block
 from cryokern.inference import TiledDenoiser, load_model
-from cryokern.model import Network, init_params
+from cryokern.model import Network, UNet, init_params
 from test_distributed import MPI, MPIEXEC, ROOT, train
 
 NETWORK = (1, 4, 4, 1)
@@ -42,6 +42,16 @@ def model_path(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("model") / "model.npz")
     checkpoint.save(path, init_params(net, 3), {},
                     {"network": {"channels": list(net.channels)}, "normalize": "per-image"})
+    return path
+
+
+@pytest.fixture(scope="module")
+def unet_model_path(tmp_path_factory):
+    """A U-Net of three levels with the residual: tiles keep to its pooling grid of 4."""
+    net = UNet((2, 3, 4), residual=True)
+    path = str(tmp_path_factory.mktemp("unet") / "model.npz")
+    checkpoint.save(path, init_params(net, 4), {},
+                    {"network": net.describe(), "normalize": "per-image"})
     return path
 
 
@@ -79,6 +89,20 @@ def test_ranks_write_the_bytes_of_one_process(tmp_path, rng, model_path, case, v
     assert len(want) == (5 + 9 if case == "files" else 1 + 7)     # MRC files and previews
     assert outputs(tmp_path / "many") == want
     assert done.stdout.count("done:") == 1      # rank 0 alone reports
+
+
+@pytest.mark.parametrize("via, ranks", [(MPI, 2), ("gpus", 3)])
+def test_unet_ranks_write_the_bytes_of_one_process(tmp_path, rng, unet_model_path, via, ranks):
+    """A stack of 7 images of 45 x 38 (padded to the grid) split over the ranks, in tiles."""
+    inputs = [write_mrc(tmp_path / "stack.mrcs",
+                        (rng.standard_normal((7, 45, 38)) * 3 + 9).astype(np.float32))]
+    args = [unet_model_path, *inputs, "--device", "cpu", "--tile", "24"]
+    assert main(args + ["-o", str(tmp_path / "one")]) == 0
+    done = denoise(ranks, args + ["-o", str(tmp_path / "many")], via)
+    assert done.returncode == 0, done.stderr
+    want = outputs(tmp_path / "one")
+    assert len(want) == 1
+    assert outputs(tmp_path / "many") == want
 
 
 @pytest.mark.parametrize("via", [MPI, "gpus"])
@@ -203,8 +227,11 @@ def test_a_killed_rank_stops_all_and_leaves_no_temporary_file(tmp_path, rng, mod
 
 @pytest.mark.gpu
 @pytest.mark.multigpu
-def test_two_gpus_write_the_bytes_of_one_gpu(tmp_path, rng, model_path):
-    """--gpus 2 on a node with two GPUs: a set of files and a split stack, the bytes of one."""
+@pytest.mark.parametrize("model", ["model_path", "unet_model_path"])
+def test_two_gpus_write_the_bytes_of_one_gpu(tmp_path, rng, request, model):
+    """--gpus 2 on a node with two GPUs: a set of files and a split stack, the bytes of one,
+    with the chain and with a U-Net."""
+    model_path = request.getfixturevalue(model)
     inputs = make_inputs(tmp_path / "in", rng) + [write_mrc(
         tmp_path / "in" / "big.mrcs", rng.standard_normal((5, 300, 257)).astype(np.float32))]
     args = [model_path, *inputs, "--device", "gpu", "--tile", "100"]

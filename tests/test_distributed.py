@@ -90,6 +90,30 @@ def test_ranks_end_with_the_checkpoint_of_one_process(tmp_path, one_rank, via, r
     assert done.stdout.count("done: checkpoints") == 1      # rank 0 alone reports
 
 
+# the U-Net (three levels, the residual, Adam) on 20 x 30 images, padded to 20 x 32
+UNET_ARGS = ["--device", "cpu", "--arch", "unet", "--unet-widths", "2,3,4", "--residual",
+             "--batch-size", "4", "--val-fraction", "0.2", "--optimizer", "adam"]
+
+
+@pytest.fixture(scope="module")
+def one_rank_unet(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("one_rank_unet")
+    pair = make_pair(tmp, n=11, shape=(20, 30))
+    out = str(tmp / "run")
+    done = train(1, data_args(pair) + UNET_ARGS + ["--epochs", "2", "--out", out])
+    assert done.returncode == 0, done.stderr
+    return pair, checkpoint(out)
+
+
+@pytest.mark.parametrize("via, ranks", [(MPI, 2), ("gpus", 3)])
+def test_unet_ranks_end_with_the_checkpoint_of_one_process(tmp_path, one_rank_unet, via, ranks):
+    pair, want = one_rank_unet
+    out = str(tmp_path / "run")
+    done = train(ranks, data_args(pair) + UNET_ARGS + ["--epochs", "2", "--out", out], via)
+    assert done.returncode == 0, done.stderr
+    assert_same_checkpoint(out, want)
+
+
 @pytest.mark.parametrize("via", [MPI, "gpus"])
 def test_killed_rank_stops_all_and_a_resume_on_other_ranks_ends_identical(tmp_path, one_rank,
                                                                          via):
@@ -150,8 +174,9 @@ def test_bad_input_every_rank_sees_is_reported_once(tmp_path, via):
 @pytest.mark.gpu
 @pytest.mark.multigpu
 def test_two_gpus_end_with_the_checkpoint_of_one_gpu(tmp_path):
-    """--gpus 2 on a node with two GPUs (NCCL through CuPy): 11 images of 37 x 70, batches of
-    4, 4 and 1 (rank 1 has no image of the last), the bits of one GPU."""
+    """--gpus 2 on a node with two GPUs (NCCL through CuPy): train's default network (the
+    48-wide U-Net), 11 images of 37 x 70, batches of 4, 4 and 1 (rank 1 has no image of the
+    last), the bits of one GPU."""
     pytest.importorskip("cupy")
     pair = make_pair(tmp_path, n=11, shape=(37, 70))
     args = data_args(pair) + ["--device", "gpu", "--batch-size", "4", "--val-fraction", "0.2",
