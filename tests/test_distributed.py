@@ -68,50 +68,47 @@ def assert_same_checkpoint(out, want):
     assert got_meta == want_meta
 
 
-@pytest.fixture(scope="module")
-def one_rank(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("one_rank")
-    pair = make_pair(tmp, n=11)
-    out = str(tmp / "run")
-    done = train(1, data_args(pair) + ARGS + ["--epochs", "2", "--out", out])
-    assert done.returncode == 0, done.stderr
-    return pair, checkpoint(out)
-
-
-@pytest.mark.parametrize("via, ranks", [(MPI, 2), (MPI, 3), ("gpus", 3)])
-def test_ranks_end_with_the_checkpoint_of_one_process(tmp_path, one_rank, via, ranks):
-    pair, want = one_rank
-    out = str(tmp_path / "run")
-    done = train(ranks, data_args(pair) + ARGS + ["--epochs", "2", "--out", out], via)
-    assert done.returncode == 0, done.stderr
-    assert_same_checkpoint(out, want)
-    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-    assert [r["ranks"] for r in records] == [ranks, ranks]
-    assert done.stdout.count("done: checkpoints") == 1      # rank 0 alone reports
-
-
 # the U-Net (three levels, the residual, Adam) on 20 x 30 images, padded to 20 x 32
 UNET_ARGS = ["--device", "cpu", "--arch", "unet", "--unet-widths", "2,3,4", "--residual",
              "--batch-size", "4", "--val-fraction", "0.2", "--optimizer", "adam"]
 
 
-@pytest.fixture(scope="module")
-def one_rank_unet(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("one_rank_unet")
-    pair = make_pair(tmp, n=11, shape=(20, 30))
+def one_process_run(tmp_path_factory, name, args, shape):
+    """11 image pairs of `shape` trained for two epochs by one process: (pair, checkpoint)."""
+    tmp = tmp_path_factory.mktemp(name)
+    pair = make_pair(tmp, n=11, shape=shape)
     out = str(tmp / "run")
-    done = train(1, data_args(pair) + UNET_ARGS + ["--epochs", "2", "--out", out])
+    done = train(1, data_args(pair) + args + ["--epochs", "2", "--out", out])
     assert done.returncode == 0, done.stderr
     return pair, checkpoint(out)
 
 
-@pytest.mark.parametrize("via, ranks", [(MPI, 2), ("gpus", 3)])
-def test_unet_ranks_end_with_the_checkpoint_of_one_process(tmp_path, one_rank_unet, via, ranks):
-    pair, want = one_rank_unet
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory):
+    return one_process_run(tmp_path_factory, "one_rank", ARGS, (12, 12))
+
+
+@pytest.fixture(scope="module")
+def one_rank_unet(tmp_path_factory):
+    return one_process_run(tmp_path_factory, "one_rank_unet", UNET_ARGS, (20, 30))
+
+
+NETWORKS = {"chain": ("one_rank", ARGS), "unet": ("one_rank_unet", UNET_ARGS)}
+
+
+@pytest.mark.parametrize("net, via, ranks", [("chain", MPI, 2), ("chain", MPI, 3),
+                                             ("chain", "gpus", 3), ("unet", MPI, 2),
+                                             ("unet", "gpus", 3)])
+def test_ranks_end_with_the_checkpoint_of_one_process(tmp_path, request, net, via, ranks):
+    fixture, args = NETWORKS[net]
+    pair, want = request.getfixturevalue(fixture)
     out = str(tmp_path / "run")
-    done = train(ranks, data_args(pair) + UNET_ARGS + ["--epochs", "2", "--out", out], via)
+    done = train(ranks, data_args(pair) + args + ["--epochs", "2", "--out", out], via)
     assert done.returncode == 0, done.stderr
     assert_same_checkpoint(out, want)
+    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["ranks"] for r in records] == [ranks, ranks]
+    assert done.stdout.count("done: checkpoints") == 1      # rank 0 alone reports
 
 
 @pytest.mark.parametrize("via", [MPI, "gpus"])
