@@ -72,6 +72,13 @@ def arrays(out):
     return found, meta
 
 
+def same_checkpoint(out, want_out):
+    """(arrays byte for byte, meta) of out's last.npz equal to want_out's: two booleans."""
+    (got, got_meta), (want, want_meta) = arrays(out), arrays(want_out)
+    return (sorted(got) == sorted(want) and
+            all(got[a].tobytes() == want[a].tobytes() for a in want)), got_meta == want_meta
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ranks", type=int, default=2)
@@ -94,17 +101,14 @@ def main():
     results = [train(None, 1, args, one)]
     if results[0] is None:
         return 1
-    want, want_meta = arrays(one)
+    want, _ = arrays(one)
     for k, launcher in enumerate(opts.launcher or ["gpus"]):
         out = os.path.join(opts.out, f"launcher{k}")
         result = train(launcher, opts.ranks, args, out)
         if result is None:
             results.append({"launcher": launcher, "failed": True})
             continue
-        got, got_meta = arrays(out)
-        result["identical_arrays"] = sorted(got) == sorted(want) and all(
-            got[a].tobytes() == want[a].tobytes() for a in want)
-        result["identical_meta"] = got_meta == want_meta
+        result["identical_arrays"], result["identical_meta"] = same_checkpoint(out, one)
         results.append(result)
     report = {"device": opts.device, "size": opts.size, "images": opts.images,
               "batch_size": opts.batch_size, "epochs": opts.epochs, "arrays": len(want),

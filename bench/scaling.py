@@ -34,7 +34,7 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
 sys.path[:0] = [ROOT, BENCH]
 
-from data_parallel import arrays, write_pair  # noqa: E402
+from data_parallel import same_checkpoint, write_pair  # noqa: E402
 from nets import SPEC_HELP, parse_net  # noqa: E402
 
 from cryokern.model import DEFAULT_UNET_WIDTHS  # noqa: E402
@@ -133,12 +133,6 @@ def time_gather(opts):
                           "gather_ms": 1e3 * float(np.median(times[10:]))}))
 
 
-def same_checkpoint(out, want_out):
-    (got, got_meta), (want, want_meta) = arrays(out), arrays(want_out)
-    return "identical" if got_meta == want_meta and sorted(got) == sorted(want) and all(
-        got[k].tobytes() == want[k].tobytes() for k in want) else "DIFFERENT"
-
-
 def measure_gather(opts, n):
     cmd = command("scaling", n, opts.launcher, [
         "--gather", "--device", opts.device, "--per-gpu", str(opts.per_gpu), "--net",
@@ -190,7 +184,8 @@ def main():
     for n in ranks:
         rows.append(train(opts, pair, f"{n} ranks, batch {n}P", n, n * per)[0])
         strong, strong_out = train(opts, pair, f"{n} ranks, batch P", n, per)
-        strong["last.npz vs 1 rank"] = same_checkpoint(strong_out, one_out)
+        strong["last.npz vs 1 rank"] = "identical" if all(same_checkpoint(strong_out, one_out)) \
+            else "DIFFERENT"
         rows.append(strong)
     for r in rows:
         r["speedup"] = round(r["images_per_s"] / one["images_per_s"], 2)

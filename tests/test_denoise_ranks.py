@@ -73,15 +73,19 @@ def outputs(directory):
             for name in sorted(os.listdir(directory))}
 
 
-@pytest.mark.parametrize("case, via, ranks", [("files", MPI, 2), ("files", "gpus", 3),
-                                              ("stack", MPI, 3), ("stack", "gpus", 2)])
-def test_ranks_write_the_bytes_of_one_process(tmp_path, rng, model_path, case, via, ranks):
+@pytest.mark.parametrize("model, case, via, ranks", [
+    ("model_path", "files", MPI, 2), ("model_path", "files", "gpus", 3),
+    ("model_path", "stack", MPI, 3), ("model_path", "stack", "gpus", 2),
+    ("unet_model_path", "stack", MPI, 2), ("unet_model_path", "stack", "gpus", 3)])
+def test_ranks_write_the_bytes_of_one_process(tmp_path, rng, request, model, case, via, ranks):
     if case == "files":
         inputs = make_inputs(tmp_path / "in", rng)
-    else:       # 7 images: split over the ranks in ranges of 4+3 or 3+3+1
+    else:       # 7 images: split over the ranks in ranges of 4+3 or 3+3+1 (25 x 22: the
+        # U-Net pads them to its grid of 4)
         inputs = [write_mrc(tmp_path / "stack.mrcs",
-                            (rng.standard_normal((7, 24, 20)) * 3 + 9).astype(np.float32))]
-    args = [model_path, *inputs, "--device", "cpu", "--tile", "10", "--preview", "png"]
+                            (rng.standard_normal((7, 25, 22)) * 3 + 9).astype(np.float32))]
+    args = [request.getfixturevalue(model), *inputs, "--device", "cpu", "--tile", "10",
+            "--preview", "png"]
     assert main(args + ["-o", str(tmp_path / "one")]) == 0
     done = denoise(ranks, args + ["-o", str(tmp_path / "many")], via)
     assert done.returncode == 0, done.stderr
@@ -89,20 +93,6 @@ def test_ranks_write_the_bytes_of_one_process(tmp_path, rng, model_path, case, v
     assert len(want) == (5 + 9 if case == "files" else 1 + 7)     # MRC files and previews
     assert outputs(tmp_path / "many") == want
     assert done.stdout.count("done:") == 1      # rank 0 alone reports
-
-
-@pytest.mark.parametrize("via, ranks", [(MPI, 2), ("gpus", 3)])
-def test_unet_ranks_write_the_bytes_of_one_process(tmp_path, rng, unet_model_path, via, ranks):
-    """A stack of 7 images of 45 x 38 (padded to the grid) split over the ranks, in tiles."""
-    inputs = [write_mrc(tmp_path / "stack.mrcs",
-                        (rng.standard_normal((7, 45, 38)) * 3 + 9).astype(np.float32))]
-    args = [unet_model_path, *inputs, "--device", "cpu", "--tile", "24"]
-    assert main(args + ["-o", str(tmp_path / "one")]) == 0
-    done = denoise(ranks, args + ["-o", str(tmp_path / "many")], via)
-    assert done.returncode == 0, done.stderr
-    want = outputs(tmp_path / "one")
-    assert len(want) == 1
-    assert outputs(tmp_path / "many") == want
 
 
 @pytest.mark.parametrize("via", [MPI, "gpus"])
